@@ -1,0 +1,89 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+import webdataset as wds
+from omegaconf import OmegaConf
+
+from value_pl.backbones import build_backbone
+from value_pl.data.collate import TaskSpec
+from value_pl.data.schema import decode_sample, load_manifest
+from value_pl.probers.heads import AttentionProber, LayerEmbProber
+from value_pl.probers.module import ProbeModule
+
+
+def test_eq4_layer_emb_hand_computed():
+    h = LayerEmbProber(2, 2, num_classes=2, d=2)
+    with torch.no_grad():
+        h.W_w.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        h.W_mu.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+        h.w_cls.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+    e_i, e_j = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])
+    # W_w e_i = [1, 4]; W_mu e_j = [4, 7]; product [4, 28]; logits [32, -24]
+    assert torch.equal(h(e_i, e_j), torch.tensor([[32.0, -24.0]]))
+    assert h.W_w.bias is None and h.w_cls.bias is None
+
+
+def test_eq3_attention_hand_computed():
+    h = AttentionProber(num_heads=3, num_classes=2)
+    with torch.no_grad():
+        h.linear.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 0.5, 0.0, -1.0], [0.0, 1.0, 0.0, 1.0, 1.0, 1.0]]))
+    a_ij = torch.tensor([[0.1, 0.2, 0.3]])
+    a_ji = torch.tensor([[0.4, 0.5, 0.6]])
+    # class 0: 0.1+0.4+0.9 + 0.2+0-0.6 = 1.0 ; class 1: 0.2 + 0.4+0.5+0.6 = 1.7
+    assert torch.allclose(h(a_ij, a_ji), torch.tensor([[1.0, 1.7]]))
+    assert torch.equal(h.w, h.linear.weight[:, :3]) and torch.equal(h.mu, h.linear.weight[:, 3:])
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone(OmegaConf.create({"family": "uniter", "path": "minilm", "seed": 0}), img_dim=64)
+
+
+def _batches(backbone, demo_root, task, n=4, bs=8):
+    man = load_manifest(demo_root)
+    spec = TaskSpec(task, "region_region" if task.startswith("vr") else "phrase_region", man["labels"][task])
+    col = backbone.collator(spec)
+    url = str(demo_root / man["splits"]["train"]["shards"][0])
+    samples = [s for _, s in zip(range(n * bs), wds.WebDataset(url, shardshuffle=False).map(decode_sample))]
+    return spec, [col(samples[i * bs:(i + 1) * bs]) for i in range(n)]
+
+
+def _fit(module, batches, steps):
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+
+
+@pytest.mark.parametrize("prober,task,layer", [("layer_emb", "vrc", "layer_03"), ("attention", "vcc", "layer_02")])
+def test_all_layers_in_one_pass_equals_one_layer_alone(backbone, demo_root, prober, task, layer):
+    spec, batches = _batches(backbone, demo_root, task)
+    task_d = {"name": spec.name, "kind": spec.kind, "labels": spec.labels}
+    everything = ProbeModule(backbone, task_d, {"name": prober}, layers=None, seed=7)
+    alone = ProbeModule(backbone, task_d, {"name": prober}, layers=[layer], seed=7)
+    assert len(everything.head_names) > 1 and alone.head_names == [everything.head_names[[
+        k.split(":")[1] for k in everything.head_names].index(layer)]]
+    key = alone.head_names[0].replace(":", "__")
+    before = {k: v.clone() for k, v in alone.heads[key].state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in everything.heads[key].state_dict().items())
+    _fit(everything, batches, 4)
+    _fit(alone, batches, 4)
+    a, b = everything.heads[key].state_dict(), alone.heads[key].state_dict()
+    assert any(not torch.equal(before[k], b[k]) for k in b)  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_capture_reads_only_requested_rows(backbone, demo_root):
+    spec, batches = _batches(backbone, demo_root, "vcd", n=1)
+    m = ProbeModule(backbone, {"name": spec.name, "kind": spec.kind, "labels": spec.labels}, {"name": "attention"})
+    cap = m.plan.capture(batches[0])
+    out = backbone(batches[0], cap)
+    full = backbone(batches[0], type(cap)(hidden=[], attn=None, rows=None))
+    n_rows = out.attn["attn.joint.1.self"].shape[2]
+    assert n_rows < full.attn["attn.joint.1.self"].shape[2]
+    feats_rows = m.plan.features(out, batches[0])
+    feats_full = m.plan.features(full, batches[0])
+    for k in feats_rows:
+        for x, y in zip(feats_rows[k], feats_full[k]):
+            torch.testing.assert_close(x, y)

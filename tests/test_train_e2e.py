@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+FAST = ["logger=none", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.slow
+def test_fast_dev_run_writes_results(tmp_path, demo_root):
+    d = tmp_path / "run"
+    p = run_cli("value_pl.train", ["prober=attention", "task=vcd", f"data.root={demo_root}",
+                                   "trainer.fast_dev_run=true", *FAST], d)
+    res = json.loads((d / "results.json").read_text())
+    for k in ("task", "prober", "backbone", "seed", "chance", "layers", "best"):
+        assert k in res
+    assert res["task"] == "vcd" and res["prober"] == "attention" and res["chance"] == 0.5
+    names = [r["name"] for r in res["layers"]]
+    assert "all_heads" in names and "layer_06" in names
+    assert (d / "results.md").exists() and "| layer |" in p.stdout
+    assert "image embeddings randomly initialised" in p.stdout
+
+
+@pytest.mark.slow
+def test_planted_signal_and_shuffled_labels(tmp_path, demo_root):
+    common = ["prober=layer_emb", "task=vrc", f"data.root={demo_root}", "trainer.max_epochs=3",
+              "layers=[0,3,6]", *FAST]
+    d1, d2 = tmp_path / "real", tmp_path / "shuffled"
+    run_cli("value_pl.train", common, d1)
+    run_cli("value_pl.train", common + ["shuffle_labels=true"], d2)
+    real = json.loads((d1 / "results.json").read_text())
+    shuf = json.loads((d2 / "results.json").read_text())
+    best = max(r["test_acc"] for r in real["layers"])
+    assert best > real["majority"] + 0.15 and best > 5 * real["chance"], real["layers"]
+    # no signal: no layer beats always-predicting-the-majority-class by more than noise
+    assert max(r["test_acc"] for r in shuf["layers"]) < real["majority"] + 0.05, shuf["layers"]
+    # checkpoints hold prober weights and the backbone's identity, not the backbone
+    ck = torch.load(d1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(k.startswith(("heads.", "val_acc.", "test_acc.")) for k in ck["state_dict"])
+    ident = ck["value_pl"]["backbone_identity"]
+    assert ident["family"] == "uniter" and len(ident["checksum"]) == 16
+    assert (d1 / "checkpoints" / "best.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_resume_and_eval(tmp_path, demo_root):
+    common = ["prober=layer_emb", "task=vcc", f"data.root={demo_root}", "layers=[6]", "data.train_batches=3", *FAST]
+    d1 = tmp_path / "first"
+    run_cli("value_pl.train", common + ["trainer.max_epochs=1"], d1)
+    last = d1 / "checkpoints" / "last.ckpt"
+    d2 = tmp_path / "resumed"
+    run_cli("value_pl.train", common + ["trainer.max_epochs=2", f"ckpt_path={last}"], d2)
+    ck = torch.load(d2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["epoch"] == 1 and ck["global_step"] == 6  # continued, not restarted
+    d3 = tmp_path / "eval"
+    run_cli("value_pl.eval", [f"ckpt_path={d2 / 'checkpoints' / 'last.ckpt'}", f"data.root={demo_root}", *FAST], d3)
+    ev = json.loads((d3 / "results.json").read_text())
+    tr = json.loads((d2 / "results.json").read_text())
+    assert ev["task"] == "vcc" and [r["name"] for r in ev["layers"]] == ["layer_06"]
+    assert ev["layers"][0]["test_acc"] == pytest.approx(tr["layers"][0]["test_acc"], abs=1e-6)
+    assert ev["layers"][0]["val_acc"] == pytest.approx(tr["layers"][0]["val_acc"], abs=1e-6)

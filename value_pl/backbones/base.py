@@ -1,0 +1,352 @@
+"""The one output object every backbone returns, and the capture-by-request machinery.
+
+Canonical names
+===============
+Every activation a backbone exposes has a dotted name ``<what>.<stream>.<layer>[.<kind>]``:
+
+``hidden.<stream>.<layer>``
+    Hidden states ``(B, N_stream, D)``. Layer 0 is the embedding output; layer ``l >= 1`` is the
+    output of the ``l``-th transformer layer of that stream.
+``attn.<stream>.<layer>.self``
+    Self-attention probabilities ``(B, H, N_q, N_k)`` computed *inside* layer ``l`` of the stream
+    (queries and keys from the same stream).
+``attn.cross.<x>.l2v`` / ``attn.cross.<x>.v2l``
+    Two-stream cross attention of cross layer ``x`` (1-based): language queries over vision keys,
+    and vision queries over language keys.
+
+Streams:
+
+* ``joint`` -- single-stream models (UNITER, VisualBERT, and BERT on text-only input). The joint
+  sequence is ``[CLS] tokens [SEP] <pad>`` followed by the regions.
+* ``lang`` / ``vis`` -- two-stream models (LXMERT). ``lang`` layers 1-9 are the language layers,
+  10-14 the language half of the 5 cross layers; ``vis`` layers 1-5 are the r-layers and 6-10 the
+  vision half of the cross layers (the paper's numbering of the visual stream, Fig. 4/10).
+  ``attn.lang.10.self`` ... ``attn.lang.14.self`` and ``attn.vis.6.self`` ... ``attn.vis.10.self``
+  are the self-attentions inside the cross layers.
+
+Capture by request
+==================
+A :class:`CaptureSpec` says which hidden states and attention maps to keep (``fnmatch`` patterns
+over the canonical names) and, optionally, which query rows. With rows requested, an attention map
+is stored as ``(B, H, R, N_k)`` with the rows listed in :attr:`BackboneOutput.rows` -- the full
+``N x N`` map is never materialised. Rows are computed from the layer's own queries and keys, so
+the forward pass itself can keep using sdpa / flash attention.
+
+Probers and analyses read *only* this object: use :meth:`BackboneOutput.embed` and
+:meth:`BackboneOutput.attention_between` instead of indexing tensors by hand.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+TEXT = "text"
+REGION = "region"
+
+
+@dataclass
+class StreamInfo:
+    """Where each modality sits inside one stream's sequence."""
+
+    length: int
+    text_offset: int | None = None  # position of text token 0 ([CLS]) in this stream
+    region_offset: int | None = None  # position of region 0 in this stream
+
+    def offset(self, modality: str) -> int:
+        off = self.text_offset if modality == TEXT else self.region_offset
+        if off is None:
+            raise KeyError(f"stream has no {modality} tokens")
+        return off
+
+
+@dataclass
+class CaptureSpec:
+    """What the caller wants kept from a forward pass.
+
+    hidden / attn: lists of fnmatch patterns over canonical names (``None`` = everything, ``[]`` = nothing).
+    rows: ``{modality: LongTensor (B, R)}`` of query indices *within the modality* (text token
+    index or region index), ``-1`` for padding. ``None`` keeps full maps.
+    """
+
+    hidden: Sequence[str] | None = None
+    attn: Sequence[str] | None = ()
+    rows: dict[str, Tensor] | None = None
+
+    def wants_hidden(self, name: str) -> bool:
+        return self.hidden is None or any(fnmatch.fnmatchcase(name, p) for p in self.hidden)
+
+    def wants_attn(self, name: str) -> bool:
+        return self.attn is None or any(fnmatch.fnmatchcase(name, p) for p in self.attn)
+
+    @classmethod
+    def everything(cls) -> "CaptureSpec":
+        return cls(hidden=None, attn=None, rows=None)
+
+
+@dataclass
+class BackboneOutput:
+    """Hidden states and attention maps of one frozen forward pass, under canonical names."""
+
+    hidden: dict[str, Tensor]
+    attn: dict[str, Tensor]
+    streams: dict[str, StreamInfo]
+    attn_streams: dict[str, tuple[str, str]]  # map name -> (query stream, key stream)
+    text_mask: Tensor  # (B, T) 1 for real text tokens (incl. [CLS]/[SEP])
+    region_mask: Tensor  # (B, R) 1 for real regions
+    word_to_token: Tensor  # (B, W, 2) [start, end) text-token span of each input word, -1 pad
+    special_mask: Tensor  # (B, T) 1 for [CLS]/[SEP]
+    rows: dict[str, Tensor] = field(default_factory=dict)  # stream -> (B, R) captured positions, -1 pad
+    layer_names: dict[str, list[str]] = field(default_factory=dict)  # stream -> hidden names in order
+
+    # ----------------------------------------------------------------- masks
+    def modality_mask(self, stream: str) -> Tensor:
+        """(B, N_stream) long: 0 text, 1 region, -1 padding."""
+        info = self.streams[stream]
+        B = self.text_mask.shape[0]
+        out = torch.full((B, info.length), -1, dtype=torch.long, device=self.text_mask.device)
+        if info.text_offset is not None:
+            T = self.text_mask.shape[1]
+            seg = out[:, info.text_offset : info.text_offset + T]
+            seg[self.text_mask.bool()] = 0
+        if info.region_offset is not None:
+            R = self.region_mask.shape[1]
+            seg = out[:, info.region_offset : info.region_offset + R]
+            seg[self.region_mask.bool()] = 1
+        return out
+
+    def positions(self, stream: str, modality: str, idx: Tensor) -> Tensor:
+        return idx + self.streams[stream].offset(modality)
+
+    # ------------------------------------------------------------ embeddings
+    def embed(self, name: str, b: Tensor, modality: str, span: Tensor) -> Tensor:
+        """Mean hidden state over ``[start, end)`` spans of one modality.
+
+        b: (P,) sample index; span: (P, 2) start/end within the modality. Returns (P, D).
+        """
+        stream = name.split(".")[1]
+        h = self.hidden[name]
+        pos, valid = _span_positions(span)
+        pos = self.positions(stream, modality, pos)
+        g = h[b[:, None], pos.clamp(min=0)]  # (P, S, D)
+        w = valid.to(g.dtype)[..., None]
+        return (g * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+    # ------------------------------------------------------------ attention
+    def attention_between(
+        self, name: str, b: Tensor, q_modality: str, q_span: Tensor, k_modality: str, k_span: Tensor
+    ) -> Tensor:
+        """Attention of map ``name`` from query span to key span, per head: (P, H).
+
+        The value is the max over all (query token, key token) pairs of the two spans; for a phrase
+        (several tokens) and a region (one token) this is the paper's "maximum attention weight among
+        the tokens in that phrase" (VALUE, footnote 8).
+        """
+        q_stream, k_stream = self.attn_streams[name]
+        a = self.attn[name]
+        qpos, qvalid = _span_positions(q_span)
+        kpos, kvalid = _span_positions(k_span)
+        qpos = self.positions(q_stream, q_modality, qpos)
+        kpos = self.positions(k_stream, k_modality, kpos)
+        if q_stream in self.rows:
+            slots = _slot_lookup(self.rows[q_stream], self.streams[q_stream].length)  # (B, N)
+            qrow = slots[b[:, None], qpos.clamp(min=0)]
+            if bool(((qrow < 0) & qvalid).any()):
+                raise KeyError(f"{name}: a requested query position was not captured")
+        else:
+            qrow = qpos
+        # (P, H, Sq, Nk)
+        sel = a[b[:, None], :, qrow.clamp(min=0)]  # (P, Sq, H, Nk)
+        sel = sel.permute(0, 2, 1, 3)
+        sel = torch.gather(sel, 3, kpos.clamp(min=0)[:, None, None, :].expand(-1, sel.shape[1], sel.shape[2], -1))
+        mask = (qvalid[:, None, :, None] & kvalid[:, None, None, :])
+        sel = sel.masked_fill(~mask, float("-inf"))
+        return sel.flatten(2).amax(-1)
+
+    def num_heads(self, name: str) -> int:
+        return self.attn[name].shape[1]
+
+
+def _span_positions(span: Tensor) -> tuple[Tensor, Tensor]:
+    """(P, 2) [start, end) -> (P, S) positions and validity."""
+    length = (span[:, 1] - span[:, 0]).clamp(min=0)
+    S = max(int(length.max().item()) if length.numel() else 1, 1)
+    ar = torch.arange(S, device=span.device)
+    pos = span[:, :1] + ar[None]
+    valid = ar[None] < length[:, None]
+    return torch.where(valid, pos, torch.zeros_like(pos)), valid
+
+
+def _slot_lookup(rows: Tensor, n: int) -> Tensor:
+    B, R = rows.shape
+    slots = torch.full((B, n + 1), -1, dtype=torch.long, device=rows.device)
+    idx = torch.where(rows >= 0, rows, torch.full_like(rows, n))
+    slots.scatter_(1, idx, torch.arange(R, device=rows.device).expand(B, R).contiguous())
+    return slots[:, :n]
+
+
+def rows_for_stream(spec_rows: dict[str, Tensor] | None, info: StreamInfo) -> Tensor | None:
+    """Translate modality-level row requests into positions of one stream (B, R), -1 padded."""
+    if spec_rows is None:
+        return None
+    parts = []
+    for modality, idx in spec_rows.items():
+        off = info.text_offset if modality == TEXT else info.region_offset
+        if off is None or idx.numel() == 0:
+            continue
+        parts.append(torch.where(idx >= 0, idx + off, torch.full_like(idx, -1)))
+    if not parts:
+        return None
+    return torch.cat(parts, dim=1)
+
+
+def attention_probs(q: Tensor, k: Tensor, key_bias: Tensor, rows: Tensor | None, num_heads: int) -> Tensor:
+    """Softmax attention probabilities from projected queries and keys.
+
+    q: (B, Nq, H*dh) output of the query projection; k: (B, Nk, H*dh); key_bias: (B, Nk) additive
+    mask (0 keep, large negative drop); rows: (B, R) query positions (-1 pad) or None for all.
+    Returns (B, H, R or Nq, Nk) in float32. Padding rows come back as zeros.
+    """
+    B, Nq, hd = q.shape
+    dh = hd // num_heads
+    if rows is not None:
+        valid = rows >= 0
+        q = torch.gather(q, 1, rows.clamp(min=0)[..., None].expand(-1, -1, hd))
+    qh = q.float().view(B, q.shape[1], num_heads, dh).transpose(1, 2)
+    kh = k.float().view(B, k.shape[1], num_heads, dh).transpose(1, 2)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(dh)
+    scores = scores + key_bias.float()[:, None, None, :]
+    probs = torch.softmax(scores, dim=-1)
+    if rows is not None:
+        probs = probs * valid[:, None, :, None].to(probs.dtype)
+    return probs
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, N) 0/1 -> (B, N) additive bias (0 keep, finfo.min drop)."""
+    return (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
+
+
+class QKRecorder:
+    """Forward hooks on an attention module's ``query``/``key`` projections.
+
+    Records the projected queries and keys of every call (a shared cross-attention module is called
+    twice per layer: once per direction), so that attention rows can be computed afterwards without
+    asking the model to materialise full maps.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.q: dict[str, list[Tensor]] = {}
+        self.k: dict[str, list[Tensor]] = {}
+        self.handles = []
+        self.active: set[str] = set()
+
+    def __enter__(self):
+        for name, mod in self.modules.items():
+            if name not in self.active:
+                continue
+            self.q[name], self.k[name] = [], []
+            self.handles.append(mod.query.register_forward_hook(self._hook(self.q[name])))
+            self.handles.append(mod.key.register_forward_hook(self._hook(self.k[name])))
+        return self
+
+    @staticmethod
+    def _hook(store: list):
+        def fn(_mod, _inp, out):
+            store.append(out)
+
+        return fn
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+class Backbone(nn.Module):
+    """Base class: a frozen encoder that maps a collated batch to a :class:`BackboneOutput`.
+
+    Subclasses set ``kind`` ('single' or 'two'), implement :meth:`forward` and :meth:`collator`,
+    and describe how pair tasks read them in :meth:`pair_layout`.
+    """
+
+    kind = "single"
+    family = "base"
+
+    def __init__(self):
+        super().__init__()
+        self.identity: dict = {}
+
+    # -------------------------------------------------------------- identity
+    def weights_checksum(self) -> str:
+        h = hashlib.sha256()
+        for name, p in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return dict(self.identity)
+
+    # ---------------------------------------------------------------- layout
+    def hidden_names(self, stream: str) -> list[str]:
+        raise NotImplementedError
+
+    def pair_layout(self, pair_kind: str) -> "PairLayout":
+        raise NotImplementedError
+
+    def collator(self):
+        raise NotImplementedError
+
+    def freeze(self) -> "Backbone":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True):  # a frozen backbone never leaves eval mode
+        return super().train(False)
+
+
+@dataclass
+class LayerSpec:
+    """One probed layer of a pair task.
+
+    emb: (hidden name for side a, hidden name for side b); attn: list of (map a->b, map b->a).
+    """
+
+    name: str
+    emb: tuple[str, str] | None = None
+    attn: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class PairLayout:
+    layers: list[LayerSpec]
+
+    def emb_layers(self) -> list[LayerSpec]:
+        return [l for l in self.layers if l.emb is not None]
+
+    def attn_layers(self) -> list[LayerSpec]:
+        return [l for l in self.layers if l.attn]
+
+    def hidden_needed(self, names: Iterable[str]) -> list[str]:
+        out = []
+        for l in self.layers:
+            if l.name in names and l.emb is not None:
+                out.extend(l.emb)
+        return sorted(set(out))
+
+    def attn_needed(self, names: Iterable[str]) -> list[str]:
+        out = []
+        for l in self.layers:
+            if l.name in names:
+                for a, b in l.attn:
+                    out.extend([a, b])
+        return sorted(set(out))

