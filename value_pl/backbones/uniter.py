@@ -190,21 +190,29 @@ def _hf_bert_state(path: str) -> dict[str, Tensor]:
     return out
 
 
+def _uniter_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Accept DataParallel-saved files (``module.uniter.*``); other keys keep their names (ignored, reported)."""
+    return {(k[len("module."):] if k.startswith("module.uniter.") else k): v for k, v in sd.items()}
+
+
 def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
     path = resolve_path(cfg.get("path"))
     ckpt = resolve_path(cfg.get("checkpoint"))
     tok_dir = resolve_path(cfg.get("tokenizer")) or path
+    pretrained = bool(cfg.get("pretrained", True))
+    if pretrained and not (ckpt or path):  # fail before building a full-size model
+        raise ValueError("backbone=uniter needs backbone.checkpoint=PATH (uniter-base.pt) or backbone.path=DIR "
+                         "(or backbone.pretrained=false for the untrained twin)")
     config = _bert_config(path, resolve_path(cfg.get("config")))
     img_dim = int(cfg.get("img_dim") or img_dim or 2048)
     tokenizer = load_tokenizer(tok_dir)
     m = UniterBackbone(config, img_dim, tokenizer, int(cfg.get("max_text_len", 64)), int(cfg.get("max_regions", 100)))
     seed = int(cfg.get("seed", 0))
     seeded_init(m, config.initializer_range, seed)
-    pretrained = bool(cfg.get("pretrained", True))
     report = {}
     source = "random init (untrained twin)"
     if pretrained and ckpt:
-        sd = rename_gamma_beta(load_state(ckpt))
+        sd = _uniter_keys(rename_gamma_beta(load_state(ckpt)))
         report = load_into(m, sd, ckpt, ("uniter.embeddings.", "uniter.img_embeddings.", "uniter.encoder."),
                            optional=("uniter.img_embeddings.mask_embedding",))
         source = f"UNITER checkpoint {ckpt}"
@@ -212,10 +220,8 @@ def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
         report = load_into(m, _hf_bert_state(path), path, ("uniter.embeddings.", "uniter.encoder."))
         source = (f"text side from the pretrained BERT-family model at {path}; "
                   f"image embeddings randomly initialised (seed {seed})")
-    elif pretrained:
-        raise ValueError("backbone=uniter needs backbone.checkpoint=PATH (uniter-base.pt) or backbone.path=DIR "
-                         "(or backbone.pretrained=false for the untrained twin)")
     m.freeze()
+    m.load_report = report
     m.identity = {
         "family": "uniter", "name": cfg.get("name", "uniter"), "path": path, "checkpoint": ckpt,
         "config": resolve_path(cfg.get("config")), "tokenizer": tok_dir, "pretrained": pretrained, "seed": seed,

@@ -1,0 +1,105 @@
+"""SentEval probing files and derived caption tasks -> shards; README commands through the Hydra CLI."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from fixtures_data import (D, SENTEVAL_EXPECTED, build, read_samples, split_counts, tree_bytes, write_captions,
+                           write_senteval, write_vg)
+from value_pl.data.build import BuildError
+from value_pl.data.senteval import derive
+
+
+def test_senteval_counts(tmp_path):
+    mans = build("senteval", tmp_path / "se", write_senteval(tmp_path / "probing"))
+    assert [m["dataset"] for m in mans] == ["senteval_sentlen", "senteval_bshift"]
+    for m in mans:
+        assert split_counts(m) == SENTEVAL_EXPECTED[m["task"]]
+    s = {x["key"]: x for x in read_samples(tmp_path / "se" / "sentlen")}["se_sentlen_00000001"]
+    assert s["feats"].shape == (0, D) and s["meta"]["sentence_labels"] == {"sentlen": "0"}
+    assert s["meta"]["words"] == ["a", "b", "c", "d", "e"]
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("tr\t0", r"sentence_length\.txt:2: expected 3 tab-separated fields"),
+    ("xx\t0\ta b", r"sentence_length\.txt:2: unknown split tag 'xx'"),
+    ("tr\t\ta b", r"sentence_length\.txt:2: empty label"),
+])
+def test_senteval_bad_lines(tmp_path, line, msg):
+    ov = write_senteval(tmp_path / "probing")
+    (tmp_path / "probing" / "sentence_length.txt").write_text("tr\t0\ta b c\n" + line + "\n")
+    with pytest.raises(BuildError, match=msg):
+        build("senteval", tmp_path / "se", dict(ov, **{"dataset.tasks": "[sentlen]"}))
+
+
+def test_senteval_empty_sentence_and_unknown_task(tmp_path):
+    ov = write_senteval(tmp_path / "probing")
+    (tmp_path / "probing" / "sentence_length.txt").write_text("tr\t0\ta b c\ntr\t1\t  \nva\t0\tx\nte\t0\ty\n")
+    (m,) = build("senteval", tmp_path / "se", dict(ov, **{"dataset.tasks": "[sentlen]"}))
+    assert m["skipped"] == {"empty_caption": 1} and m["splits"]["train"]["samples"] == 1
+    with pytest.raises(BuildError, match="unknown SentEval task 'nope'"):
+        build("senteval", tmp_path / "se2", dict(ov, **{"dataset.tasks": "[nope]"}))
+    with pytest.raises(BuildError, match=r"word_content\.txt: SentEval file for task wordcontent not found"):
+        build("senteval", tmp_path / "se3", dict(ov, **{"dataset.tasks": "[wordcontent]"}))
+
+
+def test_derived_rules():
+    rng = np.random.default_rng(0)
+    assert derive("sentlen", "a b c".split(), rng, [1, 3, 5]) == ("1", ["a", "b", "c"])
+    assert derive("sentlen", "a b c d e f".split(), rng, [1, 3, 5]) == (None, "sentlen_out_of_range")
+    w = "a man plays guitar and a woman sings .".split()
+    outs = {derive("coordinv", w, np.random.default_rng(i), [])[1] and
+            " ".join(derive("coordinv", w, np.random.default_rng(i), [])[1]) for i in range(10)}
+    assert outs == {"a man plays guitar and a woman sings .", "a woman sings and a man plays guitar ."}
+    for i in range(10):
+        lab, new = derive("bshift", w, np.random.default_rng(i), [])
+        assert sorted(new) == sorted(w) and new[-1] == "." and (lab == "O") == (new == w)
+
+
+def test_derived_build(tmp_path):
+    ov = write_captions(tmp_path / "caps.txt")
+    mans = build("senteval_derived", tmp_path / "dv", ov)
+    by = {m["task"]: m for m in mans}
+    # 16 lines: 1 empty, 1 duplicate -> 14 captions; 5 have a conjunction with >= 2 words each side
+    assert sum(s["samples"] for s in by["sentlen"]["splits"].values()) == 14
+    assert sum(s["samples"] for s in by["bshift"]["splits"].values()) == 14
+    assert sum(s["samples"] for s in by["coordinv"]["splits"].values()) == 5
+    assert by["coordinv"]["skipped"] == {"duplicate_caption": 1, "empty_caption": 1, "no_coordination": 9}
+    assert by["bshift"]["labels"]["bshift"] == ["I", "O"] and by["sentlen"]["derived"] is True
+    build("senteval_derived", tmp_path / "dv2", ov)
+    assert tree_bytes(tmp_path / "dv") == tree_bytes(tmp_path / "dv2")
+
+
+def _cli(monkeypatch, tmp_path, args):
+    """Run the Hydra CLI (``python -m value_pl.data.build ARGS``) in-process."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from value_pl.data import build as b
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["value_pl.data.build"] + args + [f"hydra.run.dir={tmp_path / 'run'}",
+                                                                        f"feature_dim={D}", "progress=false"])
+    monkeypatch.chdir(tmp_path)
+    b._main()
+
+
+def test_cli_commands_vg_and_senteval(tmp_path, monkeypatch, capsys):
+    """The README commands for VG, the mismatch variant, SentEval and the derived tasks."""
+    ov = write_vg(tmp_path / "vg")
+    vg_args = [f"{k}={v}" for k, v in ov.items()]
+    _cli(monkeypatch, tmp_path, ["dataset=vg", "out=shards/vg"] + vg_args)
+    _cli(monkeypatch, tmp_path, ["dataset=vg_mismatch", "out=shards/vg_mismatch"] + vg_args)
+    write_senteval(tmp_path / "probing")
+    _cli(monkeypatch, tmp_path, ["dataset=senteval", f"dataset.dir={tmp_path / 'probing'}",
+                                 "dataset.tasks=[sentlen,bshift]", "out=shards/senteval"])
+    write_captions(tmp_path / "caps.txt")
+    _cli(monkeypatch, tmp_path, ["dataset=senteval_derived", f"dataset.captions={tmp_path / 'caps.txt'}",
+                                 "out=shards/derived"])
+    out = capsys.readouterr().out
+    assert "dataset visual_genome (version 1.2" in out and "dataset senteval_bshift" in out
+    for sub in ("vg", "vg_mismatch", "senteval/sentlen", "senteval/bshift", "derived/coordinv"):
+        assert json.loads((tmp_path / "shards" / sub / "manifest.json").read_text())["splits"]
+    assert json.loads((tmp_path / "shards" / "vg_mismatch" / "manifest.json").read_text())["variant"] == "mismatch"

@@ -1,0 +1,320 @@
+"""LXMERT (two-stream), built from transformers' ``LxmertModel`` submodules with our own layer loop.
+
+Module tree
+===========
+``self.lxmert`` *is* a transformers ``LxmertModel``, so the state dict keys are
+``lxmert.{embeddings,encoder,pooler}.*`` and an HF ``LxmertModel`` / ``LxmertForPreTraining`` directory
+loads directly (bare ``embeddings.*`` keys or ``lxmert.*`` keys). The original ``model_LXRT.pth``
+(airsplay/lxmert) uses the same module names behind a ``module.bert.`` prefix; it is mapped to
+``lxmert.`` and its pretraining heads (``module.cls.*``, ``module.obj_predict_head.*``,
+``module.answer_head.*``) are dropped and reported.
+
+Forward
+=======
+We drive the loop ourselves -- text embeddings -> ``l_layers`` (9) language layers; ``visn_fc``
+(visual embedding: ``(LN(visn_fc(feat)) + LN(box_fc(box))) / 2``) -> ``r_layers`` (5) r-layers;
+``x_layers`` (5) cross layers -- so that every attention map can be captured. transformers only returns
+the language->vision map of a cross layer; here the shared cross-attention module
+(``x_layers[i].visual_attention.att``) is hooked and both of its calls (L->V first, then V->L) are
+recorded, as are the two self-attentions inside each cross layer.
+
+Layer numbering (canonical names, as in the VALUE paper with the default 9/5/5 sizes)
+=====================================================================================
+================================  =========================================================
+``hidden.lang.0``                 text embedding output
+``hidden.lang.1`` .. ``.9``       the 9 language layers (``attn.lang.1..9.self``)
+``hidden.lang.10`` .. ``.14``     language output of cross layers 1-5 (``attn.lang.10..14.self``
+                                  = the language self-attention inside cross layer 1-5)
+``hidden.vis.0``                  visual embedding output (``visn_fc``)
+``hidden.vis.1`` .. ``.5``        the 5 r-layers (``attn.vis.1..5.self``)
+``hidden.vis.6`` .. ``.10``       vision output of cross layers 1-5 (``attn.vis.6..10.self``
+                                  = the vision self-attention inside cross layer 1-5)
+``attn.cross.1..5.l2v``           cross layer x: language queries over vision keys
+``attn.cross.1..5.v2l``           cross layer x: vision queries over language keys
+================================  =========================================================
+
+The paper's visual stream (VRI/VRC, Fig. 4, Table 10) is layers 1-5 = r-layers and 6-10 = cross
+layers, i.e. ``hidden.vis.1..10``; its cross-modal encoder (VCD/VCC, NMI) is the 5 cross layers
+(``layer_01..05`` of the phrase-region layout); its linguistic probe uses the 9 language layers.
+
+Inputs: tokenizer bert-base-uncased (``backbone.tokenizer=DIR``), region features of
+``visual_feat_dim`` (2048) and 4-d boxes ``x1/W, y1/H, x2/W, y2/H`` (``visual_pos_dim`` = 4; box mode
+``xyxy4``), 36 regions per image in the original work.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import LxmertConfig, LxmertModel
+
+from ..data.collate import Collator, InputEncoder
+from .base import (Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, QKRecorder, StreamInfo,
+                   additive_mask, attention_probs, rows_for_stream)
+from .common import (bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path,
+                     seeded_init)
+
+log = logging.getLogger(__name__)
+
+#: pretraining / task heads of the original and HF checkpoints (not part of the encoder)
+HEAD_PREFIXES = ("cls.", "obj_predict_head.", "answer_head.", "logit_fc.")
+
+
+class LxmertBackbone(Backbone):
+    kind = "two"
+    family = "lxmert"
+    box_mode = "xyxy4"
+
+    def __init__(self, config: LxmertConfig, tokenizer=None, max_text_len: int = 20, max_regions: int = 36):
+        super().__init__()
+        self.config = config
+        self.lxmert = LxmertModel(config)
+        self.tokenizer = tokenizer
+        self.max_text_len, self.max_regions = max_text_len, max_regions
+
+    # ---------------------------------------------------------------- sizes
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def img_dim(self) -> int:
+        return self.config.visual_feat_dim
+
+    @property
+    def n_lang(self) -> int:
+        return self.config.l_layers
+
+    @property
+    def n_r(self) -> int:
+        return self.config.r_layers
+
+    @property
+    def n_x(self) -> int:
+        return self.config.x_layers
+
+    # --------------------------------------------------------------- layout
+    def input_encoder(self) -> InputEncoder:
+        return InputEncoder(self.tokenizer, self.box_mode, self.max_text_len, self.max_regions)
+
+    def collator(self, task=None, relabel=None) -> Collator:
+        return Collator(self.input_encoder(), task, relabel)
+
+    def hidden_names(self, stream: str = "lang") -> list[str]:
+        if stream == "lang":
+            return [f"hidden.lang.{l}" for l in range(self.n_lang + self.n_x + 1)]
+        if stream == "vis":
+            return [f"hidden.vis.{l}" for l in range(self.n_r + self.n_x + 1)]
+        raise KeyError(f"LXMERT has streams 'lang' and 'vis', not {stream!r}")
+
+    def attn_names(self) -> list[str]:
+        L, R, X = self.n_lang, self.n_r, self.n_x
+        return ([f"attn.lang.{l}.self" for l in range(1, L + X + 1)]
+                + [f"attn.vis.{l}.self" for l in range(1, R + X + 1)]
+                + [f"attn.cross.{x}.{d}" for x in range(1, X + 1) for d in ("l2v", "v2l")])
+
+    def pair_layout(self, pair_kind: str) -> PairLayout:
+        L, R, X = self.n_lang, self.n_r, self.n_x
+        if pair_kind == "phrase_region":
+            layers = [LayerSpec(f"layer_{x:02d}", emb=(f"hidden.lang.{L + x}", f"hidden.vis.{R + x}"),
+                                attn=[(f"attn.cross.{x}.l2v", f"attn.cross.{x}.v2l")]) for x in range(1, X + 1)]
+            layers.append(LayerSpec("all_heads", attn=[(f"attn.cross.{x}.l2v", f"attn.cross.{x}.v2l")
+                                                       for x in range(1, X + 1)]))
+            return PairLayout(layers)
+        if pair_kind == "region_region":
+            V = R + X
+            layers = [LayerSpec(f"layer_{l:02d}", emb=(f"hidden.vis.{l}",) * 2,
+                                attn=[(f"attn.vis.{l}.self",) * 2] if l > 0 else []) for l in range(V + 1)]
+            layers.append(LayerSpec("all_heads", attn=[(f"attn.vis.{l}.self",) * 2 for l in range(1, V + 1)]))
+            return PairLayout(layers)
+        raise ValueError(f"LXMERT has no pair layout {pair_kind!r} (phrase_region, region_region)")
+
+    def sentence_layers(self) -> list[str]:
+        """The embedding output and the language layers (text only; the paper's linguistic probe)."""
+        return [f"hidden.lang.{l}" for l in range(self.n_lang + 1)]
+
+    # -------------------------------------------------------------- forward
+    def _needs(self, capture: CaptureSpec) -> tuple[bool, bool]:
+        """(run the visual r-layers, run the cross layers) -- skipped when nothing from them is wanted."""
+        L, R, X = self.n_lang, self.n_r, self.n_x
+        x_names = ([f"hidden.lang.{L + x}" for x in range(1, X + 1)] + [f"hidden.vis.{R + x}" for x in range(1, X + 1)])
+        x_attn = ([f"attn.lang.{L + x}.self" for x in range(1, X + 1)]
+                  + [f"attn.vis.{R + x}.self" for x in range(1, X + 1)]
+                  + [f"attn.cross.{x}.{d}" for x in range(1, X + 1) for d in ("l2v", "v2l")])
+        need_x = any(capture.wants_hidden(n) for n in x_names) or any(capture.wants_attn(n) for n in x_attn)
+        r_names = [f"hidden.vis.{l}" for l in range(R + 1)]
+        r_attn = [f"attn.vis.{l}.self" for l in range(1, R + 1)]
+        need_r = need_x or any(capture.wants_hidden(n) for n in r_names) or any(capture.wants_attn(n) for n in r_attn)
+        return need_r, need_x
+
+    def forward(self, batch: dict, capture: CaptureSpec | None = None) -> BackboneOutput:
+        capture = capture or CaptureSpec()
+        lx = self.lxmert
+        enc = lx.encoder
+        ids, tmask = batch["input_ids"], batch["text_mask"]
+        feats, boxes, rmask = batch["region_feats"], batch["region_boxes"], batch["region_mask"]
+        B, T = ids.shape
+        R = feats.shape[1]
+        H = self.num_heads
+        linfo = StreamInfo(length=T, text_offset=0)
+        vinfo = StreamInfo(length=R, region_offset=0)
+        lrows = rows_for_stream(capture.rows, linfo)
+        vrows = rows_for_stream(capture.rows, vinfo)
+        hidden: dict[str, Tensor] = {}
+        attn: dict[str, Tensor] = {}
+        streams_of: dict[str, tuple[str, str]] = {}
+        need_r, need_x = self._needs(capture)
+
+        lang = lx.embeddings(ids, token_type_ids=torch.zeros_like(ids))
+        if capture.wants_hidden("hidden.lang.0"):
+            hidden["hidden.lang.0"] = lang
+        lang = bert_stack(enc.layer, lang, tmask, "lang", 1, capture, lrows, hidden, attn, H)
+
+        if need_r:
+            if feats.shape[-1] != self.config.visual_feat_dim:
+                raise ValueError(f"LXMERT expects {self.config.visual_feat_dim}-d region features "
+                                 f"(visual_feat_dim), got {feats.shape[-1]}")
+            if boxes.shape[-1] != self.config.visual_pos_dim:
+                raise ValueError(f"LXMERT expects {self.config.visual_pos_dim}-d boxes x1/W,y1/H,x2/W,y2/H "
+                                 f"(box mode xyxy4), got {boxes.shape[-1]}")
+            vis = enc.visn_fc(feats.to(lang.dtype), boxes.to(lang.dtype))
+            if capture.wants_hidden("hidden.vis.0"):
+                hidden["hidden.vis.0"] = vis
+            vis = bert_stack(enc.r_layers, vis, rmask, "vis", 1, capture, vrows, hidden, attn, H)
+
+        if need_x:
+            lbias = additive_mask(tmask, lang.dtype)
+            vbias = additive_mask(rmask, vis.dtype)
+            L, Rn = self.n_lang, self.n_r
+            for i, xl in enumerate(enc.x_layers):
+                x = i + 1
+                n_cross, n_ls, n_vs = f"attn.cross.{x}", f"attn.lang.{L + x}.self", f"attn.vis.{Rn + x}.self"
+                rec = QKRecorder({n_cross: xl.visual_attention.att, n_ls: xl.lang_self_att.self,
+                                  n_vs: xl.visn_self_att.self})
+                want_l2v, want_v2l = capture.wants_attn(n_cross + ".l2v"), capture.wants_attn(n_cross + ".v2l")
+                rec.active = {n for n, w in ((n_cross, want_l2v or want_v2l), (n_ls, capture.wants_attn(n_ls)),
+                                             (n_vs, capture.wants_attn(n_vs))) if w}
+                with rec:
+                    out = xl(lang, lbias[:, None, None, :], vis, vbias[:, None, None, :])
+                lang, vis = out[0], out[1]
+                # the shared cross module is called twice: [0] language->vision, [1] vision->language
+                if want_l2v:
+                    attn[n_cross + ".l2v"] = attention_probs(rec.q[n_cross][0], rec.k[n_cross][0], vbias, lrows, H)
+                    streams_of[n_cross + ".l2v"] = ("lang", "vis")
+                if want_v2l:
+                    attn[n_cross + ".v2l"] = attention_probs(rec.q[n_cross][1], rec.k[n_cross][1], lbias, vrows, H)
+                    streams_of[n_cross + ".v2l"] = ("vis", "lang")
+                if n_ls in rec.active:
+                    attn[n_ls] = attention_probs(rec.q[n_ls][0], rec.k[n_ls][0], lbias, lrows, H)
+                if n_vs in rec.active:
+                    attn[n_vs] = attention_probs(rec.q[n_vs][0], rec.k[n_vs][0], vbias, vrows, H)
+                for n, h in ((f"hidden.lang.{L + x}", lang), (f"hidden.vis.{Rn + x}", vis)):
+                    if capture.wants_hidden(n):
+                        hidden[n] = h
+
+        for n in attn:
+            if n not in streams_of:
+                s = n.split(".")[1]
+                streams_of[n] = (s, s)
+        rows = {}
+        if lrows is not None:
+            rows["lang"] = lrows
+        if vrows is not None:
+            rows["vis"] = vrows
+        return BackboneOutput(
+            hidden=hidden, attn=attn, streams={"lang": linfo, "vis": vinfo}, attn_streams=streams_of,
+            text_mask=tmask, region_mask=rmask, word_to_token=batch["word_to_token"],
+            special_mask=batch["special_mask"], rows=rows,
+            layer_names={"lang": self.hidden_names("lang"), "vis": self.hidden_names("vis")},
+        )
+
+
+# ------------------------------------------------------------------ loading
+def lxmert_config(path: str | None, config: str | None) -> LxmertConfig:
+    """``config`` (JSON file, or a directory with config.json) > ``path``/config.json > LXMERT defaults."""
+    src = config or path
+    if src:
+        p = Path(src)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"LXMERT config {p} does not exist (set backbone.config=JSON)")
+        d = json.loads(p.read_text())
+        d = {k: v for k, v in d.items() if not k.startswith("_") and k not in ("architectures", "model_type",
+                                                                              "transformers_version")}
+        return LxmertConfig(**d)
+    return LxmertConfig()  # the released model: 9/5/5 layers, 768, 12 heads, 2048-d features, 4-d boxes
+
+
+def map_lxmert_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Original (``module.bert.*``), HF ``LxmertModel`` (``embeddings.*``) or ``LxmertForPreTraining``
+    (``lxmert.*``) names -> this module's names (``lxmert.*``). Heads keep their own names (then ignored)."""
+    sd = rename_gamma_beta(sd)
+    out = {}
+    for k, v in sd.items():
+        k2 = k
+        if k2.startswith(("module.bert.", "bert.")):
+            k2 = "lxmert." + k2.split("bert.", 1)[1]
+        elif k2.startswith(("embeddings.", "encoder.", "pooler.")):
+            k2 = "lxmert." + k2
+        out[k2] = v  # anything else (module.cls.*, obj_predict_head.*, ...) keeps its name: ignored, reported
+    return out
+
+
+def _hf_state(path: str) -> dict[str, Tensor]:
+    p = Path(path)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (p / name).exists():
+            return load_state(str(p / name))
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
+    path = resolve_path(cfg.get("path"))
+    ckpt = resolve_path(cfg.get("checkpoint"))
+    cfg_file = resolve_path(cfg.get("config"))
+    tok_dir = resolve_path(cfg.get("tokenizer")) or path
+    pretrained = bool(cfg.get("pretrained", True))
+    if pretrained and not (ckpt or path):  # fail before building a full-size model
+        raise ValueError("backbone=lxmert needs backbone.path=DIR (an HF LxmertModel directory) or "
+                         "backbone.checkpoint=model_LXRT.pth (or backbone.pretrained=false for the untrained twin)")
+    config = lxmert_config(path, cfg_file)
+    want_dim = cfg.get("img_dim") or (None if (pretrained and (path or ckpt)) else img_dim)
+    if want_dim:
+        config.visual_feat_dim = int(want_dim)
+    config._attn_implementation = "eager"  # LxmertAttention has a single implementation
+    tokenizer = load_tokenizer(tok_dir)
+    m = LxmertBackbone(config, tokenizer, int(cfg.get("max_text_len", 20)), int(cfg.get("max_regions", 36)))
+    seed = int(cfg.get("seed", 0))
+    seeded_init(m, config.initializer_range, seed)
+    report: dict = {}
+    source = f"random init (untrained twin, seed {seed})"
+    required = ("lxmert.embeddings.", "lxmert.encoder.")
+    if pretrained and ckpt:
+        report = load_into(m, map_lxmert_keys(load_state(ckpt)), ckpt, required)
+        source = f"original LXMERT checkpoint {ckpt}"
+    elif pretrained and path:
+        report = load_into(m, map_lxmert_keys(_hf_state(path)), path, required)
+        source = f"HF LXMERT directory {path}"
+    if report.get("ignored"):
+        log.info("LXMERT: ignored %d non-encoder key(s): %s", len(report["ignored"]), report["ignored"][:8])
+    if img_dim and int(img_dim) != config.visual_feat_dim:
+        log.warning("LXMERT expects %d-d region features but the data has %s-d", config.visual_feat_dim, img_dim)
+    m.freeze()
+    m.load_report = report
+    m.identity = {
+        "family": "lxmert", "name": cfg.get("name", "lxmert"), "path": path, "checkpoint": ckpt,
+        "config": cfg_file, "tokenizer": tok_dir, "pretrained": pretrained, "seed": seed,
+        "img_dim": config.visual_feat_dim, "source": source,
+        "layers": {"lang": config.l_layers, "r": config.r_layers, "x": config.x_layers},
+        "hidden": config.hidden_size, "heads": config.num_attention_heads, "checksum": m.weights_checksum(),
+        "ignored_keys": len(report.get("ignored", [])),
+    }
+    return m

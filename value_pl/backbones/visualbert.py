@@ -1,0 +1,183 @@
+"""VisualBERT (single-stream) through transformers' ``VisualBertModel``, with our own layer loop for capture.
+
+* Module tree: ``self.visual_bert`` is a ``VisualBertModel``, so keys are ``visual_bert.*`` -- exactly the
+  names in an HF ``VisualBertForPreTraining`` / ``...ForQuestionAnswering`` directory (e.g. the
+  ``uclanlp/visualbert-*`` releases); a bare ``VisualBertModel`` directory (``embeddings.*``) loads too.
+  Heads (``cls.*``, ``cls_head`` ...) are ignored and reported.
+* Sequence (stream ``joint``): ``[CLS] tokens [SEP] <pad>`` (token type 0, positions 0..T-1) followed by the
+  regions: ``visual_projection(feat) + visual_token_type_embeddings(1) + visual_position_embeddings(0)``,
+  one LayerNorm over the whole sequence. Text at 0, regions at ``T``.
+* Boxes: VisualBERT has **no box input**. The collator still encodes boxes (``xyxy4``) so that batches look
+  the same for every backbone; ``forward`` ignores them.
+* Region features must have ``visual_embedding_dim`` dimensions (2048 for the COCO releases, 512/1024 for
+  others); for the untrained twin the dimension follows the data.
+* ``bypass_transformer=True`` configurations (VCR releases) are not supported: the text-only encoder
+  followed by an extra layer has no per-layer joint stream.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import VisualBertConfig, VisualBertModel
+
+from ..data.collate import Collator, InputEncoder
+from .base import Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, StreamInfo, rows_for_stream
+from .common import bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
+
+log = logging.getLogger(__name__)
+
+
+class VisualBertBackbone(Backbone):
+    kind = "single"
+    family = "visualbert"
+    box_mode = "xyxy4"  # encoded by the collator, unused by the model
+
+    def __init__(self, config: VisualBertConfig, tokenizer=None, max_text_len: int = 64, max_regions: int = 100):
+        super().__init__()
+        if getattr(config, "bypass_transformer", False):
+            raise ValueError("VisualBERT with bypass_transformer=True has no joint per-layer stream; not supported")
+        self.config = config
+        self.visual_bert = VisualBertModel(config)
+        self.tokenizer = tokenizer
+        self.max_text_len, self.max_regions = max_text_len, max_regions
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def img_dim(self) -> int:
+        return self.config.visual_embedding_dim
+
+    def input_encoder(self) -> InputEncoder:
+        return InputEncoder(self.tokenizer, self.box_mode, self.max_text_len, self.max_regions)
+
+    def collator(self, task=None, relabel=None) -> Collator:
+        return Collator(self.input_encoder(), task, relabel)
+
+    def hidden_names(self, stream: str = "joint") -> list[str]:
+        return [f"hidden.joint.{l}" for l in range(self.num_layers + 1)]
+
+    def attn_names(self) -> list[str]:
+        return [f"attn.joint.{l}.self" for l in range(1, self.num_layers + 1)]
+
+    def pair_layout(self, pair_kind: str) -> PairLayout:
+        if pair_kind not in ("phrase_region", "region_region"):
+            raise ValueError(f"no pair layout {pair_kind!r} (phrase_region, region_region)")
+        L = self.num_layers
+        layers = [LayerSpec(f"layer_{l:02d}", emb=(f"hidden.joint.{l}",) * 2,
+                            attn=[(f"attn.joint.{l}.self",) * 2] if l > 0 else []) for l in range(L + 1)]
+        layers.append(LayerSpec("all_heads", attn=[(f"attn.joint.{l}.self",) * 2 for l in range(1, L + 1)]))
+        return PairLayout(layers)
+
+    def sentence_layers(self) -> list[str]:
+        return self.hidden_names()
+
+    def forward(self, batch: dict, capture: CaptureSpec | None = None) -> BackboneOutput:
+        capture = capture or CaptureSpec()
+        vb = self.visual_bert
+        ids, tmask = batch["input_ids"], batch["text_mask"]
+        feats, rmask = batch["region_feats"], batch["region_mask"]
+        B, T = ids.shape
+        R = feats.shape[1]
+        if R > 0 and feats.shape[-1] != self.config.visual_embedding_dim:
+            raise ValueError(f"VisualBERT expects {self.config.visual_embedding_dim}-d region features "
+                             f"(visual_embedding_dim), got {feats.shape[-1]}")
+        dtype = vb.embeddings.word_embeddings.weight.dtype
+        vtype = torch.ones(B, R, dtype=torch.long, device=ids.device) if R > 0 else None
+        h = vb.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids),
+                          visual_embeds=feats.to(dtype) if R > 0 else None, visual_token_type_ids=vtype)
+        mask = torch.cat([tmask, rmask], 1) if R > 0 else tmask
+        info = StreamInfo(length=T + R, text_offset=0, region_offset=T if R > 0 else None)
+        rows = rows_for_stream(capture.rows, info)
+        hidden: dict[str, Tensor] = {}
+        attn: dict[str, Tensor] = {}
+        if capture.wants_hidden("hidden.joint.0"):
+            hidden["hidden.joint.0"] = h
+        bert_stack(vb.encoder.layer, h, mask, "joint", 1, capture, rows, hidden, attn, self.num_heads)
+        return BackboneOutput(
+            hidden=hidden, attn=attn, streams={"joint": info}, attn_streams={n: ("joint", "joint") for n in attn},
+            text_mask=tmask, region_mask=rmask, word_to_token=batch["word_to_token"],
+            special_mask=batch["special_mask"], rows={"joint": rows} if rows is not None else {},
+            layer_names={"joint": self.hidden_names()},
+        )
+
+
+def visualbert_config(path: str | None, config: str | None) -> VisualBertConfig:
+    src = config or path
+    if src:
+        p = Path(src)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"VisualBERT config {p} does not exist (set backbone.config=JSON)")
+        d = json.loads(p.read_text())
+        d = {k: v for k, v in d.items() if not k.startswith("_") and k not in ("architectures", "model_type",
+                                                                              "transformers_version")}
+        return VisualBertConfig(**d)
+    return VisualBertConfig(visual_embedding_dim=2048)
+
+
+def map_visualbert_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for k, v in rename_gamma_beta(sd).items():
+        if k.startswith(("embeddings.", "encoder.", "pooler.")):
+            k = "visual_bert." + k
+        out[k] = v
+    return out
+
+
+def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
+    path = resolve_path(cfg.get("path"))
+    ckpt = resolve_path(cfg.get("checkpoint"))
+    cfg_file = resolve_path(cfg.get("config"))
+    tok_dir = resolve_path(cfg.get("tokenizer")) or path
+    pretrained = bool(cfg.get("pretrained", True))
+    if pretrained and not (ckpt or path):  # fail before building a full-size model
+        raise ValueError("backbone=visualbert needs backbone.path=DIR (an HF VisualBERT directory) or "
+                         "backbone.checkpoint=FILE (or backbone.pretrained=false for the untrained twin)")
+    config = visualbert_config(path, cfg_file)
+    want_dim = cfg.get("img_dim") or (None if (pretrained and (path or ckpt)) else img_dim)
+    if want_dim:
+        config.visual_embedding_dim = int(want_dim)
+    config._attn_implementation = "eager"
+    m = VisualBertBackbone(config, load_tokenizer(tok_dir), int(cfg.get("max_text_len", 64)),
+                           int(cfg.get("max_regions", 100)))
+    seed = int(cfg.get("seed", 0))
+    seeded_init(m, config.initializer_range, seed)
+    report: dict = {}
+    source = f"random init (untrained twin, seed {seed})"
+    required = ("visual_bert.embeddings.", "visual_bert.encoder.")
+    if pretrained and (ckpt or path):
+        if ckpt:
+            sd = load_state(ckpt)
+        else:
+            p = Path(path)
+            f = next((p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).exists()), None)
+            if f is None:
+                raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+            sd = load_state(str(f))
+        report = load_into(m, map_visualbert_keys(sd), ckpt or path, required)
+        source = f"VisualBERT weights from {ckpt or path}"
+    m.freeze()
+    m.load_report = report
+    m.identity = {
+        "family": "visualbert", "name": cfg.get("name", "visualbert"), "path": path, "checkpoint": ckpt,
+        "config": cfg_file, "tokenizer": tok_dir, "pretrained": pretrained, "seed": seed,
+        "img_dim": config.visual_embedding_dim, "source": source, "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size, "heads": config.num_attention_heads, "checksum": m.weights_checksum(),
+        "ignored_keys": len(report.get("ignored", [])),
+    }
+    return m

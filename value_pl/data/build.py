@@ -1,0 +1,211 @@
+"""Build shard sets from the public datasets: ``python -m value_pl.data.build dataset=<name> ...``.
+
+Hydra (``configs/build.yaml`` + ``configs/dataset/<name>.yaml``), the same CLI style as ``train``::
+
+    python -m value_pl.data.build dataset=flickr30k dataset.root=/data/flickr30k_entities \\
+        dataset.features=/data/flickr30k_butd.tsv out=shards/flickr30k
+    python -m value_pl.data.build dataset=vg dataset.region_graphs=/data/vg/region_graphs.json \\
+        dataset.image_data=/data/vg/image_data.json dataset.features=/data/vg_butd.tsv out=shards/vg
+    python -m value_pl.data.build dataset=vg_mismatch ...same as vg... out=shards/vg_mismatch
+    python -m value_pl.data.build dataset=senteval dataset.dir=/data/SentEval/data/probing out=shards/senteval
+    python -m value_pl.data.build dataset=senteval_derived dataset.captions=/data/captions.txt \\
+        out=shards/senteval_derived
+
+Each writes ``<out>/<split>-NNNNNN.tar`` + ``manifest.json`` atomically (``<out>.partial`` renamed at
+the end) and prints a short report. SentEval builds one shard set per task under ``<out>/<task>``.
+This module also holds what the builders share: :class:`Issues` (clear errors or counted skips),
+:func:`sample_rng` (order-independent seeded randomness), :func:`clean_box`.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+class BuildError(ValueError):
+    """Bad input that stops a build; the message names the file and line/record."""
+
+
+class Issues:
+    """Per-record problems: raise :class:`BuildError` when ``strict`` else count a skip in the manifest.
+
+    The first few locations of each skip reason are kept (``skipped_examples`` in the manifest).
+    """
+
+    def __init__(self, writer=None, strict: bool = False, examples: int = 5):
+        self.writer = writer
+        self.strict = strict
+        self.examples_per_reason = examples
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+
+    def bad(self, reason: str, where: str, msg: str, n: int = 1, *, always_raise: bool = False) -> None:
+        text = f"{where}: {msg}" if where else msg
+        if self.strict or always_raise:
+            raise BuildError(text)
+        self.count(reason, n)
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.examples_per_reason:
+            ex.append(text)
+
+    def count(self, reason: str, n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        if self.writer is not None:
+            self.writer.skip(reason, n)
+
+
+def sample_rng(seed: int, *parts) -> np.random.Generator:
+    """A generator seeded by ``seed`` and a stable hash of ``parts`` (independent of processing order)."""
+    h = zlib.crc32("\x1f".join(str(p) for p in parts).encode("utf-8"))
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, h])
+
+
+def stable_score(seed: int, *parts) -> int:
+    """A deterministic pseudo-random 64-bit score for sampling by "keep the lowest scores"."""
+    import hashlib
+
+    d = hashlib.blake2b("\x1f".join(str(p) for p in (seed,) + parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(d, "big")
+
+
+def clean_box(box, width: float, height: float, tol: float = 1.0):
+    """``(box, None)`` with the box clipped to the image, or ``(None, reason)``.
+
+    ``reason`` is ``box_zero_area`` (x2 <= x1 or y2 <= y1) or ``box_outside_image`` (beyond the image
+    by more than ``tol`` pixels on any side).
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(np.isfinite([x1, y1, x2, y2])):
+        return None, "box_outside_image"
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        return None, "box_outside_image"
+    x1, y1 = max(0.0, x1), max(0.0, y1)
+    x2, y2 = min(float(width), x2), min(float(height), y2)
+    if x2 - x1 <= 0 or y2 - y1 <= 0:
+        return None, "box_zero_area"
+    return [x1, y1, x2, y2], None
+
+
+def read_id_list(path, what: str = "image id") -> list[str]:
+    """One id a line (blank lines ignored); a duplicate raises naming file and line."""
+    out, seen = [], {}
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            s = line.strip()
+            if not s:
+                continue
+            if s in seen:
+                raise BuildError(f"{path}:{ln}: duplicate {what} {s} (first at line {seen[s]})")
+            seen[s] = ln
+            out.append(s)
+    return out
+
+
+def iter_json_array(path, chunk: int = 1 << 22):
+    """Stream the elements of a top-level JSON array (the multi-GB VG files) without loading it whole.
+
+    Memory: one element (one image) at a time plus a read buffer. A truncated or malformed file raises
+    :class:`BuildError` naming the file and the record index.
+    """
+    import json
+
+    dec = json.JSONDecoder()
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        buf, pos = f.read(chunk), 0
+        while pos < len(buf) and buf[pos].isspace():
+            pos += 1
+        if pos >= len(buf) or buf[pos] != "[":
+            raise BuildError(f"{path}: expected a JSON array (file starts with {buf[pos:pos + 20]!r})")
+        pos += 1
+        expect_sep = False
+        while True:
+            while True:
+                while pos < len(buf) and buf[pos].isspace():
+                    pos += 1
+                if pos < len(buf):
+                    break
+                more = f.read(chunk)
+                if not more:
+                    raise BuildError(f"{path}: truncated JSON array after record {n}")
+                buf, pos = buf[pos:] + more, 0
+            c = buf[pos]
+            if c == "]":
+                return
+            if expect_sep:
+                if c != ",":
+                    raise BuildError(f"{path}: record {n}: expected ',' or ']' but found {buf[pos:pos + 20]!r}")
+                pos += 1
+                expect_sep = False
+                continue
+            try:
+                obj, end = dec.raw_decode(buf, pos)
+            except json.JSONDecodeError as e:
+                more = f.read(max(chunk, len(buf)))
+                if not more:
+                    raise BuildError(f"{path}: record {n}: truncated or malformed JSON ({e.msg})") from None
+                buf, pos = buf[pos:] + more, 0
+                continue
+            yield obj
+            n += 1
+            pos, expect_sep = end, True
+            if pos > chunk:
+                buf, pos = buf[pos:], 0
+
+
+def progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, **kw)
+
+
+def run_build(cfg) -> dict | list[dict]:
+    """Dispatch on ``cfg.dataset.builder``; returns the manifest (a list of them for SentEval)."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    builder = c["dataset"]["builder"]
+    if builder == "flickr30k":
+        from .flickr30k import build_flickr30k as fn
+    elif builder == "vg":
+        from .visual_genome import build_vg as fn
+    elif builder == "senteval":
+        from .senteval import build_senteval as fn
+    elif builder == "senteval_derived":
+        from .senteval import build_senteval_derived as fn
+    else:
+        raise BuildError(f"unknown dataset builder {builder!r} (flickr30k, vg, senteval, senteval_derived)")
+    return fn(c["dataset"], out=c["out"], seed=c["seed"], maxcount=c["maxcount"], maxsize=c["maxsize"],
+              feature_dim=c["feature_dim"], strict=c["strict"], progress_bar=c["progress"],
+              hash_inputs=c["hash_inputs"])
+
+
+def _main():
+    import hydra
+    from omegaconf import DictConfig
+
+    from .writer import report
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="build")
+    def main(cfg: DictConfig) -> None:
+        mans = run_build(cfg)
+        for man in mans if isinstance(mans, list) else [mans]:
+            print(report(man))
+        print(f"shards written under {Path(cfg.out).resolve()}")
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,334 @@
+"""Flickr30k Entities -> shards for the visual-coreference tasks (VCD, VCC).
+
+Inputs (``configs/dataset/flickr30k.yaml``): ``Sentences/<id>.txt``, ``Annotations/<id>.xml``, the
+official split lists ``train.txt``/``val.txt``/``test.txt``, ``UNRELATED_CAPTIONS`` (optional) and the
+detected region features (:mod:`value_pl.data.features`; optionally features extracted for the
+annotated boxes, ``annotated_features``).
+
+One sample = one caption with its image's regions. Rules:
+
+* **Markup**: ``[/EN#<chain>/<type>[/<type>...] w1 w2 ...]``; words are the space-separated tokens
+  without markup, a phrase's ``span`` is ``[start, end)`` over them.
+* **VCC label of a phrase** (``label``): its *first listed* type among the 8 coarse types
+  (people, clothing, bodyparts, animals, vehicles, instruments, scene, other), so
+  ``/bodyparts/people`` -> ``bodyparts``. ``notvisual`` phrases (chain id 0, each its own chain even
+  though they share the id "0") are kept in ``phrases`` with label ``notvisual`` and get no pairs.
+* **Boxes**: PASCAL-VOC 1-based inclusive pixel coordinates -> ``x1 = xmin - 1, y1 = ymin - 1,
+  x2 = xmax, y2 = ymax``. An object's several ``<name>`` tags make one box serve several chains;
+  ``nobndbox``/``scene`` objects have no box (their chains are known but unboxed).
+* **Regions**: :func:`value_pl.data.features.combine_regions` (IoU match to detections, or supplied
+  annotated-box features, up to ``max_regions``).
+* **Pairs**: for each visual phrase whose chain has regions: VCD positives ``(phrase, region of its
+  chain, "coref")`` and the same number of negatives ``(phrase, region outside its chain,
+  "not_coref")`` sampled without replacement (seeded by seed + sample key); VCC ``(phrase, region
+  of its chain, label)`` for every positive.
+
+Skips (counted in ``manifest.json``; ``strict=true`` raises instead, naming file and line):
+``malformed_markup`` (caption), ``empty_caption`` (caption), ``unrelated_caption`` (caption, the
+known list), ``unknown_chain`` (phrase whose chain id is not in the XML), ``malformed_xml`` (image),
+``xml_without_boxes`` (image), ``missing_sentences``/``missing_annotation`` (image),
+``no_features`` (image), ``nan_features``/``corrupt_features`` (image), ``box_outside_image``/
+``box_zero_area`` (box), ``annotated_box_unmatched`` (box without a region), ``vcd_negatives_short``
+(negatives missing because too few regions lie outside the chain). A feature dimension other than
+``feature_dim`` always raises.
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from .build import BuildError, Issues, clean_box, progress, read_id_list, sample_rng
+from .features import (Combined, FeatureDimError, FeatureError, FeatureNaNError, combine_regions,
+                       open_features)
+from .schema import COREF_TYPES, SCHEMA_VERSION
+from .writer import ShardSetWriter
+
+PHRASE_HEAD = re.compile(r"^\[/EN#(\d+)((?:/[A-Za-z_]+)+)$")
+VISUAL_TYPES = set(COREF_TYPES)
+
+
+class MarkupError(ValueError):
+    pass
+
+
+def parse_caption(line: str) -> tuple[list[str], list[dict]]:
+    """One Sentences line -> (words, phrases). Raises :class:`MarkupError` on malformed markup."""
+    words: list[str] = []
+    phrases: list[dict] = []
+    cur = None
+    for tok in line.split():
+        if tok.startswith("["):
+            if cur is not None:
+                raise MarkupError(f"phrase opened inside phrase at {tok!r}")
+            m = PHRASE_HEAD.match(tok)
+            if not m:
+                raise MarkupError(f"bad phrase header {tok!r} (expected [/EN#<chain>/<type>...)")
+            chain = str(int(m.group(1)))
+            types = m.group(2).strip("/").split("/")
+            for t in types:
+                if t not in VISUAL_TYPES and t != "notvisual":
+                    raise MarkupError(f"unknown phrase type {t!r} in {tok!r}")
+            if chain == "0" and any(t != "notvisual" for t in types):
+                raise MarkupError(f"chain id 0 is reserved for notvisual phrases ({tok!r})")
+            cur = {"start": len(words), "chain": chain, "types": types}
+            continue
+        if tok.endswith("]") and cur is not None:
+            w = tok[:-1]
+            if not w:
+                raise MarkupError("empty word before ']'")
+            words.append(w)
+            visual = [t for t in cur["types"] if t in VISUAL_TYPES]
+            phrases.append({"span": [cur["start"], len(words)], "chain": cur["chain"], "types": cur["types"],
+                            "label": visual[0] if visual else "notvisual"})
+            cur = None
+            continue
+        if "]" in tok and cur is None:
+            raise MarkupError(f"']' outside a phrase in {tok!r}")
+        if tok.startswith("[/EN#") or "[/EN#" in tok:
+            raise MarkupError(f"bad phrase header {tok!r}")
+        words.append(tok)
+    if cur is not None:
+        raise MarkupError(f"phrase [/EN#{cur['chain']}/... is never closed")
+    for p in phrases:
+        if p["span"][1] <= p["span"][0]:
+            raise MarkupError("empty phrase")
+    return words, phrases
+
+
+def parse_annotation(path: Path):
+    """Annotations XML -> (width, height, boxes [(box 0-based px, [chain ids])], chains set, unboxed chains).
+
+    Raises :class:`BuildError` (naming the file) on malformed XML.
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise BuildError(f"{path}: malformed XML ({e})") from None
+    size = root.find("size")
+    try:
+        W = float(size.findtext("width"))
+        H = float(size.findtext("height"))
+    except (AttributeError, TypeError, ValueError):
+        raise BuildError(f"{path}: <size> lacks a numeric width/height") from None
+    if W <= 0 or H <= 0:
+        raise BuildError(f"{path}: image size {W}x{H} is not positive")
+    boxes, chains, unboxed = [], set(), set()
+    for k, obj in enumerate(root.findall("object")):
+        names = [str(int(n.text.strip())) for n in obj.findall("name") if n.text and n.text.strip().isdigit()]
+        if not names:
+            raise BuildError(f"{path}: <object> #{k + 1} has no numeric <name> (chain id)")
+        chains.update(names)
+        bb = obj.find("bndbox")
+        if bb is None:
+            unboxed.update(names)  # nobndbox / scene flags
+            continue
+        try:
+            xmin, ymin, xmax, ymax = (float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+        except (TypeError, ValueError):
+            raise BuildError(f"{path}: <object> #{k + 1} has a <bndbox> without numeric xmin/ymin/xmax/ymax") from None
+        boxes.append(([xmin - 1.0, ymin - 1.0, xmax, ymax], names, k + 1))
+    return W, H, boxes, chains, unboxed
+
+
+def read_unrelated(path) -> set[tuple[str, int]]:
+    """``UNRELATED_CAPTIONS``: ``<image id> <sentence number (1-based)>`` lines, ``#`` comments."""
+    out = set()
+    if path is None:
+        return out
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            parts = s.split()
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise BuildError(f"{path}:{ln}: expected '<image id> <sentence number>', got {s!r}")
+            out.add((parts[0], int(parts[1])))
+    return out
+
+
+def caption_pairs(phrases: list[dict], comb: Combined, rng: np.random.Generator, issues: Issues, where: str):
+    """VCD (balanced) and VCC pairs of one caption."""
+    vcd, vcc = [], []
+    R = len(comb.boxes)
+    for p, ph in enumerate(phrases):
+        if ph["label"] == "notvisual":
+            continue
+        pos = [r for r in range(R) if ph["chain"] in comb.tags[r]]
+        if not pos:
+            continue
+        outside = [r for r in range(R) if ph["chain"] not in comb.tags[r]]
+        k = min(len(pos), len(outside))
+        if k < len(pos):
+            issues.count("vcd_negatives_short", len(pos) - k)
+        neg = sorted(int(x) for x in rng.choice(outside, size=k, replace=False)) if k else []
+        for r in pos:
+            vcd.append([p, r, "coref"])
+            vcc.append([p, r, ph["label"]])
+        for r in neg:
+            vcd.append([p, r, "not_coref"])
+    return vcd, vcc
+
+
+def _regions_for_image(iid, W, H, boxes, det_reader, sup_reader, cfg, issues, where):
+    ann_boxes, ann_tags = [], []
+    for box, names, k in boxes:
+        b, why = clean_box(box, W, H)
+        if b is None:
+            issues.bad(why, f"{where} <object> #{k}", f"box {box} ({why.replace('_', ' ')}, image {W:g}x{H:g})")
+            continue
+        ann_boxes.append(b)
+        ann_tags.append(names)
+    det = read_features(det_reader, iid, W, H, issues, "detected")
+    if det is None:
+        return None
+    sup = None
+    if sup_reader is not None:
+        sup = read_features(sup_reader, iid, W, H, issues, "annotated")
+        if sup is None:
+            return None
+    comb = combine_regions(ann_boxes, ann_tags, det, iou_threshold=cfg["iou_threshold"],
+                           max_regions=cfg["max_regions"], supplied=sup,
+                           supplied_iou=cfg.get("supplied_iou", 0.9))
+    unmatched = sum(1 for r in comb.ann_region if r is None)
+    if unmatched:
+        issues.count("annotated_box_unmatched", unmatched)
+    return comb
+
+
+def read_features(reader, iid, W, H, issues: Issues, what: str):
+    """Features of one image in pixels of the annotation's size, or None (counted skip)."""
+    if iid not in reader:
+        issues.bad("no_features", f"{reader.path}", f"no {what} features for image {iid}")
+        return None
+    try:
+        rf = reader.get(iid)
+    except FeatureDimError:
+        raise
+    except FeatureNaNError as e:
+        issues.bad("nan_features", str(e).split(": ")[0], str(e))
+        return None
+    except FeatureError as e:
+        issues.bad("corrupt_features", str(e).split(": ")[0], str(e))
+        return None
+    if rf.num_boxes == 0:
+        issues.bad("no_features", rf.where, f"image {iid} has 0 {what} regions")
+        return None
+    return rf.in_pixels(W, H)
+
+
+def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues, seed: int, bar: bool, split: str):
+    sent_dir, ann_dir = Path(cfg["sentences"]), Path(cfg["annotations"])
+    for iid in progress(image_ids, bar, desc=f"flickr30k {split}", unit="img"):
+        spath, apath = sent_dir / f"{iid}.txt", ann_dir / f"{iid}.xml"
+        if not spath.exists():
+            issues.bad("missing_sentences", str(spath), "no Sentences file for this image")
+            continue
+        if not apath.exists():
+            issues.bad("missing_annotation", str(apath), "no Annotations file for this image")
+            continue
+        try:
+            W, H, boxes, chains, unboxed = parse_annotation(apath)
+        except BuildError as e:
+            issues.bad("malformed_xml", str(apath), str(e).split(": ", 1)[1])
+            continue
+        if not boxes:
+            issues.bad("xml_without_boxes", str(apath), "no <object> has a <bndbox>")
+            continue
+        comb = _regions_for_image(iid, W, H, boxes, det_reader, sup_reader, cfg, issues, str(apath))
+        if comb is None:
+            continue
+        feats16 = comb.feats.astype(np.float16)
+        lines = spath.read_text(encoding="utf-8").splitlines()
+        for ci, line in enumerate(lines):
+            where = f"{spath}:{ci + 1}"
+            if (iid, ci + 1) in unrelated:
+                issues.count("unrelated_caption")
+                continue
+            if not line.strip():
+                issues.bad("empty_caption", where, "empty caption")
+                continue
+            try:
+                words, phrases = parse_caption(line)
+            except MarkupError as e:
+                issues.bad("malformed_markup", where, str(e))
+                continue
+            if not words:
+                issues.bad("empty_caption", where, "caption has no words")
+                continue
+            for ph in phrases:
+                if ph["chain"] != "0" and ph["chain"] not in chains:
+                    issues.bad("unknown_chain", where, f"chain id {ph['chain']} is not in {apath.name}")
+                    ph["unknown_chain"] = True
+            key = f"f30k_{iid}_{ci}"
+            usable = [dict(ph, label="notvisual") if ph.pop("unknown_chain", False) else ph for ph in phrases]
+            vcd, vcc = caption_pairs(usable, comb, sample_rng(seed, key), issues, where)
+            meta = {
+                "schema": SCHEMA_VERSION,
+                "image": {"id": str(iid), "width": W, "height": H},
+                "words": words,
+                "phrases": phrases,
+                "regions": {"boxes": comb.boxes, "chains": comb.tags, "source": comb.source},
+                "pairs": {"vcd": vcd, "vcc": vcc},
+                "provenance": {"dataset": "flickr30k_entities", "image_id": str(iid), "caption_index": ci,
+                               "split": split, "unboxed_chains": sorted(unboxed - {t for r in comb.tags for t in r},
+                                                                       key=int)},
+            }
+            yield key, meta, feats16
+
+
+def build_flickr30k(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: float = 256e6,
+                    feature_dim: int | None = 2048, strict: bool = False, progress_bar: bool = True,
+                    hash_inputs: bool = True) -> dict:
+    split_files = cfg["splits"]
+    ids = {s: read_id_list(p) for s, p in split_files.items()}
+    seen: dict[str, str] = {}
+    for s, lst in ids.items():
+        for i in lst:
+            if i in seen:
+                raise BuildError(f"{split_files[s]}: image id {i} is also in split {seen[i]} ({split_files[seen[i]]})")
+            seen[i] = s
+    unrelated = read_unrelated(cfg.get("unrelated"))
+    uniter_kw = dict(cfg.get("uniter") or {})
+    det = open_features(cfg["features"], cfg.get("features_format", "auto"), feature_dim, **uniter_kw)
+    sup = None
+    if cfg.get("annotated_features"):
+        sup = open_features(cfg["annotated_features"], cfg.get("annotated_features_format", "auto"), feature_dim,
+                            **uniter_kw)
+    w = ShardSetWriter(out, "flickr30k_entities", version=str(cfg.get("version", "1")), maxcount=maxcount,
+                       maxsize=maxsize, feature_dim=feature_dim)
+    issues = Issues(w, strict)
+    try:
+        if hash_inputs:
+            for name in ("sentences", "annotations", "unrelated"):
+                if cfg.get(name):
+                    w.add_input(cfg[name])
+            for p in split_files.values():
+                w.add_input(p)
+            for r in (det, sup):
+                if r is not None:
+                    for p in r.input_paths():
+                        w.add_input(p)
+        w.labels = {"vcd": ["coref", "not_coref"], "vcc": list(COREF_TYPES)}
+        for split, lst in ids.items():
+            w.write_split(split, iter_split(lst, cfg, det, sup, unrelated, issues, seed, progress_bar, split))
+        w.extra = {
+            "seed": seed,
+            "regions": {"mode": "supplied" if sup is not None else "iou_match",
+                        "iou_threshold": cfg["iou_threshold"], "max_regions": cfg["max_regions"],
+                        "features_format": det.format},
+            "vcc_label_rule": "first listed coarse type of the phrase (notvisual phrases: no pairs)",
+            "skipped_examples": issues.examples,
+        }
+        return w.close()
+    except BaseException:
+        w.abort()
+        raise
+    finally:
+        det.close()
+        if sup is not None:
+            sup.close()
+

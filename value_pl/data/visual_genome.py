@@ -1,0 +1,457 @@
+"""Visual Genome -> shards for the visual-relation tasks (VRI, VRC), and the caption-mismatch variant.
+
+Inputs (``configs/dataset/vg.yaml``): ``region_graphs.json`` (each dense caption -- a region with its
+``phrase`` -- with the ``objects`` and ``relationships`` it mentions), ``image_data.json`` (image
+sizes), optionally v1.4 ``objects.json`` (only to resolve ids through ``merged_object_ids``), and the
+detected region features (:mod:`value_pl.data.features`).
+
+**Memory.** The JSON files are streamed (:func:`value_pl.data.build.iter_json_array`), one image at
+a time, in two passes over ``region_graphs.json``. Held in memory: ``image_data`` (~108k small
+records), one compact record per candidate relation (pass 1; ~1.5M for full VG, ~0.3 GB), the selected
+captions with their objects (pass 2; bounded by K x 15,000 relations, ~0.5-1 GB), and, only when
+``objects`` is given, the v1.4 object boxes (~3.8M objects, ~1.5 GB). 4 GB of RAM is enough.
+
+Rules (VALUE Sec. 3.4):
+
+* Relations are tied to their caption through the region graph: ``subject_id``/``object_id`` are
+  resolved among the region's own ``objects`` (v1.2 ids), then through those objects'
+  ``merged_object_ids`` (v1.4 objects), then, if ``objects`` is given, among the image's v1.4
+  objects and their ``merged_object_ids``. Unresolved ids: skip ``relation_unresolved``.
+* Predicates are normalised: lower case, whitespace collapsed; then the optional alias table
+  (``aliases: basic`` = :data:`BASIC_ALIASES`, or a mapping; default none, as in the paper, which
+  keeps e.g. ``holds`` and ``holding`` apart). Identical (predicate, subject, object) triples within
+  one caption count once.
+* The K most frequent predicates (``top_k``, default 32; ties by name) over all images; per caption at
+  most ``max_same_predicate_per_caption`` (5) relations of one predicate; per predicate at most
+  ``max_pairs_per_predicate`` (15,000) relations. Both caps keep the relations with the lowest
+  seeded hash score (deterministic, order-independent random sampling). The chance levels (uniform
+  1/K and the majority class per split) are in the manifest (``chance``).
+* One sample = one caption (words = the phrase tokenised) of one image with a selected relation.
+  Annotated boxes = the caption's region-graph objects (VG ``x, y, w, h`` -> ``x1, y1, x2, y2``),
+  combined with detected regions by :func:`value_pl.data.features.combine_regions`.
+  VRC pairs ``(subject region, object region, predicate)``; VRI positives the same region pairs
+  ``"related"`` (once per region pair) and as many negatives ``"unrelated"``: ordered region pairs
+  without any relation of the caption in either direction, sampled first among pairs of annotated
+  regions, then among the rest (seeded by seed + sample key). Phrases are empty (no VCD/VCC).
+* Splits: ``split_files`` (image-id lists) or the fractions in ``splits`` by a seeded hash of the
+  image id.
+* ``variant: mismatch``: identical regions and pairs, but each sample's words are a caption of
+  another image of the same split: image groups are put in a seeded order and group ``g`` takes the
+  captions of group ``g + 1`` (cyclically; caption ``j`` -> ``j mod n``). Provenance records the source.
+
+Skips (``strict=true`` raises instead, naming file and record): ``no_image_data`` (image),
+``empty_caption`` (caption), ``relation_unresolved``, ``relation_self``, ``relation_empty_predicate``,
+``box_outside_image``/``box_zero_area`` (per relation with such a box), ``relation_box_unmatched``,
+``relation_same_region`` (subject and object on one detected region), ``no_features``/``nan_features``/
+``corrupt_features`` (image), ``vri_negatives_short``, ``mismatch_single_image``. Duplicate image ids
+in ``region_graphs.json`` or ``image_data.json`` raise.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .build import (BuildError, Issues, clean_box, iter_json_array, progress, read_id_list, sample_rng,
+                    stable_score)
+from .features import combine_regions, open_features
+from .flickr30k import read_features
+from .schema import SCHEMA_VERSION
+from .writer import ShardSetWriter
+
+#: ``aliases: basic``: a small, documented merge of verb forms (not used by default).
+BASIC_ALIASES = {
+    "wears": "wearing", "is wearing": "wearing", "wear": "wearing",
+    "holds": "holding", "is holding": "holding", "hold": "holding",
+    "has": "has", "have": "has", "has a": "has", "with": "with",
+    "is on": "on", "on top of": "on", "sitting on": "sitting on", "is in": "in", "inside": "in",
+    "is behind": "behind", "is near": "near", "next to": "next to", "beside": "next to",
+    "riding": "riding", "rides": "riding", "riding on": "riding",
+    "eats": "eating", "is eating": "eating", "plays": "playing", "is playing": "playing",
+    "covers": "covering", "covered in": "covering", "covered by": "covered by",
+}
+
+TOKEN = re.compile(r"[\w'\-]+|[^\w\s]")
+
+
+def tokenize(text: str) -> list[str]:
+    return TOKEN.findall(text or "")
+
+
+def normalise_predicate(p: str, aliases: dict | None = None) -> str:
+    s = " ".join(str(p or "").lower().split())
+    if aliases:
+        s = aliases.get(s, s)
+    return s
+
+
+def _aliases(cfg) -> dict | None:
+    a = cfg.get("aliases")
+    if not a:
+        return None
+    if a == "basic":
+        return dict(BASIC_ALIASES)
+    if isinstance(a, dict):
+        return {normalise_predicate(k): normalise_predicate(v) for k, v in a.items()}
+    raise BuildError(f"dataset.aliases: use null, 'basic' or a mapping, got {a!r}")
+
+
+def _obj_box(o: dict) -> list[float]:
+    x, y = float(o.get("x", 0)), float(o.get("y", 0))
+    return [x, y, x + float(o.get("w", 0)), y + float(o.get("h", 0))]
+
+
+def load_image_data(path) -> dict[str, tuple[float, float]]:
+    out: dict[str, tuple[float, float]] = {}
+    for k, im in enumerate(iter_json_array(path)):
+        iid = str(im.get("image_id", im.get("id")))
+        if iid in out:
+            raise BuildError(f"{path}: record {k}: duplicate image id {iid}")
+        try:
+            out[iid] = (float(im["width"]), float(im["height"]))
+        except (KeyError, TypeError, ValueError):
+            raise BuildError(f"{path}: record {k}: image {iid} lacks a numeric width/height") from None
+    return out
+
+
+def load_v14_objects(path) -> dict[str, dict[str, dict]]:
+    """v1.4 ``objects.json`` -> image id -> {object id (and each merged id): object}."""
+    out: dict[str, dict[str, dict]] = {}
+    for im in iter_json_array(path):
+        d = out.setdefault(str(im.get("image_id", im.get("id"))), {})
+        for o in im.get("objects", []):
+            slim = {k: o[k] for k in ("object_id", "x", "y", "w", "h") if k in o}
+            for i in [o.get("object_id")] + list(o.get("merged_object_ids", []) or []):
+                if i is not None:
+                    d.setdefault(str(i), slim)
+    return out
+
+
+def _id_map(objects: list[dict]) -> dict[str, dict]:
+    m: dict[str, dict] = {}
+    for o in objects:
+        if "object_id" in o:
+            m[str(o["object_id"])] = o
+    for o in objects:
+        for i in o.get("merged_object_ids", []) or []:
+            m.setdefault(str(i), o)
+    return m
+
+
+class _Split:
+    def __init__(self, cfg, seed):
+        self.seed = seed
+        self.files = None
+        if cfg.get("split_files"):
+            self.files = {}
+            for s, p in cfg["split_files"].items():
+                for i in read_id_list(p):
+                    if i in self.files:
+                        raise BuildError(f"{p}: image id {i} is also in split {self.files[i]}")
+                    self.files[i] = s
+            self.names = list(cfg["split_files"])
+        else:
+            fr = dict(cfg.get("splits") or {"train": 0.8, "val": 0.1, "test": 0.1})
+            tot = sum(fr.values())
+            if tot <= 0:
+                raise BuildError("dataset.splits: fractions must sum to a positive number")
+            self.names = list(fr)
+            acc, self.cuts = 0.0, []
+            for s, f in fr.items():
+                acc += f / tot
+                self.cuts.append((acc, s))
+
+    def __call__(self, iid: str) -> str | None:
+        if self.files is not None:
+            return self.files.get(iid)
+        u = stable_score(self.seed, "split", iid) / 2.0 ** 64
+        for c, s in self.cuts:
+            if u < c:
+                return s
+        return self.cuts[-1][1]
+
+
+def _resolve_relations(region: dict, iid: str, v14: dict | None, aliases, issues: Issues, where: str, W, H):
+    """Valid, resolved, de-duplicated relations of one caption: [(pred, s_obj, o_obj, rel_index)]."""
+    idmap = _id_map(region.get("objects", []))
+    extra = v14.get(iid, {}) if v14 is not None else {}
+    out, seen = [], set()
+    for k, r in enumerate(region.get("relationships", [])):
+        w = f"{where} relationship #{k} (id {r.get('relationship_id', '?')})"
+        pred = normalise_predicate(r.get("predicate"), aliases)
+        if not pred:
+            issues.bad("relation_empty_predicate", w, "empty predicate")
+            continue
+        s_id, o_id = str(r.get("subject_id")), str(r.get("object_id"))
+        s, o = idmap.get(s_id) or extra.get(s_id), idmap.get(o_id) or extra.get(o_id)
+        if s is None or o is None:
+            missing = [i for i, x in ((s_id, s), (o_id, o)) if x is None]
+            issues.bad("relation_unresolved", w, f"object id(s) {', '.join(missing)} do not resolve in the "
+                                                 f"region graph{' or objects.json' if v14 is not None else ''}")
+            continue
+        if s is o or str(s.get("object_id")) == str(o.get("object_id")):
+            issues.bad("relation_self", w, "subject and object are the same object")
+            continue
+        bad = False
+        for role, obj in (("subject", s), ("object", o)):
+            b, why = clean_box(_obj_box(obj), W, H)
+            if b is None:
+                issues.bad(why, w, f"{role} box {_obj_box(obj)} ({why.replace('_', ' ')}, image {W:g}x{H:g})")
+                bad = True
+                break
+        if bad:
+            continue
+        t = (pred, str(s.get("object_id")), str(o.get("object_id")))
+        if t in seen:
+            continue
+        seen.add(t)
+        out.append((pred, s, o, k))
+    return out
+
+
+def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: float = 256e6,
+             feature_dim: int | None = 2048, strict: bool = False, progress_bar: bool = True,
+             hash_inputs: bool = True) -> dict:
+    rg_path = cfg["region_graphs"]
+    variant = cfg.get("variant", "normal")
+    if variant not in ("normal", "mismatch"):
+        raise BuildError(f"dataset.variant: 'normal' or 'mismatch', got {variant!r}")
+    aliases = _aliases(cfg)
+    top_k = int(cfg.get("top_k", 32))
+    cap_caption = int(cfg.get("max_same_predicate_per_caption", 5))
+    cap_pred = int(cfg.get("max_pairs_per_predicate", 15000))
+    sizes = load_image_data(cfg["image_data"])
+    v14 = load_v14_objects(cfg["objects"]) if cfg.get("objects") else None
+    split_of = _Split(cfg, seed)
+    uniter_kw = dict(cfg.get("uniter") or {})
+    det = open_features(cfg["features"], cfg.get("features_format", "auto"), feature_dim, **uniter_kw)
+    sup = None
+    if cfg.get("annotated_features"):
+        sup = open_features(cfg["annotated_features"], cfg.get("annotated_features_format", "auto"), feature_dim,
+                            **uniter_kw)
+    w = ShardSetWriter(out, "visual_genome" + ("_mismatch" if variant == "mismatch" else ""),
+                       version=str(cfg.get("version", "1.2")), maxcount=maxcount, maxsize=maxsize,
+                       feature_dim=feature_dim)
+    issues = Issues(w, strict)
+    try:
+        if hash_inputs:
+            for name in ("region_graphs", "image_data", "objects"):
+                if cfg.get(name):
+                    w.add_input(cfg[name])
+            for p in (cfg.get("split_files") or {}).values():
+                w.add_input(p)
+            for r in (det, sup):
+                if r is not None:
+                    for p in r.input_paths():
+                        w.add_input(p)
+
+        # ---- pass 1: predicate frequencies and candidate relations
+        freq: dict[str, int] = {}
+        cands: list[tuple[str, int, str, str, int]] = []  # (pred, score, image id, region id, rel index)
+        seen_images: dict[str, int] = {}
+        for ii, im in enumerate(progress(iter_json_array(rg_path), progress_bar, desc="vg pass 1", unit="img")):
+            iid = str(im.get("image_id", im.get("id")))
+            if iid in seen_images:
+                raise BuildError(f"{rg_path}: record {ii}: duplicate image id {iid} (first at record {seen_images[iid]})")
+            seen_images[iid] = ii
+            if iid not in sizes:
+                issues.bad("no_image_data", f"{rg_path}: record {ii}", f"image {iid} is not in {cfg['image_data']}")
+                continue
+            W, H = sizes[iid]
+            for rj, reg in enumerate(im.get("regions", [])):
+                rid = str(reg.get("region_id", rj))
+                where = f"{rg_path}: record {ii} (image {iid}) region {rid}"
+                if not reg.get("relationships"):
+                    continue
+                if not tokenize(reg.get("phrase", "")):
+                    issues.bad("empty_caption", where, "empty caption (phrase)")
+                    continue
+                for pred, _s, _o, k in _resolve_relations(reg, iid, v14, aliases, issues, where, W, H):
+                    freq[pred] = freq.get(pred, 0) + 1
+                    cands.append((pred, stable_score(seed, "rel", iid, rid, k), iid, rid, k))
+        ranked = sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))
+        top = [p for p, _ in ranked[:top_k]]
+        top_set = set(top)
+        by_caption: dict[tuple, list] = {}
+        for c in cands:
+            if c[0] in top_set:
+                by_caption.setdefault((c[2], c[3], c[0]), []).append(c)
+        capped = []
+        for lst in by_caption.values():
+            capped += sorted(lst, key=lambda c: c[1])[:cap_caption]
+        by_pred: dict[str, list] = {}
+        for c in capped:
+            by_pred.setdefault(c[0], []).append(c)
+        selected: dict[tuple[str, str], set] = {}
+        sel_count = {}
+        for p, lst in by_pred.items():
+            keep = sorted(lst, key=lambda c: c[1])[:cap_pred]
+            sel_count[p] = len(keep)
+            for c in keep:
+                selected.setdefault((c[2], c[3]), set()).add(c[4])
+        del cands, by_caption, capped, by_pred
+
+        # ---- pass 2: the selected captions
+        specs: dict[str, list] = {s: [] for s in split_of.names}
+        for ii, im in enumerate(progress(iter_json_array(rg_path), progress_bar, desc="vg pass 2", unit="img")):
+            iid = str(im.get("image_id", im.get("id")))
+            if iid not in sizes:
+                continue
+            split = split_of(iid)
+            regs = [(str(reg.get("region_id", rj)), reg) for rj, reg in enumerate(im.get("regions", []))]
+            if split is None or not any((iid, rid) in selected for rid, _ in regs):
+                continue
+            W, H = sizes[iid]
+            mute = Issues(None, False)  # pass 1 counted these already
+            for rid, reg in regs:
+                if (iid, rid) not in selected:
+                    continue
+                where = f"{rg_path}: record {ii} (image {iid}) region {rid}"
+                rels = _resolve_relations(reg, iid, v14, aliases, mute, where, W, H)
+                chosen = [(p, str(s["object_id"]), str(o["object_id"])) for p, s, o, k in rels
+                          if k in selected[(iid, rid)]]
+                objs = {}
+                for o in list(reg.get("objects", [])) + [x for _, s, o2, _ in rels for x in (s, o2)]:
+                    oid = str(o.get("object_id"))
+                    if oid not in objs:
+                        b, _ = clean_box(_obj_box(o), W, H)
+                        if b is not None:
+                            objs[oid] = b
+                related = {(str(s["object_id"]), str(o["object_id"])) for _, s, o, _ in rels}
+                specs[split].append({"key": f"vg_{iid}_{rid}", "image": iid, "region": rid, "W": W, "H": H,
+                                     "words": tokenize(reg.get("phrase", "")), "objects": objs,
+                                     "chosen": chosen, "related": related, "where": where})
+        for s in specs:
+            specs[s].sort(key=lambda d: (_num(d["image"]), _num(d["region"])))
+        if variant == "mismatch":
+            for s, lst in specs.items():
+                _mismatch(lst, seed, s, issues)
+
+        w.labels = {"vri": ["related", "unrelated"], "vrc": list(top)}
+        for split, lst in specs.items():
+            w.write_split(split, _samples(lst, det, sup, cfg, issues, seed, variant, progress_bar, split))
+        chance = {"vrc": {"uniform": 1.0 / max(1, len(top)), "majority": {}},
+                  "vri": {"uniform": 0.5, "majority": {}}}
+        for split, info in w.splits.items():
+            for t in ("vrc", "vri"):
+                c = info["pairs"].get(t, {})
+                chance[t]["majority"][split] = (max(c.values()) / sum(c.values())) if c else None
+        w.extra = {
+            "seed": seed,
+            "variant": variant,
+            "predicates": {p: {"frequency": freq[p], "selected": sel_count.get(p, 0)} for p in top},
+            "num_predicates_seen": len(freq),
+            "chance": chance,
+            "caps": {"top_k": top_k, "max_pairs_per_predicate": cap_pred,
+                     "max_same_predicate_per_caption": cap_caption},
+            "aliases": cfg.get("aliases") if not isinstance(cfg.get("aliases"), dict) else "custom",
+            "regions": {"mode": "supplied" if sup is not None else "iou_match",
+                        "iou_threshold": cfg["iou_threshold"], "max_regions": cfg["max_regions"],
+                        "features_format": det.format},
+            "skipped_examples": issues.examples,
+        }
+        return w.close()
+    except BaseException:
+        w.abort()
+        raise
+    finally:
+        det.close()
+        if sup is not None:
+            sup.close()
+
+
+def _num(s: str):
+    return (0, int(s), "") if str(s).isdigit() else (1, 0, str(s))
+
+
+def _mismatch(lst: list[dict], seed: int, split: str, issues: Issues) -> None:
+    groups: dict[str, list[dict]] = {}
+    for d in lst:
+        groups.setdefault(d["image"], []).append(d)
+    if len(groups) < 2:
+        if lst:
+            issues.bad("mismatch_single_image", f"split {split}", "fewer than 2 images: no caption of another image",
+                       n=len(lst))
+        lst.clear()
+        return
+    order = sorted(groups, key=_num)
+    perm = sample_rng(seed, "mismatch", split).permutation(len(order))
+    order = [order[i] for i in perm]
+    for g, iid in enumerate(order):
+        donor = groups[order[(g + 1) % len(order)]]
+        for j, d in enumerate(groups[iid]):
+            src = donor[j % len(donor)]
+            d["mismatch_from"] = src["key"]
+            d["mismatch_words"] = src["words"]
+
+
+def _samples(specs, det, sup, cfg, issues: Issues, seed, variant, bar, split):
+    cache_id, cache = None, None
+    for d in progress(specs, bar, desc=f"vg {split}", unit="caption"):
+        iid, W, H = d["image"], d["W"], d["H"]
+        if iid != cache_id:
+            cache_id = iid
+            cache = [read_features(det, iid, W, H, issues, "detected")]
+            cache.append(read_features(sup, iid, W, H, issues, "annotated") if sup is not None else None)
+        dr, sr = cache
+        if dr is None or (sup is not None and sr is None):
+            continue
+        oids = list(d["objects"])
+        comb = combine_regions([d["objects"][o] for o in oids], [[o] for o in oids], dr,
+                               iou_threshold=cfg["iou_threshold"], max_regions=cfg["max_regions"], supplied=sr,
+                               supplied_iou=cfg.get("supplied_iou", 0.9))
+        reg_of = {o: comb.ann_region[i] for i, o in enumerate(oids)}
+        vrc, pos = [], []
+        for pred, s, o in d["chosen"]:
+            rs, ro = reg_of.get(s), reg_of.get(o)
+            if rs is None or ro is None:
+                issues.bad("relation_box_unmatched", d["where"], f"{pred}({s}, {o}): a box has no feature region")
+                continue
+            if rs == ro:
+                issues.bad("relation_same_region", d["where"], f"{pred}({s}, {o}): both boxes on region {rs}")
+                continue
+            vrc.append([rs, ro, pred])
+            if (rs, ro) not in pos:
+                pos.append((rs, ro))
+        if not vrc:
+            continue
+        rel_regions = set()
+        for s, o in d["related"]:
+            rs, ro = reg_of.get(s), reg_of.get(o)
+            if rs is not None and ro is not None:
+                rel_regions |= {(rs, ro), (ro, rs)}
+        R = len(comb.boxes)
+        ann = {r for r in range(R) if comb.source[r] == "annotated"}
+        tier1 = [(a, b) for a in range(R) for b in range(R) if a != b and (a, b) not in rel_regions
+                 and a in ann and b in ann]
+        tier2 = [(a, b) for a in range(R) for b in range(R) if a != b and (a, b) not in rel_regions
+                 and not (a in ann and b in ann)]
+        rng = sample_rng(seed, d["key"])
+        k = len(pos)
+        neg = []
+        for tier in (tier1, tier2):
+            need = k - len(neg)
+            if need <= 0:
+                break
+            if len(tier) <= need:
+                neg += tier
+            else:
+                neg += [tier[i] for i in sorted(rng.choice(len(tier), size=need, replace=False))]
+        if len(neg) < k:
+            issues.count("vri_negatives_short", k - len(neg))
+        vri = [[a, b, "related"] for a, b in pos] + [[a, b, "unrelated"] for a, b in neg]
+        words = d.get("mismatch_words", d["words"]) if variant == "mismatch" else d["words"]
+        prov = {"dataset": "visual_genome", "image_id": iid, "region_id": d["region"], "split": split}
+        if variant == "mismatch":
+            prov.update(variant="mismatch", caption_from=d["mismatch_from"])
+        meta = {
+            "schema": SCHEMA_VERSION,
+            "image": {"id": iid, "width": W, "height": H},
+            "words": words,
+            "phrases": [],
+            "regions": {"boxes": comb.boxes, "chains": comb.tags, "source": comb.source},
+            "pairs": {"vri": vri, "vrc": vrc},
+            "provenance": prov,
+        }
+        yield d["key"], meta, comb.feats.astype(np.float16)
+
