@@ -272,16 +272,44 @@ class QKRecorder:
 class Backbone(nn.Module):
     """Base class: a frozen encoder that maps a collated batch to a :class:`BackboneOutput`.
 
-    Subclasses set ``kind`` ('single' or 'two'), implement :meth:`forward` and :meth:`collator`,
-    and describe how pair tasks read them in :meth:`pair_layout`.
+    Subclasses set ``kind`` ('single' or 'two'), ``box_mode`` and ``self.config`` (an HF config), implement
+    :meth:`forward`, and describe how pair tasks read them in :meth:`pair_layout`.
     """
 
     kind = "single"
     family = "base"
+    box_mode = "uniter7"
+    text_only = False
 
-    def __init__(self):
+    def __init__(self, tokenizer=None, max_text_len: int = 64, max_regions: int = 100):
         super().__init__()
         self.identity: dict = {}
+        self.tokenizer = tokenizer
+        self.max_text_len, self.max_regions = max_text_len, max_regions
+
+    # ----------------------------------------------------------------- sizes
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    # ---------------------------------------------------------------- inputs
+    def input_encoder(self):
+        from ..data.collate import InputEncoder
+
+        return InputEncoder(self.tokenizer, self.box_mode, self.max_text_len, self.max_regions)
+
+    def collator(self, task=None, relabel=None):
+        from ..data.collate import Collator
+
+        return Collator(self.input_encoder(), task, relabel, text_only=self.text_only)
 
     # -------------------------------------------------------------- identity
     def weights_checksum(self) -> str:
@@ -299,9 +327,6 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def pair_layout(self, pair_kind: str) -> "PairLayout":
-        raise NotImplementedError
-
-    def collator(self):
         raise NotImplementedError
 
     def freeze(self) -> "Backbone":
@@ -350,3 +375,28 @@ class PairLayout:
                 for a, b in l.attn:
                     out.extend([a, b])
         return sorted(set(out))
+
+
+class SingleStreamBackbone(Backbone):
+    """Shared layout of single-stream models (stream ``joint``: text, then regions)."""
+
+    kind = "single"
+
+    def hidden_names(self, stream: str = "joint") -> list[str]:
+        return [f"hidden.joint.{l}" for l in range(self.num_layers + 1)]
+
+    def attn_names(self) -> list[str]:
+        return [f"attn.joint.{l}.self" for l in range(1, self.num_layers + 1)]
+
+    def pair_layout(self, pair_kind: str) -> PairLayout:
+        """Layers ``layer_00`` (embeddings) .. ``layer_L`` and ``all_heads`` (every head of every layer)."""
+        if pair_kind not in ("phrase_region", "region_region"):
+            raise ValueError(f"no pair layout {pair_kind!r} (phrase_region, region_region)")
+        L = self.num_layers
+        layers = [LayerSpec(f"layer_{l:02d}", emb=(f"hidden.joint.{l}",) * 2,
+                            attn=[(f"attn.joint.{l}.self",) * 2] if l > 0 else []) for l in range(L + 1)]
+        layers.append(LayerSpec("all_heads", attn=[(f"attn.joint.{l}.self",) * 2 for l in range(1, L + 1)]))
+        return PairLayout(layers)
+
+    def sentence_layers(self) -> list[str]:
+        return self.hidden_names()

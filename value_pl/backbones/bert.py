@@ -17,20 +17,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data.collate import Collator, InputEncoder
-from .base import Backbone, BackboneOutput, CaptureSpec, PairLayout, StreamInfo, rows_for_stream
+from .base import BackboneOutput, SingleStreamBackbone, CaptureSpec, PairLayout, StreamInfo, rows_for_stream
 from .common import bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
 
 log = logging.getLogger(__name__)
 
 
-class BertBackbone(Backbone):
-    kind = "single"
+class BertBackbone(SingleStreamBackbone):
+    text_only = True
     family = "bert"
     box_mode = "xyxy4"  # unused: text only
 
     def __init__(self, model, tokenizer=None, max_text_len: int = 64):
-        super().__init__()
+        super().__init__(tokenizer, max_text_len, max_regions=0)
         enc = getattr(model, "encoder", None)
         layers = getattr(enc, "layer", None)
         if layers is None or not all(hasattr(getattr(getattr(l, "attention", None), "self", None), "query")
@@ -39,35 +38,11 @@ class BertBackbone(Backbone):
                              "encoder.layer[i].attention.self.query/key); use a BERT/MiniLM/RoBERTa/ELECTRA directory")
         self.model = model
         self.config = model.config
-        self.tokenizer = tokenizer
-        self.max_text_len = max_text_len
-        self.max_regions = 0
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.config.num_attention_heads
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    def input_encoder(self) -> InputEncoder:
-        return InputEncoder(self.tokenizer, self.box_mode, self.max_text_len, 0)
-
-    def collator(self, task=None, relabel=None) -> Collator:
+    def collator(self, task=None, relabel=None):
         if task is not None and task.kind in ("phrase_region", "region_region"):
             self.pair_layout(task.kind)  # raises
-        return Collator(self.input_encoder(), task, relabel, text_only=True)
-
-    def hidden_names(self, stream: str = "joint") -> list[str]:
-        return [f"hidden.joint.{l}" for l in range(self.num_layers + 1)]
-
-    def attn_names(self) -> list[str]:
-        return [f"attn.joint.{l}.self" for l in range(1, self.num_layers + 1)]
+        return super().collator(task, relabel)
 
     def pair_layout(self, pair_kind: str) -> PairLayout:
         raise ValueError(f"backbone family 'bert' is text-only (no regions): it cannot run the {pair_kind} "

@@ -51,7 +51,6 @@ import torch
 from torch import Tensor
 from transformers import LxmertConfig, LxmertModel
 
-from ..data.collate import Collator, InputEncoder
 from .base import (Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, QKRecorder, StreamInfo,
                    additive_mask, attention_probs, rows_for_stream)
 from .common import (bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path,
@@ -69,21 +68,11 @@ class LxmertBackbone(Backbone):
     box_mode = "xyxy4"
 
     def __init__(self, config: LxmertConfig, tokenizer=None, max_text_len: int = 20, max_regions: int = 36):
-        super().__init__()
+        super().__init__(tokenizer, max_text_len, max_regions)
         self.config = config
         self.lxmert = LxmertModel(config)
-        self.tokenizer = tokenizer
-        self.max_text_len, self.max_regions = max_text_len, max_regions
 
     # ---------------------------------------------------------------- sizes
-    @property
-    def num_heads(self) -> int:
-        return self.config.num_attention_heads
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
     @property
     def img_dim(self) -> int:
         return self.config.visual_feat_dim
@@ -101,12 +90,6 @@ class LxmertBackbone(Backbone):
         return self.config.x_layers
 
     # --------------------------------------------------------------- layout
-    def input_encoder(self) -> InputEncoder:
-        return InputEncoder(self.tokenizer, self.box_mode, self.max_text_len, self.max_regions)
-
-    def collator(self, task=None, relabel=None) -> Collator:
-        return Collator(self.input_encoder(), task, relabel)
-
     def hidden_names(self, stream: str = "lang") -> list[str]:
         if stream == "lang":
             return [f"hidden.lang.{l}" for l in range(self.n_lang + self.n_x + 1)]

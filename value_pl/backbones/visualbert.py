@@ -24,66 +24,26 @@ import torch
 from torch import Tensor
 from transformers import VisualBertConfig, VisualBertModel
 
-from ..data.collate import Collator, InputEncoder
-from .base import Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, StreamInfo, rows_for_stream
+from .base import BackboneOutput, SingleStreamBackbone, CaptureSpec, StreamInfo, rows_for_stream
 from .common import bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
 
 log = logging.getLogger(__name__)
 
 
-class VisualBertBackbone(Backbone):
-    kind = "single"
+class VisualBertBackbone(SingleStreamBackbone):
     family = "visualbert"
     box_mode = "xyxy4"  # encoded by the collator, unused by the model
 
     def __init__(self, config: VisualBertConfig, tokenizer=None, max_text_len: int = 64, max_regions: int = 100):
-        super().__init__()
+        super().__init__(tokenizer, max_text_len, max_regions)
         if getattr(config, "bypass_transformer", False):
             raise ValueError("VisualBERT with bypass_transformer=True has no joint per-layer stream; not supported")
         self.config = config
         self.visual_bert = VisualBertModel(config)
-        self.tokenizer = tokenizer
-        self.max_text_len, self.max_regions = max_text_len, max_regions
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.config.num_attention_heads
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
 
     @property
     def img_dim(self) -> int:
         return self.config.visual_embedding_dim
-
-    def input_encoder(self) -> InputEncoder:
-        return InputEncoder(self.tokenizer, self.box_mode, self.max_text_len, self.max_regions)
-
-    def collator(self, task=None, relabel=None) -> Collator:
-        return Collator(self.input_encoder(), task, relabel)
-
-    def hidden_names(self, stream: str = "joint") -> list[str]:
-        return [f"hidden.joint.{l}" for l in range(self.num_layers + 1)]
-
-    def attn_names(self) -> list[str]:
-        return [f"attn.joint.{l}.self" for l in range(1, self.num_layers + 1)]
-
-    def pair_layout(self, pair_kind: str) -> PairLayout:
-        if pair_kind not in ("phrase_region", "region_region"):
-            raise ValueError(f"no pair layout {pair_kind!r} (phrase_region, region_region)")
-        L = self.num_layers
-        layers = [LayerSpec(f"layer_{l:02d}", emb=(f"hidden.joint.{l}",) * 2,
-                            attn=[(f"attn.joint.{l}.self",) * 2] if l > 0 else []) for l in range(L + 1)]
-        layers.append(LayerSpec("all_heads", attn=[(f"attn.joint.{l}.self",) * 2 for l in range(1, L + 1)]))
-        return PairLayout(layers)
-
-    def sentence_layers(self) -> list[str]:
-        return self.hidden_names()
 
     def forward(self, batch: dict, capture: CaptureSpec | None = None) -> BackboneOutput:
         capture = capture or CaptureSpec()
