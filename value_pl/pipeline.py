@@ -49,11 +49,21 @@ def ensure_demo(root: str | Path, data_cfg) -> None:
 
 def make_datamodule(cfg: DictConfig) -> ShardDataModule:
     d = cfg.data
-    ensure_demo(d.root, d)
-    return ShardDataModule(root=d.root, batch_size=d.batch_size, num_workers=d.num_workers,
+    decode = None
+    root = d.root
+    if d.get("cache"):  # a feature cache (python -m value_pl.extract) instead of the shards
+        from .data.cache import decode_record, open_cache
+
+        root = d.cache
+        open_cache(root)
+        decode = decode_record
+    else:
+        ensure_demo(d.root, d)
+    return ShardDataModule(root=root, batch_size=d.batch_size, num_workers=d.num_workers,
                            shuffle_buffer=d.get("shuffle_buffer", 256), seed=cfg.seed,
                            splits=OmegaConf.to_container(d.splits) if d.get("splits") else None,
-                           train_batches=d.get("train_batches"), eval_batch_size=d.get("eval_batch_size"))
+                           train_batches=d.get("train_batches"), eval_batch_size=d.get("eval_batch_size"),
+                           auto_workers=bool(d.get("auto_workers", False)), decode=decode)
 
 
 def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:
@@ -127,7 +137,12 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
     module = ProbeModule(backbone, task={"name": spec.name, "kind": spec.kind, "labels": spec.labels},
                          prober=OmegaConf.to_container(cfg.prober, resolve=True),
                          optim=OmegaConf.to_container(cfg.optim, resolve=True), layers=layers, seed=cfg.seed,
-                         backbone_cfg=OmegaConf.to_container(cfg.backbone, resolve=True))
+                         backbone_cfg=OmegaConf.to_container(cfg.backbone, resolve=True),
+                         raw_baseline=bool(cfg.get("raw_baseline", False)))
+    if dm.manifest.get("cache"):  # training/evaluating from a feature cache: no backbone forward
+        from .data.cache import attach_cache
+
+        attach_cache(dm, module, cfg)
     return module, spec
 
 
@@ -142,7 +157,9 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
         "prober": module.prober_name,
         "backbone": module.backbone.describe(),
         "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"),
-                 "synthetic": bool(dm.manifest.get("synthetic", False))},
+                 "synthetic": bool(dm.manifest.get("synthetic", False)),
+                 "mismatch": bool(dm.manifest.get("mismatch", False))
+                 or "mismatch" in f"{dm.root.name} {dm.manifest.get('dataset')}"},
         "seed": int(cfg.seed),
         "control": bool(cfg.get("control", False)),
         "shuffle_labels": bool(cfg.get("shuffle_labels", False)),
@@ -154,6 +171,8 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
         "best": ({"layer": best_by_val["layer"], "name": best_by_val["name"], "test_acc": best_by_val["test_acc"],
                   "val_acc": best_by_val["val_acc"]} if best_by_val else None),
         "pairs_dropped": module.pairs_dropped,
+        # pairs in val/test metrics, summed over ranks (== the manifest's count: each sample exactly once)
+        "pairs_evaluated": dict(module.pairs_evaluated),
     }
     if extra:
         res.update(extra)
@@ -203,6 +222,14 @@ def is_rank_zero(trainer: pl.Trainer) -> bool:
 
 
 def train(cfg: DictConfig) -> dict | None:
+    if cfg.get("mdl", False):  # MDL online code (Voita & Titov 2020) instead of plain training
+        from .tasks.mdl import train_mdl
+
+        return train_mdl(cfg)
+    if cfg.task.get("kind") == "sentence" and str(cfg.prober.name).startswith("senteval"):
+        from .tasks.senteval import train_senteval  # SentEval protocol on cached sentence features
+
+        return train_senteval(cfg)
     t0 = time.time()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     rdir = run_dir(cfg)

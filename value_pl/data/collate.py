@@ -97,7 +97,7 @@ class Collator:
     def __init__(self, encoder: InputEncoder, task: TaskSpec | None = None, relabel=None, text_only: bool = False):
         self.encoder = encoder
         self.task = task
-        self.relabel = relabel  # optional callable(sample_key, pair_idx, label) -> label (control tasks)
+        self.relabel = relabel  # optional callable(sample_key, pair_idx, label[, context]) -> label (control tasks)
         self.text_only = text_only
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -131,9 +131,13 @@ class Collator:
                 batch.update(self._pairs(samples, batch["word_to_token"], nreg))
         return batch
 
-    def _label(self, key: str, lab: str, j: int) -> int:
+    def _label(self, key: str, lab: str, j: int, context: dict | None = None) -> int:
         if self.relabel is not None:
-            lab = self.relabel(key, j, lab)
+            if getattr(self.relabel, "wants_context", False):
+                # control tasks need the pair's input (its "type"): context = {"task", "meta", "pair"}
+                lab = self.relabel(key, j, lab, context or {})
+            else:
+                lab = self.relabel(key, j, lab)
         try:
             return self.task.index[lab]
         except KeyError:
@@ -146,7 +150,7 @@ class Collator:
             lab = s["meta"].get("sentence_labels", {}).get(self.task.name)
             if lab is None:
                 raise SchemaError(f"sample {s['key']}: no sentence label for task {self.task.name}")
-            out.append(self._label(s["key"], lab, 0))
+            out.append(self._label(s["key"], lab, 0, {"task": self.task.name, "meta": s["meta"], "pair": None}))
         return torch.tensor(out, dtype=torch.long)
 
     def _pairs(self, samples, w2t, nreg):
@@ -170,7 +174,7 @@ class Collator:
                     a_sp.append((a, a + 1))
                 b_sp.append((r, r + 1))
                 pb.append(b)
-                labs.append(self._label(s["key"], lab, j))
+                labs.append(self._label(s["key"], lab, j, {"task": task, "meta": m, "pair": (a, r, lab)}))
         return {
             "pair_b": torch.tensor(pb, dtype=torch.long),
             "a_span": torch.tensor(a_sp, dtype=torch.long).reshape(-1, 2),

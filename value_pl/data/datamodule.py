@@ -32,7 +32,8 @@ def _dist():
 class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, shuffle_buffer: int = 256,
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
-                 eval_batch_size: int | None = None, transform=None):
+                 eval_batch_size: int | None = None, transform=None, auto_workers: bool = False,
+                 decode=None):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -45,6 +46,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_batches = train_batches
         self.collate = None  # set by the caller: the backbone's collator for the task
         self.transform = transform  # optional per-sample map (after decode), e.g. the mismatch variant
+        self.auto_workers = bool(auto_workers)  # true: fewer loader workers instead of an error
+        self.decode = decode or decode_sample  # the feature cache (value_pl.data.cache) decodes its own records
 
     # ---------------------------------------------------------------- helpers
     def urls(self, stage: str) -> list[str]:
@@ -62,14 +65,29 @@ class ShardDataModule(pl.LightningDataModule):
         return int(self.manifest["splits"][self.splits[stage]]["samples"])
 
     def _workers(self, n_shards: int, world: int, stage: str) -> int:
+        """Loader workers per rank. Every rank needs a shard, and (training) every worker too.
+
+        A training worker without a shard would loop in ``repeat`` forever and its rank would hang, so
+        ``shards < world x workers`` is an error for training unless ``data.auto_workers=true`` (then
+        fewer workers). Validation/test read their shards once: idle workers are harmless, so the number
+        of workers is lowered silently there.
+        """
+        split = self.splits[stage]
         if n_shards < world:
-            raise ValueError(f"{self.root}: split {self.splits[stage]!r} has {n_shards} shard(s) for {world} "
+            raise ValueError(f"{self.root}: split {split!r} has {n_shards} shard(s) for {world} "
                              f"ranks; every rank needs at least one shard (rebuild with a smaller maxcount)")
         per_rank = n_shards // world
         w = min(self.num_workers, per_rank) if self.num_workers > 0 else 0
         if self.num_workers > w:
-            log.warning("%s: %d shard(s) per rank for split %s: using %d loader worker(s) instead of %d",
-                        self.root, per_rank, self.splits[stage], w, self.num_workers)
+            if stage == "train" and not self.auto_workers:
+                raise ValueError(
+                    f"{self.root}: split {split!r} has {n_shards} shard(s) for {world} rank(s) x "
+                    f"{self.num_workers} loader worker(s) = {world * self.num_workers}; every worker needs a "
+                    f"shard. Rebuild the shards with a smaller maxcount, set data.num_workers<={per_rank}, "
+                    f"or data.auto_workers=true to use {w} worker(s)")
+            (log.warning if stage == "train" else log.info)(
+                "%s: %d shard(s) per rank for split %s: using %d loader worker(s) instead of %d",
+                self.root, per_rank, split, w, self.num_workers)
         return w
 
     def _pipeline(self, stage: str, train: bool):
@@ -82,11 +100,13 @@ class ShardDataModule(pl.LightningDataModule):
         stages = [wds.SimpleShardList(urls)]
         if train:
             stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=self.seed))
-        stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(), wds.map(decode_sample)]
+        stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(), wds.map(self.decode)]
         if self.transform is not None:
             stages.append(wds.map(self.transform))
         if train and self.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64)))
+            # seeded per rank: the same seed gives the same batches (online and cached training agree)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64),
+                                      seed=self.seed * 1_000_003 + rank))
         stages.append(wds.batched(bs, collation_fn=self.collate, partial=not train))
         ds = wds.DataPipeline(*stages)
         if train:

@@ -43,18 +43,25 @@ class PairPlan:
     pair_kind: str
     emb_layers: list[LayerSpec]
     attn_layers: list[LayerSpec]
+    raw: bool = False  # baseline head "emb:raw" on the raw region features (VALUE Fig. 4 dashed line)
 
     @classmethod
-    def make(cls, layout: PairLayout, pair_kind: str, prober: str, select: list[str] | None) -> "PairPlan":
+    def make(cls, layout: PairLayout, pair_kind: str, prober: str, select: list[str] | None,
+             raw: bool = False) -> "PairPlan":
         def keep(l: LayerSpec) -> bool:
             return select is None or l.name in select
 
         emb = [l for l in layout.emb_layers() if keep(l)] if prober in ("layer_emb", "both") else []
         att = [l for l in layout.attn_layers() if keep(l)] if prober in ("attention", "both") else []
+        # "original visual embedding": the detector's region features themselves, region-region tasks only
+        raw = (pair_kind == "region_region" and prober in ("layer_emb", "both")
+               and (raw or (select is not None and "raw" in select)))
+        if raw and not emb and not att:
+            return cls(pair_kind, [], [], True)
         if not emb and not att:
             avail = [l.name for l in (layout.emb_layers() if prober == "layer_emb" else layout.attn_layers())]
             raise ValueError(f"no layer selected for prober={prober}; available: {avail}")
-        return cls(pair_kind, emb, att)
+        return cls(pair_kind, emb, att, raw)
 
     def capture(self, batch: dict) -> CaptureSpec:
         hidden = sorted({n for l in self.emb_layers for n in l.emb})
@@ -79,6 +86,9 @@ class PairPlan:
         feats: dict[str, tuple[Tensor, Tensor]] = {}
         for l in self.emb_layers:
             feats["emb:" + l.name] = (out.embed(l.emb[0], b, ma, sa).float(), out.embed(l.emb[1], b, mb, sb).float())
+        if self.raw:
+            rf = batch["region_feats"]
+            feats["emb:raw"] = (rf[b, sa[:, 0]].float(), rf[b, sb[:, 0]].float())
         for l in self.attn_layers:
             fw = [out.attention_between(ab, b, ma, sa, mb, sb) for ab, _ in l.attn]
             bw = [out.attention_between(ba, b, mb, sb, ma, sa) for _, ba in l.attn]

@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..backbones.base import Backbone
@@ -33,6 +34,10 @@ def layer_number(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _safe(name: str) -> str:
     return name.replace(":", "__").replace(".", "_")
 
@@ -40,7 +45,7 @@ def _safe(name: str) -> str:
 class ProbeModule(pl.LightningModule):
     def __init__(self, backbone: Backbone, task: dict, prober: dict, optim: dict | None = None,
                  layers: list[str] | None = None, seed: int = 0, backbone_cfg: dict | None = None,
-                 use_best_heads: bool = True):
+                 use_best_heads: bool = True, raw_baseline: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         object.__setattr__(self, "_backbone", backbone.freeze())
@@ -65,13 +70,18 @@ class ProbeModule(pl.LightningModule):
                                                                      float(prober.get("dropout", 0.0))))
         else:
             layout = backbone.pair_layout(self.kind)
-            self.plan = PairPlan.make(layout, self.kind, self.prober_name, layers)
+            self.plan = PairPlan.make(layout, self.kind, self.prober_name, layers, raw=raw_baseline)
             d = backbone.hidden_size
             rank = prober.get("rank") or d
             bias = bool(prober.get("bias", False))
             for l in self.plan.emb_layers:
                 key = "emb:" + l.name
                 heads[key] = seeded(seed, key, lambda: LayerEmbProber(d, d, C, rank, bias))
+            if self.plan.raw:  # pseudo-layer "raw": Eq. 4 on the raw region features (input dim = feature dim)
+                dv = int(getattr(backbone, "img_dim", 0) or (backbone_cfg or {}).get("img_dim") or 0)
+                if dv <= 0:
+                    raise ValueError("raw_baseline needs the backbone's region feature dim (backbone.img_dim)")
+                heads["emb:raw"] = seeded(seed, "emb:raw", lambda: LayerEmbProber(dv, dv, C, prober.get("rank") or d, bias))
             for l in self.plan.attn_layers:
                 key = "attn:" + l.name
                 n_heads = sum(backbone.num_heads for _ in l.attn)
@@ -80,6 +90,9 @@ class ProbeModule(pl.LightningModule):
         self.heads = nn.ModuleDict({_safe(k): v for k, v in heads.items()})
         self.val_acc = nn.ModuleDict({_safe(k): MulticlassAccuracy(C, average="micro") for k in heads})
         self.test_acc = nn.ModuleDict({_safe(k): MulticlassAccuracy(C, average="micro") for k in heads})
+        # pairs evaluated per stage, summed over ranks (DDP must count every sample exactly once)
+        self.eval_pairs = nn.ModuleDict({"val": SumMetric(), "test": SumMetric()})
+        self.pairs_evaluated: dict[str, int] = {}
         self.best_val: dict[str, float] = {}
         self.best_epoch: dict[str, int] = {}
         self.best_state: dict[str, dict] = {}
@@ -141,6 +154,7 @@ class ProbeModule(pl.LightningModule):
         self.pairs_dropped[stage] += int(batch.get("pairs_dropped", 0))
         feats = batch["cached_features"] if "cached_features" in batch else self.extract(batch)
         y = batch["labels"]
+        self.eval_pairs[stage].update(float(y.numel()))
         if not feats or y.numel() == 0:
             return
         for k, v in self.logits(feats).items():
@@ -156,11 +170,17 @@ class ProbeModule(pl.LightningModule):
         out = {}
         for k in self.head_names:
             m = metrics[_safe(k)]
-            out[k] = float(m.compute()) if m.update_called else float("nan")
+            # under DDP every rank must join compute()'s all-gather, even one that saw no batch
+            out[k] = float(m.compute()) if m.update_called or _distributed() else float("nan")
             m.reset()
         return out
 
+    def _count_pairs(self, stage: str) -> None:
+        self.pairs_evaluated[stage] = int(self.eval_pairs[stage].compute())
+        self.eval_pairs[stage].reset()
+
     def on_validation_epoch_end(self):
+        self._count_pairs("val")
         accs = self._compute(self.val_acc)
         self.last_val = accs
         for k, a in accs.items():
@@ -187,6 +207,7 @@ class ProbeModule(pl.LightningModule):
                 self.heads[_safe(k)].load_state_dict(sd)
 
     def on_test_epoch_end(self):
+        self._count_pairs("test")
         accs = self._compute(self.test_acc)
         self.test_results = accs
         for k, a in accs.items():

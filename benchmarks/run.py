@@ -1,0 +1,358 @@
+"""CPU benchmark of the probing overheads: ``python benchmarks/run.py [--quick]``.
+
+Prints one table of ratios, all measured in this run on this machine:
+
+1. probe training step (frozen forward + heads + backward + Adam) / bare sdpa forward of the same backbone
+   and batch, for ``layer_emb`` (goal <= 1.2x) and ``attention`` (goal <= 1.5x);
+2. our attention capture (rows from q/k, forward on sdpa) vs transformers' ``output_attentions=True`` with
+   eager attention: time, bytes of the kept maps, and peak-RSS growth of one forward in a fresh process
+   (goal: <= 0.1x the memory of full maps at ~100 tokens);
+3. all layers in one pass vs one run per layer (goal >= 10x);
+4. data loader samples/s per worker vs the samples/s the layer_emb training step consumes (goal >= 3x).
+
+Model: a randomly initialised UNITER of MiniLM-L12 size (12 layers, 384 hidden, 12 heads, 1536 FFN; ``--quick``:
+6 layers) with 2048-d region features; shards: synthetic demo scenes with 80 regions of 2048-d fp16 features and
+a ~15-token caption (~100 tokens per sequence), task vrc.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+
+# --------------------------------------------------------------------- setup
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or "?"
+    return (f"CPU {cpu}, {os.cpu_count()} logical core(s), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} intra-op thread(s), Python {platform.python_version()}")
+
+
+def model_config(layers: int, hidden: int, heads: int) -> dict:
+    return {"vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": 4 * hidden, "max_position_embeddings": 512, "type_vocab_size": 2}
+
+
+def build_backbone(tmp: Path, layers: int, hidden: int, heads: int):
+    from value_pl.backbones.uniter import build_uniter
+
+    p = tmp / f"uniter_{layers}x{hidden}.json"
+    p.write_text(json.dumps(model_config(layers, hidden, heads)))
+    return build_uniter(OmegaConf.create({"name": f"random-uniter-{layers}x{hidden}", "pretrained": False,
+                                          "config": str(p), "tokenizer": "minilm", "seed": 0}), img_dim=2048)
+
+
+def build_shards(root: Path, n: int, regions: int = 80, dim: int = 2048) -> dict:
+    from value_pl.data import demo
+
+    saved = demo.FEATURE_DIM, demo.NUM_REGIONS, demo.ShardSetWriter
+    orig = demo.ShardSetWriter
+
+    class Writer(orig):
+        def __init__(self, *a, **k):
+            k["maxcount"] = max(16, n // 4)
+            super().__init__(*a, **k)
+
+    demo.FEATURE_DIM, demo.NUM_REGIONS, demo.ShardSetWriter = dim, regions, Writer
+    try:
+        return demo.build_demo(root, splits={"train": n, "val": 16, "test": 16})
+    finally:
+        demo.FEATURE_DIM, demo.NUM_REGIONS, demo.ShardSetWriter = saved
+
+
+def make_module(bb, labels, prober: str, layers=None):
+    from value_pl.probers.module import ProbeModule
+
+    return ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": labels},
+                       prober={"name": prober}, layers=layers, seed=0)
+
+
+# CPU time of this process: with one intra-op thread it is what the work costs, whatever else runs on a
+# shared machine (wall time is printed by --wall for an idle machine).
+CLOCK = time.process_time
+
+
+def bench(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """Interleaved timing (A B C A B C ...), min over ``reps`` of this process's CPU time (``CLOCK``)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = CLOCK()
+            fn()
+            ts[k].append(CLOCK() - t)
+    return {k: min(v) for k, v in ts.items()}
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> float:
+    return bench({"f": fn}, reps, warmup)["f"]
+
+
+class RSSPeak:
+    """Peak resident set size growth while the block runs (a thread samples /proc/self/statm)."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self.stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _rss(self) -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * self.page
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.t.join()
+        self.peak = max(self.peak, self._rss())
+        self.growth = self.peak - self.base
+
+
+def train_step(module, opt):
+    import torch.nn.functional as F
+
+    def step(batch):
+        feats = module.extract(batch)
+        y = batch["labels"]
+        loss = sum(F.cross_entropy(v, y) for v in module.logits(feats).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# ------------------------------------------------------------ memory probe
+def _mem_probe(kind: str, tmp: str, layers: int, hidden: int, heads: int, q) -> None:
+    """In a fresh process: peak-RSS growth of one forward (ours with row capture, or transformers eager)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tmp = Path(tmp)
+    batch = torch.load(tmp / "batch.pt", weights_only=False)
+    if kind in ("ours", "sdpa"):
+        from value_pl.backbones.base import CaptureSpec
+
+        bb = build_backbone(tmp, layers, hidden, heads)
+        module = make_module(bb, list(range(100)), "attention")
+        spec = module.plan.capture(batch) if kind == "ours" else CaptureSpec(hidden=[], attn=[])
+        spec.hidden = []
+        with torch.no_grad(), RSSPeak() as mem:
+            out = bb(batch, spec)
+        kept = sum(a.numel() * a.element_size() for a in out.attn.values())
+    else:
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(**model_config(layers, hidden, heads))
+        cfg._attn_implementation = "eager"
+        m = BertModel(cfg, add_pooling_layer=False).eval()
+        B, T = batch["input_ids"].shape
+        N = T + batch["region_mask"].shape[1]
+        x = torch.randn(B, N, hidden)
+        mask = torch.cat([batch["text_mask"], batch["region_mask"]], 1)
+        full = kind == "eager"
+        with torch.no_grad(), RSSPeak() as mem:
+            out = m(inputs_embeds=x, attention_mask=mask, output_attentions=full)
+        kept = sum(a.numel() * a.element_size() for a in out.attentions) if full else 0
+    q.put({"rss_mib": mem.growth / 2**20, "kept_mib": kept / 2**20})
+
+
+def mem_probe(kind, tmp, layers, hidden, heads) -> dict:
+    # every tensor buffer >= 64 KiB gets its own mmap, returned on free: RSS then follows live memory
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_mem_probe, args=(kind, str(tmp), layers, hidden, heads, q))
+    p.start()
+    r = q.get(timeout=600)
+    p.join()
+    return r
+
+
+# ---------------------------------------------------------------------- main
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="6 layers, fewer repetitions (~1 min)")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: CPU time == cost)")
+    ap.add_argument("--wall", action="store_true", help="wall-clock time instead of process CPU time")
+    args = ap.parse_args(argv)
+    L = args.layers or (6 if args.quick else 12)
+    reps = args.reps or (3 if args.quick else 5)
+    B, D, H = args.batch, args.hidden, args.heads
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.perf_counter if args.wall else time.process_time
+    t_start = time.time()
+    print(f"# value-pl CPU benchmark\n# {machine()}")
+    print(f"# model: random UNITER {L} layers x {D} hidden x {H} heads (FFN {4 * D}), 2048-d regions; batch {B}; "
+          f"min of {reps} interleaved runs of {'wall' if args.wall else 'process CPU'} time")
+
+    from value_pl.data.collate import TaskSpec
+    from value_pl.data.datamodule import ShardDataModule
+    from value_pl.backbones.base import CaptureSpec
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        n = 6 * B if args.quick else 12 * B
+        man = build_shards(tmp / "shards", n)
+        labels = man["labels"]["vrc"]
+        bb = build_backbone(tmp, L, D, H)
+        dm = ShardDataModule(tmp / "shards", batch_size=B, num_workers=0, shuffle_buffer=64, seed=0)
+        dm.collate = bb.collator(TaskSpec("vrc", "region_region", labels))
+
+        # ---- data loader: samples/s of one worker (the main process), decode + tokenise + collate
+        it = iter(dm.train_dataloader())
+        next(it)
+        nb = 4 if args.quick else 8
+        t = CLOCK()
+        batches = [next(it) for _ in range(nb)]
+        loader_sps = nb * B / (CLOCK() - t)
+        batch = batches[0]
+        N = batch["input_ids"].shape[1] + batch["region_mask"].shape[1]
+        P = batch["labels"].numel()
+        print(f"# sequence length {N} tokens ({batch['input_ids'].shape[1]} text + {batch['region_mask'].shape[1]} "
+              f"regions), {P} vrc pairs per batch")
+
+        # ---- bare forward vs probe training steps
+        def bare():
+            with torch.no_grad():
+                bb(batch, CaptureSpec(hidden=[], attn=[]))
+
+        fns, nheads = {"bare": bare}, {}
+        for prober in ("layer_emb", "attention"):
+            m = make_module(bb, labels, prober)
+            opt = torch.optim.Adam(m.heads.parameters(), lr=1e-3)
+            fns[prober] = (lambda step: (lambda: step(batch)))(train_step(m, opt))
+            nheads[prober] = len(m.head_names)
+        tm = bench(fns, reps)
+        t_bare = tm["bare"]
+        steps = {p: (tm[p], nheads[p]) for p in nheads}
+        for prober, goal in (("layer_emb", 1.2), ("attention", 1.5)):
+            t_step, nh = steps[prober]
+            r = t_step / t_bare
+            rows.append({"measure": f"{prober} training step ({nh} heads, all layers) / bare sdpa forward",
+                         "value": f"{r:.2f}x ({1e3 * t_step:.0f} / {1e3 * t_bare:.0f} ms)",
+                         "goal": f"<= {goal}x", "met": r <= goal, "ratio": r})
+
+        # ---- attention capture vs transformers eager output_attentions
+        m_att = make_module(bb, labels, "attention")
+        spec = m_att.plan.capture(batch)
+        spec.hidden = []
+
+        def ours():
+            with torch.no_grad():
+                bb(batch, spec)
+
+        from transformers import BertConfig, BertModel
+
+        ecfg = BertConfig(**model_config(L, D, H))
+        ecfg._attn_implementation = "eager"
+        eager = BertModel(ecfg, add_pooling_layer=False).eval()
+        x = torch.randn(B, N, D)
+        emask = torch.cat([batch["text_mask"], batch["region_mask"]], 1)
+
+        def full():
+            with torch.no_grad():
+                eager(inputs_embeds=x, attention_mask=emask, output_attentions=True)
+
+        tm = bench({"bare": bare, "ours": ours, "full": full}, reps)
+        t_ours, t_full, t_bare2 = tm["ours"], tm["full"], tm["bare"]
+        torch.save(batch, tmp / "batch.pt")
+        mo = mem_probe("ours", tmp, L, D, H)
+        ms = mem_probe("sdpa", tmp, L, D, H)
+        me = mem_probe("eager", tmp, L, D, H)
+        mn = mem_probe("eager_no_maps", tmp, L, D, H)
+        rows.append({"measure": "attention capture (rows, sdpa) / eager output_attentions: time",
+                     "value": f"{t_ours / t_full:.2f}x ({1e3 * t_ours:.0f} / {1e3 * t_full:.0f} ms)",
+                     "goal": "-", "met": None, "ratio": t_ours / t_full})
+        rows.append({"measure": "  ... forward with row capture / bare sdpa forward: time",
+                     "value": f"{t_ours / t_bare2:.2f}x ({1e3 * t_ours:.0f} / {1e3 * t_bare2:.0f} ms)",
+                     "goal": "-", "met": None, "ratio": t_ours / t_bare2})
+        r = mo["kept_mib"] / me["kept_mib"]
+        rows.append({"measure": f"  ... bytes of attention maps kept ({N} tokens)",
+                     "value": f"{r:.3f}x ({mo['kept_mib']:.1f} / {me['kept_mib']:.1f} MiB)",
+                     "goal": "<= 0.1x", "met": r <= 0.1, "ratio": r})
+        r = mo["rss_mib"] / max(me["rss_mib"], 1e-3)
+        rows.append({"measure": "  ... peak RSS growth of one forward (fresh process), whole forward",
+                     "value": f"{r:.2f}x ({mo['rss_mib']:.0f} / {me['rss_mib']:.0f} MiB)",
+                     "goal": "-", "met": None, "ratio": r})
+        add_o = mo["rss_mib"] - ms["rss_mib"]
+        add_e = me["rss_mib"] - mn["rss_mib"]
+        r = add_o / max(add_e, 1e-3)
+        rows.append({"measure": "  ... peak memory added by capture (vs the same forward without maps)",
+                     "value": f"{r:.2f}x ({add_o:.1f} / {add_e:.1f} MiB)",
+                     "goal": "<= 0.1x", "met": r <= 0.1, "ratio": r})
+
+        # ---- all layers in one pass vs one run per layer
+        t_all = steps["layer_emb"][0]
+        m_all = make_module(bb, labels, "layer_emb")
+        t_sep = 0.0
+        for name in m_all.head_names:
+            m1 = make_module(bb, labels, "layer_emb", layers=[name.split(":", 1)[1]])
+            opt1 = torch.optim.Adam(m1.heads.parameters(), lr=1e-3)
+            s1 = train_step(m1, opt1)
+            t_sep += timeit(lambda: s1(batch), 2, warmup=0)
+        r = t_sep / t_all
+        rows.append({"measure": f"one run per layer ({len(m_all.head_names)} runs) / all layers in one pass",
+                     "value": f"{r:.1f}x ({1e3 * t_sep:.0f} / {1e3 * t_all:.0f} ms)", "goal": ">= 10x",
+                     "met": r >= 10, "ratio": r})
+
+        # ---- loader vs consumption
+        model_sps = B / t_all
+        r = loader_sps / model_sps
+        rows.append({"measure": "data loader samples/s per worker / layer_emb training samples/s",
+                     "value": f"{r:.1f}x ({loader_sps:.0f} / {model_sps:.1f} samples/s)", "goal": ">= 3x",
+                     "met": r >= 3, "ratio": r})
+
+    print()
+    print("| measure | measured | goal | met |")
+    print("|---|---:|---|---|")
+    for r in rows:
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        print(f"| {r['measure']} | {r['value']} | {r['goal']} | {met} |")
+    print(f"\n# total {time.time() - t_start:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "layers": L, "hidden": D, "heads": H,
+                                               "batch": B, "tokens": N, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,249 @@
+"""Eq. 1, Eq. 2 and the max-attention tables (Tables 2, 4, 7) on hand-made attention with known answers,
+single-stream and two-stream, plus the analysis collator's pairs and random partners."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from value_pl.analysis.common import Unsupported, merge_captures
+from value_pl.analysis.fusion import Fusion
+from value_pl.analysis.maxattn import Coref, Relation
+from value_pl.analysis.modality import ImageToText, ModalityImportance
+from value_pl.backbones.base import BackboneOutput, LayerSpec, PairLayout, StreamInfo
+
+CFG = OmegaConf.create({"seed": 0, "i2t": {"threshold": 0.5, "include_special": False}})
+T, R = 6, 3  # [CLS] w1 w2 w3 w4 [SEP] | r0 r1 r2
+
+
+class FakeSingle:
+    kind, family, num_heads = "single", "fake", 2
+
+    def __init__(self, L=1):
+        self.L = L
+
+    def pair_layout(self, pair_kind):
+        maps = [(f"attn.joint.{l}.self",) * 2 for l in range(1, self.L + 1)]
+        layers = [LayerSpec(f"layer_{l:02d}", emb=(f"hidden.joint.{l}",) * 2) for l in range(self.L + 1)]
+        return PairLayout(layers + [LayerSpec("all_heads", attn=maps)])
+
+
+class FakeTwo:
+    kind, family, num_heads = "two", "fake2", 2
+
+    def pair_layout(self, pair_kind):
+        if pair_kind == "phrase_region":
+            return PairLayout([LayerSpec("layer_01", emb=("hidden.lang.2", "hidden.vis.2"),
+                                         attn=[("attn.cross.1.l2v", "attn.cross.1.v2l")]),
+                               LayerSpec("all_heads", attn=[("attn.cross.1.l2v", "attn.cross.1.v2l")])])
+        return PairLayout([LayerSpec("all_heads", attn=[("attn.vis.1.self",) * 2, ("attn.vis.2.self",) * 2])])
+
+
+def single_out(attn: dict, B=2, nreg=(3, 3), hidden=None) -> BackboneOutput:
+    rm = torch.tensor([[1] * n + [0] * (R - n) for n in nreg])
+    special = torch.tensor([[1, 0, 0, 0, 0, 1]] * B)
+    return BackboneOutput(hidden=hidden or {}, attn=attn, streams={"joint": StreamInfo(T + R, 0, T)},
+                          attn_streams={n: ("joint", "joint") for n in attn}, text_mask=torch.ones(B, T, dtype=torch.long),
+                          region_mask=rm, word_to_token=torch.zeros(B, 1, 2, dtype=torch.long), special_mask=special)
+
+
+# ------------------------------------------------------------------ Eq. 1
+def test_modality_importance_eq1():
+    a = torch.zeros(2, 2, T + R, T + R)  # (B, H, N, N) full maps, one layer
+    # sample 0, head 0: [CLS] row: 0.2 on [CLS], 0.1+0.1 on words, 0.2 on [SEP], 0.3+0.1 on regions
+    a[0, 0, 0] = torch.tensor([0.2, 0.1, 0.1, 0, 0, 0.2, 0.3, 0.1, 0])
+    a[1, 0, 0] = torch.tensor([0.0, 0.3, 0.3, 0, 0, 0.0, 0.2, 0.1, 0.1])
+    a[0, 1, 0] = torch.tensor([0.5, 0, 0, 0, 0, 0.5, 0, 0, 0])  # all on specials: 0 / 0
+    a[1, 1, 0] = torch.tensor([0, 0, 0, 0, 0.4, 0, 0, 0, 0.6])
+    an = ModalityImportance(FakeSingle(), CFG)
+    spec = an.capture({"input_ids": torch.zeros(2, T)})
+    assert spec.rows["text"].tolist() == [[0], [0]] and spec.attn == ["attn.joint.1.self"]
+    an.update(single_out({"attn.joint.1.self": a}), {})
+    res = an.result()
+    assert res["samples"] == 2
+    assert np.allclose(res["heads"]["text"], [[(0.2 + 0.6) / 2, 0.2]])
+    assert np.allclose(res["heads"]["image"], [[(0.4 + 0.4) / 2, 0.3]])
+    assert res["layers"][0]["text"] == pytest.approx((0.4 + 0.2) / 2)
+    assert res["overall"]["text_sum"] == pytest.approx(0.6) and res["overall"]["image_sum"] == pytest.approx(0.7)
+
+
+def test_modality_reads_cls_row_among_merged_rows():
+    """Merged with other analyses' row requests, the [CLS] row is found by its position."""
+    a_full = torch.rand(2, 2, T + R, T + R)
+    rows = torch.tensor([[0, 2, 6], [0, 7, -1]])  # positions: [CLS], word, region...
+    captured = a_full[torch.arange(2)[:, None], :, rows.clamp(min=0)].permute(0, 2, 1, 3)
+    out = single_out({"attn.joint.1.self": captured})
+    out.rows = {"joint": rows}
+    an = ModalityImportance(FakeSingle(), CFG)
+    an.update(out, {})
+    ref = ModalityImportance(FakeSingle(), CFG)
+    ref.update(single_out({"attn.joint.1.self": a_full}), {})
+    assert np.allclose(an.result()["heads"]["text"], ref.result()["heads"]["text"])
+
+
+# ------------------------------------------------------------------ Eq. 2
+@pytest.mark.parametrize("include_special", [False, True])
+def test_image_to_text_heads_eq2(include_special):
+    a = torch.zeros(2, 2, T + R, T + R)
+    # sample 0: head 0 region r1 (pos 7) sends 0.6 to words -> hit; head 1: 0.4 words + 0.3 [SEP]
+    a[0, 0, 7, 1:5] = 0.15
+    a[0, 1, 7, 1:5] = 0.1
+    a[0, 1, 7, 5] = 0.3
+    # sample 1 (2 real regions): head 0 only the padded region (pos 8) -> no hit; head 1 region 0: 0.55
+    a[1, 0, 8, 1:5] = 0.25
+    a[1, 1, 6, 1] = 0.55
+    cfg = OmegaConf.merge(CFG, {"i2t": {"include_special": include_special}})
+    an = ImageToText(FakeSingle(), cfg)
+    spec = an.capture({"region_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])})
+    assert spec.rows["region"].tolist() == [[0, 1, 2], [0, 1, -1]]
+    an.update(single_out({"attn.joint.1.self": a}, nreg=(3, 2)), {})
+    res = an.result()
+    want_h1 = 1.0 if include_special else 0.5
+    assert np.allclose(res["heads"], [[0.5, want_h1]])
+    assert res["share_above_0.5"] == (0.5 if include_special else 0.0)
+    assert res["max"] == want_h1
+
+
+def test_two_stream_refuses_modality_and_i2t():
+    for cls in (ModalityImportance, ImageToText):
+        with pytest.raises(Unsupported, match="single-stream"):
+            cls(FakeTwo(), CFG)
+
+
+# ------------------------------------------------------------------ Table 2 / 7
+def coref_batch(B=2):
+    return {"input_ids": torch.zeros(B, T), "coref_b": torch.arange(B),
+            "coref_phrase": torch.tensor([[1, 3]] * B), "coref_region": torch.tensor([[0, 1]] * B),
+            "coref_type": ["people"] * B, "coref_rand_phrase": torch.tensor([[3, 5]] * B),
+            "coref_rand_region": torch.tensor([[2, 3]] * B),
+            "cmp_pair": torch.arange(B), "cmp_phrase": torch.tensor([[3, 5]] * B)}
+
+
+def test_coref_tables_single_stream():
+    a = torch.zeros(2, 2, T + R, T + R)
+    for b, linked_h0 in ((0, 0.5), (1, 0.2)):
+        # V->T: region 0 (pos 6) -> phrase tokens 1, 2 (linked) and 3, 4 (the other/random phrase)
+        a[b, 0, 6, 1:5] = torch.tensor([0.1, linked_h0, 0.2, 0.05])
+        a[b, 1, 6, 1:5] = torch.tensor([0.3, 0.1, 0.4, 0.0])
+        # T->V: phrase tokens -> region 0 (linked) and region 2 (pos 8, random)
+        a[b, 0, 1:3, 6] = torch.tensor([0.3, 0.1])
+        a[b, 1, 1:3, 6] = torch.tensor([0.05, 0.6])
+        a[b, 0, 1:3, 8] = torch.tensor([0.2, 0.25])
+        a[b, 1, 1:3, 8] = torch.tensor([0.1, 0.1])
+    an = Coref(FakeSingle(), CFG)
+    batch = coref_batch()
+    spec = an.capture(batch)
+    assert spec.rows["text"].tolist() == [[1, 2], [1, 2]] and spec.rows["region"].tolist() == [[0], [0]]
+    an.update(single_out({"attn.joint.1.self": a}), batch)
+    r = an.result()["types"][0]
+    assert r["type"] == "people" and r["pairs"] == 2
+    assert r["vt"] == {"value": pytest.approx(0.35), "head": "1-1"}  # (0.5 + 0.2) / 2 > 0.3 of head 2
+    assert r["tv"] == {"value": pytest.approx(0.6), "head": "1-2"}
+    assert r["vt_rand"] == {"value": pytest.approx(0.4), "head": "1-2"}
+    assert r["tv_rand"] == {"value": pytest.approx(0.25), "head": "1-1"}
+    # Table 7, head 1-1: sample 0 0.5 > 0.2 (win), sample 1 0.2 vs 0.2 (not more: loss)
+    assert r["table7"] == {"head": "1-1", "ratio": pytest.approx(0.5), "pairs": 2}
+    md = an.markdown(an.result())
+    assert "| people | 0.350 (1-1) | **0.600 (1-2)** | 0.400 (1-2) | 0.250 (1-1) | 2 |" in md
+
+
+def test_coref_two_stream_uses_cross_maps():
+    B = 2
+    v2l = torch.zeros(B, 2, R, T)  # vision queries over language keys
+    l2v = torch.zeros(B, 2, T, R)
+    v2l[:, 1, 0, 2] = 0.7  # region 0 -> linked phrase token 2, head 2
+    v2l[:, 0, 0, 3] = 0.9  # region 0 -> other phrase, head 1 (Rand.)
+    l2v[:, 0, 1, 0] = 0.45  # phrase token 1 -> region 0, head 1
+    l2v[:, 1, 2, 2] = 0.8  # phrase token 2 -> random region 2, head 2
+    out = BackboneOutput(hidden={}, attn={"attn.cross.1.v2l": v2l, "attn.cross.1.l2v": l2v},
+                         streams={"lang": StreamInfo(T, text_offset=0), "vis": StreamInfo(R, region_offset=0)},
+                         attn_streams={"attn.cross.1.v2l": ("vis", "lang"), "attn.cross.1.l2v": ("lang", "vis")},
+                         text_mask=torch.ones(B, T, dtype=torch.long), region_mask=torch.ones(B, R, dtype=torch.long),
+                         word_to_token=torch.zeros(B, 1, 2, dtype=torch.long), special_mask=torch.zeros(B, T))
+    an = Coref(FakeTwo(), CFG)
+    an.update(out, coref_batch())
+    r = an.result()["types"][0]
+    assert r["vt"] == {"value": pytest.approx(0.7), "head": "1-2"}
+    assert r["tv"] == {"value": pytest.approx(0.45), "head": "1-1"}
+    assert r["vt_rand"] == {"value": pytest.approx(0.9), "head": "1-1"}
+    assert r["tv_rand"] == {"value": pytest.approx(0.8), "head": "1-2"}
+    assert r["table7"]["ratio"] == 1.0  # head 1-2: 0.7 > 0 for the other phrase
+
+
+# ------------------------------------------------------------------ Table 4
+def test_relation_table4_both_directions():
+    a = torch.zeros(2, 2, T + R, T + R)
+    s, o, rnd = 6, 7, 8  # regions 0, 1, 2
+    a[:, 0, s, o], a[:, 0, o, s] = 0.4, 0.2  # head 1: mean 0.3
+    a[:, 1, s, o], a[:, 1, o, s] = 0.1, 0.1
+    a[:, 1, s, rnd], a[:, 1, rnd, s] = 0.2, 0.0  # Rand.: head 2 mean 0.1
+    a[1, 0, s, o] = 0.8  # sample 1, head 1: (0.8 + 0.2) / 2 = 0.5 -> mean over pairs 0.4
+    batch = {"input_ids": torch.zeros(2, T), "rel_b": torch.arange(2), "rel_s": torch.tensor([[0, 1]] * 2),
+             "rel_o": torch.tensor([[1, 2]] * 2), "rel_rand": torch.tensor([[2, 3], [-1, -1]]), "rel_type": ["on", "on"]}
+    an = Relation(FakeSingle(), CFG)
+    assert an.capture(batch).rows["region"].tolist() == [[0, 1, 2], [0, 1, -1]]
+    an.update(single_out({"attn.joint.1.self": a}), batch)
+    r = an.result()["types"][0]
+    assert r["type"] == "on" and r["pairs"] == 2
+    assert r["max"] == {"value": pytest.approx(0.4), "head": "1-1"}
+    assert r["rand"] == {"value": pytest.approx(0.1), "head": "1-2"}  # only sample 0 has a random region
+
+
+def test_fusion_two_stream_takes_both_streams():
+    B, D = 3, 8
+    g = torch.Generator().manual_seed(0)
+    lang = torch.randn(B, T, D, generator=g) + 5.0
+    vis = torch.randn(B, R, D, generator=g) - 5.0
+    out = BackboneOutput(hidden={"hidden.lang.2": lang, "hidden.vis.2": vis},
+                         attn={}, streams={"lang": StreamInfo(T, text_offset=0), "vis": StreamInfo(R, region_offset=0)},
+                         attn_streams={}, text_mask=torch.tensor([[1] * T, [1] * 4 + [0] * 2, [1] * T]),
+                         region_mask=torch.tensor([[1] * R, [1] * R, [0] * R]),
+                         word_to_token=torch.zeros(B, 1, 2, dtype=torch.long), special_mask=torch.zeros(B, T))
+    out.hidden["hidden.lang.2"][1, 4:] = -5.0  # padding that looks like regions must not count
+    an = Fusion(FakeTwo(), CFG)
+    assert an.capture({}).hidden == ["hidden.lang.2", "hidden.vis.2"]
+    an.update(out, {})
+    res = an.result()
+    assert res["layers"] == [{"layer": 1, "hidden": ["hidden.lang.2", "hidden.vis.2"], "nmi": pytest.approx(1.0),
+                              "std": pytest.approx(0.0, abs=1e-6)}]
+    assert res["samples"] == 2 and res["missing"] == {"fusion: sample without regions": 1}
+
+
+def test_merge_captures():
+    from value_pl.backbones.base import CaptureSpec
+
+    a = CaptureSpec(hidden=["hidden.joint.1"], attn=["m1"], rows={"text": torch.tensor([[0], [0]])})
+    b = CaptureSpec(hidden=[], attn=["m1", "m2"], rows={"text": torch.tensor([[2, 0], [-1, -1]]),
+                                                          "region": torch.tensor([[1], [0]])})
+    m = merge_captures([a, b])
+    assert m.hidden == ["hidden.joint.1"] and m.attn == ["m1", "m2"]
+    assert m.rows["text"].tolist() == [[0, 2], [0, -1]] and m.rows["region"].tolist() == [[1], [0]]
+
+
+# ------------------------------------------------------------------ collator
+def test_analysis_collator_pairs_partners_and_missing():
+    from value_pl.analysis.pairs import AnalysisCollator
+    from value_pl.backbones.common import load_tokenizer, minilm_path
+    from value_pl.data.collate import Collator, InputEncoder
+
+    meta = {"words": "a man rides a red bike near a dog".split(), "image": {"width": 100, "height": 100},
+            "regions": {"boxes": [[0, 0, 10, 10]] * 4},
+            "phrases": [{"span": [0, 2], "label": "people"}, {"span": [3, 6], "label": "vehicles"},
+                        {"span": [7, 9], "label": "animals"}],
+            "pairs": {"vcd": [[0, 0, "coref"], [1, 1, "coref"], [1, 2, "not_coref"], [2, 3, "coref"]],
+                      "vrc": [[0, 1, "riding"], [0, 3, "near"]]}}
+    s = {"key": "k0", "meta": meta, "feats": np.zeros((4, 8), np.float16)}
+    enc = InputEncoder(load_tokenizer(minilm_path()), "uniter7", 64, max_regions=3)  # region 3 is cut
+    col = AnalysisCollator(Collator(enc), seed=0)
+    b1, b2 = col([s]), col([s])
+    assert b1["coref_type"] == ["people", "vehicles"] and b1["coref_region"].tolist() == [[0, 1], [1, 2]]
+    assert b1["coref_phrase"][0].tolist() == [1, 3]  # "a man" after [CLS]
+    assert b1["analysis_missing"] == {"coref: region absent (or cut by max_regions)": 1, "relation: region absent (or cut by max_regions)": 1}
+    for i in range(2):  # random partners are other phrases/regions, not linked ones
+        assert b1["coref_rand_phrase"][i].tolist() != b1["coref_phrase"][i].tolist()
+        assert b1["coref_rand_region"][i].tolist() != b1["coref_region"][i].tolist()
+    assert b1["cmp_pair"].tolist() == [0, 0, 1, 1]  # both other phrases compete with each pair
+    assert b1["rel_type"] == ["riding"] and b1["rel_rand"].tolist() == [[2, 3]]
+    for k in ("coref_rand_phrase", "coref_rand_region", "rel_rand"):
+        assert torch.equal(b1[k], b2[k])  # deterministic by (seed, key)

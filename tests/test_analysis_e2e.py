@@ -1,0 +1,67 @@
+"""``python -m value_pl.analyze``: every table and figure on the embedded default, two-stream runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose, run_cli
+
+PNGS = ["fusion_nmi", "modality_heads", "modality_layers", "i2t_heads", "coref_v2t_heads", "relation_heads", "tsne"]
+
+
+@pytest.mark.slow
+def test_cli_all_on_default_writes_every_output(tmp_path, demo_root):
+    d = tmp_path / "run"
+    p = run_cli("value_pl.analyze", ["analysis=all", f"data.root={demo_root}", "max_samples=20", "batch_size=8",
+                                     "progress=false", "logger=wandb"], d)
+    for a in ("fusion", "modality", "i2t", "coref", "relation", "tsne"):
+        assert (d / f"{a}.json").exists() and (d / f"{a}.md").exists(), a
+    for f in PNGS:
+        assert (d / f"{f}.png").stat().st_size > 1000, f
+    fusion = json.loads((d / "fusion.json").read_text())
+    assert [r["layer"] for r in fusion["layers"]] == list(range(7))  # embeddings + 6 MiniLM layers
+    assert all(0.0 <= r["nmi"] <= 1.0 for r in fusion["layers"]) and fusion["samples"] == 20
+    coref = json.loads((d / "coref.json").read_text())
+    assert coref["pairs"] > 0 and all(r["vt"]["head"].count("-") == 1 for r in coref["types"])
+    assert all(r["table7"] is not None for r in coref["types"])
+    summary = json.loads((d / "analysis.json").read_text())
+    assert summary["samples"] == 20 and summary["skipped"] == {}
+    assert "| Coref Type | V→T | T→V | V→T (Rand.) | T→V (Rand.) | pairs |" in (d / "coref.md").read_text()
+    assert "| Layer | 0 | 1 | 2 | 3 | 4 | 5 | 6 |" in p.stdout
+    assert list((d / "wandb").glob("offline-run-*")), "W&B offline run missing"
+
+
+@pytest.fixture(scope="module")
+def tiny_lxmert(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lx")
+    (d / "config.json").write_text(json.dumps({
+        "vocab_size": 30522, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "l_layers": 2,
+        "r_layers": 2, "x_layers": 3, "visual_feat_dim": 64, "visual_pos_dim": 4, "max_position_embeddings": 128}))
+    return str(d / "config.json")
+
+
+@pytest.mark.slow
+def test_two_stream_all_and_refusals(tmp_path, demo_root, tiny_lxmert):
+    pytest.importorskip("value_pl.backbones.lxmert")
+    from value_pl.analysis.common import Unsupported
+    from value_pl.analysis.runner import analyze
+
+    common = [f"data.root={demo_root}", "max_samples=12", "batch_size=6", "progress=false", "logger=none",
+              "backbone.family=lxmert", "backbone.name=tiny-lxmert", "backbone.pretrained=false",
+              f"backbone.config={tiny_lxmert}", "backbone.tokenizer=minilm"]
+    d = tmp_path / "two"
+    cfg = compose(["analysis=all", *common, f"+run_dir={d}"], "analyze")
+    summary = analyze(cfg)
+    assert set(summary["skipped"]) == {"modality", "i2t"} and "single-stream" in summary["skipped"]["modality"]
+    fusion = json.loads((d / "fusion.json").read_text())
+    assert [r["layer"] for r in fusion["layers"]] == [1, 2, 3]  # the cross layers
+    assert fusion["layers"][0]["hidden"] == ["hidden.lang.3", "hidden.vis.3"]
+    coref = json.loads((d / "coref.json").read_text())
+    assert coref["maps"]["v2t"] == ["attn.cross.1.v2l", "attn.cross.2.v2l", "attn.cross.3.v2l"]
+    assert len(coref["types"][0]["vt_heads"]) == 3 and len(coref["types"][0]["vt_heads"][0]) == 4
+    rel = json.loads((d / "relation.json").read_text())
+    assert rel["maps"] == [f"attn.vis.{l}.self" for l in range(1, 6)] and rel["pairs"] > 0
+    assert "Not run" in (d / "modality.md").read_text()
+    with pytest.raises(Unsupported, match="two-stream"):
+        analyze(compose(["analysis=modality", *common, f"+run_dir={tmp_path / 'm'}"], "analyze"))

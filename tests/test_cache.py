@@ -1,0 +1,96 @@
+"""Feature cache: cached training == online training for the same seed; mismatching caches are refused."""
+import json
+
+import pytest
+import torch
+
+from conftest import compose
+
+
+def tiny_backbone(tmp_path) -> list[str]:
+    """A random 2-layer, 32-d UNITER with the MiniLM tokenizer (fast on CPU)."""
+    cfg = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 64, "max_position_embeddings": 128, "type_vocab_size": 2}
+    p = tmp_path / "tiny_uniter.json"
+    p.write_text(json.dumps(cfg))
+    return ["backbone.pretrained=false", f"backbone.config={p}", "backbone.tokenizer=minilm"]
+
+
+def small_demo(root, splits=None, maxcount=None):
+    from value_pl.data import demo
+
+    if maxcount is None:
+        return demo.build_demo(root, splits=splits or {"train": 48, "val": 16, "test": 16})
+    orig = demo.ShardSetWriter
+
+    class Small(orig):  # uneven shard sizes: maxcount samples per shard
+        def __init__(self, *a, **k):
+            k["maxcount"] = maxcount
+            super().__init__(*a, **k)
+
+    demo.ShardSetWriter = Small
+    try:
+        return demo.build_demo(root, splits=splits)
+    finally:
+        demo.ShardSetWriter = orig
+
+
+FAST = ["logger=none", "trainer.enable_progress_bar=false", "trainer.max_epochs=1", "data.train_batches=3",
+        "data.batch_size=8", "data.eval_batch_size=8"]
+
+
+def heads_of(ckpt):
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in sd.items() if k.startswith("heads.")}
+
+
+@pytest.mark.slow
+def test_cached_training_equals_online(tmp_path):
+    from value_pl.data.cache import extract_cache
+    from value_pl.pipeline import build_module, make_datamodule, train
+
+    root = tmp_path / "demo"
+    small_demo(root)
+    common = ["prober=attention", "task=vrc", f"data.root={root}", *tiny_backbone(tmp_path), *FAST]
+    online = train(compose(common + [f"run_dir={tmp_path / 'online'}"]))
+
+    cache = tmp_path / "cache32"
+    man = extract_cache(compose(common + [f"cache.root={cache}", "cache.dtype=float32",
+                                          f"run_dir={tmp_path / 'x'}"], config_name="extract"))
+    assert man["splits"]["train"]["samples"] == 48 and man["cache"]["dtype"] == "float32"
+    assert all(p.suffix in (".tar", ".json") for p in cache.iterdir())
+    cached = train(compose(common + [f"data.cache={cache}", f"run_dir={tmp_path / 'cached'}"]))
+
+    a = heads_of(tmp_path / "online" / "checkpoints" / "last.ckpt")
+    b = heads_of(tmp_path / "cached" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert [r["test_acc"] for r in online["layers"]] == pytest.approx([r["test_acc"] for r in cached["layers"]])
+    assert online["pairs_evaluated"] == cached["pairs_evaluated"]
+    assert cached["pairs_evaluated"]["test"] == sum(man["splits"]["test"]["pairs"]["vrc"].values())
+
+    # fp16 cache: same features within fp16 rounding, half the bytes
+    c16 = tmp_path / "cache16"
+    extract_cache(compose(common + [f"cache.root={c16}", "cache.splits=[val]", f"run_dir={tmp_path / 'y'}"],
+                          config_name="extract"))
+    cfg32 = compose(common + [f"data.cache={cache}"])
+    cfg16 = compose(common + [f"data.cache={c16}"])
+    dm32, dm16 = make_datamodule(cfg32), make_datamodule(cfg16)
+    m32, _ = build_module(cfg32, dm32)
+    build_module(cfg16, dm16)
+    b32 = next(iter(dm32.val_dataloader()))
+    b16 = next(iter(dm16.val_dataloader()))
+    assert torch.equal(b32["labels"], b16["labels"])
+    for k in m32.head_names:
+        for x, y in zip(b32["cached_features"][k], b16["cached_features"][k]):
+            torch.testing.assert_close(x, y, atol=2e-3, rtol=2e-3)
+
+    # a cache for another backbone / task / layers is refused with a clear error
+    for bad in (["backbone.seed=1"], ["task=vri"], ["prober=layer_emb"]):
+        cfg = compose(common + [f"data.cache={cache}"] + bad)
+        with pytest.raises(ValueError, match="does not match this run"):
+            build_module(cfg, make_datamodule(cfg))
+    # a subset of the cached layers is fine
+    cfg = compose(common + [f"data.cache={cache}", "layers=[1]"])
+    build_module(cfg, make_datamodule(cfg))

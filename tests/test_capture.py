@@ -1,0 +1,99 @@
+"""Row capture: the forward keeps sdpa, and the captured rows equal the rows of the full eager maps."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from test_cache import small_demo
+
+
+def tiny_uniter(tmp_path, hidden=32, layers=2, heads=2):
+    import json
+
+    from value_pl.backbones.uniter import build_uniter
+
+    p = tmp_path / "tiny.json"
+    p.write_text(json.dumps({"vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers,
+                             "num_attention_heads": heads, "intermediate_size": 2 * hidden,
+                             "max_position_embeddings": 128, "type_vocab_size": 2}))
+    return build_uniter(OmegaConf.create({"name": "tiny", "pretrained": False, "config": str(p),
+                                          "tokenizer": "minilm", "seed": 3}), img_dim=64)
+
+
+def demo_batch(tmp_path, bb, task="vrc", prober="attention", n=12):
+    from value_pl.data.datamodule import ShardDataModule
+    from value_pl.probers.module import ProbeModule
+
+    root = tmp_path / "demo"
+    if not root.exists():
+        small_demo(root, splits={"train": 4, "val": n, "test": 4})
+    dm = ShardDataModule(root, eval_batch_size=n)
+    labels = dm.manifest["labels"][task]
+    kind = {"vrc": "region_region", "vri": "region_region", "vcd": "phrase_region", "vcc": "phrase_region"}[task]
+    module = ProbeModule(bb, task={"name": task, "kind": kind, "labels": labels}, prober={"name": prober})
+    from value_pl.data.collate import TaskSpec
+
+    dm.collate = bb.collator(TaskSpec(task, kind, labels))
+    return module, next(iter(dm.val_dataloader()))
+
+
+def eager_maps(bb, batch):
+    """Full N x N maps from transformers' eager attention (output of BertSelfAttention), per layer."""
+    maps, hooks = {}, []
+    for i, layer in enumerate(bb.uniter.encoder.layer):
+        def hook(_m, _i, out, name=f"attn.joint.{i + 1}.self"):
+            maps[name] = out[1]
+        hooks.append(layer.attention.self.register_forward_hook(hook))
+    old = bb.config._attn_implementation
+    bb.config._attn_implementation = "eager"
+    try:
+        from value_pl.backbones.base import CaptureSpec
+
+        out = bb(batch, CaptureSpec(hidden=[], attn=[]))
+    finally:
+        bb.config._attn_implementation = old
+        for h in hooks:
+            h.remove()
+    return out, maps
+
+
+@pytest.mark.parametrize("task", ["vrc", "vcd"])
+def test_rows_equal_eager_maps_and_forward_keeps_sdpa(tmp_path, monkeypatch, task):
+    bb = tiny_uniter(tmp_path)
+    module, batch = demo_batch(tmp_path, bb, task)
+    spec = module.plan.capture(batch)
+    assert spec.rows is not None
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return sdpa(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    with torch.no_grad():
+        out = bb(batch, spec)
+    assert len(calls) == bb.num_layers  # the forward itself ran sdpa in every layer
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+
+    with torch.no_grad():
+        _, full = eager_maps(bb, batch)
+    rows = out.rows["joint"]  # (B, R) positions, -1 padded
+    N = batch["input_ids"].shape[1] + batch["region_mask"].shape[1]
+    assert rows.shape[1] < N
+    for name, a in full.items():
+        got = out.attn[name]
+        assert got.shape[:3] == (a.shape[0], a.shape[1], rows.shape[1]) and got.shape[3] == N
+        ref = torch.gather(a, 2, rows.clamp(min=0)[:, None, :, None].expand(-1, a.shape[1], -1, N))
+        valid = (rows >= 0)[:, None, :, None].expand_as(ref)
+        torch.testing.assert_close(got[valid], ref[valid].float(), atol=1e-6, rtol=1e-5)
+        assert bool((got[~valid] == 0).all())
+
+    # the prober's inputs from captured rows == those read from the full eager maps
+    full_out = out.__class__(**{**out.__dict__, "attn": full, "rows": {}})
+    f_rows = module.plan.features(out, batch)
+    f_full = module.plan.features(full_out, batch)
+    assert f_rows.keys() == f_full.keys() and f_rows
+    for k in f_rows:
+        for x, y in zip(f_rows[k], f_full[k]):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

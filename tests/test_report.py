@@ -1,0 +1,118 @@
+"""value_pl.report on synthetic run directories: means, 95% t intervals, paper layouts, CSV/markdown."""
+import csv
+import json
+import math
+
+import pytest
+
+from value_pl import report
+
+
+def write_run(root, name, task, prober, family, seed, layers, pretrained=True, control=False, mismatch=False,
+              chance=0.5, mdl=None):
+    d = root / name
+    d.mkdir(parents=True)
+    res = {"task": task, "prober": prober, "seed": seed, "control": control, "chance": chance,
+           "backbone": {"family": family, "name": family, "pretrained": pretrained},
+           "data": {"root": f"/x/{'vg_mismatch' if mismatch else 'vg'}", "dataset": "d", "mismatch": mismatch},
+           "layers": [{"layer": -1, "name": n, "val_acc": a, "test_acc": a, **(extra or {})}
+                      for n, a, extra in [(n, a, (mdl or {}).get(n)) for n, a in layers.items()]]}
+    if mdl:
+        res["mdl"] = {"layers": mdl}
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+ACCS = [0.50, 0.60, 0.70]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for s, a in enumerate(ACCS):
+        for fam in ("uniter", "lxmert"):
+            for task in ("vcd", "vcc"):
+                write_run(tmp_path, f"{fam}-{task}-emb-{s}", task, "layer_emb", fam, s,
+                          {"layer_01": a, "layer_05": a + 0.1, "layer_07": a})
+                write_run(tmp_path, f"{fam}-{task}-att-{s}", task, "attention", fam, s, {"all_heads": a / 2})
+            for task in ("vri", "vrc"):
+                for mis in (False, True):
+                    write_run(tmp_path, f"{fam}-{task}-{mis}-{s}", task, "layer_emb", fam, s,
+                              {"raw": 0.3, "layer_01": a - (0.2 if mis else 0)}, mismatch=mis)
+                write_run(tmp_path, f"{fam}-{task}-ctrl-{s}", task, "layer_emb", fam, s,
+                          {"raw": 0.25, "layer_01": 0.2 + 0.01 * s}, control=True)
+        for fam in ("uniter", "lxmert", "bert"):
+            for task in ("sentlen", "tense"):
+                write_run(tmp_path, f"{fam}-{task}-{s}", task, "senteval_mlp", fam, s,
+                          {"layer_00": 0.2, "layer_03": a, "layer_09": a - 0.05})
+        write_run(tmp_path, f"mdl-{s}", "vrc", "layer_emb", "uniter", s, {"layer_01": a},
+                  mdl={"layer_01": {"codelength_bits": 1000.0 * (s + 1), "compression": 2.0}})
+    return tmp_path
+
+
+def test_stat_mean_and_t_interval():
+    s = report.Stat(ACCS)
+    assert s.mean == pytest.approx(0.6)
+    # sd = 0.1, t_{0.975,2} = 4.3027 -> half-width 4.3027 * 0.1 / sqrt(3)
+    assert s.ci95 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-4)
+    assert report.Stat([0.5]).fmt() == "50.00" and math.isnan(report.Stat([0.5]).ci95)
+    assert s.fmt() == "60.00 ± 24.84"
+    assert report.t975(1) == pytest.approx(12.706, abs=1e-3) and report.t975(100) == pytest.approx(1.984, abs=1e-3)
+    assert report._T975[29] == pytest.approx(report.t975(30), abs=1e-3)
+
+
+def test_layouts(runs, tmp_path):
+    tables = {t.name: t for t in report.build_tables(report.load_runs([runs]), "auto")}
+    t3 = tables["table3"]
+    assert t3.cols == ["VCD (SS)", "VCD (TS)", "VCC (SS)", "VCC (TS)"]
+    assert t3.rows == ["All attention heads", "Random guess", "Layer 1", "Layer 5"]  # table3 keeps 1, 5, 12
+    assert t3.cells[("Layer 5", "VCC (TS)")].mean == pytest.approx(0.7)
+    assert t3.cells[("All attention heads", "VCD (SS)")].mean == pytest.approx(0.3)
+    assert t3.text("Random guess", "VCD (SS)") == "50.00"
+    assert "Layer 7" in tables["table8"].rows
+    t9 = tables["table9"]
+    assert t9.cols == ["VRI (SS)", "VRC (SS)", "VRI (SS mis.)", "VRC (SS mis.)"]
+    assert t9.rows[0] == "Original visual emb."
+    assert t9.cells[("Layer 1", "VRI (SS mis.)")].mean == pytest.approx(0.4)
+    assert "table10" in tables and tables["table10"].cols[0] == "VRI (TS)"
+    t5 = tables["table5"]
+    assert t5.rows == ["SS", "TS", "BERT"] and t5.cols == ["SentLen", "Tense"]
+    assert t5.text("BERT", "SentLen") == "60.00 ± 24.84 (L3)"
+    t11 = tables["table11"]
+    assert t11.rows == ["Embeddings (L0)", "Layer 3", "Layer 9"] and "SentLen (TS)" in t11.cols
+    sel = tables["selectivity"]
+    row = "VRI / layer_emb / SS / Layer 1"
+    # per-seed selectivity = a_s - (0.2 + 0.01 s): 0.30, 0.39, 0.48
+    assert sel.cells[(row, "selectivity")].values == pytest.approx([0.30, 0.39, 0.48])
+    assert sel.cells[(row, "control accuracy")].mean == pytest.approx(0.21)
+    m = tables["mdl"]
+    assert m.cells[("VRC / layer_emb / SS / Layer 1", "codelength (kbits)")].mean == pytest.approx(2.0)
+
+
+def test_cli_writes_markdown_and_csv(runs, tmp_path):
+    out = tmp_path / "rep"
+    assert report.main([str(runs), "--layout", "table3,table9,table5", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "Table 3" in md and "| Layer 5 |" in md and "± " in md
+    rows = list(csv.DictReader(open(out / "table3.csv")))
+    r = next(x for x in rows if x["row"] == "Layer 1" and x["column"] == "VCD (SS)")
+    assert float(r["mean"]) == pytest.approx(60.0) and float(r["ci95"]) == pytest.approx(24.84, abs=0.01)
+    assert r["n"] == "3" and r["values"] == "50 60 70"
+    assert (out / "table9.csv").exists() and (out / "table5.csv").exists()
+
+
+def test_wandb_tables(runs, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    logged = {}
+
+    class FakeRun:
+        def log(self, d):
+            logged.update(d)
+
+        def finish(self):
+            logged["finished"] = True
+
+    import wandb
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun())
+    report.log_wandb(report.build_tables(report.load_runs([runs]), "table3"))
+    assert "report/table3" in logged and logged["finished"]

@@ -1,0 +1,175 @@
+"""Multimodal fusion degree (VALUE Sec. 3.1, Table 1, Appendix B) and its t-SNE picture (Fig. 6).
+
+For every sample and layer, k-means (k=2) over the sample's token representations and the NMI between
+the two clusters and the modality labels (text / region), averaged over samples. Lower NMI = more
+fused. Tokens: every real text token *including* [CLS] and [SEP] (they are text-modality tokens of
+the input sequence) and every real region; padding never takes part. Single-stream: the embeddings
+(layer 0) and every layer; two-stream: the cross layers, both streams' tokens together.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..backbones.base import CaptureSpec
+from .common import Analysis, Figure, fusion_layers
+from .kmeans import kmeans2, nmi_per_sample
+
+
+def layer_tokens(out, ha: str, hb: str):
+    """(B, N, D) tokens and (B, N) modality labels (0 text, 1 region, -1 pad) of one layer."""
+    sa, sb = ha.split(".")[1], hb.split(".")[1]
+    if ha == hb:
+        return out.hidden[ha].float(), out.modality_mask(sa)
+    return (torch.cat([out.hidden[ha].float(), out.hidden[hb].float()], 1),
+            torch.cat([out.modality_mask(sa), out.modality_mask(sb)], 1))
+
+
+class Fusion(Analysis):
+    name = "fusion"
+
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        self.layers = fusion_layers(backbone)
+        self.sum = np.zeros(len(self.layers))
+        self.sq = np.zeros(len(self.layers))
+        self.n = 0
+        km = cfg.get("kmeans", {}) or {}
+        self.n_init, self.max_iter = int(km.get("n_init", 10)), int(km.get("max_iter", 100))
+        self.seed = int(cfg.get("seed", 0))
+
+    def capture(self, batch):
+        return CaptureSpec(hidden=sorted({h for _, a, b in self.layers for h in (a, b)}), attn=[])
+
+    def update(self, out, batch):
+        xs, labs = [], []
+        for _, ha, hb in self.layers:
+            x, lab = layer_tokens(out, ha, hb)
+            xs.append(x)
+            labs.append(lab)
+        lab = labs[0]
+        has_t, has_v = (lab == 0).any(1), (lab == 1).any(1)
+        self.count("fusion: sample without regions", int((~has_v).sum()))
+        self.count("fusion: sample without text", int((has_v & ~has_t).sum()))
+        keep = (has_t & has_v)
+        if not bool(keep.any()):
+            return
+        K = len(self.layers)
+        x = torch.cat([t[keep] for t in xs], 0)  # (K*Bk, N, D): all layers of all kept samples at once
+        lab = torch.cat([l[keep] for l in labs], 0)
+        mask = lab >= 0
+        pred, _ = kmeans2(x, mask, n_init=self.n_init, max_iter=self.max_iter, seed=self.seed)
+        nmi = nmi_per_sample(pred, lab, mask).reshape(K, -1)  # (K, Bk)
+        self.sum += nmi.sum(1)
+        self.sq += (nmi ** 2).sum(1)
+        self.n += nmi.shape[1]
+        self.samples += nmi.shape[1]
+
+    def result(self):
+        n = max(self.n, 1)
+        mean = self.sum / n
+        std = np.sqrt(np.maximum(self.sq / n - mean ** 2, 0.0))
+        rows = [{"layer": int(l), "hidden": [a] if a == b else [a, b], "nmi": float(mean[i]) if self.n else math.nan,
+                 "std": float(std[i]) if self.n else math.nan} for i, (l, a, b) in enumerate(self.layers)]
+        return {"analysis": "fusion", "kind": self.backbone.kind, "samples": self.n, "layers": rows,
+                "tokens": "all real text tokens incl. [CLS]/[SEP], all real regions; padding excluded",
+                "kmeans": {"k": 2, "n_init": self.n_init, "max_iter": self.max_iter, "seed": self.seed},
+                "missing": dict(self.missing)}
+
+    def markdown(self, res):
+        layers = res["layers"]
+        kind = "single-stream" if res["kind"] == "single" else "two-stream (cross layers)"
+        best = min((r["nmi"] for r in layers if r["nmi"] == r["nmi"]), default=None)
+        cell = lambda r: (f"**{r['nmi']:.2f}**" if best is not None and abs(r["nmi"] - best) < 5e-3 else f"{r['nmi']:.2f}")
+        lines = ["## Multimodal fusion degree (NMI, Table 1)", "",
+                 f"k-means (k=2) per sample and layer vs. the modality labels; mean NMI over {res['samples']} "
+                 f"samples; lower = more fused. {kind}.", "",
+                 "| Layer | " + " | ".join(str(r["layer"]) for r in layers) + " |",
+                 "|---|" + "---:|" * len(layers),
+                 "| NMI | " + " | ".join(cell(r) for r in layers) + " |",
+                 "| std | " + " | ".join(f"{r['std']:.2f}" for r in layers) + " |"]
+        return "\n".join(lines) + "\n" + _missing_md(res)
+
+    def figures(self, res, rdir):
+        from .figures import line_plot
+
+        xs = [r["layer"] for r in res["layers"]]
+        line_plot(rdir / "fusion_nmi.png", xs, {"NMI": [r["nmi"] for r in res["layers"]]}, "layer", "NMI",
+                  "Multimodal fusion degree (lower = more fused)", ylim=(0, 1.02))
+        return [Figure("fusion_nmi", "NMI per layer (Table 1)")]
+
+    def wandb_payload(self, res):
+        return {"tables": {"fusion/table": (["layer", "nmi", "std"], [[r["layer"], r["nmi"], r["std"]] for r in res["layers"]])},
+                "lines": {"fusion/nmi": ([r["layer"] for r in res["layers"]], {"nmi": [r["nmi"] for r in res["layers"]]}, "layer")}}
+
+
+class TSNE(Analysis):
+    """Fig. 6: t-SNE of one sample's tokens at the first and the last fused layer."""
+
+    name = "tsne"
+
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        layers = fusion_layers(backbone)
+        non_emb = [l for l in layers if l[0] > 0] or layers
+        pick = cfg.get("tsne_layers") or [non_emb[0][0], non_emb[-1][0]]
+        by = {l[0]: l for l in layers}
+        self.layers = [by[int(p)] for p in pick]
+        self.target = int(cfg.get("tsne_sample", 0))
+        self.seed = int(cfg.get("seed", 0))
+        self.points = None
+
+    def capture(self, batch):
+        off = batch["_offset"]
+        if self.points is not None or not (off <= self.target < off + len(batch["keys"])):
+            return None
+        return CaptureSpec(hidden=sorted({h for _, a, b in self.layers for h in (a, b)}), attn=[])
+
+    def update(self, out, batch):
+        from sklearn.manifold import TSNE as SKTSNE
+
+        i = self.target - batch["_offset"]
+        self.points = {"key": batch["keys"][i], "layers": []}
+        for l, ha, hb in self.layers:
+            x, lab = layer_tokens(out, ha, hb)
+            m = lab[i] >= 0
+            xi, li = x[i][m].cpu().numpy().astype(np.float64), lab[i][m].cpu().numpy()
+            perp = float(min(30.0, max(2.0, (len(xi) - 1) / 3.0)))
+            y = SKTSNE(n_components=2, perplexity=perp, init="pca", random_state=self.seed,
+                         method="exact" if len(xi) < 500 else "barnes_hut").fit_transform(xi)
+            pred, _ = kmeans2(x[i : i + 1], m[None], seed=self.seed)
+            nmi = float(nmi_per_sample(pred, lab[i : i + 1], m[None])[0])
+            self.points["layers"].append({"layer": int(l), "xy": y.tolist(), "modality": li.tolist(), "nmi": nmi})
+        self.samples = 1
+
+    def result(self):
+        if self.points is None:
+            self.count(f"tsne: sample {self.target} not reached (fewer samples)")
+            return {"analysis": "tsne", "sample": self.target, "layers": [], "missing": dict(self.missing)}
+        return {"analysis": "tsne", "sample": self.target, "key": self.points["key"], "layers": self.points["layers"],
+                "missing": dict(self.missing)}
+
+    def markdown(self, res):
+        lines = ["## t-SNE of one image-text pair (Fig. 6)", ""]
+        if not res["layers"]:
+            return "\n".join(lines + ["(no sample)"]) + "\n" + _missing_md(res)
+        lines.append(f"sample `{res['key']}` (index {res['sample']}): " + ", ".join(
+            f"layer {l['layer']}: NMI {l['nmi']:.2f}" for l in res["layers"]) + "; ![tsne](tsne.png)")
+        return "\n".join(lines) + "\n"
+
+    def figures(self, res, rdir):
+        if not res["layers"]:
+            return []
+        from .figures import tsne_plot
+
+        tsne_plot(rdir / "tsne.png", res)
+        return [Figure("tsne", "t-SNE of the first and last layer (Fig. 6)")]
+
+
+def _missing_md(res) -> str:
+    miss = res.get("missing") or {}
+    if not miss:
+        return ""
+    return "\nNot counted: " + "; ".join(f"{k}: {v}" for k, v in sorted(miss.items())) + "\n"

@@ -1,0 +1,127 @@
+"""Collate for the analyses: the backbone's own :class:`~value_pl.data.collate.Collator` (inputs only),
+plus the linked pairs the max-attention tables need, with their types and random partners.
+
+Added batch keys (all spans are ``[start, end)`` within the modality, as the Collator's):
+
+``coref_*`` -- one row per ``vcd`` pair labelled ``coref`` (a noun phrase and the region it refers to):
+    ``coref_b`` (P,), ``coref_phrase`` (P, 2) text-token span, ``coref_region`` (P, 2),
+    ``coref_type`` list of the phrase's coarse type (``phrases[i].label``), ``coref_rand_phrase``
+    (P, 2) a random other phrase of the sample not linked to the region (``-1`` when there is none),
+    ``coref_rand_region`` (P, 2) a random other region not linked to the phrase (``-1``: none);
+    ``cmp_pair`` (Q,) / ``cmp_phrase`` (Q, 2): every other phrase not linked to the pair's region
+    (Table 7's competitors).
+``rel_*`` -- one row per ``vrc`` pair: ``rel_b``, ``rel_s``/``rel_o`` (P, 2) subject/object regions,
+    ``rel_type`` list of predicates, ``rel_rand`` (P, 2) a random region other than both (``-1``: none).
+``analysis_missing`` -- ``{reason: count}`` of pairs or partners that could not be formed (a region cut
+    by ``max_regions``, a phrase truncated by ``max_text_len``, no other phrase/region); never dropped
+    silently.
+
+Random partners are drawn from a generator seeded by ``(seed, crc32(sample key))``: the same on every
+run, independent of batching and of the order of the shards.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+from ..data.collate import Collator
+
+
+def _rng(seed: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), zlib.crc32(key.encode("utf-8"))])
+
+
+def _t(rows: list, width: int = 2) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, width)
+
+
+class AnalysisCollator:
+    """Wraps a backbone collator (called with no task) and adds coreference and relation pairs."""
+
+    def __init__(self, base: Collator, seed: int = 0, coref_task: str = "vcd", coref_label: str = "coref",
+                 relation_task: str = "vrc"):
+        self.base = base
+        self.seed = int(seed)
+        self.coref_task, self.coref_label, self.relation_task = coref_task, coref_label, relation_task
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = self.base(samples)
+        w2t = batch["word_to_token"]
+        nreg = batch["region_mask"].sum(1).tolist()
+        missing: dict[str, int] = {}
+
+        def miss(k):
+            missing[k] = missing.get(k, 0) + 1
+
+        cb, cph, creg, ctype, crp, crr, qp, qph = [], [], [], [], [], [], [], []
+        rb, rs, ro, rtype, rr = [], [], [], [], []
+        for b, s in enumerate(samples):
+            m = s["meta"]
+            rng = _rng(self.seed, s["key"])
+            nr = int(nreg[b])
+            phrases = m.get("phrases", [])
+            spans = []
+            for p in phrases:
+                s0, e0 = p["span"]
+                ts = int(w2t[b, s0, 0]) if s0 < w2t.shape[1] else -1
+                te = int(w2t[b, e0 - 1, 1]) if e0 - 1 < w2t.shape[1] else -1
+                spans.append((ts, te) if ts >= 0 and te > ts else None)
+            links = [(a, r) for a, r, lab in m.get("pairs", {}).get(self.coref_task, []) if lab == self.coref_label]
+            linked_to_region: dict[int, set] = {}
+            linked_to_phrase: dict[int, set] = {}
+            for a, r in links:
+                linked_to_region.setdefault(r, set()).add(a)
+                linked_to_phrase.setdefault(a, set()).add(r)
+            for a, r in links:
+                if r >= nr:
+                    miss("coref: region absent (or cut by max_regions)")
+                    continue
+                if spans[a] is None:
+                    miss("coref: phrase truncated by max_text_len")
+                    continue
+                P = len(cb)
+                cb.append(b)
+                cph.append(spans[a])
+                creg.append((r, r + 1))
+                ctype.append(str(phrases[a].get("label") or "unknown"))
+                others = [i for i, sp in enumerate(spans) if sp is not None and i not in linked_to_region.get(r, ())]
+                if others:
+                    crp.append(spans[others[int(rng.integers(len(others)))]])
+                    for i in others:
+                        qp.append(P)
+                        qph.append(spans[i])
+                else:
+                    crp.append((-1, -1))
+                    miss("coref rand: no other phrase")
+                oregs = [j for j in range(nr) if j not in linked_to_phrase.get(a, ())]
+                if oregs:
+                    j = oregs[int(rng.integers(len(oregs)))]
+                    crr.append((j, j + 1))
+                else:
+                    crr.append((-1, -1))
+                    miss("coref rand: no other region")
+            for sb, ob, lab in m.get("pairs", {}).get(self.relation_task, []):
+                if sb >= nr or ob >= nr:
+                    miss("relation: region absent (or cut by max_regions)")
+                    continue
+                rb.append(b)
+                rs.append((sb, sb + 1))
+                ro.append((ob, ob + 1))
+                rtype.append(str(lab))
+                oregs = [j for j in range(nr) if j not in (sb, ob)]
+                if oregs:
+                    j = oregs[int(rng.integers(len(oregs)))]
+                    rr.append((j, j + 1))
+                else:
+                    rr.append((-1, -1))
+                    miss("relation rand: no other region")
+        batch.update(
+            coref_b=torch.tensor(cb, dtype=torch.long), coref_phrase=_t(cph), coref_region=_t(creg),
+            coref_type=ctype, coref_rand_phrase=_t(crp), coref_rand_region=_t(crr),
+            cmp_pair=torch.tensor(qp, dtype=torch.long), cmp_phrase=_t(qph),
+            rel_b=torch.tensor(rb, dtype=torch.long), rel_s=_t(rs), rel_o=_t(ro), rel_type=rtype, rel_rand=_t(rr),
+            analysis_missing=missing,
+        )
+        return batch

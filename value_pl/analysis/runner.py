@@ -1,0 +1,197 @@
+"""Run the training-free analyses over a shard split with a frozen backbone (one streaming pass).
+
+Every batch is collated once (:class:`~.pairs.AnalysisCollator`); each analysis asks the backbone
+for only what it needs (:class:`~value_pl.backbones.base.CaptureSpec`) and keeps running sums, so
+memory is bounded by one batch whatever the number of samples.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from omegaconf import DictConfig, OmegaConf
+
+from ..backbones import build_backbone
+from ..data.schema import decode_sample
+from ..pipeline import make_datamodule, make_logger, run_dir, teardown_distributed
+from .common import Unsupported, merge_captures
+from .fusion import TSNE, Fusion
+from .maxattn import Coref, Relation
+from .modality import ImageToText, ModalityImportance
+from .pairs import AnalysisCollator
+
+log = logging.getLogger("value_pl")
+
+ANALYSES = {"fusion": Fusion, "modality": ModalityImportance, "i2t": ImageToText, "coref": Coref,
+            "relation": Relation, "tsne": TSNE}
+#: which analyses the collator's missing-pair counts belong to
+MISSING_PREFIX = {"coref": "coref", "relation": "relation"}
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def raw_batches(dm, stage: str, batch_size: int, num_workers: int):
+    """Decoded samples of one split, in lists of ``batch_size`` (collated later, in this process)."""
+    urls = dm.urls(stage)
+    workers = min(int(num_workers), len(urls)) if num_workers else 0
+    ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
+                          wds.tarfile_to_samples(), wds.map(decode_sample),
+                          wds.batched(int(batch_size), collation_fn=list, partial=True))
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, collate_fn=_identity)
+
+
+def _identity(x):
+    return x  # keep numpy features as they are (DataLoader's default would convert them to tensors)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def build_analyses(names: list[str], backbone, cfg, strict: bool):
+    out, skipped = [], {}
+    for n in names:
+        if n not in ANALYSES:
+            raise KeyError(f"unknown analysis {n!r}; known: {', '.join(ANALYSES)} (or analysis=all)")
+        try:
+            out.append(ANALYSES[n](backbone, cfg))
+        except Unsupported as e:
+            if strict:
+                raise
+            skipped[n] = str(e)
+            print(f"[value-pl] skipping {n}: {e}")
+    return out, skipped
+
+
+def header(a_name: str, ident: dict, cfg, samples: int, synthetic: bool) -> str:
+    state = "pretrained" if ident.get("pretrained") else "untrained"
+    h = (f"# {a_name} / backbone={ident.get('name')} ({state}, {ident.get('family')}) / data={cfg.data.get('name')} "
+         f"split={cfg.split} / {samples} samples\n\n")
+    if synthetic:
+        h += "_Demo shards: synthetic scenes with planted signal -- a smoke test, not a result._\n\n"
+    return h
+
+
+def log_wandb(logger, payload: dict, figs: list, rdir: Path, name: str) -> None:
+    try:
+        import wandb
+
+        exp = logger.experiment
+        for f in figs:
+            exp.log({f"{name}/{f.name}": wandb.Image(str(rdir / f"{f.name}.png"), caption=f.title)})
+        for key, (cols, rows) in payload.get("tables", {}).items():
+            logger.log_table(key=key, columns=cols, data=rows)
+        for key, (xs, series, xname) in payload.get("lines", {}).items():
+            exp.log({key: wandb.plot.line_series(xs=list(xs), ys=[list(v) for v in series.values()],
+                                                 keys=list(series), title=key, xname=xname)})
+    except Exception as e:  # noqa: BLE001 - a dashboard must never fail a run
+        log.warning("could not log %s to W&B: %s", name, e)
+
+
+def analyze(cfg: DictConfig) -> dict:
+    t0 = time.time()
+    torch.manual_seed(int(cfg.seed))
+    rdir = run_dir(cfg)
+    dm = make_datamodule(cfg)
+    split = str(cfg.get("split", "test"))
+    dm.splits.setdefault(split, split)
+    backbone = build_backbone(cfg.backbone, img_dim=dm.manifest.get("feature_dim"))
+    ident = backbone.describe()
+    device = pick_device(cfg.get("device"))
+    backbone.to(device)
+    print(f"[value-pl] backbone {ident.get('name')}: {ident.get('source')} ({backbone.kind}-stream) on {device}")
+    synthetic = bool(dm.manifest.get("synthetic", False))
+    if synthetic:
+        print("[value-pl] data: synthetic demo shards with planted signal (a smoke test, not a result)")
+    names = list(OmegaConf.to_container(cfg.analysis.run, resolve=True))
+    analyses, skipped = build_analyses(names, backbone, cfg, strict=len(names) == 1)
+    collate = AnalysisCollator(backbone.collator(), seed=int(cfg.seed),
+                               coref_label=cfg.get("coref_label", "coref"))
+    limit = cfg.get("max_samples")
+    total = dm.num_samples(split) if split in dm.manifest["splits"] else None
+    if limit:
+        total = min(int(limit), total) if total else int(limit)
+    bs = int(cfg.batch_size)
+    workers = cfg.get("num_workers")
+    workers = cfg.data.get("num_workers", 0) if workers is None else workers
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="sample", desc="analyze", disable=not cfg.get("progress", True), file=sys.stdout,
+               mininterval=2.0)
+    seen = 0
+    missing: dict[str, int] = {}
+    with torch.no_grad():
+        for samples in raw_batches(dm, split, bs, workers):
+            if limit:
+                samples = samples[: max(int(limit) - seen, 0)]
+            if not samples:
+                break
+            batch = collate(samples)
+            for k, v in batch.pop("analysis_missing").items():
+                missing[k] = missing.get(k, 0) + v
+            batch["_offset"] = seen
+            batch = to_device(batch, device)
+            want = [(a, a.capture(batch)) for a in analyses]
+            want = [(a, s) for a, s in want if s is not None]
+            if want:  # one forward pass per batch serves every analysis
+                spec = merge_captures([s for _, s in want])
+                if spec.rows:
+                    spec.rows = {m: r.to(device) for m, r in spec.rows.items()}
+                out = backbone(batch, spec)
+                for a, _ in want:
+                    a.update(out, batch)
+            seen += len(samples)
+            bar.update(len(samples))
+            if limit and seen >= int(limit):
+                break
+    bar.close()
+    for a in analyses:
+        pre = MISSING_PREFIX.get(a.name)
+        if pre:
+            for k, v in missing.items():
+                if k.startswith(pre):
+                    a.count(k, v)
+
+    logger = make_logger(cfg, rdir)
+    summary = {"analyses": [a.name for a in analyses], "skipped": skipped, "backbone": ident,
+               "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"), "split": split,
+                        "synthetic": synthetic}, "samples": seen, "seed": int(cfg.seed), "device": str(device),
+               "outputs": {}}
+    for a in analyses:
+        res = a.result()
+        res.update(backbone=ident, split=split, samples_seen=seen)
+        figs = a.figures(res, rdir)
+        (rdir / f"{a.name}.json").write_text(json.dumps(res, indent=1, default=float, allow_nan=True) + "\n")
+        md = header(a.name, ident, cfg, seen, synthetic) + a.markdown(res)
+        (rdir / f"{a.name}.md").write_text(md)
+        print(md)
+        summary["outputs"][a.name] = [f"{a.name}.json", f"{a.name}.md"] + [f"{f.name}.png" for f in figs]
+        if logger:
+            log_wandb(logger, a.wandb_payload(res), figs, rdir, a.name)
+    for n, why in skipped.items():
+        (rdir / f"{n}.json").write_text(json.dumps({"analysis": n, "skipped": why}, indent=1) + "\n")
+        (rdir / f"{n}.md").write_text(f"# {n}\n\nNot run: {why}.\n")
+    summary["seconds"] = round(time.time() - t0, 1)
+    (rdir / "analysis.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    print(f"[value-pl] {seen} samples, {len(analyses)} analyses in {summary['seconds']} s -> {rdir}")
+    if logger:
+        try:
+            logger.finalize("success")
+        except Exception:  # noqa: BLE001
+            pass
+        if cfg.logger.get("name") == "wandb":
+            import wandb
+
+            wandb.finish()
+    teardown_distributed()
+    return summary

@@ -1,0 +1,134 @@
+"""MDL probing with the online code (Voita & Titov 2020), for any pair or sentence task: ``mdl=true``.
+
+The training examples (pairs, or sentences) are put in a seeded random order and cut at the block
+boundaries ``t_i = ceil(f_i * N)`` for the fractions ``mdl_opts.fractions`` (default 0.1, 0.2, 0.4, 0.8,
+1.6, 3.2, 6.25, 12.5, 25, 50, 100 % as in the paper). The first block is sent with the uniform code
+(``t_1 * log2 K`` bits); each later block ``(t_i, t_{i+1}]`` is sent with a probe trained from its
+seeded initial state on the first ``t_i`` examples (90 % for training, 10 % held out for early stopping on
+the loss), costing ``sum -log2 p(y | x)`` bits. Reported per head (layer):
+
+* ``codelength_bits``: the online codelength; ``uniform_bits = N log2 K``;
+* ``compression = uniform_bits / codelength_bits`` (higher = the labels are easier to extract);
+* ``val_acc`` / ``test_acc`` of a probe trained on all N examples (early stopping on the val split).
+
+The backbone runs once per batch (features cached in memory); each head is the same head class as in
+plain training (``prober``): Eq. 3/4 heads for pair tasks, ``SentenceProber`` for sentence tasks.
+A control task (``control=true``) is coded the same way: a planted-signal task compresses much better
+than its control. Results go to ``results.json`` (``mdl`` block and per-layer fields) and ``mdl.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from .cache import accuracy, extract_split, fast_dev_batches, fit_head, pick_device, predict_logits, take
+
+PAPER_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
+
+
+def block_ends(n: int, fractions=PAPER_FRACTIONS) -> list[int]:
+    ends = sorted({min(n, max(1, math.ceil(float(f) * n))) for f in fractions} | {n})
+    return ends
+
+
+def online_codelength(head0, x, y: torch.Tensor, num_classes: int, fractions=PAPER_FRACTIONS, *, seed: int = 0,
+                      lr: float = 1e-3, batch_size: int = 64, max_epochs: int = 20, patience: int = 3,
+                      device="cpu") -> dict:
+    """Online code of labels ``y`` given inputs ``x`` (tuple of tensors), in the given (already random) order."""
+    n = y.shape[0]
+    ends = block_ends(n, fractions)
+    bits_uniform_per = math.log2(num_classes)
+    blocks = [{"start": 0, "end": ends[0], "bits": ends[0] * bits_uniform_per, "code": "uniform"}]
+    for i in range(len(ends) - 1):
+        t, t_next = ends[i], ends[i + 1]
+        n_dev = t // 10 if t >= 10 else 0
+        tr, dv = slice(0, t - n_dev), slice(t - n_dev, t)
+        head = copy.deepcopy(head0)
+        head, epochs = fit_head(head, take(x, tr), y[tr], take(x, dv) if n_dev else None, y[dv] if n_dev else None,
+                                lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience,
+                                seed=seed + i, device=device)
+        logits = predict_logits(head, take(x, slice(t, t_next)), device=device)
+        nats = float(F.cross_entropy(logits, y[t:t_next], reduction="sum"))
+        blocks.append({"start": t, "end": t_next, "bits": nats / math.log(2), "code": "online", "epochs": epochs})
+    code = sum(b["bits"] for b in blocks)
+    uniform = n * bits_uniform_per
+    return {"codelength_bits": code, "uniform_bits": uniform, "compression": uniform / code if code > 0 else math.inf,
+            "num_examples": n, "blocks": blocks}
+
+
+def train_mdl(cfg) -> dict:
+    from ..pipeline import build_module, make_datamodule, results_markdown, run_dir
+
+    t0 = time.time()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    rdir = run_dir(cfg)
+    dm = make_datamodule(cfg)
+    module, spec = build_module(cfg, dm)
+    device = pick_device(cfg)
+    module.to(device)
+    o = OmegaConf.to_container(cfg.get("mdl_opts") or {}, resolve=True)
+    fractions = tuple(o.get("fractions") or PAPER_FRACTIONS)
+    quick = fast_dev_batches(cfg)
+    fit = {"lr": float(o.get("lr", 1e-3)), "batch_size": int(o.get("batch_size", 64)),
+           "max_epochs": 1 if quick else int(o.get("max_epochs", 20)), "patience": int(o.get("patience", 3))}
+    max_train = o.get("max_train")
+    xs, ys, dropped = {}, {}, 0
+    for stage in ("train", "val", "test"):
+        f, y, d = extract_split(module, dm, stage, max_batches=quick,
+                                max_examples=int(max_train) if (stage == "train" and max_train) else None)
+        xs[stage], ys[stage] = f, y
+        dropped += d
+    perm = torch.randperm(ys["train"].shape[0], generator=torch.Generator().manual_seed(int(cfg.seed)))
+    y_tr = ys["train"][perm]
+    C = len(spec.labels)
+    rows = []
+    for key in module.head_names:
+        from ..probers.module import _safe, layer_number
+
+        head0 = copy.deepcopy(module.heads[_safe(key)]).cpu()
+        x_tr = take(xs["train"][key], perm)
+        code = online_codelength(head0, x_tr, y_tr, C, fractions, seed=int(cfg.seed), device=device, **fit)
+        full, _ = fit_head(copy.deepcopy(head0), x_tr, y_tr, xs["val"][key], ys["val"], seed=int(cfg.seed),
+                           device=device, **fit)
+        name = module.display_name(key)
+        rows.append({"layer": layer_number(name) if name.startswith("layer_") else -1, "name": name,
+                     "val_acc": accuracy(full, xs["val"][key], ys["val"], device),
+                     "test_acc": accuracy(full, xs["test"][key], ys["test"], device),
+                     "codelength_bits": code["codelength_bits"], "uniform_bits": code["uniform_bits"],
+                     "compression": code["compression"], "blocks": code["blocks"]})
+        print(f"[value-pl] MDL {name}: {code['codelength_bits']:.1f} bits (uniform {code['uniform_bits']:.1f}), "
+              f"compression {code['compression']:.2f}")
+    counts = dm.label_counts(spec.name, "test")
+    total = sum(counts.values())
+    best = max(rows, key=lambda r: r["val_acc"])
+    res = {
+        "task": spec.name, "prober": module.prober_name, "backbone": module.backbone.describe(),
+        "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"),
+                 "synthetic": bool(dm.manifest.get("synthetic", False)),
+                 "mismatch": bool(dm.manifest.get("mismatch", False)) or "mismatch" in dm.root.name},
+        "seed": int(cfg.seed), "control": bool(cfg.get("control", False)),
+        "shuffle_labels": bool(cfg.get("shuffle_labels", False)), "num_classes": C, "labels": spec.labels,
+        "chance": 1.0 / C, "majority": (max(counts.values()) / total) if total else None,
+        "layers": rows, "best": {k: best[k] for k in ("layer", "name", "test_acc", "val_acc")},
+        "pairs_dropped": dropped,
+        "mdl": {"method": "online code (Voita & Titov 2020)", "fractions": list(fractions),
+                "num_examples": int(y_tr.shape[0]), **fit,
+                "layers": {r["name"]: {k: r[k] for k in ("codelength_bits", "uniform_bits", "compression")}
+                           for r in rows}},
+        "seconds": round(time.time() - t0, 1),
+    }
+    (rdir / "results.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
+    (rdir / "mdl.json").write_text(json.dumps(res["mdl"], indent=2, default=float) + "\n")
+    md = results_markdown(res) + "\n| layer | codelength (bits) | uniform (bits) | compression |\n|---|---:|---:|---:|\n"
+    md += "".join(f"| {r['name']} | {r['codelength_bits']:.1f} | {r['uniform_bits']:.1f} | {r['compression']:.2f} |\n"
+                  for r in rows)
+    (rdir / "results.md").write_text(md)
+    print(md)
+    return res

@@ -1,0 +1,148 @@
+"""SentEval linguistic probing per layer (VALUE Sec. 3.5, Tables 5 and 11), with SentEval's protocol.
+
+Sentence representation (documented choice): for each layer, the **mean of the hidden states over the
+sentence's word tokens** ([CLS]/[SEP] and padding excluded; :func:`value_pl.probers.features.sentence_features`).
+Input is text only: single-stream models (UNITER, VisualBERT) get the sentence with no regions; the
+two-stream model (LXMERT) is probed on its embedding output and its 9 language layers (the cross layers
+need an image); BERT on its embedding output and 12 layers. Layer 0 is the embedding output.
+
+Protocol (facebookresearch/SentEval, ``tools/classifier.py`` + ``tools/validation.py``; Conneau et al. 2018):
+
+* classifier ``Linear -> Dropout -> Sigmoid -> Linear`` (``prober=senteval_mlp``) or logistic regression
+  (``prober=senteval_lr``; ``task.force_lr: true`` forces it, as SentEval does for WordContent);
+* Adam (lr 1e-3), L2 (Adam weight decay) from {1e-5, 1e-4, 1e-3, 1e-2}, nhid from {50, 100, 200},
+  dropout from {0, 0.1, 0.2}, batch 64; every configuration trained on train and scored on dev;
+* one "epoch" = ``epoch_size`` (4) passes over train, then a dev evaluation; training stops after
+  ``tenacity`` (5) evaluations without a dev improvement or at ``max_epoch`` (200); the best-dev model is kept;
+* per layer the configuration with the best dev accuracy is chosen and its test accuracy reported.
+
+Features are extracted once per split (one frozen forward per batch) and the grid runs on cached tensors.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ..probers.heads import SentenceProber, seeded
+from ..probers.module import layer_number
+from .cache import accuracy, extract_split, fast_dev_batches, pick_device
+
+DEFAULT_GRID = {"nhid": [50, 100, 200], "dropout": [0.0, 0.1, 0.2], "l2": [1e-5, 1e-4, 1e-3, 1e-2]}
+
+
+def fit_senteval(clf, x, y, x_dev, y_dev, *, l2: float, lr: float = 1e-3, batch_size: int = 64, tenacity: int = 5,
+                 epoch_size: int = 4, max_epoch: int = 200, seed: int = 1111, device="cpu"):
+    """SentEval's PyTorchClassifier.fit: returns (best-dev model, best dev accuracy, passes run)."""
+    clf = clf.to(device)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=l2)
+    g = torch.Generator().manual_seed(int(seed))
+    n = y.shape[0]
+    best_acc, best_state, bad, nepoch = -1.0, None, 0, 0
+    while nepoch < max_epoch:
+        clf.train()
+        for _ in range(epoch_size):
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n, batch_size):
+                idx = perm[i:i + batch_size]
+                loss = F.cross_entropy(clf(x[idx].to(device)), y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        nepoch += epoch_size
+        acc = accuracy(clf, (x_dev,), y_dev, device)
+        if acc > best_acc:
+            best_acc, bad = acc, 0
+            best_state = copy.deepcopy(clf.state_dict())
+        else:
+            bad += 1
+            if bad >= tenacity:
+                break
+    clf.load_state_dict(best_state)
+    clf.eval()
+    return clf, best_acc, nepoch
+
+
+def grid_of(prober: dict, task: dict, quick: bool = False) -> list[dict]:
+    g = {**DEFAULT_GRID, **(prober.get("grid") or {})}
+    lr_only = prober["name"] == "senteval_lr" or bool(task.get("force_lr", False))
+    nhids = [0] if lr_only else list(g["nhid"])
+    drops = [0.0] if lr_only else list(g["dropout"])
+    combos = [dict(nhid=int(h), dropout=float(d), l2=float(l)) for h, d, l in itertools.product(nhids, drops, g["l2"])]
+    return combos[:1] if quick else combos
+
+
+def probe_layer(x_tr, y_tr, x_va, y_va, x_te, y_te, C: int, grid: list[dict], opts: dict, seed: int, key: str,
+                device="cpu") -> dict:
+    tried = []
+    best = None
+    for hp in grid:
+        clf = seeded(seed, f"{key}:{hp}", lambda: SentenceProber(x_tr.shape[1], C, hp["nhid"], hp["dropout"]))
+        clf, dev_acc, passes = fit_senteval(clf, x_tr, y_tr, x_va, y_va, l2=hp["l2"], seed=seed, device=device, **opts)
+        tried.append({**hp, "val_acc": dev_acc, "passes": passes})
+        if best is None or dev_acc > best[0]:
+            best = (dev_acc, hp, clf, passes)
+    dev_acc, hp, clf, passes = best
+    return {"val_acc": dev_acc, "test_acc": accuracy(clf, (x_te,), y_te, device), **hp, "passes": passes,
+            "grid": tried}
+
+
+def train_senteval(cfg) -> dict:
+    from ..pipeline import build_module, make_datamodule, run_dir, write_results
+
+    t0 = time.time()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    rdir = run_dir(cfg)
+    dm = make_datamodule(cfg)
+    module, spec = build_module(cfg, dm)
+    device = pick_device(cfg)
+    module.to(device)
+    prober = OmegaConf.to_container(cfg.prober, resolve=True)
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    quick = fast_dev_batches(cfg)
+    opts = {"lr": float(prober.get("lr", 1e-3)), "batch_size": int(prober.get("batch_size", 64)),
+            "tenacity": int(prober.get("tenacity", 5)), "epoch_size": int(prober.get("epoch_size", 4)),
+            "max_epoch": int(prober.get("max_epoch", 200))}
+    if quick:
+        opts.update(epoch_size=1, max_epoch=1)
+    grid = grid_of(prober, task, quick=bool(quick))
+    print(f"[value-pl] SentEval protocol: {len(grid)} configuration(s) per layer, {opts}")
+    splits = {}
+    dropped = 0
+    for stage in ("train", "val", "test"):
+        f, y, d = extract_split(module, dm, stage, max_batches=quick)
+        splits[stage] = (f, y)
+        dropped += d
+    C = len(spec.labels)
+    rows = []
+    seed = int(prober.get("seed", 1111)) + int(cfg.seed)
+    for key in module.head_names:
+        r = probe_layer(splits["train"][0][key][0], splits["train"][1], splits["val"][0][key][0], splits["val"][1],
+                        splits["test"][0][key][0], splits["test"][1], C, grid, opts, seed, key, device)
+        name = module.display_name(key)
+        rows.append({"layer": layer_number(name), "name": name, **r})
+        print(f"[value-pl] {name}: dev {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} "
+              f"(nhid {r['nhid']}, dropout {r['dropout']}, l2 {r['l2']})")
+    counts = dm.label_counts(spec.name, "test")
+    total = sum(counts.values())
+    best = max(rows, key=lambda r: r["val_acc"])
+    res = {
+        "task": spec.name, "prober": module.prober_name, "backbone": module.backbone.describe(),
+        "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"),
+                 "synthetic": bool(dm.manifest.get("synthetic", False)), "mismatch": False},
+        "seed": int(cfg.seed), "control": bool(cfg.get("control", False)),
+        "shuffle_labels": bool(cfg.get("shuffle_labels", False)), "num_classes": C, "labels": spec.labels,
+        "chance": 1.0 / C, "majority": (max(counts.values()) / total) if total else None, "layers": rows,
+        "best": {"layer": best["layer"], "name": best["name"], "test_acc": best["test_acc"], "val_acc": best["val_acc"]},
+        "pairs_dropped": dropped,
+        "protocol": {"name": "senteval", "representation": "mean over word tokens per layer",
+                     "grid_size": len(grid), **opts, "seed": seed, "fast_dev_run": bool(quick)},
+        "seconds": round(time.time() - t0, 1),
+    }
+    write_results(rdir, res)
+    return res
