@@ -26,7 +26,7 @@ def test_fast_dev_run_writes_results(tmp_path, demo_root):
 @pytest.mark.slow
 def test_planted_signal_and_shuffled_labels(tmp_path, demo_root):
     common = ["prober=layer_emb", "task=vrc", f"data.root={demo_root}", "trainer.max_epochs=3",
-              "layers=[0,3,6]", *FAST]
+              "layers=[0,2]", *FAST]
     d1, d2 = tmp_path / "real", tmp_path / "shuffled"
     run_cli("value_pl.train", common, d1)
     run_cli("value_pl.train", common + ["shuffle_labels=true"], d2)
@@ -46,7 +46,7 @@ def test_planted_signal_and_shuffled_labels(tmp_path, demo_root):
 
 @pytest.mark.slow
 def test_resume_and_eval(tmp_path, demo_root):
-    common = ["prober=layer_emb", "task=vcc", f"data.root={demo_root}", "layers=[6]", "data.train_batches=3", *FAST]
+    common = ["prober=layer_emb", "task=vcc", f"data.root={demo_root}", "layers=[1]", "data.train_batches=3", *FAST]
     d1 = tmp_path / "first"
     run_cli("value_pl.train", common + ["trainer.max_epochs=1"], d1)
     last = d1 / "checkpoints" / "last.ckpt"
@@ -58,6 +58,6 @@ def test_resume_and_eval(tmp_path, demo_root):
     run_cli("value_pl.eval", [f"ckpt_path={d2 / 'checkpoints' / 'last.ckpt'}", f"data.root={demo_root}", *FAST], d3)
     ev = json.loads((d3 / "results.json").read_text())
     tr = json.loads((d2 / "results.json").read_text())
-    assert ev["task"] == "vcc" and [r["name"] for r in ev["layers"]] == ["layer_06"]
+    assert ev["task"] == "vcc" and [r["name"] for r in ev["layers"]] == ["layer_01"]
     assert ev["layers"][0]["test_acc"] == pytest.approx(tr["layers"][0]["test_acc"], abs=1e-6)
     assert ev["layers"][0]["val_acc"] == pytest.approx(tr["layers"][0]["val_acc"], abs=1e-6)

@@ -1,6 +1,6 @@
 """Training-free analyses of a frozen backbone (VALUE Table 1, Figs. 2, 3, 6-10, Tables 2, 4, 7).
 
-``python -m value_pl.analyze analysis=all`` (see ``docs/analyses.md``). Each analysis reads only the
+``python -m value_pl.analyze analysis=all`` (see the README section "Training-free analyses"). Each analysis reads only the
 :class:`~value_pl.backbones.base.BackboneOutput` and keeps running sums (bounded memory).
 """
 from .common import Analysis, Unsupported

@@ -62,7 +62,7 @@ class BertBackbone(SingleStreamBackbone):
         h = self.model.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
         if capture.wants_hidden("hidden.joint.0"):
             hidden["hidden.joint.0"] = h
-        bert_stack(self.model.encoder.layer, h, tmask, "joint", 1, capture, rows, hidden, attn, self.num_heads)
+        bert_stack(self.model.encoder.layer, h, tmask, "joint", 1, capture, rows, hidden, attn, self.num_heads, stop_early=True)
         rmask = batch.get("region_mask")
         if rmask is None:
             rmask = torch.zeros(ids.shape[0], 0, dtype=torch.long, device=ids.device)

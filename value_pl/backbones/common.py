@@ -120,15 +120,21 @@ def run_layer(layer: nn.Module, h: Tensor, bias4: Tensor) -> Tensor:
 
 
 def bert_stack(layers: nn.ModuleList, h: Tensor, mask: Tensor, stream: str, first: int, capture: CaptureSpec,
-               rows: Tensor | None, hidden: dict, attn: dict, num_heads: int) -> Tensor:
+               rows: Tensor | None, hidden: dict, attn: dict, num_heads: int, stop_early: bool = False) -> Tensor:
     """Run BERT layers ``layers`` on ``h`` and keep what ``capture`` asks for.
 
     Layer ``i`` of ``layers`` is named ``first + i``. Attention rows come from the query/key projections
-    (hooks), so the layers keep their own (sdpa) attention implementation.
+    (hooks), so the layers keep their own (sdpa) attention implementation. With ``stop_early`` the loop
+    ends after the last layer anything was asked of (the returned state is then that layer's output).
     """
     bias = additive_mask(mask, h.dtype)
     bias4 = bias[:, None, None, :]
-    for i, layer in enumerate(layers):
+    n = len(layers)
+    if stop_early:
+        wanted = [i for i in range(n) if capture.wants_hidden(f"hidden.{stream}.{first + i}")
+                  or capture.wants_attn(f"attn.{stream}.{first + i}.self")]
+        n = wanted[-1] + 1 if wanted else 0
+    for i, layer in enumerate(layers[:n]):
         lnum = first + i
         aname = f"attn.{stream}.{lnum}.self"
         sa = layer.attention.self

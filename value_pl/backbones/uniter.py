@@ -110,7 +110,7 @@ class UniterBackbone(SingleStreamBackbone):
         attn: dict[str, Tensor] = {}
         if capture.wants_hidden("hidden.joint.0"):
             hidden["hidden.joint.0"] = h
-        bert_stack(u.encoder.layer, h, mask, "joint", 1, capture, rows, hidden, attn, self.num_heads)
+        bert_stack(u.encoder.layer, h, mask, "joint", 1, capture, rows, hidden, attn, self.num_heads, stop_early=True)
         return BackboneOutput(
             hidden=hidden, attn=attn, streams={"joint": info},
             attn_streams={n: ("joint", "joint") for n in attn},

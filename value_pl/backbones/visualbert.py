@@ -66,7 +66,7 @@ class VisualBertBackbone(SingleStreamBackbone):
         attn: dict[str, Tensor] = {}
         if capture.wants_hidden("hidden.joint.0"):
             hidden["hidden.joint.0"] = h
-        bert_stack(vb.encoder.layer, h, mask, "joint", 1, capture, rows, hidden, attn, self.num_heads)
+        bert_stack(vb.encoder.layer, h, mask, "joint", 1, capture, rows, hidden, attn, self.num_heads, stop_early=True)
         return BackboneOutput(
             hidden=hidden, attn=attn, streams={"joint": info}, attn_streams={n: ("joint", "joint") for n in attn},
             text_mask=tmask, region_mask=rmask, word_to_token=batch["word_to_token"],

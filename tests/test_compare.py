@@ -1,0 +1,144 @@
+"""``python -m value_pl.compare``: three synthesised UNITER checkpoints -> three rows in step order,
+differing metrics, outputs written; a second run is served from the cache and builds no backbone."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose
+
+TINY = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 128, "type_vocab_size": 2}
+SMALL_SUITE = ["suite.train_samples=48", "suite.val_samples=16", "suite.test_samples=32",
+               "suite.analysis_samples=16", "suite.epochs=2", "suite.batch_size=16", "suite.rank=16",
+               "suite.kmeans.n_init=2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from omegaconf import OmegaConf
+
+    from value_pl.backbones import build_backbone
+
+    d = tmp_path_factory.mktemp("ckpts")
+    (d / "tiny.json").write_text(json.dumps(TINY))
+    for seed, step in [(1, 1000), (2, 30), (3, 200)]:  # glob order != step order
+        bb = build_backbone(OmegaConf.create({"family": "uniter", "config": str(d / "tiny.json"), "tokenizer": "minilm",
+                                              "pretrained": False, "seed": seed}), img_dim=64)
+        torch.save(dict(bb.state_dict()), d / f"ckpt_step{step}.pt")
+    return d
+
+
+def test_step_parsing_and_order(tmp_path):
+    from value_pl.compare_lib.checkpoints import discover, step_from_name
+
+    assert step_from_name("ckpt_step1000.pt") == 1000
+    assert step_from_name("epoch=3-step=1500.ckpt") == 1500
+    assert step_from_name("checkpoint-5000") == 5000
+    assert step_from_name("pretrain_iter20k.pt") == 20000
+    assert step_from_name("model_LXRT.pth") is None
+    # a step stored in the checkpoint dict; a bare number in the name; HF trainer_state.json
+    torch.save({"global_step": 7, "state_dict": {}}, tmp_path / "last.pt")
+    torch.save({}, tmp_path / "uniter_20k.pt")
+    hf = tmp_path / "hfdir"
+    hf.mkdir()
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 90}))
+    cks = discover(str(tmp_path / "*"))
+    assert [(Path(c.path).name, c.step, c.step_source) for c in cks] == [
+        ("last.pt", 7, "checkpoint"), ("hfdir", 90, "trainer_state"), ("uniter_20k.pt", 20000, "name")]
+    cks = discover([str(tmp_path / "last.pt"), str(tmp_path / "uniter_20k.pt")], steps=[5, 1])
+    assert [c.step for c in cks] == [1, 5] and cks[0].step_source == "override"
+
+
+def test_compare_three_checkpoints_then_cached(tmp_path, checkpoints, demo_root, monkeypatch, capsys):
+    """What ``python -m value_pl.compare checkpoints=DIR/*.pt backbone=uniter ...`` runs (the entry point is
+    a thin Hydra wrapper around ``compare(cfg)``), twice: in-process to keep the test fast."""
+    import value_pl.backbones as B
+    from value_pl.compare_lib import compare
+
+    run = tmp_path / "cmp"
+    common = [f"checkpoints={checkpoints}/*.pt", "backbone=uniter", f"backbone.config={checkpoints}/tiny.json",
+              "backbone.tokenizer=minilm", "backbone.img_dim=64", f"data.root={demo_root}", f"out={run}",
+              *SMALL_SUITE]
+    real_build, builds = B.build_backbone, []
+    monkeypatch.setattr(B, "build_backbone", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    compare(compose(common + ["logger=csv"], "compare"))
+    assert len(builds) == 3
+    out = capsys.readouterr().out
+    res = json.loads((run / "compare.json").read_text())
+    rows = res["rows"]
+    assert [r["step"] for r in rows] == [30, 200, 1000]
+    assert [Path(r["checkpoint"]).name for r in rows] == ["ckpt_step30.pt", "ckpt_step200.pt", "ckpt_step1000.pt"]
+    assert all(r["computed"] for r in rows) and res["built"] == 3
+    names = set(rows[0]["metrics"])
+    for k in ("fusion/nmi/mean", "fusion/nmi/layer_02", "modality/text", "modality/image", "vcc/acc/best",
+              "vrc/acc/best", "vrc/acc/layer_02"):
+        assert k in names, sorted(names)
+    assert all(set(r["metrics"]) == names for r in rows)
+    assert len({json.dumps(r["metrics"], sort_keys=True) for r in rows}) == 3  # different weights, different numbers
+    assert len({r["metrics"]["modality/text"] for r in rows}) == 3
+    assert len({r["weights_checksum"] for r in rows}) == 3
+    md = (run / "compare.md").read_text()
+    assert md.index("ckpt_step30.pt") < md.index("ckpt_step200.pt") < md.index("ckpt_step1000.pt")
+    assert sorted(x.name for x in (run / "plots").glob("*.png")) == sorted(
+        n.replace("/", "__") + ".png" for n in names)
+    assert len(list((run / "cache").glob("*.json"))) == 3
+    csv = (run / "csv" / "metrics.csv").read_text().splitlines()
+    assert len(csv) == 4 and "fusion/nmi/mean" in csv[0]
+    assert "ckpt_step1000.pt (step 1000)" in out and "3 measured, 0 cached" in out
+
+    # second run: every row from the cache -- no backbone built, no forward pass
+    builds.clear()
+    res2 = compare(compose(common + ["logger=none", "plots=false"], "compare"))
+    assert builds == [] and res2["built"] == 0 and "0 measured, 3 cached" in capsys.readouterr().out
+    assert [r["computed"] for r in res2["rows"]] == [False, False, False]
+    assert [r["metrics"] for r in res2["rows"]] == [r["metrics"] for r in rows]
+    assert json.loads((run / "compare.json").read_text())["rows"][0]["computed"] is False
+
+
+def test_compare_cli_entry_composes():
+    """The Hydra entry point's config: defaults and the suite group."""
+    cfg = compose(["checkpoints=a.pt", "suite=full"], "compare")
+    assert cfg.suite.name == "full" and cfg.backbone.family == "uniter" and cfg.logger.name == "wandb"
+    from value_pl import compare as entry
+
+    assert callable(entry.main)
+
+
+def test_compare_hf_dirs_lxmert_and_bert(tmp_path):
+    """Directories go to backbone.path; parts that do not apply to a family are reported as skipped:
+    LXMERT (two-stream: no [CLS] modality importance), BERT (text only: sentence tasks on SentEval shards)."""
+    from transformers import BertConfig, BertModel, LxmertConfig, LxmertModel
+
+    import fixtures_data as F
+    from helpers_backbones import VOCAB, tiny_tokenizer
+    from value_pl.compare_lib import compare
+
+    small = ["logger=none", "plots=false", "suite.train_samples=16", "suite.val_samples=8", "suite.test_samples=8",
+             "suite.analysis_samples=8", "suite.epochs=1", "suite.rank=8", "suite.kmeans.n_init=1"]
+    lx = dict(vocab_size=len(VOCAB), hidden_size=16, num_attention_heads=2, intermediate_size=32, l_layers=1,
+              r_layers=1, x_layers=2, visual_feat_dim=64, visual_pos_dim=4, max_position_embeddings=64)
+    for seed, step in [(0, 500), (1, 100)]:
+        torch.manual_seed(seed)
+        d = tmp_path / "lxmert" / f"checkpoint-{step}"
+        LxmertModel(LxmertConfig(**lx)).save_pretrained(str(d))
+        tiny_tokenizer(d)
+    res = compare(compose([f"checkpoints={tmp_path}/lxmert/checkpoint-*", "backbone=lxmert_hf",
+                           f"out={tmp_path / 'lx_run'}", *small], "compare"))
+    assert [r["step"] for r in res["rows"]] == [100, 500]
+    assert all("modality" in r["skipped"] and "fusion/nmi/mean" in r["metrics"] and "vrc/acc/best" in r["metrics"]
+               for r in res["rows"])
+
+    sent = F.write_senteval(tmp_path / "senteval_raw")
+    F.build("senteval", tmp_path / "senteval", sent)
+    for seed, step in [(0, 20), (1, 10)]:
+        torch.manual_seed(seed)
+        d = tmp_path / "bert" / f"bert_step{step}"
+        BertModel(BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=64)).save_pretrained(str(d))
+        tiny_tokenizer(d)
+    res = compare(compose([f"checkpoints={tmp_path}/bert/*", "backbone=bert", "data.root=" + str(tmp_path / "senteval" / "bshift"),
+                           "suite.tasks=[bshift]", "suite.analyses=[]", f"out={tmp_path / 'bert_run'}", *small], "compare"))
+    assert [r["step"] for r in res["rows"]] == [10, 20]
+    assert all("bshift/acc/best" in r["metrics"] and "bshift/acc/layer_02" in r["metrics"] for r in res["rows"])

@@ -1,0 +1,231 @@
+"""``python -m value_pl.compare``: the probe suite over the checkpoints of one backbone family.
+
+For every checkpoint (ordered by training step) the backbone is built with ``backbone.checkpoint``
+(files: UNITER ``.pt``, LXMERT ``.pth``) or ``backbone.path`` (HF directories) set to it, the suite
+(:mod:`value_pl.suite`) runs, and the row is cached under ``<cache>/<sha256(checkpoint)>-<sha256(suite)>.json``;
+a re-run loads cached rows and builds no backbone for them. Outputs: ``compare.json``, ``compare.md``,
+``plots/<metric>.png`` (one line plot per metric against the step), and one logger run (W&B: one group,
+the checkpoint step as x-axis).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..suite import SuiteData, run_suite, suite_config, suite_hash
+from .checkpoints import checksum, discover
+
+log = logging.getLogger("value_pl")
+
+#: backbone.* fields that name the weights: the checkpoint under comparison replaces them
+WEIGHT_FIELDS = ("checkpoint", "path")
+
+
+def backbone_cfg_for(cfg: DictConfig, ck) -> DictConfig:
+    key = cfg.get("checkpoint_key", "auto")
+    if key in (None, "auto"):
+        key = "path" if ck.is_dir else "checkpoint"
+    b = OmegaConf.to_container(cfg.backbone, resolve=True)
+    if key == "path" and b.get("family") != "bert":
+        b["checkpoint"] = None  # a directory is the whole model
+    b[key] = ck.path
+    b["pretrained"] = True
+    return OmegaConf.create(b)
+
+
+def cache_identity(cfg: DictConfig, suite: dict, data_ident: dict) -> str:
+    b = OmegaConf.to_container(cfg.backbone, resolve=True)
+    for k in WEIGHT_FIELDS:
+        b.pop(k, None)
+    b.pop("name", None)
+    return suite_hash(suite, {"backbone": b, "data": data_ident})
+
+
+def data_identity(cfg: DictConfig) -> dict:
+    from ..data.schema import load_manifest
+
+    root = Path(cfg.data.root)
+    m = load_manifest(root)
+    return {"root": str(root.resolve()), "dataset": m.get("dataset"), "version": m.get("version"),
+            "seed": m.get("seed"), "splits": {k: v.get("samples") for k, v in m["splits"].items()},
+            "roles": OmegaConf.to_container(cfg.data.splits) if cfg.data.get("splits") else None}
+
+
+def pick_device(name) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(res: dict) -> str:
+    rows = res["rows"]
+    names = sorted({k for r in rows for k in r["metrics"]})
+    summary = [n for n in names if "/layer_" not in n]
+    per_layer = [n for n in names if "/layer_" in n]
+    b = res["backbone"]
+    lines = [f"# Checkpoint comparison / backbone family={b.get('family')} name={b.get('name')} / "
+             f"suite={res['suite'].get('name')}", "",
+             f"{len(rows)} checkpoints, ordered by training step. Data: {res['data'].get('root')}"
+             + (" (synthetic demo shards: a smoke test, not a result)" if res["data"].get("dataset") == "demo" else ""),
+             "", "| checkpoint | step | " + " | ".join(summary) + " | computed |",
+             "|---|---:|" + "---:|" * len(summary) + "---|"]
+    for r in rows:
+        lines.append(f"| {Path(r['checkpoint']).name} | {r['step']} | "
+                     + " | ".join(_fmt(r["metrics"].get(n)) for n in summary)
+                     + f" | {'yes' if r['computed'] else 'cached'} |")
+    if per_layer:
+        lines += ["", "## Per layer", "", "| metric | " + " | ".join(f"step {r['step']}" for r in rows) + " |",
+                  "|---|" + "---:|" * len(rows)]
+        for n in per_layer:
+            lines.append(f"| {n} | " + " | ".join(_fmt(r["metrics"].get(n)) for r in rows) + " |")
+    skipped = {k: v for r in rows for k, v in r.get("skipped", {}).items()}
+    if skipped:
+        lines += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in skipped.items()]
+    lines += ["", "Metrics: `fusion/nmi/*` k-means NMI (lower = more fused), `modality/*` [CLS] attention mass "
+                  "(Eq. 1), `<task>/acc/*` test accuracy of the layer-embedding prober (Eq. 4) trained with the "
+                  "suite's fixed budget; `best` = the head best on validation.", ""]
+    if res.get("plots"):
+        lines += ["## Plots", ""] + [f"![{n}]({p})" for n, p in res["plots"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_name(metric: str) -> str:
+    return metric.replace("/", "__")
+
+
+def plots(rows: list[dict], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted({k for r in rows for k in r["metrics"]})
+    xs = [r["step"] for r in rows]
+    done = {}
+    for n in names:
+        ys = [r["metrics"].get(n, math.nan) for r in rows]
+        fig, ax = plt.subplots(figsize=(4.5, 3.0))
+        ax.plot(xs, ys, marker="o")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(n)
+        ax.set_title(n, fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out / f"{plot_name(n)}.png"
+        fig.savefig(p, dpi=80)
+        plt.close(fig)
+        done[n] = f"{out.name}/{p.name}"
+    return done
+
+
+def log_rows(logger, rows: list[dict]) -> None:
+    """One logger run: every checkpoint's metrics at its training step (W&B: step is the x-axis)."""
+    if not logger:
+        return
+    try:
+        for r in rows:
+            m = {k: v for k, v in r["metrics"].items() if v == v}
+            m["compare/step"] = r["step"]
+            logger.log_metrics(m, step=int(r["step"]))
+        if hasattr(logger, "log_table"):
+            names = sorted({k for r in rows for k in r["metrics"] if "/layer_" not in k})
+            logger.log_table(key="compare/rows", columns=["checkpoint", "step", *names],
+                             data=[[Path(r["checkpoint"]).name, r["step"], *[r["metrics"].get(n) for n in names]]
+                                   for r in rows])
+    except Exception as e:  # noqa: BLE001 - a dashboard must never fail a run
+        log.warning("could not log the comparison: %s", e)
+
+
+def compare(cfg: DictConfig) -> dict:
+    from ..backbones import build_backbone
+    from ..pipeline import ensure_demo, make_logger, run_dir
+
+    t0 = time.time()
+    rdir = Path(cfg.out) if cfg.get("out") else run_dir(cfg)
+    rdir.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.cache_dir) if cfg.get("cache_dir") else rdir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    ensure_demo(cfg.data.root, cfg.data)
+    suite = suite_config(cfg.suite, seed=int(cfg.suite.get("seed", cfg.seed)))
+    steps = OmegaConf.to_container(cfg.steps) if cfg.get("steps") is not None else None
+    specs = cfg.checkpoints
+    specs = OmegaConf.to_container(specs) if OmegaConf.is_config(specs) else specs
+    cks = discover(specs, steps)
+    sid = cache_identity(cfg, suite, data_identity(cfg))
+    device = pick_device(cfg.get("device"))
+    data = None
+    rows = []
+    built = 0
+    for ck in cks:
+        csum = checksum(ck.path)
+        cfile = cache / f"{csum[:32]}-{sid[:32]}.json"
+        if cfile.exists():
+            row = json.loads(cfile.read_text())
+            row.update(checkpoint=ck.path, step=ck.step, step_source=ck.step_source, computed=False)
+            print(f"[value-pl] {ck.name} (step {ck.step}): cached ({cfile.name})")
+            rows.append(row)
+            continue
+        if data is None:
+            roles = OmegaConf.to_container(cfg.data.splits) if cfg.data.get("splits") else None
+            data = SuiteData.load(cfg.data.root, suite, roles)
+        t1 = time.time()
+        bcfg = backbone_cfg_for(cfg, ck)
+        backbone = build_backbone(bcfg, img_dim=data.manifest.get("feature_dim"))
+        built += 1
+        backbone.to(device)
+        tb = time.time() - t1
+        res = run_suite(backbone, suite, data)
+        row = {"checkpoint": ck.path, "step": ck.step, "step_source": ck.step_source, "checksum": csum,
+               "weights_checksum": backbone.describe().get("checksum"), "suite": suite.get("name"),
+               "metrics": res["metrics"], "skipped": res["skipped"], "forwards": res["forwards"],
+               "seconds": {"build": round(tb, 3), "suite": res["seconds"], "total": round(time.time() - t1, 3)},
+               "device": str(device), "computed": True}
+        cfile.write_text(json.dumps(row, indent=1, default=float) + "\n")
+        summ = ", ".join(f"{k}={v:.3f}" for k, v in res["metrics"].items() if "/layer_" not in k)
+        print(f"[value-pl] {ck.name} (step {ck.step}): {summ} [{row['seconds']['total']:.1f} s]")
+        rows.append(row)
+        del backbone
+        gc.collect()
+    rows.sort(key=lambda r: (r["step"], r["checkpoint"]))
+    b = OmegaConf.to_container(cfg.backbone, resolve=True)
+    res = {"backbone": {"family": b.get("family"), "name": b.get("name")}, "suite": suite,
+           "data": data_identity(cfg), "rows": rows, "built": built, "cache": str(cache)}
+    if cfg.get("plots", True):
+        res["plots"] = plots(rows, rdir / "plots")
+    res["seconds"] = round(time.time() - t0, 2)
+    (rdir / "compare.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    md = markdown(res)
+    (rdir / "compare.md").write_text(md)
+    print(md)
+    print(f"[value-pl] {len(rows)} checkpoints ({built} measured, {len(rows) - built} cached) "
+          f"in {res['seconds']} s -> {rdir}")
+    lc = cfg.get("logger")
+    if lc and lc.get("name") == "wandb":
+        cfg = OmegaConf.merge(cfg, {"logger": {"group": lc.get("group") or f"compare-{b.get('name')}",
+                                               "run_name": lc.get("run_name") or f"compare-{b.get('name')}"}})
+    logger = make_logger(cfg, rdir)
+    log_rows(logger, rows)
+    if logger:
+        try:
+            logger.finalize("success")
+        except Exception:  # noqa: BLE001
+            pass
+        if cfg.logger.get("name") == "wandb":
+            import wandb
+
+            wandb.finish()
+    return res
