@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 
         def bare():
             with torch.no_grad(), torch.autocast(**ac):
-                bb(batch, CaptureSpec(hidden=[], attn=[]))
+                bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
 
         rows.append(("bare sdpa forward", *measure(bare, args.iters, args.warmup, dev)))
 

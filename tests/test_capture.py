@@ -48,7 +48,7 @@ def eager_maps(bb, batch):
     try:
         from value_pl.backbones.base import CaptureSpec
 
-        out = bb(batch, CaptureSpec(hidden=[], attn=[]))
+        out = bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
     finally:
         bb.config._attn_implementation = old
         for h in hooks:
@@ -97,3 +97,26 @@ def test_rows_equal_eager_maps_and_forward_keeps_sdpa(tmp_path, monkeypatch, tas
     for k in f_rows:
         for x, y in zip(f_rows[k], f_full[k]):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_forward_stops_after_the_last_requested_layer(tmp_path, monkeypatch):
+    """A probe of layer 1 does not pay for the layers above it; full_forward=True runs them all."""
+    from value_pl.backbones.base import CaptureSpec
+
+    bb = tiny_uniter(tmp_path)
+    _, batch = demo_batch(tmp_path, bb, "vrc")
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return sdpa(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    with torch.no_grad():
+        part = bb(batch, CaptureSpec(hidden=["hidden.joint.1"], attn=[]))
+        n_part = len(calls)
+        full = bb(batch, CaptureSpec(hidden=["hidden.joint.1"], attn=[], full_forward=True))
+    assert n_part == 1 and len(calls) - n_part == bb.num_layers > 1
+    assert list(part.hidden) == ["hidden.joint.1"]
+    torch.testing.assert_close(part.hidden["hidden.joint.1"], full.hidden["hidden.joint.1"])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -212,6 +211,30 @@ def log_results_table(logger, res: dict) -> None:
             log.warning("could not log results table: %s", e)
 
 
+def close_logger(logger, cfg: DictConfig) -> None:
+    """Finalise a Lightning logger (and the W&B run behind it); a dashboard never fails a run."""
+    if not logger:
+        return
+    try:
+        logger.finalize("success")
+    except Exception:  # noqa: BLE001
+        pass
+    lc = cfg.get("logger")
+    if lc and lc.get("name") == "wandb":
+        import wandb
+
+        wandb.finish()
+
+
+def prepare(cfg: DictConfig):
+    """Seed, run dir, data module and probe module: the common start of every training driver."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    rdir = run_dir(cfg)
+    dm = make_datamodule(cfg)
+    module, spec = build_module(cfg, dm)
+    return rdir, dm, module, spec
+
+
 def teardown_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -231,10 +254,7 @@ def train(cfg: DictConfig) -> dict | None:
 
         return train_senteval(cfg)
     t0 = time.time()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    rdir = run_dir(cfg)
-    dm = make_datamodule(cfg)
-    module, spec = build_module(cfg, dm)
+    rdir, dm, module, spec = prepare(cfg)
     ident = module.backbone.describe()
     print(f"[value-pl] backbone {ident.get('name')}: {ident.get('source')}")
     if dm.manifest.get("synthetic"):
@@ -254,15 +274,7 @@ def train(cfg: DictConfig) -> dict | None:
                                                              "best": ckpt_cb.best_model_path or None}})
         write_results(rdir, res)
         log_results_table(logger, res)
-    if logger:
-        try:
-            logger.finalize("success")
-        except Exception:  # noqa: BLE001
-            pass
-    if cfg.logger.get("name") == "wandb":
-        import wandb
-
-        wandb.finish()
+    close_logger(logger, cfg)
     teardown_distributed()
     return res
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import build_backbone
 from ..data.schema import decode_sample
-from ..pipeline import make_datamodule, make_logger, run_dir, teardown_distributed
+from ..pipeline import close_logger, make_datamodule, make_logger, run_dir, teardown_distributed
 from .common import Unsupported, merge_captures
 from .fusion import TSNE, Fusion
 from .maxattn import Coref, Relation
@@ -184,14 +183,6 @@ def analyze(cfg: DictConfig) -> dict:
     summary["seconds"] = round(time.time() - t0, 1)
     (rdir / "analysis.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     print(f"[value-pl] {seen} samples, {len(analyses)} analyses in {summary['seconds']} s -> {rdir}")
-    if logger:
-        try:
-            logger.finalize("success")
-        except Exception:  # noqa: BLE001
-            pass
-        if cfg.logger.get("name") == "wandb":
-            import wandb
-
-            wandb.finish()
+    close_logger(logger, cfg)
     teardown_distributed()
     return summary

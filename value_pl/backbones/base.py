@@ -72,11 +72,14 @@ class CaptureSpec:
     hidden / attn: lists of fnmatch patterns over canonical names (``None`` = everything, ``[]`` = nothing).
     rows: ``{modality: LongTensor (B, R)}`` of query indices *within the modality* (text token
     index or region index), ``-1`` for padding. ``None`` keeps full maps.
+    full_forward: run every layer even past the last one anything was asked of (backbones otherwise
+    stop early: a probe of layer 3 does not pay for layers 4-12). Benchmarks of the bare forward set it.
     """
 
     hidden: Sequence[str] | None = None
     attn: Sequence[str] | None = ()
     rows: dict[str, Tensor] | None = None
+    full_forward: bool = False
 
     def wants_hidden(self, name: str) -> bool:
         return self.hidden is None or any(fnmatch.fnmatchcase(name, p) for p in self.hidden)

@@ -130,7 +130,7 @@ def bert_stack(layers: nn.ModuleList, h: Tensor, mask: Tensor, stream: str, firs
     bias = additive_mask(mask, h.dtype)
     bias4 = bias[:, None, None, :]
     n = len(layers)
-    if stop_early:
+    if stop_early and not capture.full_forward:
         wanted = [i for i in range(n) if capture.wants_hidden(f"hidden.{stream}.{first + i}")
                   or capture.wants_attn(f"attn.{stream}.{first + i}.self")]
         n = wanted[-1] + 1 if wanted else 0

@@ -152,7 +152,7 @@ def log_rows(logger, rows: list[dict]) -> None:
 
 def compare(cfg: DictConfig) -> dict:
     from ..backbones import build_backbone
-    from ..pipeline import ensure_demo, make_logger, run_dir
+    from ..pipeline import close_logger, ensure_demo, make_logger, run_dir
 
     t0 = time.time()
     rdir = Path(cfg.out) if cfg.get("out") else run_dir(cfg)
@@ -219,13 +219,5 @@ def compare(cfg: DictConfig) -> dict:
                                                "run_name": lc.get("run_name") or f"compare-{b.get('name')}"}})
     logger = make_logger(cfg, rdir)
     log_rows(logger, rows)
-    if logger:
-        try:
-            logger.finalize("success")
-        except Exception:  # noqa: BLE001
-            pass
-        if cfg.logger.get("name") == "wandb":
-            import wandb
-
-            wandb.finish()
+    close_logger(logger, cfg)
     return res

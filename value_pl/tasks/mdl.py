@@ -23,7 +23,6 @@ import json
 import math
 import time
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -64,13 +63,10 @@ def online_codelength(head0, x, y: torch.Tensor, num_classes: int, fractions=PAP
 
 
 def train_mdl(cfg) -> dict:
-    from ..pipeline import build_module, make_datamodule, results_markdown, run_dir
+    from ..pipeline import prepare, results_markdown
 
     t0 = time.time()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    rdir = run_dir(cfg)
-    dm = make_datamodule(cfg)
-    module, spec = build_module(cfg, dm)
+    rdir, dm, module, spec = prepare(cfg)
     device = pick_device(cfg)
     module.to(device)
     o = OmegaConf.to_container(cfg.get("mdl_opts") or {}, resolve=True)

@@ -24,7 +24,6 @@ import copy
 import itertools
 import time
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -93,13 +92,10 @@ def probe_layer(x_tr, y_tr, x_va, y_va, x_te, y_te, C: int, grid: list[dict], op
 
 
 def train_senteval(cfg) -> dict:
-    from ..pipeline import build_module, make_datamodule, run_dir, write_results
+    from ..pipeline import prepare, write_results
 
     t0 = time.time()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    rdir = run_dir(cfg)
-    dm = make_datamodule(cfg)
-    module, spec = build_module(cfg, dm)
+    rdir, dm, module, spec = prepare(cfg)
     device = pick_device(cfg)
     module.to(device)
     prober = OmegaConf.to_container(cfg.prober, resolve=True)
