@@ -1,6 +1,7 @@
 """Shared pieces of the backbones: BERT-style layer loops with row capture, init, checkpoint helpers."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -37,6 +38,21 @@ def load_tokenizer(path: str):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (set backbone.tokenizer=DIR)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def read_hf_config(cls, path: str | None, config: str | None, what: str):
+    """``config`` (a JSON file, or a directory with config.json) > ``path``/config.json; None if neither."""
+    src = config or path
+    if not src:
+        return None
+    p = Path(src)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{what} config {p} does not exist (set backbone.config=JSON)")
+    d = json.loads(p.read_text())
+    drop = ("architectures", "model_type", "transformers_version")
+    return cls(**{k: v for k, v in d.items() if not k.startswith("_") and k not in drop})
 
 
 def init_bert_weights(module: nn.Module, std: float) -> None:

@@ -43,7 +43,6 @@ Inputs: tokenizer bert-base-uncased (``backbone.tokenizer=DIR``), region feature
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from transformers import LxmertConfig, LxmertModel
 
 from .base import (Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, QKRecorder, StreamInfo,
                    additive_mask, attention_probs, rows_for_stream)
-from .common import (bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path,
+from .common import (bert_stack, read_hf_config, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path,
                      seeded_init)
 
 log = logging.getLogger(__name__)
@@ -222,17 +221,9 @@ class LxmertBackbone(Backbone):
 # ------------------------------------------------------------------ loading
 def lxmert_config(path: str | None, config: str | None) -> LxmertConfig:
     """``config`` (JSON file, or a directory with config.json) > ``path``/config.json > LXMERT defaults."""
-    src = config or path
-    if src:
-        p = Path(src)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise FileNotFoundError(f"LXMERT config {p} does not exist (set backbone.config=JSON)")
-        d = json.loads(p.read_text())
-        d = {k: v for k, v in d.items() if not k.startswith("_") and k not in ("architectures", "model_type",
-                                                                              "transformers_version")}
-        return LxmertConfig(**d)
+    cfg = read_hf_config(LxmertConfig, path, config, "LXMERT")
+    if cfg is not None:
+        return cfg
     return LxmertConfig()  # the released model: 9/5/5 layers, 768, 12 heads, 2048-d features, 4-d boxes
 
 

@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch import Tensor
 from transformers import VisualBertConfig, VisualBertModel
 
 from .base import BackboneOutput, SingleStreamBackbone, CaptureSpec, StreamInfo, rows_for_stream
-from .common import bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
+from .common import bert_stack, read_hf_config, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +75,9 @@ class VisualBertBackbone(SingleStreamBackbone):
 
 
 def visualbert_config(path: str | None, config: str | None) -> VisualBertConfig:
-    src = config or path
-    if src:
-        p = Path(src)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise FileNotFoundError(f"VisualBERT config {p} does not exist (set backbone.config=JSON)")
-        d = json.loads(p.read_text())
-        d = {k: v for k, v in d.items() if not k.startswith("_") and k not in ("architectures", "model_type",
-                                                                              "transformers_version")}
-        return VisualBertConfig(**d)
+    cfg = read_hf_config(VisualBertConfig, path, config, "VisualBERT")
+    if cfg is not None:
+        return cfg
     return VisualBertConfig(visual_embedding_dim=2048)
 
 
