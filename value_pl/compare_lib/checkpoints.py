@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..data.writer import sha256_path
 
 #: name patterns, tried in order; the first that matches gives the step ("k" = thousands)
 STEP_PATTERNS = [
@@ -130,19 +131,7 @@ def discover(spec, steps=None) -> list[Checkpoint]:
     return out
 
 
-def checksum(path: str, chunk: int = 1 << 20) -> str:
+def checksum(path: str) -> str:
     """sha256 of a checkpoint's bytes; for a directory, of every file's relative path and bytes
     (training-only files such as the optimizer state excluded)."""
-    h = hashlib.sha256()
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name not in IGNORED_IN_DIR)
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while True:
-                b = fh.read(chunk)
-                if not b:
-                    break
-                h.update(b)
-    return h.hexdigest()
+    return sha256_path(path, ignore=IGNORED_IN_DIR)

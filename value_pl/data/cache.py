@@ -22,7 +22,6 @@ same seed. A cache whose backbone checksum, task, labels, relabelling or heads d
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -34,6 +33,7 @@ import torch
 import webdataset as wds
 
 from .schema import decode_sample, load_manifest
+from .writer import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +222,6 @@ def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", devic
     return {"samples": n, "shards": [names[u] for u in urls]}, shapes
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def extract_cache(cfg) -> dict:
     """Build backbone + module from ``cfg`` (like ``train``) and write the cache to ``cfg.cache.root``."""
     from omegaconf import OmegaConf
@@ -269,7 +265,7 @@ def extract_cache(cfg) -> dict:
     ident["head_shapes"] = {h: shapes[h] for h in module.head_names}
     man = {k: v for k, v in dm.manifest.items() if k not in ("splits", "inputs")}
     man.update(format=FORMAT, version=VERSION, splits=splits, cache=ident,
-               source={"root": str(dm.root), "manifest_sha256": _sha(Path(dm.root) / "manifest.json")},
+               source={"root": str(dm.root), "manifest_sha256": sha256_file(Path(dm.root) / "manifest.json")[:16]},
                seconds=round(time.time() - t0, 1))
     (tmp / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
     if out.exists():
