@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,51 @@ def resolve_path(p: str | None) -> str | None:
     if p == "minilm":
         return minilm_path()
     return os.path.expanduser(str(p))
+
+
+@dataclass
+class Sources:
+    """Where a backbone's weights, config and tokenizer come from (``configs/backbone/*.yaml`` fields)."""
+
+    path: str | None
+    checkpoint: str | None
+    config: str | None
+    tokenizer: str | None
+    pretrained: bool
+
+
+def sources(cfg, family: str, checkpoint_hint: str) -> Sources:
+    """Resolve the path fields of a backbone config; a pretrained backbone with no weights fails before
+    a full-size model is built."""
+    path = resolve_path(cfg.get("path"))
+    src = Sources(path=path, checkpoint=resolve_path(cfg.get("checkpoint")), config=resolve_path(cfg.get("config")),
+                  tokenizer=resolve_path(cfg.get("tokenizer")) or path, pretrained=bool(cfg.get("pretrained", True)))
+    if src.pretrained and not (src.checkpoint or src.path):
+        raise ValueError(f"backbone={family} needs backbone.checkpoint={checkpoint_hint} or backbone.path=DIR "
+                         f"(or backbone.pretrained=false for the untrained twin)")
+    return src
+
+
+def hf_state(path: str) -> dict[str, Tensor]:
+    """The state dict of a transformers model directory (model.safetensors or pytorch_model.bin)."""
+    p = Path(path)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (p / name).exists():
+            return load_state(str(p / name))
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def finish(m, cfg, src: Sources, seed: int, source: str, report: dict, **identity):
+    """Freeze a built backbone and record its identity (what prober checkpoints store)."""
+    m.freeze()
+    m.load_report = report
+    m.identity = {
+        "family": m.family, "name": cfg.get("name", m.family), "path": src.path, "checkpoint": src.checkpoint,
+        "config": src.config, "tokenizer": src.tokenizer, "pretrained": src.pretrained, "seed": seed,
+        "source": source, **identity, "hidden": m.config.hidden_size, "heads": m.config.num_attention_heads,
+        "checksum": m.weights_checksum(), "ignored_keys": len(report.get("ignored", [])),
+    }
+    return m
 
 
 def load_tokenizer(path: str):

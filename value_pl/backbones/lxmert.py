@@ -44,7 +44,6 @@ Inputs: tokenizer bert-base-uncased (``backbone.tokenizer=DIR``), region feature
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -52,8 +51,8 @@ from transformers import LxmertConfig, LxmertModel
 
 from .base import (Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, QKRecorder, StreamInfo,
                    additive_mask, attention_probs, rows_for_stream)
-from .common import (bert_stack, read_hf_config, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path,
-                     seeded_init)
+from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
+                     rename_gamma_beta, seeded_init, sources)
 
 log = logging.getLogger(__name__)
 
@@ -242,29 +241,15 @@ def map_lxmert_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _hf_state(path: str) -> dict[str, Tensor]:
-    p = Path(path)
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (p / name).exists():
-            return load_state(str(p / name))
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
 def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
-    path = resolve_path(cfg.get("path"))
-    ckpt = resolve_path(cfg.get("checkpoint"))
-    cfg_file = resolve_path(cfg.get("config"))
-    tok_dir = resolve_path(cfg.get("tokenizer")) or path
-    pretrained = bool(cfg.get("pretrained", True))
-    if pretrained and not (ckpt or path):  # fail before building a full-size model
-        raise ValueError("backbone=lxmert needs backbone.path=DIR (an HF LxmertModel directory) or "
-                         "backbone.checkpoint=model_LXRT.pth (or backbone.pretrained=false for the untrained twin)")
-    config = lxmert_config(path, cfg_file)
+    src = sources(cfg, "lxmert", "model_LXRT.pth")
+    path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
+    config = lxmert_config(path, src.config)
     want_dim = cfg.get("img_dim") or (None if (pretrained and (path or ckpt)) else img_dim)
     if want_dim:
         config.visual_feat_dim = int(want_dim)
     config._attn_implementation = "eager"  # LxmertAttention has a single implementation
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(src.tokenizer)
     m = LxmertBackbone(config, tokenizer, int(cfg.get("max_text_len", 20)), int(cfg.get("max_regions", 36)))
     seed = int(cfg.get("seed", 0))
     seeded_init(m, config.initializer_range, seed)
@@ -275,20 +260,11 @@ def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
         report = load_into(m, map_lxmert_keys(load_state(ckpt)), ckpt, required)
         source = f"original LXMERT checkpoint {ckpt}"
     elif pretrained and path:
-        report = load_into(m, map_lxmert_keys(_hf_state(path)), path, required)
+        report = load_into(m, map_lxmert_keys(hf_state(path)), path, required)
         source = f"HF LXMERT directory {path}"
     if report.get("ignored"):
         log.info("LXMERT: ignored %d non-encoder key(s): %s", len(report["ignored"]), report["ignored"][:8])
     if img_dim and int(img_dim) != config.visual_feat_dim:
         log.warning("LXMERT expects %d-d region features but the data has %s-d", config.visual_feat_dim, img_dim)
-    m.freeze()
-    m.load_report = report
-    m.identity = {
-        "family": "lxmert", "name": cfg.get("name", "lxmert"), "path": path, "checkpoint": ckpt,
-        "config": cfg_file, "tokenizer": tok_dir, "pretrained": pretrained, "seed": seed,
-        "img_dim": config.visual_feat_dim, "source": source,
-        "layers": {"lang": config.l_layers, "r": config.r_layers, "x": config.x_layers},
-        "hidden": config.hidden_size, "heads": config.num_attention_heads, "checksum": m.weights_checksum(),
-        "ignored_keys": len(report.get("ignored", [])),
-    }
-    return m
+    return finish(m, cfg, src, seed, source, report, img_dim=config.visual_feat_dim,
+                  layers={"lang": config.l_layers, "r": config.r_layers, "x": config.x_layers})

@@ -25,7 +25,8 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer, BertPooler
 
 from .base import BackboneOutput, SingleStreamBackbone, CaptureSpec, StreamInfo, rows_for_stream
-from .common import bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
+from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, rename_gamma_beta,
+                     seeded_init, sources)
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,7 @@ def _bert_config(path: str | None, config: str | None) -> BertConfig:
 
 
 def _hf_bert_state(path: str) -> dict[str, Tensor]:
-    p = Path(path)
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (p / name).exists():
-            sd = load_state(str(p / name))
-            break
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    sd = hf_state(path)
     sd = rename_gamma_beta(sd)
     out = {}
     for k, v in sd.items():
@@ -158,16 +153,11 @@ def _uniter_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
-    path = resolve_path(cfg.get("path"))
-    ckpt = resolve_path(cfg.get("checkpoint"))
-    tok_dir = resolve_path(cfg.get("tokenizer")) or path
-    pretrained = bool(cfg.get("pretrained", True))
-    if pretrained and not (ckpt or path):  # fail before building a full-size model
-        raise ValueError("backbone=uniter needs backbone.checkpoint=PATH (uniter-base.pt) or backbone.path=DIR "
-                         "(or backbone.pretrained=false for the untrained twin)")
-    config = _bert_config(path, resolve_path(cfg.get("config")))
+    src = sources(cfg, "uniter", "PATH (uniter-base.pt)")
+    path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
+    config = _bert_config(path, src.config)
     img_dim = int(cfg.get("img_dim") or img_dim or 2048)
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(src.tokenizer)
     m = UniterBackbone(config, img_dim, tokenizer, int(cfg.get("max_text_len", 64)), int(cfg.get("max_regions", 100)))
     seed = int(cfg.get("seed", 0))
     seeded_init(m, config.initializer_range, seed)
@@ -182,13 +172,4 @@ def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
         report = load_into(m, _hf_bert_state(path), path, ("uniter.embeddings.", "uniter.encoder."))
         source = (f"text side from the pretrained BERT-family model at {path}; "
                   f"image embeddings randomly initialised (seed {seed})")
-    m.freeze()
-    m.load_report = report
-    m.identity = {
-        "family": "uniter", "name": cfg.get("name", "uniter"), "path": path, "checkpoint": ckpt,
-        "config": resolve_path(cfg.get("config")), "tokenizer": tok_dir, "pretrained": pretrained, "seed": seed,
-        "img_dim": img_dim, "source": source, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-        "heads": config.num_attention_heads, "checksum": m.weights_checksum(),
-        "ignored_keys": len(report.get("ignored", [])),
-    }
-    return m
+    return finish(m, cfg, src, seed, source, report, img_dim=img_dim, layers=config.num_hidden_layers)

@@ -17,14 +17,14 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from transformers import VisualBertConfig, VisualBertModel
 
 from .base import BackboneOutput, SingleStreamBackbone, CaptureSpec, StreamInfo, rows_for_stream
-from .common import bert_stack, read_hf_config, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
+from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
+                     rename_gamma_beta, seeded_init, sources)
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +91,14 @@ def map_visualbert_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
-    path = resolve_path(cfg.get("path"))
-    ckpt = resolve_path(cfg.get("checkpoint"))
-    cfg_file = resolve_path(cfg.get("config"))
-    tok_dir = resolve_path(cfg.get("tokenizer")) or path
-    pretrained = bool(cfg.get("pretrained", True))
-    if pretrained and not (ckpt or path):  # fail before building a full-size model
-        raise ValueError("backbone=visualbert needs backbone.path=DIR (an HF VisualBERT directory) or "
-                         "backbone.checkpoint=FILE (or backbone.pretrained=false for the untrained twin)")
-    config = visualbert_config(path, cfg_file)
+    src = sources(cfg, "visualbert", "FILE")
+    path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
+    config = visualbert_config(path, src.config)
     want_dim = cfg.get("img_dim") or (None if (pretrained and (path or ckpt)) else img_dim)
     if want_dim:
         config.visual_embedding_dim = int(want_dim)
     config._attn_implementation = "eager"
-    m = VisualBertBackbone(config, load_tokenizer(tok_dir), int(cfg.get("max_text_len", 64)),
+    m = VisualBertBackbone(config, load_tokenizer(src.tokenizer), int(cfg.get("max_text_len", 64)),
                            int(cfg.get("max_regions", 100)))
     seed = int(cfg.get("seed", 0))
     seeded_init(m, config.initializer_range, seed)
@@ -112,23 +106,8 @@ def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
     source = f"random init (untrained twin, seed {seed})"
     required = ("visual_bert.embeddings.", "visual_bert.encoder.")
     if pretrained and (ckpt or path):
-        if ckpt:
-            sd = load_state(ckpt)
-        else:
-            p = Path(path)
-            f = next((p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).exists()), None)
-            if f is None:
-                raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-            sd = load_state(str(f))
+        sd = load_state(ckpt) if ckpt else hf_state(path)
         report = load_into(m, map_visualbert_keys(sd), ckpt or path, required)
         source = f"VisualBERT weights from {ckpt or path}"
-    m.freeze()
-    m.load_report = report
-    m.identity = {
-        "family": "visualbert", "name": cfg.get("name", "visualbert"), "path": path, "checkpoint": ckpt,
-        "config": cfg_file, "tokenizer": tok_dir, "pretrained": pretrained, "seed": seed,
-        "img_dim": config.visual_embedding_dim, "source": source, "layers": config.num_hidden_layers,
-        "hidden": config.hidden_size, "heads": config.num_attention_heads, "checksum": m.weights_checksum(),
-        "ignored_keys": len(report.get("ignored", [])),
-    }
-    return m
+    return finish(m, cfg, src, seed, source, report, img_dim=config.visual_embedding_dim,
+                  layers=config.num_hidden_layers)
