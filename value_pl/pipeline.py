@@ -145,8 +145,11 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
     return module, spec
 
 
-def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extra: dict | None = None) -> dict:
-    rows = module.layer_rows()
+def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extra: dict | None = None,
+                 rows: list[dict] | None = None, pairs_dropped=None) -> dict:
+    """The ``results.json`` of a run; drivers that train heads outside Lightning (MDL, SentEval) pass their
+    own per-layer ``rows``."""
+    rows = module.layer_rows() if rows is None else rows
     finite = [r for r in rows if r["test_acc"] == r["test_acc"]]
     best_by_val = max(finite, key=lambda r: r["val_acc"]) if finite else None
     counts = dm.label_counts(module.task["name"], "test")
@@ -169,7 +172,7 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
         "layers": rows,
         "best": ({"layer": best_by_val["layer"], "name": best_by_val["name"], "test_acc": best_by_val["test_acc"],
                   "val_acc": best_by_val["val_acc"]} if best_by_val else None),
-        "pairs_dropped": module.pairs_dropped,
+        "pairs_dropped": module.pairs_dropped if pairs_dropped is None else pairs_dropped,
         # pairs in val/test metrics, summed over ranks (== the manifest's count: each sample exactly once)
         "pairs_evaluated": dict(module.pairs_evaluated),
     }

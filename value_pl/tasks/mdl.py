@@ -63,7 +63,7 @@ def online_codelength(head0, x, y: torch.Tensor, num_classes: int, fractions=PAP
 
 
 def train_mdl(cfg) -> dict:
-    from ..pipeline import prepare, results_markdown
+    from ..pipeline import prepare, results_dict, results_markdown
 
     t0 = time.time()
     rdir, dm, module, spec = prepare(cfg)
@@ -101,25 +101,13 @@ def train_mdl(cfg) -> dict:
                      "compression": code["compression"], "blocks": code["blocks"]})
         print(f"[value-pl] MDL {name}: {code['codelength_bits']:.1f} bits (uniform {code['uniform_bits']:.1f}), "
               f"compression {code['compression']:.2f}")
-    counts = dm.label_counts(spec.name, "test")
-    total = sum(counts.values())
-    best = max(rows, key=lambda r: r["val_acc"])
-    res = {
-        "task": spec.name, "prober": module.prober_name, "backbone": module.backbone.describe(),
-        "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"),
-                 "synthetic": bool(dm.manifest.get("synthetic", False)),
-                 "mismatch": bool(dm.manifest.get("mismatch", False)) or "mismatch" in dm.root.name},
-        "seed": int(cfg.seed), "control": bool(cfg.get("control", False)),
-        "shuffle_labels": bool(cfg.get("shuffle_labels", False)), "num_classes": C, "labels": spec.labels,
-        "chance": 1.0 / C, "majority": (max(counts.values()) / total) if total else None,
-        "layers": rows, "best": {k: best[k] for k in ("layer", "name", "test_acc", "val_acc")},
-        "pairs_dropped": dropped,
+    res = results_dict(cfg, module, dm, rows=rows, pairs_dropped=dropped, extra={
         "mdl": {"method": "online code (Voita & Titov 2020)", "fractions": list(fractions),
                 "num_examples": int(y_tr.shape[0]), **fit,
                 "layers": {r["name"]: {k: r[k] for k in ("codelength_bits", "uniform_bits", "compression")}
                            for r in rows}},
         "seconds": round(time.time() - t0, 1),
-    }
+    })
     (rdir / "results.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
     (rdir / "mdl.json").write_text(json.dumps(res["mdl"], indent=2, default=float) + "\n")
     md = results_markdown(res) + "\n| layer | codelength (bits) | uniform (bits) | compression |\n|---|---:|---:|---:|\n"

@@ -92,7 +92,7 @@ def probe_layer(x_tr, y_tr, x_va, y_va, x_te, y_te, C: int, grid: list[dict], op
 
 
 def train_senteval(cfg) -> dict:
-    from ..pipeline import prepare, write_results
+    from ..pipeline import prepare, results_dict, write_results
 
     t0 = time.time()
     rdir, dm, module, spec = prepare(cfg)
@@ -124,21 +124,10 @@ def train_senteval(cfg) -> dict:
         rows.append({"layer": layer_number(name), "name": name, **r})
         print(f"[value-pl] {name}: dev {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} "
               f"(nhid {r['nhid']}, dropout {r['dropout']}, l2 {r['l2']})")
-    counts = dm.label_counts(spec.name, "test")
-    total = sum(counts.values())
-    best = max(rows, key=lambda r: r["val_acc"])
-    res = {
-        "task": spec.name, "prober": module.prober_name, "backbone": module.backbone.describe(),
-        "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"),
-                 "synthetic": bool(dm.manifest.get("synthetic", False)), "mismatch": False},
-        "seed": int(cfg.seed), "control": bool(cfg.get("control", False)),
-        "shuffle_labels": bool(cfg.get("shuffle_labels", False)), "num_classes": C, "labels": spec.labels,
-        "chance": 1.0 / C, "majority": (max(counts.values()) / total) if total else None, "layers": rows,
-        "best": {"layer": best["layer"], "name": best["name"], "test_acc": best["test_acc"], "val_acc": best["val_acc"]},
-        "pairs_dropped": dropped,
+    res = results_dict(cfg, module, dm, rows=rows, pairs_dropped=dropped, extra={
         "protocol": {"name": "senteval", "representation": "mean over word tokens per layer",
                      "grid_size": len(grid), **opts, "seed": seed, "fast_dev_run": bool(quick)},
         "seconds": round(time.time() - t0, 1),
-    }
+    })
     write_results(rdir, res)
     return res
