@@ -1,6 +1,6 @@
 """Seconds per checkpoint of ``python -m value_pl.compare ... suite=quick``: ``python benchmarks/compare_quick.py``.
 
-Runs the real driver (:func:`value_pl.compare_lib.compare`) on the embedded default backbone (MiniLM-UNITER:
+Runs the real driver (:func:`value_pl.compare.compare`) on the embedded default backbone (MiniLM-UNITER:
 6 layers, 384 hidden, 12 heads; ``backbone=minilm_uniter``) with the demo shards, over ``--n`` checkpoints
 (copies of the packaged MiniLM directory with one weight perturbed each, so that every one is a distinct
 checkpoint), then runs it again to time the cache hits. Reports per checkpoint: backbone build, suite,
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     from conftest import compose
 
-    from value_pl.compare_lib import compare
+    from value_pl.compare import compare
 
     tmp = Path(tempfile.mkdtemp(prefix="compare_bench_"))
     try:

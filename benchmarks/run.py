@@ -64,7 +64,7 @@ def build_backbone(tmp: Path, layers: int, hidden: int, heads: int):
 
 
 def build_shards(root: Path, n: int, regions: int = 80, dim: int = 2048) -> dict:
-    from value_pl.data import demo
+    from value_pl.datasets import demo
 
     saved = demo.FEATURE_DIM, demo.NUM_REGIONS, demo.ShardSetWriter
     orig = demo.ShardSetWriter

@@ -27,12 +27,12 @@ from value_pl.backbones.base import CaptureSpec
 from value_pl.backbones.uniter import UniterBackbone
 from value_pl.backbones.common import load_tokenizer, resolve_path, seeded_init
 from value_pl.callbacks import ProbeCallback, attr_adapter
-from value_pl.suite import SuiteData, suite_config
+from value_pl.compare.suite import SuiteData, suite_config
 
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=128, type_vocab_size=2)
 
-#: a small suite for the toy (the default is value_pl.suite.QUICK, i.e. configs/suite/quick.yaml)
+#: a small suite for the toy (the default is value_pl.compare.suite.QUICK, i.e. configs/suite/quick.yaml)
 TOY_SUITE = dict(batch_size=16, analysis_samples=16, kmeans={"n_init": 2, "max_iter": 20}, train_samples=48,
                  val_samples=16, test_samples=16, epochs=2, rank=16)
 
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/example_probe_callback")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    from value_pl.pipeline import ensure_demo
+    from value_pl.driver.setup import ensure_demo
 
     ensure_demo(a.shards, {"name": "demo"} if Path(a.shards).name == "demo" else {})
     pl.seed_everything(a.seed, verbose=False)

@@ -29,7 +29,7 @@ def demo_root(tmp_path_factory) -> Path:
     root = REPO / "shards" / "demo"
     if (root / "manifest.json").exists():
         return root
-    from value_pl.data.demo import build_demo
+    from value_pl.datasets.demo import build_demo
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     build_demo(out)

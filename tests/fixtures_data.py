@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from value_pl.data.features import write_features
+from value_pl.datasets.regions import write_features
 
 D = 8  # feature dim of the fixtures
 
@@ -272,7 +272,7 @@ def compose_build(dataset: str, out, overrides: dict | None = None, extra: list 
     """The build config as the CLI composes it (Hydra compose API), with ``feature_dim=D``."""
     from hydra import compose, initialize_config_dir
 
-    from value_pl.data.build import CONFIG_DIR
+    from value_pl import CONFIG_DIR
 
     ov = [f"dataset={dataset}", f"out={out}", f"feature_dim={D}", "progress=false"]
     ov += [f"{k}={v}" for k, v in (overrides or {}).items()] + list(extra or [])
@@ -281,7 +281,7 @@ def compose_build(dataset: str, out, overrides: dict | None = None, extra: list 
 
 
 def build(dataset: str, out, overrides: dict | None = None, extra: list | None = None):
-    from value_pl.data.build import run_build
+    from value_pl.datasets.build import run_build
 
     return run_build(compose_build(dataset, out, overrides, extra))
 

@@ -100,7 +100,7 @@ def write_json(path: Path, d: dict) -> str:
 def fast_dev_run(tmp_path: Path, demo_root, overrides: list[str]) -> dict:
     """One in-process ``value_pl.train`` fast_dev_run on the demo shards; returns results.json as a dict."""
     from conftest import compose
-    from value_pl.pipeline import train
+    from value_pl.driver.train import train
 
     run = Path(tmp_path) / "run"
     cfg = compose([f"data.root={demo_root}", "logger=none", "trainer.enable_progress_bar=false",

@@ -65,7 +65,7 @@ WORDS = "a man dog rides runs the street on near grass woman holds ball hat two 
 
 def sentence_shards(root: Path, n=(96, 48, 48), seed: int = 0) -> Path:
     """Text-only samples with every sentence task's label; 'sentlen' = a planted length bin."""
-    from value_pl.data.writer import ShardSetWriter
+    from value_pl.datasets.writer import ShardSetWriter
 
     rng = np.random.default_rng(seed)
     w = ShardSetWriter(root, "tiny_senteval", feature_dim=DV, maxcount=64)

@@ -45,7 +45,7 @@ def tiny_lxmert(tmp_path_factory):
 def test_two_stream_all_and_refusals(tmp_path, demo_root, tiny_lxmert):
     pytest.importorskip("value_pl.backbones.lxmert")
     from value_pl.analysis.common import Unsupported
-    from value_pl.analysis.runner import analyze
+    from value_pl.driver.analyze import analyze
 
     common = [f"data.root={demo_root}", "max_samples=12", "batch_size=6", "progress=false", "logger=none",
               "backbone.family=lxmert", "backbone.name=tiny-lxmert", "backbone.pretrained=false",

@@ -17,7 +17,7 @@ def tiny_backbone(tmp_path) -> list[str]:
 
 
 def small_demo(root, splits=None, maxcount=None):
-    from value_pl.data import demo
+    from value_pl.datasets import demo
 
     if maxcount is None:
         return demo.build_demo(root, splits=splits or {"train": 48, "val": 16, "test": 16})
@@ -46,8 +46,9 @@ def heads_of(ckpt):
 
 @pytest.mark.slow
 def test_cached_training_equals_online(tmp_path):
-    from value_pl.data.cache import extract_cache
-    from value_pl.pipeline import build_module, make_datamodule, train
+    from value_pl.driver.extract import extract_cache
+    from value_pl.driver.setup import build_module, make_datamodule
+    from value_pl.driver.train import train
 
     root = tmp_path / "demo"
     small_demo(root)

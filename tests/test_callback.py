@@ -77,7 +77,7 @@ class Recorder(pl.Callback):
 @pytest.fixture(scope="module")
 def toy(demo_root):
     ex = _example()
-    from value_pl.suite import SuiteData, suite_config
+    from value_pl.compare.suite import SuiteData, suite_config
 
     data = SuiteData.load(demo_root, suite_config(SUITE))
     return ex, data

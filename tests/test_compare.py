@@ -31,7 +31,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_step_parsing_and_order(tmp_path):
-    from value_pl.compare_lib.checkpoints import discover, step_from_name
+    from value_pl.compare.checkpoints import discover, step_from_name
 
     assert step_from_name("ckpt_step1000.pt") == 1000
     assert step_from_name("epoch=3-step=1500.ckpt") == 1500
@@ -55,7 +55,7 @@ def test_compare_three_checkpoints_then_cached(tmp_path, checkpoints, demo_root,
     """What ``python -m value_pl.compare checkpoints=DIR/*.pt backbone=uniter ...`` runs (the entry point is
     a thin Hydra wrapper around ``compare(cfg)``), twice: in-process to keep the test fast."""
     import value_pl.backbones as B
-    from value_pl.compare_lib import compare
+    from value_pl.compare import compare
 
     run = tmp_path / "cmp"
     common = [f"checkpoints={checkpoints}/*.pt", "backbone=uniter", f"backbone.config={checkpoints}/tiny.json",
@@ -101,8 +101,9 @@ def test_compare_cli_entry_composes():
     """The Hydra entry point's config: defaults and the suite group."""
     cfg = compose(["checkpoints=a.pt", "suite=full"], "compare")
     assert cfg.suite.name == "full" and cfg.backbone.family == "uniter" and cfg.logger.name == "wandb"
-    from value_pl import compare as entry
+    import importlib
 
+    entry = importlib.import_module("value_pl.compare.__main__")
     assert callable(entry.main)
 
 
@@ -113,7 +114,7 @@ def test_compare_hf_dirs_lxmert_and_bert(tmp_path):
 
     import fixtures_data as F
     from helpers_backbones import VOCAB, tiny_tokenizer
-    from value_pl.compare_lib import compare
+    from value_pl.compare import compare
 
     small = ["logger=none", "plots=false", "suite.train_samples=16", "suite.val_samples=8", "suite.test_samples=8",
              "suite.analysis_samples=8", "suite.epochs=1", "suite.rank=8", "suite.kmeans.n_init=1"]

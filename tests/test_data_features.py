@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fixtures_data import D, f30k_records
-from value_pl.data.features import (FORMATS, FeatureDimError, FeatureError, FeatureNaNError, RegionFeatures,
+from value_pl.datasets.regions import (FORMATS, FeatureDimError, FeatureError, FeatureNaNError, RegionFeatures,
                                     butd_tsv_line, combine_regions, detect_format, iou_matrix, normalise_id,
                                     open_features, write_features)
 

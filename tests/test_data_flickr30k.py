@@ -13,9 +13,9 @@ import pytest
 
 from fixtures_data import (D, F30K_EXPECTED, F30K_SKIPPED, build, read_samples, split_counts, tree_bytes,
                            write_features, write_flickr30k)
-from value_pl.data.build import BuildError
-from value_pl.data.flickr30k import MarkupError, parse_caption
-from value_pl.data.features import FORMATS, FeatureDimError
+from value_pl.datasets.common import BuildError
+from value_pl.datasets.flickr30k import MarkupError, parse_caption
+from value_pl.datasets.regions import FORMATS, FeatureDimError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path("/work/shared/fixtures/flickr30k_entities")
@@ -154,7 +154,7 @@ def test_malformed_xml_and_missing_files(tmp_path):
 def test_nan_and_corrupt_features_are_counted(tmp_path):
     ov = write_flickr30k(tmp_path / "f30k")
     lines = Path(ov["dataset.features"]).read_text().splitlines()
-    from value_pl.data.features import butd_tsv_line
+    from value_pl.datasets.regions import butd_tsv_line
     f = np.ones((2, D), np.float32)
     f[0, 0] = np.nan
     lines[3] = butd_tsv_line("500", 320, 240, np.array([[10, 10, 200, 200], [0, 0, 5, 5]]), f)  # image 500: NaN
@@ -174,7 +174,7 @@ def test_nan_and_corrupt_features_are_counted(tmp_path):
 def test_cli_end_to_end(tmp_path):
     """The README command, as a subprocess (Hydra CLI)."""
     ov = write_flickr30k(tmp_path / "f30k")
-    cmd = [sys.executable, "-m", "value_pl.data.build", "dataset=flickr30k", f"dataset.root={tmp_path / 'f30k'}",
+    cmd = [sys.executable, "-m", "value_pl.datasets.build", "dataset=flickr30k", f"dataset.root={tmp_path / 'f30k'}",
            f"dataset.features={ov['dataset.features']}", f"out={tmp_path / 'shards'}", f"feature_dim={D}",
            f"hydra.run.dir={tmp_path / 'run'}"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,

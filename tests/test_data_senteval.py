@@ -9,8 +9,8 @@ import pytest
 
 from fixtures_data import (D, SENTEVAL_EXPECTED, build, read_samples, split_counts, tree_bytes, write_captions,
                            write_senteval, write_vg)
-from value_pl.data.build import BuildError
-from value_pl.data.senteval import derive
+from value_pl.datasets.common import BuildError
+from value_pl.datasets.senteval import derive
 
 
 def test_senteval_counts(tmp_path):
@@ -74,13 +74,13 @@ def test_derived_build(tmp_path):
 
 
 def _cli(monkeypatch, tmp_path, args):
-    """Run the Hydra CLI (``python -m value_pl.data.build ARGS``) in-process."""
+    """Run the Hydra CLI (``python -m value_pl.datasets.build ARGS``) in-process."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from value_pl.data import build as b
+    from value_pl.datasets import build as b
 
     GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["value_pl.data.build"] + args + [f"hydra.run.dir={tmp_path / 'run'}",
+    monkeypatch.setattr(sys, "argv", ["value_pl.datasets.build"] + args + [f"hydra.run.dir={tmp_path / 'run'}",
                                                                         f"feature_dim={D}", "progress=false"])
     monkeypatch.chdir(tmp_path)
     b._main()

@@ -1,6 +1,6 @@
 """Every pair task and a SentEval task train (fast_dev_run) from shards built from the fixtures.
 
-Runs ``value_pl.pipeline.train`` in-process on the composed ``train`` config (the same as
+Runs ``value_pl.driver.train.train`` in-process on the composed ``train`` config (the same as
 ``python -m value_pl.train task=<t> data=shards data.root=<built> trainer=cpu logger=none
 trainer.fast_dev_run=true``), to keep the suite fast.
 """
@@ -11,7 +11,9 @@ import pytest
 from fixtures_data import build, write_flickr30k, write_senteval, write_vg
 
 pytest.importorskip("pytorch_lightning")
-pipeline = pytest.importorskip("value_pl.pipeline")
+from value_pl import CONFIG_DIR  # noqa: E402
+from value_pl.driver.train import train  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
@@ -32,9 +34,9 @@ def _train(root, task, rdir, extra=()):
     ov = [f"task={task}", "data=shards", f"data.root={root}", "data.num_workers=0", "data.batch_size=4",
           "trainer=cpu", "logger=none", "++trainer.fast_dev_run=true", f"run_dir={rdir}",
           "layers=[0]"] + list(extra)
-    with initialize_config_dir(config_dir=pipeline.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=ov)
-    return pipeline.train(cfg)
+    return train(cfg)
 
 
 @pytest.mark.parametrize("task,data", [("vcd", "f30k"), ("vcc", "f30k"), ("vri", "vg"), ("vrc", "vg")])

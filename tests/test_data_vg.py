@@ -8,9 +8,9 @@ import pytest
 
 from fixtures_data import (VG_EXPECTED, VG_GRAPHS, VG_SKIPPED, build, read_samples, split_counts, tree_bytes,
                            write_vg)
-from value_pl.data.build import BuildError, iter_json_array
-from value_pl.data.features import FORMATS
-from value_pl.data.visual_genome import normalise_predicate
+from value_pl.datasets.common import BuildError, iter_json_array
+from value_pl.datasets.regions import FORMATS
+from value_pl.datasets.vg_graphs import normalise_predicate
 
 SHARED = Path("/work/shared/fixtures/visual_genome")
 
@@ -154,7 +154,7 @@ def test_real_region_graphs(tmp_path):
     """The real region_graphs.json sample (images 1-3) with synthetic detections at the object boxes."""
     import numpy as np
 
-    from value_pl.data.features import write_features
+    from value_pl.datasets.regions import write_features
 
     rg = SHARED / "region_graphs" / "region_graphs_images_1-3.json"
     sizes = {im["image_id"]: (im["width"], im["height"]) for im in json.loads((SHARED / "v1.2" / "image_data.json").read_text())}

@@ -18,7 +18,7 @@ def n_pairs(man, split, task):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_train_and_eval_match_single_process(tmp_path):
-    from value_pl.pipeline import evaluate, train
+    from value_pl.driver.train import evaluate, train
 
     root = tmp_path / "uneven"
     # 5 samples per shard: train 7+1 shards (last has 2), val 5,5,3 and test 5,5,1 -> the two ranks get

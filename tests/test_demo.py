@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from value_pl.data.demo import build_demo
+from value_pl.datasets.demo import build_demo
 from value_pl.data.schema import decode_sample, load_manifest, validate_sample
 
 
@@ -39,7 +39,7 @@ def test_demo_schema_and_planted_structure(demo_root):
 
 
 def test_interrupted_build_leaves_no_complete_set(tmp_path, monkeypatch):
-    import value_pl.data.demo as demo
+    import value_pl.datasets.demo as demo
 
     def boom(*a, **k):
         raise RuntimeError("interrupted")

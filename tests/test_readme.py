@@ -20,7 +20,7 @@ def test_setup_is_two_commands_and_ci_runs_the_test_command():
 def test_every_module_the_readme_runs_exists():
     mods = set(re.findall(r"python -m (value_pl(?:\.\w+)+)", README))
     assert {"value_pl.train", "value_pl.eval", "value_pl.analyze", "value_pl.compare", "value_pl.report",
-            "value_pl.extract", "value_pl.data.build", "value_pl.data.demo"} <= mods
+            "value_pl.extract", "value_pl.datasets.build", "value_pl.datasets.demo"} <= mods
     for m in mods:
         assert importlib.util.find_spec(m) is not None, m
 

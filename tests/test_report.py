@@ -6,6 +6,8 @@ import math
 import pytest
 
 from value_pl import report
+from value_pl.report.__main__ import main as report_main
+from value_pl.report.collect import _T975
 
 
 def write_run(root, name, task, prober, family, seed, layers, pretrained=True, control=False, mismatch=False,
@@ -57,7 +59,7 @@ def test_stat_mean_and_t_interval():
     assert report.Stat([0.5]).fmt() == "50.00" and math.isnan(report.Stat([0.5]).ci95)
     assert s.fmt() == "60.00 ± 24.84"
     assert report.t975(1) == pytest.approx(12.706, abs=1e-3) and report.t975(100) == pytest.approx(1.984, abs=1e-3)
-    assert report._T975[29] == pytest.approx(report.t975(30), abs=1e-3)
+    assert _T975[29] == pytest.approx(report.t975(30), abs=1e-3)
 
 
 def test_layouts(runs, tmp_path):
@@ -90,7 +92,7 @@ def test_layouts(runs, tmp_path):
 
 def test_cli_writes_markdown_and_csv(runs, tmp_path):
     out = tmp_path / "rep"
-    assert report.main([str(runs), "--layout", "table3,table9,table5", "--out", str(out)]) == 0
+    assert report_main([str(runs), "--layout", "table3,table9,table5", "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "Table 3" in md and "| Layer 5 |" in md and "± " in md
     rows = list(csv.DictReader(open(out / "table3.csv")))

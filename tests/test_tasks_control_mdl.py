@@ -8,8 +8,8 @@ import torch
 
 from conftest import compose
 from tasks_helpers import FAST_DATA, one_thread, tiny_backbones
-from value_pl.tasks.control import ControlRelabel, pair_type
-from value_pl.tasks.mdl import block_ends, online_codelength
+from value_pl.protocols.control import ControlRelabel, pair_type
+from value_pl.protocols.mdl import block_ends, online_codelength
 
 COUNTS = {"on": 500, "wearing": 300, "holding": 150, "riding": 50}
 
@@ -87,7 +87,7 @@ def test_online_code_on_planted_signal():
 @pytest.mark.slow
 def test_mdl_run_task_vs_control(demo_root, tmp_path):
     """mdl=true end to end on the demo VRC task (raw-feature layer of a tiny backbone) and its control task."""
-    from value_pl.pipeline import train
+    from value_pl.driver.train import train
 
     bb = tiny_backbones(tmp_path / "bb")["SS"]
     common = ["task=vrc", "prober=layer_emb", "raw_baseline=true", "layers=[raw,0]", f"data.root={demo_root}",

@@ -26,7 +26,7 @@ def sent_root(tmp_path_factory):
 
 
 def run(overrides, d):
-    from value_pl.pipeline import train
+    from value_pl.driver.train import train
 
     res = train(compose([*overrides, *FAST, f"run_dir={d}"]))
     assert json.loads((d / "results.json").read_text())["task"] == res["task"]

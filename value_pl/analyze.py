@@ -9,13 +9,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .pipeline import CONFIG_DIR
+from . import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="analyze")
 def main(cfg: DictConfig) -> None:
-    from .analysis.common import Unsupported
-    from .analysis.runner import analyze
+    from .analysis import Unsupported
+    from .driver.analyze import analyze
 
     try:
         analyze(cfg)

@@ -8,7 +8,7 @@ Add it to your own pretraining ``Trainer``::
                        data="shards/demo", suite="quick", every_n_steps=1000)
     pl.Trainer(callbacks=[cb], ...).fit(my_pretraining_module, ...)
 
-Every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs) it runs :func:`value_pl.suite.run_suite`
+Every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs) it runs :func:`value_pl.compare.suite.run_suite`
 on ``adapter(pl_module)`` and logs the metrics (``probe/fusion/nmi/mean``, ``probe/vrc/acc/best`` ...) to
 every logger of the trainer at ``step=trainer.global_step``; ``cb.history`` keeps ``(step, metrics)``.
 
@@ -40,7 +40,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from .suite import SuiteData, preserved, run_suite, suite_config
+from .compare.suite import SuiteData, preserved, run_suite, suite_config
 
 log = logging.getLogger("value_pl")
 
@@ -91,9 +91,9 @@ def _load_suite(suite) -> dict:
 class ProbeCallback(pl.Callback):
     """Run the probe suite every N steps or epochs of a user's pretraining run (see the module doc).
 
-    adapter: ``pl_module -> Backbone``. data: a :class:`~value_pl.suite.SuiteData` or a shard root (the
+    adapter: ``pl_module -> Backbone``. data: a :class:`~value_pl.compare.suite.SuiteData` or a shard root (the
     samples are read once, on first use). suite: ``"quick"`` (default), ``"full"``, a YAML path, or a dict
-    of overrides of :data:`value_pl.suite.QUICK`. splits: ``{role: split name}`` for train/val/test.
+    of overrides of :data:`value_pl.compare.suite.QUICK`. splits: ``{role: split name}`` for train/val/test.
     on_error: ``"warn"`` (default: a failing suite logs a warning and training goes on) or ``"raise"``.
     """
 

@@ -6,7 +6,8 @@ Same config groups as ``train``; backbone, task and prober come from the checkpo
 import hydra
 from omegaconf import DictConfig
 
-from .pipeline import CONFIG_DIR, evaluate
+from . import CONFIG_DIR
+from .driver.train import evaluate
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

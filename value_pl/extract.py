@@ -1,17 +1,17 @@
 """Feature cache: ``python -m value_pl.extract task=vrc prober=layer_emb data.root=SHARDS cache.root=CACHE``.
 
 Thin entry point: Hydra composes ``configs/extract.yaml`` (the train config plus ``cache.*``); the work is in
-:mod:`value_pl.data.cache`. Train from the cache with ``python -m value_pl.train ... data.cache=CACHE``.
+:mod:`value_pl.driver.extract`. Train from the cache with ``python -m value_pl.train ... data.cache=CACHE``.
 """
 import hydra
 from omegaconf import DictConfig
 
-from .pipeline import CONFIG_DIR
+from . import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="extract")
 def main(cfg: DictConfig) -> None:
-    from .data.cache import extract_cache
+    from .driver.extract import extract_cache
 
     extract_cache(cfg)
 

@@ -1,11 +1,12 @@
 """Train probers on a frozen backbone: ``python -m value_pl.train prober=layer_emb task=vrc``.
 
-Thin entry point: Hydra composes ``configs/train.yaml``; the work is in :mod:`value_pl.pipeline`.
+Thin entry point: Hydra composes ``configs/train.yaml``; the work is in :mod:`value_pl.driver.train`.
 """
 import hydra
 from omegaconf import DictConfig
 
-from .pipeline import CONFIG_DIR, train
+from . import CONFIG_DIR
+from .driver.train import train
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

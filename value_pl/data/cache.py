@@ -25,15 +25,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from .schema import decode_sample, load_manifest
-from .writer import sha256_file
+from .schema import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -141,141 +138,6 @@ def attach_cache(dm, module, cfg) -> None:
     check_cache(dm.manifest, module, cfg, dm.root)
     c = dm.manifest["cache"]
     dm.collate = CacheCollate(c["heads"], c["head_shapes"], module.head_names)
-
-
-# ------------------------------------------------------------------- writing
-def _decode_with_url(sample: dict) -> dict:
-    out = decode_sample(sample)
-    out["url"] = sample.get("__url__")
-    return out
-
-
-class _UrlCollate:
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, samples):
-        batch = self.collate(samples)
-        batch["urls"] = [s["url"] for s in samples]
-        return batch
-
-
-def _rows_per_sample(module, batch: dict, B: int) -> list[slice]:
-    if module.kind == "sentence":
-        return [slice(b, b + 1) for b in range(B)]
-    counts = torch.bincount(batch["pair_b"].cpu(), minlength=B).tolist() if batch["pair_b"].numel() else [0] * B
-    out, o = [], 0
-    for c in counts:  # the collator emits pairs sample by sample
-        out.append(slice(o, o + c))
-        o += c
-    return out
-
-
-def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", device: str = "cpu",
-                bf16: bool = False, num_workers: int = 0) -> dict:
-    """Extract one split; returns its manifest entry and the heads' input shapes."""
-    npdt = DTYPES[dtype]
-    urls = dm.urls(stage)
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(),
-                            wds.map(_decode_with_url),
-                            wds.batched(dm.eval_batch_size, collation_fn=_UrlCollate(dm.collate), partial=True))
-    workers = min(num_workers, len(urls))
-    loader = wds.WebLoader(pipe, batch_size=None, num_workers=workers)
-    names = {u: Path(u).name for u in urls}
-    writers: dict[str, wds.TarWriter] = {}
-    n, shapes = 0, {}
-    from lightning_fabric.utilities.apply_func import move_data_to_device
-
-    try:
-        for batch in loader:
-            B = len(batch["keys"])
-            dev_batch = move_data_to_device({k: v for k, v in batch.items() if k != "urls"}, device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                feats = module.extract(dev_batch)
-            feats = {h: tuple(t.float().cpu().numpy() for t in v) for h, v in feats.items()}
-            for h, v in feats.items():
-                shapes.setdefault(h, [list(t.shape[1:]) for t in v])
-            labels = batch["labels"].cpu().numpy().astype(np.int64)
-            rows = _rows_per_sample(module, batch, B)
-            dropped = int(batch.get("pairs_dropped", 0))
-            for b in range(B):
-                url = batch["urls"][b]
-                if url not in writers:
-                    writers[url] = wds.TarWriter(str(out / names[url]), mtime=0.0, user="value", group="value")
-                sl = rows[b]
-                rec = {"__key__": batch["keys"][b], "labels.npy": _npy(labels[sl]),
-                       "info.json": json.dumps({"pairs_dropped": dropped if b == 0 else 0}).encode()}
-                for i, h in enumerate(module.head_names):
-                    if h in feats:
-                        for j, t in enumerate(feats[h]):
-                            rec[f"h{i:03d}_{j}.npy"] = _npy(t[sl].astype(npdt))
-                    elif sl.stop > sl.start:
-                        raise RuntimeError(f"extract() returned no input for head {h}")
-                writers[url].write(rec)
-                n += 1
-    finally:
-        for w in writers.values():
-            w.close()
-    for u in urls:  # a source shard with no samples still gets its (empty) mirror
-        if u not in writers:
-            wds.TarWriter(str(out / names[u])).close()
-    return {"samples": n, "shards": [names[u] for u in urls]}, shapes
-
-
-def extract_cache(cfg) -> dict:
-    """Build backbone + module from ``cfg`` (like ``train``) and write the cache to ``cfg.cache.root``."""
-    from omegaconf import OmegaConf
-
-    from ..pipeline import build_module, make_datamodule
-
-    t0 = time.time()
-    cc = cfg.cache
-    dtype = str(cc.get("dtype", "float16"))
-    if dtype not in DTYPES:
-        raise ValueError(f"cache.dtype={dtype!r}: use float16 or float32")
-    cfg = OmegaConf.merge(cfg, {"data": {"cache": None}})
-    dm = make_datamodule(cfg)
-    module, _ = build_module(cfg, dm)
-    device = str(cc.get("device") or "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = str(cfg.trainer.get("precision", "32") or "32")
-    bf16 = device.startswith("cuda") and precision.startswith("bf16")
-    module.to(device)
-    out = Path(cc.root)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    splits, shapes = {}, {}
-    stages = list(cc.get("splits") or ["train", "val", "test"])
-    for stage in stages:
-        split = dm.splits[stage]
-        entry, sh = write_split(module, dm, stage, tmp, dtype, device, bf16, int(cfg.data.get("num_workers", 0)))
-        entry["pairs"] = dm.manifest["splits"][split].get("pairs", {})
-        splits[split] = entry
-        shapes.update(sh)
-        print(f"[value-pl] cache {split}: {entry['samples']} samples, {len(entry['shards'])} shard(s)")
-    missing = [h for h in module.head_names if h not in shapes]
-    if missing:
-        raise RuntimeError(f"no pair in the extracted splits produced inputs for heads {missing}")
-    ident = cache_identity(module, cfg, dtype, "bf16-mixed" if bf16 else "32")
-    ident["head_shapes"] = {h: shapes[h] for h in module.head_names}
-    man = {k: v for k, v in dm.manifest.items() if k not in ("splits", "inputs")}
-    man.update(format=FORMAT, version=VERSION, splits=splits, cache=ident,
-               source={"root": str(dm.root), "manifest_sha256": sha256_file(Path(dm.root) / "manifest.json")[:16]},
-               seconds=round(time.time() - t0, 1))
-    (tmp / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    print(f"[value-pl] feature cache written to {out} ({dtype}, {len(module.head_names)} head inputs, "
-          f"{time.time() - t0:.1f}s)")
-    return man
 
 
 def open_cache(root: str | Path) -> dict:

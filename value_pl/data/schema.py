@@ -135,8 +135,8 @@ def decode_sample(sample: dict) -> dict:
 def load_manifest(root: str | Path) -> dict:
     path = Path(root) / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest.json; build shards with python -m value_pl.data.build "
-                                f"or python -m value_pl.data.demo")
+        raise FileNotFoundError(f"{path}: no manifest.json; build shards with python -m value_pl.datasets.build "
+                                f"or python -m value_pl.datasets.demo")
     man = json.loads(path.read_text())
     for k in ("dataset", "splits", "labels"):
         if k not in man:

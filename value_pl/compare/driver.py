@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..suite import SuiteData, run_suite, suite_config, suite_hash
+from .suite import SuiteData, run_suite, suite_config, suite_hash
 from .checkpoints import checksum, discover
 
 log = logging.getLogger("value_pl")
@@ -152,7 +152,7 @@ def log_rows(logger, rows: list[dict]) -> None:
 
 def compare(cfg: DictConfig) -> dict:
     from ..backbones import build_backbone
-    from ..pipeline import close_logger, ensure_demo, make_logger, run_dir
+    from ..driver.setup import close_logger, ensure_demo, make_logger, run_dir
 
     t0 = time.time()
     rdir = Path(cfg.out) if cfg.get("out") else run_dir(cfg)

@@ -1,4 +1,4 @@
-"""Run the training-free analyses over a shard split with a frozen backbone (one streaming pass).
+"""The analysis driver (``python -m value_pl.analyze``): run the training-free analyses over a shard split with a frozen backbone (one streaming pass).
 
 Every batch is collated once (:class:`~.pairs.AnalysisCollator`); each analysis asks the backbone
 for only what it needs (:class:`~value_pl.backbones.base.CaptureSpec`) and keeps running sums, so
@@ -16,22 +16,14 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig, OmegaConf
 
+from ..analysis import ANALYSES, MISSING_PREFIX, Unsupported
+from ..analysis.common import merge_captures
+from ..analysis.pairs import AnalysisCollator
 from ..backbones import build_backbone
 from ..data.schema import decode_sample
-from ..pipeline import close_logger, make_datamodule, make_logger, run_dir, teardown_distributed
-from .common import Unsupported, merge_captures
-from .fusion import TSNE, Fusion
-from .maxattn import Coref, Relation
-from .modality import ImageToText, ModalityImportance
-from .pairs import AnalysisCollator
+from .setup import close_logger, make_datamodule, make_logger, run_dir, teardown_distributed
 
 log = logging.getLogger("value_pl")
-
-ANALYSES = {"fusion": Fusion, "modality": ModalityImportance, "i2t": ImageToText, "coref": Coref,
-            "relation": Relation, "tsne": TSNE}
-#: which analyses the collator's missing-pair counts belong to
-MISSING_PREFIX = {"coref": "coref", "relation": "relation"}
-
 
 def pick_device(name: str | None) -> torch.device:
     if name in (None, "auto"):

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import BuildError, Issues, progress, sample_rng, stable_score
-from .schema import SCHEMA_VERSION
+from .common import BuildError, Issues, progress, sample_rng, stable_score
+from ..data.schema import SCHEMA_VERSION
 from .writer import ShardSetWriter
 
 TASK_FILES = {

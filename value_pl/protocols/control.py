@@ -1,4 +1,6 @@
-"""Control tasks (Hewitt & Liang 2019): the same inputs, labels that depend only on the input's *type*.
+"""Label baselines: control tasks (Hewitt & Liang 2019) and shuffled labels.
+
+Control tasks: the same inputs, labels that depend only on the input's *type*.
 
 A control task keeps the probing task's inputs and output space but replaces each label by one assigned
 to the pair's *type*, drawn once at random (seeded) from the task's empirical training label
@@ -92,3 +94,27 @@ class ControlRelabel:
 
     def __call__(self, key: str, j: int, label: str, context: dict | None = None) -> str:
         return self.label_of_type(pair_type(self.kind, context or {}, key, j))
+
+
+class ShuffledLabels:
+    """Replace every label by one drawn, independently of the input, from the task's label distribution.
+
+    Deterministic per (seed, sample key, pair index): a sanity baseline with no learnable signal, so a
+    prober trained on it must stay near the majority/chance level.
+    """
+
+    def __init__(self, counts: dict[str, int], seed: int = 0):
+        items = sorted((k, v) for k, v in counts.items() if v > 0)
+        if not items:
+            raise ValueError("ShuffledLabels needs non-empty label counts")
+        total = sum(v for _, v in items)
+        self.labels = [k for k, _ in items]
+        acc, self.cum = 0, []
+        for _, v in items:
+            acc += v
+            self.cum.append(acc / total)
+        self.seed = seed
+
+    def __call__(self, key: str, j: int, label: str) -> str:
+        u = _unit("shuffle", self.seed, key, j)
+        return self.labels[min(bisect.bisect_right(self.cum, u), len(self.labels) - 1)]

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.writer import sha256_path
+from ..data.hashing import sha256_path
 
 #: name patterns, tried in order; the first that matches gives the step ("k" = thousands)
 STEP_PATTERNS = [

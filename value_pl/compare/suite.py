@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.base import CaptureSpec
+from ..backbones.base import CaptureSpec
 
 log = logging.getLogger("value_pl")
 
@@ -156,7 +156,7 @@ class SuiteData:
         """
         import webdataset as wds
 
-        from .data.schema import decode_sample, load_manifest
+        from ..data.schema import decode_sample, load_manifest
 
         root = Path(root)
         manifest = load_manifest(root)
@@ -200,9 +200,9 @@ def _layer_key(n: int) -> str:
 
 
 def _analyses(backbone, cfg: dict):
-    from .analysis.common import Unsupported
-    from .analysis.fusion import Fusion
-    from .analysis.modality import ModalityImportance
+    from ..analysis.common import Unsupported
+    from ..analysis.fusion import Fusion
+    from ..analysis.modality import ModalityImportance
 
     table = {"fusion": Fusion, "modality": ModalityImportance}
     acfg = {"seed": int(cfg.get("seed", 0)), "kmeans": dict(cfg.get("kmeans") or {})}
@@ -242,8 +242,8 @@ def _task_labels(data: SuiteData, task: str) -> list[str]:
 
 
 def _probe_module(backbone, task: str, cfg: dict, data: SuiteData):
-    from .data.schema import pair_kind
-    from .probers.module import ProbeModule
+    from ..data.schema import pair_kind
+    from ..probers.module import ProbeModule
 
     layers = cfg.get("layers")
     if layers in (None, "all"):
@@ -265,7 +265,7 @@ class _Probe:
     """One task's ProbeModule (plan + seeded heads), its collator and the cached features per role."""
 
     def __init__(self, backbone, task: str, cfg: dict, data: SuiteData, device):
-        from .data.collate import TaskSpec
+        from ..data.collate import TaskSpec
 
         self.task = task
         self.module = _probe_module(backbone, task, cfg, data)
@@ -283,7 +283,7 @@ class _Probe:
         if batch["labels"].numel() == 0:
             return
         if self.module.kind == "sentence":
-            from .probers.features import sentence_features
+            from ..probers.features import sentence_features
 
             f = {k: (v,) for k, v in sentence_features(out, self.module.sentence_names).items()}
         else:
@@ -378,7 +378,7 @@ def run_suite(backbone, cfg: dict, data: SuiteData) -> dict:
     ``{"metrics": {name: value}, "skipped": {part: why}, "seconds": s, "forwards": n}``. The
     backbone's training flags and ``requires_grad`` are restored afterwards; it stays on its device.
     """
-    from .analysis.common import merge_captures
+    from ..analysis.common import merge_captures
 
     t0 = time.time()
     cfg = suite_config(cfg)

@@ -1,7 +1,6 @@
 """Deterministic, atomic writing of a shard set (tar shards per split + manifest.json)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,31 +10,8 @@ from typing import Iterable
 import numpy as np
 import webdataset as wds
 
-from .schema import SCHEMA_VERSION, count_pairs, encode_sample
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def sha256_path(path: str | Path, ignore: tuple[str, ...] | set[str] = ()) -> str:
-    """sha256 of a file, or of a directory's files (sorted relative names and contents; names in ``ignore``
-    are left out)."""
-    p = Path(path)
-    if p.is_file():
-        return sha256_file(p)
-    h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name not in ignore):
-        h.update(str(f.relative_to(p)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+from ..data.hashing import sha256_path
+from ..data.schema import SCHEMA_VERSION, count_pairs, encode_sample
 
 
 class ShardSetWriter:

@@ -1,32 +1,12 @@
-"""Build shard sets from the public datasets: ``python -m value_pl.data.build dataset=<name> ...``.
-
-Hydra (``configs/build.yaml`` + ``configs/dataset/<name>.yaml``), the same CLI style as ``train``::
-
-    python -m value_pl.data.build dataset=flickr30k dataset.root=/data/flickr30k_entities \\
-        dataset.features=/data/flickr30k_butd.tsv out=shards/flickr30k
-    python -m value_pl.data.build dataset=vg dataset.region_graphs=/data/vg/region_graphs.json \\
-        dataset.image_data=/data/vg/image_data.json dataset.features=/data/vg_butd.tsv out=shards/vg
-    python -m value_pl.data.build dataset=vg_mismatch ...same as vg... out=shards/vg_mismatch
-    python -m value_pl.data.build dataset=senteval dataset.dir=/data/SentEval/data/probing out=shards/senteval
-    python -m value_pl.data.build dataset=senteval_derived dataset.captions=/data/captions.txt \\
-        out=shards/senteval_derived
-
-Each writes ``<out>/<split>-NNNNNN.tar`` + ``manifest.json`` atomically (``<out>.partial`` renamed at
-the end) and prints a short report. SentEval builds one shard set per task under ``<out>/<task>``.
-This module also holds what the builders share: :class:`Issues` (clear errors or counted skips),
-:func:`sample_rng` (order-independent seeded randomness), :func:`clean_box`.
-"""
+"""What the dataset builders share: clear errors or counted skips (:class:`Issues`), order-independent seeded
+randomness, box cleaning, id lists, a streaming JSON-array reader and progress bars."""
 from __future__ import annotations
 
-import logging
 import zlib
-from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+from .regions import FeatureDimError, FeatureError, FeatureNaNError
 
 
 class BuildError(ValueError):
@@ -170,42 +150,22 @@ def progress(iterable, enabled: bool, **kw):
     return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, **kw)
 
 
-def run_build(cfg) -> dict | list[dict]:
-    """Dispatch on ``cfg.dataset.builder``; returns the manifest (a list of them for SentEval)."""
-    from omegaconf import OmegaConf
-
-    c = OmegaConf.to_container(cfg, resolve=True)
-    builder = c["dataset"]["builder"]
-    if builder == "flickr30k":
-        from .flickr30k import build_flickr30k as fn
-    elif builder == "vg":
-        from .visual_genome import build_vg as fn
-    elif builder == "senteval":
-        from .senteval import build_senteval as fn
-    elif builder == "senteval_derived":
-        from .senteval import build_senteval_derived as fn
-    else:
-        raise BuildError(f"unknown dataset builder {builder!r} (flickr30k, vg, senteval, senteval_derived)")
-    return fn(c["dataset"], out=c["out"], seed=c["seed"], maxcount=c["maxcount"], maxsize=c["maxsize"],
-              feature_dim=c["feature_dim"], strict=c["strict"], progress_bar=c["progress"],
-              hash_inputs=c["hash_inputs"])
-
-
-def _main():
-    import hydra
-    from omegaconf import DictConfig
-
-    from .writer import report
-
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="build")
-    def main(cfg: DictConfig) -> None:
-        mans = run_build(cfg)
-        for man in mans if isinstance(mans, list) else [mans]:
-            print(report(man))
-        print(f"shards written under {Path(cfg.out).resolve()}")
-
-    main()
-
-
-if __name__ == "__main__":
-    _main()
+def read_features(reader, iid, W, H, issues: Issues, what: str):
+    """Features of one image in pixels of the annotation's size, or None (counted skip)."""
+    if iid not in reader:
+        issues.bad("no_features", f"{reader.path}", f"no {what} features for image {iid}")
+        return None
+    try:
+        rf = reader.get(iid)
+    except FeatureDimError:
+        raise
+    except FeatureNaNError as e:
+        issues.bad("nan_features", str(e).split(": ")[0], str(e))
+        return None
+    except FeatureError as e:
+        issues.bad("corrupt_features", str(e).split(": ")[0], str(e))
+        return None
+    if rf.num_boxes == 0:
+        issues.bad("no_features", rf.where, f"image {iid} has 0 {what} regions")
+        return None
+    return rf.in_pixels(W, H)

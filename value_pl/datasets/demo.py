@@ -1,4 +1,4 @@
-"""Synthetic demo shards with planted signal: ``python -m value_pl.data.demo [--out shards/demo]``.
+"""Synthetic demo shards with planted signal: ``python -m value_pl.datasets.demo [--out shards/demo]``.
 
 A smoke test, not a result. Each sample is a synthetic scene written in exactly the schema the real
 builders write (:mod:`value_pl.data.schema`):
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import COREF_TYPES, SCHEMA_VERSION
+from ..data.schema import COREF_TYPES, SCHEMA_VERSION
 from .writer import ShardSetWriter, report
 
 CLASSES = [

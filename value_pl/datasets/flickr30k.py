@@ -2,7 +2,7 @@
 
 Inputs (``configs/dataset/flickr30k.yaml``): ``Sentences/<id>.txt``, ``Annotations/<id>.xml``, the
 official split lists ``train.txt``/``val.txt``/``test.txt``, ``UNRELATED_CAPTIONS`` (optional) and the
-detected region features (:mod:`value_pl.data.features`; optionally features extracted for the
+detected region features (:mod:`value_pl.datasets.regions`; optionally features extracted for the
 annotated boxes, ``annotated_features``).
 
 One sample = one caption with its image's regions. Rules:
@@ -16,7 +16,7 @@ One sample = one caption with its image's regions. Rules:
 * **Boxes**: PASCAL-VOC 1-based inclusive pixel coordinates -> ``x1 = xmin - 1, y1 = ymin - 1,
   x2 = xmax, y2 = ymax``. An object's several ``<name>`` tags make one box serve several chains;
   ``nobndbox``/``scene`` objects have no box (their chains are known but unboxed).
-* **Regions**: :func:`value_pl.data.features.combine_regions` (IoU match to detections, or supplied
+* **Regions**: :func:`value_pl.datasets.regions.combine_regions` (IoU match to detections, or supplied
   annotated-box features, up to ``max_regions``).
 * **Pairs**: for each visual phrase whose chain has regions: VCD positives ``(phrase, region of its
   chain, "coref")`` and the same number of negatives ``(phrase, region outside its chain,
@@ -40,10 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import BuildError, Issues, clean_box, progress, read_id_list, sample_rng
-from .features import (Combined, FeatureDimError, FeatureError, FeatureNaNError, combine_regions,
-                       open_features)
-from .schema import COREF_TYPES, SCHEMA_VERSION
+from ..data.schema import COREF_TYPES, SCHEMA_VERSION
+from .common import BuildError, Issues, clean_box, progress, read_features, read_id_list, sample_rng
+from .regions import Combined, combine_regions, open_features
 from .writer import ShardSetWriter
 
 PHRASE_HEAD = re.compile(r"^\[/EN#(\d+)((?:/[A-Za-z_]+)+)$")
@@ -197,27 +196,6 @@ def _regions_for_image(iid, W, H, boxes, det_reader, sup_reader, cfg, issues, wh
     if unmatched:
         issues.count("annotated_box_unmatched", unmatched)
     return comb
-
-
-def read_features(reader, iid, W, H, issues: Issues, what: str):
-    """Features of one image in pixels of the annotation's size, or None (counted skip)."""
-    if iid not in reader:
-        issues.bad("no_features", f"{reader.path}", f"no {what} features for image {iid}")
-        return None
-    try:
-        rf = reader.get(iid)
-    except FeatureDimError:
-        raise
-    except FeatureNaNError as e:
-        issues.bad("nan_features", str(e).split(": ")[0], str(e))
-        return None
-    except FeatureError as e:
-        issues.bad("corrupt_features", str(e).split(": ")[0], str(e))
-        return None
-    if rf.num_boxes == 0:
-        issues.bad("no_features", rf.where, f"image {iid} has 0 {what} regions")
-        return None
-    return rf.in_pixels(W, H)
 
 
 def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues, seed: int, bar: bool, split: str):

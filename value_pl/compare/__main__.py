@@ -1,18 +1,18 @@
 """Compare checkpoints during pretraining:
 ``python -m value_pl.compare checkpoints='ckpts/*.pt' backbone=uniter backbone.config=... suite=quick``.
 
-Thin entry point: Hydra composes ``configs/compare.yaml``; the work is in :mod:`value_pl.compare_lib`
-(checkpoint discovery, cache, outputs) and :mod:`value_pl.suite` (the probe suite). See the README section "Compare checkpoints during pretraining".
+Thin entry point: Hydra composes ``configs/compare.yaml``; the work is in :mod:`value_pl.compare.driver`
+(checkpoint discovery, cache, outputs) and :mod:`value_pl.compare.suite` (the probe suite). See docs/compare.md.
 """
 import hydra
 from omegaconf import DictConfig
 
-from .pipeline import CONFIG_DIR
+from .. import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
 def main(cfg: DictConfig) -> None:
-    from .compare_lib import compare
+    from . import compare
 
     compare(cfg)
 

@@ -1,0 +1,67 @@
+"""The MDL driver (``train mdl=true``): extract features once, code every head's labels online, write results."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from ..probers.module import _safe, layer_number
+from ..protocols.fitting import accuracy, extract_split, fast_dev_batches, fit_head, pick_device, take
+from ..protocols.mdl import PAPER_FRACTIONS, online_codelength
+from .results import results_dict, results_markdown
+from .setup import prepare
+
+
+def train_mdl(cfg) -> dict:
+    t0 = time.time()
+    rdir, dm, module, spec = prepare(cfg)
+    device = pick_device(cfg)
+    module.to(device)
+    o = OmegaConf.to_container(cfg.get("mdl_opts") or {}, resolve=True)
+    fractions = tuple(o.get("fractions") or PAPER_FRACTIONS)
+    quick = fast_dev_batches(cfg)
+    fit = {"lr": float(o.get("lr", 1e-3)), "batch_size": int(o.get("batch_size", 64)),
+           "max_epochs": 1 if quick else int(o.get("max_epochs", 20)), "patience": int(o.get("patience", 3))}
+    max_train = o.get("max_train")
+    xs, ys, dropped = {}, {}, 0
+    for stage in ("train", "val", "test"):
+        f, y, d = extract_split(module, dm, stage, max_batches=quick,
+                                max_examples=int(max_train) if (stage == "train" and max_train) else None)
+        xs[stage], ys[stage] = f, y
+        dropped += d
+    perm = torch.randperm(ys["train"].shape[0], generator=torch.Generator().manual_seed(int(cfg.seed)))
+    y_tr = ys["train"][perm]
+    C = len(spec.labels)
+    rows = []
+    for key in module.head_names:
+        head0 = copy.deepcopy(module.heads[_safe(key)]).cpu()
+        x_tr = take(xs["train"][key], perm)
+        code = online_codelength(head0, x_tr, y_tr, C, fractions, seed=int(cfg.seed), device=device, **fit)
+        full, _ = fit_head(copy.deepcopy(head0), x_tr, y_tr, xs["val"][key], ys["val"], seed=int(cfg.seed),
+                           device=device, **fit)
+        name = module.display_name(key)
+        rows.append({"layer": layer_number(name) if name.startswith("layer_") else -1, "name": name,
+                     "val_acc": accuracy(full, xs["val"][key], ys["val"], device),
+                     "test_acc": accuracy(full, xs["test"][key], ys["test"], device),
+                     "codelength_bits": code["codelength_bits"], "uniform_bits": code["uniform_bits"],
+                     "compression": code["compression"], "blocks": code["blocks"]})
+        print(f"[value-pl] MDL {name}: {code['codelength_bits']:.1f} bits (uniform {code['uniform_bits']:.1f}), "
+              f"compression {code['compression']:.2f}")
+    res = results_dict(cfg, module, dm, rows=rows, pairs_dropped=dropped, extra={
+        "mdl": {"method": "online code (Voita & Titov 2020)", "fractions": list(fractions),
+                "num_examples": int(y_tr.shape[0]), **fit,
+                "layers": {r["name"]: {k: r[k] for k in ("codelength_bits", "uniform_bits", "compression")}
+                           for r in rows}},
+        "seconds": round(time.time() - t0, 1),
+    })
+    (rdir / "results.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
+    (rdir / "mdl.json").write_text(json.dumps(res["mdl"], indent=2, default=float) + "\n")
+    md = results_markdown(res) + "\n| layer | codelength (bits) | uniform (bits) | compression |\n|---|---:|---:|---:|\n"
+    md += "".join(f"| {r['name']} | {r['codelength_bits']:.1f} | {r['uniform_bits']:.1f} | {r['compression']:.2f} |\n"
+                  for r in rows)
+    (rdir / "results.md").write_text(md)
+    print(md)
+    return res

@@ -1,0 +1,175 @@
+"""What every run starts with: run dir, data module, probe module, logger and trainer (importable and testable)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..backbones import build_backbone
+from ..data.collate import TaskSpec
+from ..data.datamodule import ShardDataModule
+from ..data.schema import pair_kind
+from ..probers.module import ProbeModule
+
+log = logging.getLogger("value_pl")
+
+def run_dir(cfg: DictConfig) -> Path:
+    d = cfg.get("run_dir")
+    if not d:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            d = HydraConfig.get().runtime.output_dir
+        except Exception:  # noqa: BLE001 - outside Hydra
+            d = "runs/manual"
+    p = Path(d)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def ensure_demo(root: str | Path, data_cfg) -> None:
+    """Build the demo shards on first use (they are deterministic: same bytes as the committed ones)."""
+    root = Path(root)
+    if not (root / "manifest.json").exists() and data_cfg.get("name") == "demo":
+        from ..datasets.demo import build_demo
+
+        print(f"[value-pl] {root} missing: writing the synthetic demo shards (python -m value_pl.datasets.demo)")
+        build_demo(root, seed=int(data_cfg.get("demo_seed", 0)))
+
+
+def make_datamodule(cfg: DictConfig) -> ShardDataModule:
+    d = cfg.data
+    decode = None
+    root = d.root
+    if d.get("cache"):  # a feature cache (python -m value_pl.extract) instead of the shards
+        from ..data.cache import decode_record, open_cache
+
+        root = d.cache
+        open_cache(root)
+        decode = decode_record
+    else:
+        ensure_demo(d.root, d)
+    return ShardDataModule(root=root, batch_size=d.batch_size, num_workers=d.num_workers,
+                           shuffle_buffer=d.get("shuffle_buffer", 256), seed=cfg.seed,
+                           splits=OmegaConf.to_container(d.splits) if d.get("splits") else None,
+                           train_batches=d.get("train_batches"), eval_batch_size=d.get("eval_batch_size"),
+                           auto_workers=bool(d.get("auto_workers", False)), decode=decode)
+
+
+def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:
+    name = cfg.task.name
+    kind = cfg.task.get("kind") or pair_kind(name)
+    labels = cfg.task.get("labels")
+    if labels is None:
+        labels = dm.manifest["labels"].get(name)
+        if labels is None:
+            raise KeyError(f"{dm.root}/manifest.json has no labels for task {name!r} "
+                           f"(has {sorted(dm.manifest['labels'])})")
+    return TaskSpec(name=name, kind=kind, labels=list(labels))
+
+
+def make_relabel(cfg: DictConfig, spec: TaskSpec, dm: ShardDataModule):
+    """Label transform at collate time: ``shuffle_labels=true`` (sanity baseline) or ``control=true``."""
+    if cfg.get("shuffle_labels", False):
+        from ..protocols.control import ShuffledLabels
+
+        return ShuffledLabels(dm.label_counts(spec.name, "train"), seed=int(cfg.seed))
+    if not cfg.get("control", False):
+        return None
+    from ..protocols.control import ControlRelabel
+
+    return ControlRelabel.from_config(cfg, spec, dm)
+
+
+def make_logger(cfg: DictConfig, rdir: Path):
+    lc = cfg.get("logger")
+    if not lc or lc.get("name") in (None, "none"):
+        return False
+    name = lc.name
+    if name == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(rdir), name="csv", version="")
+    if name == "wandb":
+        os.environ.setdefault("WANDB_MODE", lc.get("mode", "offline"))
+        os.environ.setdefault("WANDB_DIR", str(rdir))
+        os.environ.setdefault("WANDB_CACHE_DIR", str(rdir / "wandb-cache"))
+        os.environ.setdefault("WANDB_CONFIG_DIR", str(rdir / "wandb-config"))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        from pytorch_lightning.loggers import WandbLogger
+
+        return WandbLogger(project=lc.get("project", "value-pl"), name=lc.get("run_name"),
+                           group=lc.get("group"), save_dir=str(rdir), offline=lc.get("mode", "offline") == "offline",
+                           config=OmegaConf.to_container(cfg, resolve=True))
+    raise ValueError(f"unknown logger {name!r} (wandb, csv, none)")
+
+
+def make_trainer(cfg: DictConfig, rdir: Path, logger, callbacks=None) -> pl.Trainer:
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t.pop("name", None)
+    if t.get("strategy") == "ddp" and t.get("accelerator") == "cpu":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        t["strategy"] = DDPStrategy(process_group_backend="gloo")
+    return pl.Trainer(default_root_dir=str(rdir), logger=logger, callbacks=callbacks or [],
+                      enable_model_summary=False, **t)
+
+
+def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
+    spec = task_spec(cfg, dm)
+    if backbone is None:
+        backbone = build_backbone(cfg.backbone, img_dim=dm.manifest.get("feature_dim"))
+    relabel = make_relabel(cfg, spec, dm)
+    dm.collate = backbone.collator(spec, relabel=relabel)
+    layers = cfg.get("layers")
+    layers = None if layers in (None, "all") else [l if isinstance(l, str) else f"layer_{int(l):02d}"
+                                                   for l in OmegaConf.to_container(layers)]
+    module = ProbeModule(backbone, task={"name": spec.name, "kind": spec.kind, "labels": spec.labels},
+                         prober=OmegaConf.to_container(cfg.prober, resolve=True),
+                         optim=OmegaConf.to_container(cfg.optim, resolve=True), layers=layers, seed=cfg.seed,
+                         backbone_cfg=OmegaConf.to_container(cfg.backbone, resolve=True),
+                         raw_baseline=bool(cfg.get("raw_baseline", False)))
+    if dm.manifest.get("cache"):  # training/evaluating from a feature cache: no backbone forward
+        from ..data.cache import attach_cache
+
+        attach_cache(dm, module, cfg)
+    return module, spec
+
+
+def close_logger(logger, cfg: DictConfig) -> None:
+    """Finalise a Lightning logger (and the W&B run behind it); a dashboard never fails a run."""
+    if not logger:
+        return
+    try:
+        logger.finalize("success")
+    except Exception:  # noqa: BLE001
+        pass
+    lc = cfg.get("logger")
+    if lc and lc.get("name") == "wandb":
+        import wandb
+
+        wandb.finish()
+
+
+def prepare(cfg: DictConfig):
+    """Seed, run dir, data module and probe module: the common start of every training driver."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    rdir = run_dir(cfg)
+    dm = make_datamodule(cfg)
+    module, spec = build_module(cfg, dm)
+    return rdir, dm, module, spec
+
+
+def teardown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_rank_zero(trainer: pl.Trainer) -> bool:
+    return trainer.global_rank == 0
+
+

@@ -1,0 +1,81 @@
+"""Train probers (``python -m value_pl.train``) and evaluate a saved prober (``python -m value_pl.eval``)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .mdl import train_mdl
+from .senteval import train_senteval
+from .results import log_results_table, results_dict, write_results
+from .setup import (build_module, close_logger, is_rank_zero, make_datamodule, make_logger, make_trainer, prepare,
+                    run_dir, teardown_distributed)
+
+
+def train(cfg: DictConfig) -> dict | None:
+    if cfg.get("mdl", False):  # MDL online code (Voita & Titov 2020) instead of plain training
+        return train_mdl(cfg)
+    if cfg.task.get("kind") == "sentence" and str(cfg.prober.name).startswith("senteval"):
+        return train_senteval(cfg)
+    t0 = time.time()
+    rdir, dm, module, spec = prepare(cfg)
+    ident = module.backbone.describe()
+    print(f"[value-pl] backbone {ident.get('name')}: {ident.get('source')}")
+    if dm.manifest.get("synthetic"):
+        print("[value-pl] data: synthetic demo shards with planted signal (a smoke test, not a result)")
+    logger = make_logger(cfg, rdir)
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt_cb = ModelCheckpoint(dirpath=str(rdir / "checkpoints"), monitor="val/acc/best", mode="max",
+                              save_last=True, filename="best", auto_insert_metric_name=False)
+    trainer = make_trainer(cfg, rdir, logger, [ckpt_cb])
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.test(module, datamodule=dm, verbose=False)
+    res = None
+    if is_rank_zero(trainer):
+        res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1),
+                                             "checkpoints": {"last": str(rdir / "checkpoints" / "last.ckpt"),
+                                                             "best": ckpt_cb.best_model_path or None}})
+        write_results(rdir, res)
+        log_results_table(logger, res)
+    close_logger(logger, cfg)
+    teardown_distributed()
+    return res
+
+
+def evaluate(cfg: DictConfig) -> dict | None:
+    """Evaluate a saved prober checkpoint on val and test without training; writes results.json."""
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt or not Path(ckpt).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt!r} does not exist")
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    rdir = run_dir(cfg)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hp = state.get("hyper_parameters", {})
+    # the checkpoint's backbone/task/prober unless overridden on the command line
+    if cfg.get("use_checkpoint_config", True) and hp.get("backbone_cfg"):
+        cfg = OmegaConf.merge(cfg, {"backbone": hp["backbone_cfg"], "prober": hp["prober"],
+                                    "task": {"name": hp["task"]["name"], "kind": hp["task"]["kind"],
+                                             "labels": hp["task"]["labels"]},
+                                    "seed": hp.get("seed", cfg.seed)})
+        if hp.get("layers") is not None:
+            cfg = OmegaConf.merge(cfg, {"layers": hp["layers"]})
+    dm = make_datamodule(cfg)
+    module, _ = build_module(cfg, dm)
+    module.load_state_dict(state["state_dict"], strict=True)
+    module.on_load_checkpoint(state)
+    module.use_best_snapshots()
+    logger = make_logger(cfg, rdir)
+    trainer = make_trainer(cfg, rdir, logger)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    # eval reports the checkpoint's own best validation accuracies where it has them
+    trainer.test(module, datamodule=dm, verbose=False)
+    res = None
+    if is_rank_zero(trainer):
+        res = results_dict(cfg, module, dm, {"evaluated_checkpoint": str(ckpt)})
+        write_results(rdir, res)
+    teardown_distributed()
+    return res

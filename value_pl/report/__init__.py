@@ -1,0 +1,69 @@
+"""Aggregate ``results.json`` files over seeds into the paper's table layouts (markdown, CSV, W&B tables).
+
+    python -m value_pl.report RUN_DIRS... [--layout auto|table3|table5|...] [--out DIR] [--wandb]
+
+Every ``results.json`` under the given directories (searched recursively, e.g. a Hydra multirun
+directory) is one run. Runs are grouped by (task, prober, model, pretrained, matched/mismatched shards,
+control, MDL) and, within a group, by layer; the seeds of a group give **mean +/- the half-width of a 95%
+confidence interval** ``t_{0.975, n-1} * sd / sqrt(n)`` (sample sd; no interval for a single seed).
+
+Models: ``SS`` = single-stream (UNITER, VisualBERT), ``TS`` = two-stream (LXMERT), ``BERT`` = text-only
+BERT; ``untrained`` is appended for ``backbone.pretrained=false`` runs.
+
+Layouts (``auto`` = all of them that have data):
+
+* ``table3`` / ``table8``: prober rows (attention over all heads, random guess, layer-wise embedding
+  prober per layer; table3 keeps layers 1, 5, 12) x VCD/VCC x SS/TS (Table 3/8).
+* ``table6``: untrained backbones' attention probers x VCD/VCC/VRI/VRC (Table 6).
+* ``fig4``: (a) attention probers on VRI/VRC, matched and mismatched, SS/TS; (b, c) = table9 and table10.
+* ``table9`` / ``table10``: layer (with "Original visual emb." = the ``raw`` pseudo-layer) x
+  VRI/VRC x matched/mismatched, for SS (table9) and TS (table10).
+* ``table5``: task x model, the best layer's test accuracy (by mean test accuracy over seeds, as the paper
+  reports the best layer) with the layer; ``table11``: layer x task x model.
+* ``selectivity``: accuracy, control-task accuracy and selectivity (paired by seed) per layer.
+* ``mdl``: online codelength and compression per layer (task and control runs).
+
+Accuracies are printed in percent.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .collect import LAYOUTS, Runs, Stat, Table, find_results, layer_title, load_runs, model_label, t975
+from .layouts import build_tables
+
+__all__ = ["LAYOUTS", "Runs", "Stat", "Table", "build_tables", "find_results", "layer_title", "load_runs",
+           "log_wandb", "model_label", "t975", "write_tables"]
+
+
+def write_tables(tables: list[Table], out: Path, n_runs: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# value-pl report ({n_runs} runs)", "",
+          "mean ± half-width of the 95% t confidence interval over seeds (no interval for one seed); accuracies in %.", ""]
+    for t in tables:
+        md.append(t.markdown())
+        with open(out / f"{t.name}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["table", "row", "column", "mean", "ci95", "n", "text", "values"])
+            w.writeheader()
+            w.writerows(t.long_rows())
+    p = out / "report.md"
+    p.write_text("\n".join(md))
+    return p
+
+
+def log_wandb(tables: list[Table], project: str = "value-pl", name: str | None = None) -> None:
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run = wandb.init(project=project, name=name or "report", job_type="report", reinit=True)
+    for t in tables:
+        data = [[r] + [t.text(r, c) for c in t.cols] for r in t.rows]
+        run.log({f"report/{t.name}": wandb.Table(columns=["row"] + t.cols, data=data)})
+        lr = t.long_rows()
+        if lr:
+            cols = list(lr[0])
+            run.log({f"report/{t.name}_long": wandb.Table(columns=cols, data=[[x[c] for c in cols] for x in lr])})
+    run.finish()

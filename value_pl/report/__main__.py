@@ -1,0 +1,34 @@
+"""``python -m value_pl.report RUN_DIRS... [--layout ...] [--out DIR] [--wandb]`` (see :mod:`value_pl.report`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import LAYOUTS, __doc__ as REPORT_DOC, build_tables, load_runs, log_wandb, write_tables
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m value_pl.report", description=REPORT_DOC.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories (searched recursively for results.json)")
+    ap.add_argument("--layout", default="auto", help=f"auto or comma-separated of: {', '.join(LAYOUTS)}")
+    ap.add_argument("--out", default=None, help="output directory (default: the first run directory / report)")
+    ap.add_argument("--wandb", action="store_true", help="also log the tables as W&B tables (WANDB_MODE honoured)")
+    ap.add_argument("--project", default="value-pl")
+    a = ap.parse_args(argv)
+    runs = load_runs(a.runs)
+    if not runs:
+        print("no results.json found under " + " ".join(a.runs), file=sys.stderr)
+        return 1
+    tables = build_tables(runs, a.layout)
+    out = Path(a.out) if a.out else Path(a.runs[0]) / "report"
+    p = write_tables(tables, out, len(runs))
+    print(p.read_text())
+    print(f"[value-pl] wrote {p} and {len(tables)} CSV file(s) to {out}")
+    if a.wandb:
+        log_wandb(tables, a.project)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

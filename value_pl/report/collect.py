@@ -1,0 +1,206 @@
+"""Collecting runs for the report: ``results.json`` files, grouping by (task, prober, model, ...), mean +/- 95% CI."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAIR_TASKS = ("vcd", "vcc", "vri", "vrc")
+SENT_TASKS = ("sentlen", "treedepth", "topconst", "bshift", "tense", "subjnum", "objnum", "somo", "coordinv",
+              "wordcontent", "oddmanout")
+TASK_TITLES = {"vcd": "VCD", "vcc": "VCC", "vri": "VRI", "vrc": "VRC", "sentlen": "SentLen", "treedepth": "TreeDepth",
+               "topconst": "TopConst", "bshift": "BShift", "tense": "Tense", "subjnum": "SubjNum", "objnum": "ObjNum",
+               "somo": "SOMO", "coordinv": "CoordInv", "wordcontent": "WordContent", "oddmanout": "OddManOut"}
+LAYOUTS = ("table3", "table8", "table6", "fig4", "table9", "table10", "table5", "table11", "selectivity", "mdl")
+
+# two-sided 95% t quantiles t_{0.975, df}, df = 1..30 (used when scipy is missing)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        return float("nan")
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except Exception:  # noqa: BLE001 - scipy is optional
+        return _T975[df - 1] if df <= 30 else 1.960 + 2.4 / df  # normal approximation with a small correction
+
+
+@dataclass
+class Stat:
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else float("nan")
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else float("nan")
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% t interval (nan for a single value)."""
+        return t975(self.n - 1) * self.sd / math.sqrt(self.n) if self.n > 1 else float("nan")
+
+    def fmt(self, scale: float = 100.0, digits: int = 2) -> str:
+        if not self.values:
+            return "-"
+        s = f"{scale * self.mean:.{digits}f}"
+        return s + (f" ± {scale * self.ci95:.{digits}f}" if self.n > 1 else "")
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    rows: list[str] = field(default_factory=list)
+    cols: list[str] = field(default_factory=list)
+    cells: dict = field(default_factory=dict)  # (row, col) -> Stat | str
+    scale: float = 100.0
+    note: str = ""
+
+    def put(self, row: str, col: str, v) -> None:
+        if row not in self.rows:
+            self.rows.append(row)
+        if col not in self.cols:
+            self.cols.append(col)
+        self.cells[(row, col)] = v
+
+    def text(self, row: str, col: str) -> str:
+        v = self.cells.get((row, col))
+        if v is None:
+            return "/"
+        return v.fmt(self.scale) if isinstance(v, Stat) else str(v)
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", "", "| | " + " | ".join(self.cols) + " |", "|---|" + "---:|" * len(self.cols)]
+        for r in self.rows:
+            out.append(f"| {r} | " + " | ".join(self.text(r, c) for c in self.cols) + " |")
+        if self.note:
+            out += ["", self.note]
+        return "\n".join(out) + "\n"
+
+    def long_rows(self) -> list[dict]:
+        out = []
+        for r in self.rows:
+            for c in self.cols:
+                v = self.cells.get((r, c))
+                if v is None:
+                    continue
+                if isinstance(v, Stat):
+                    out.append({"table": self.name, "row": r, "column": c, "mean": v.mean * self.scale,
+                                "ci95": v.ci95 * self.scale, "n": v.n, "text": v.fmt(self.scale),
+                                "values": " ".join(f"{x * self.scale:.6g}" for x in v.values)})
+                else:
+                    out.append({"table": self.name, "row": r, "column": c, "mean": None, "ci95": None, "n": None,
+                                "text": str(v), "values": ""})
+        return out
+
+    def empty(self) -> bool:
+        """No measured cell (a table of only "Random guess" entries counts as empty)."""
+        return all(r == "Random guess" for r, _ in self.cells)
+
+
+# ------------------------------------------------------------------ loading
+def model_label(res: dict) -> str:
+    b = res.get("backbone") or {}
+    fam = b.get("family", "")
+    m = {"lxmert": "TS", "bert": "BERT"}.get(fam, "SS")
+    return m if b.get("pretrained", True) else f"{m} untrained"
+
+
+def find_results(paths) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_file() and p.name == "results.json":
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(p.rglob("results.json")))
+        else:
+            raise FileNotFoundError(f"{p}: not a run directory or results.json")
+    return sorted(set(out))
+
+
+def load_runs(paths) -> list[dict]:
+    runs = []
+    for f in find_results(paths):
+        res = json.loads(f.read_text())
+        res["_path"] = str(f)
+        runs.append(res)
+    return runs
+
+
+def group_key(res: dict) -> tuple:
+    d = res.get("data") or {}
+    mismatch = bool(d.get("mismatch")) or "mismatch" in f"{d.get('root', '')} {d.get('dataset', '')}"
+    return (res["task"], res["prober"], model_label(res), mismatch, bool(res.get("control")), "mdl" in res)
+
+
+class Runs:
+    """Per (group key, layer name): {seed: row}."""
+
+    def __init__(self, runs: list[dict]):
+        self.runs = runs
+        self.by: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+        self.chance: dict[str, float] = {}
+        for r in runs:
+            k = group_key(r)
+            self.chance[r["task"]] = r.get("chance", float("nan"))
+            for row in r.get("layers", []):
+                self.by[k][row["name"]][int(r.get("seed", 0))] = row
+
+    def stat(self, task, prober, model, layer, mismatch=False, control=False, mdl=False, field="test_acc") -> Stat | None:
+        d = self.by.get((task, prober, model, mismatch, control, mdl), {}).get(layer)
+        if not d:
+            return None
+        vals = [float(row[field]) for _, row in sorted(d.items()) if row.get(field) is not None
+                and row[field] == row[field]]
+        return Stat(vals) if vals else None
+
+    def layers(self, task, prober, model, mismatch=False, control=False, mdl=False) -> list[str]:
+        names = list(self.by.get((task, prober, model, mismatch, control, mdl), {}))
+        return sorted(names, key=_layer_order)
+
+    def models(self) -> list[str]:
+        order = {"SS": 0, "TS": 1, "BERT": 2}
+        ms = {k[2] for k in self.by}
+        return sorted(ms, key=lambda m: (order.get(m.split()[0], 9), m))
+
+    def keys(self):
+        return list(self.by)
+
+
+def _layer_order(name: str):
+    if name == "raw":
+        return (-1, 0)
+    m = re.match(r"layer_(\d+)$", name)
+    if m:
+        return (0, int(m.group(1)))
+    return (1, name)
+
+
+def layer_title(name: str) -> str:
+    if name == "raw":
+        return "Original visual emb."
+    m = re.match(r"layer_(\d+)$", name)
+    if m:
+        k = int(m.group(1))
+        return "Embeddings (L0)" if k == 0 else f"Layer {k}"
+    if name == "all_heads":
+        return "All attention heads"
+    return name
+
+
+# ------------------------------------------------------------------ layouts
