@@ -2,7 +2,7 @@
 
 For every checkpoint (ordered by training step) the backbone is built with ``backbone.checkpoint``
 (files: UNITER ``.pt``, LXMERT ``.pth``) or ``backbone.path`` (HF directories) set to it, the suite
-(:mod:`value_pl.suite`) runs, and the row is cached under ``<cache>/<sha256(checkpoint)>-<sha256(suite)>.json``;
+(:mod:`value_pl.compare.suite`) runs, and the row is cached under ``<cache>/<sha256(checkpoint)>-<sha256(suite)>.json``;
 a re-run loads cached rows and builds no backbone for them. Outputs: ``compare.json``, ``compare.md``,
 ``plots/<metric>.png`` (one line plot per metric against the step), and one logger run (W&B: one group,
 the checkpoint step as x-axis).

@@ -118,7 +118,7 @@ def cpu_threads(n: int | None, device: torch.device):
     """Run with ``n`` intra-op CPU threads (restored after). Most of the suite's ops are small (heads,
     k-means): on a busy machine several OpenMP threads cost up to ~100x one thread on them, and the whole
     quick suite ran 3-4x faster on one thread than on two (2-core machine, load ~3); on an idle machine one
-    thread costs ~25% (README: "Compare checkpoints during pretraining")."""
+    thread costs ~25% (docs/compare.md, "Time per checkpoint")."""
     if not n or device.type != "cpu":
         yield
         return
