@@ -172,7 +172,7 @@ def test_nan_and_corrupt_features_are_counted(tmp_path):
 
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
-    """The README command, as a subprocess (Hydra CLI)."""
+    """The command in docs/datasets.md, as a subprocess (Hydra CLI)."""
     ov = write_flickr30k(tmp_path / "f30k")
     cmd = [sys.executable, "-m", "value_pl.datasets.build", "dataset=flickr30k", f"dataset.root={tmp_path / 'f30k'}",
            f"dataset.features={ov['dataset.features']}", f"out={tmp_path / 'shards'}", f"feature_dim={D}",

@@ -87,7 +87,7 @@ def _cli(monkeypatch, tmp_path, args):
 
 
 def test_cli_commands_vg_and_senteval(tmp_path, monkeypatch, capsys):
-    """The README commands for VG, the mismatch variant, SentEval and the derived tasks."""
+    """The commands in docs/datasets.md for VG, the mismatch variant, SentEval and the derived tasks."""
     ov = write_vg(tmp_path / "vg")
     vg_args = [f"{k}={v}" for k, v in ov.items()]
     _cli(monkeypatch, tmp_path, ["dataset=vg", "out=shards/vg"] + vg_args)
