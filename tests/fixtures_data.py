@@ -54,6 +54,8 @@ F30K_DETECTIONS = {  # pixel boxes of the "detector"
     "300": [[0, 0, 100, 100], [100, 100, 200, 200]],
     "500": [[10, 10, 200, 200], [200, 100, 300, 200]],
 }
+#: BUTD-like near-duplicates of image 500's gold box [10, 10, 200, 200] (chain 50): IoU 1.0 and 0.95
+F30K_NEAR_DUPS = {"500": [[10, 10, 200, 200], [10, 10, 200, 190.5]]}
 F30K_EXPECTED = {
     "train": {"samples": 7, "pairs": {
         "vcc": {"animals": 2, "bodyparts": 1, "clothing": 1, "other": 1, "people": 4},
@@ -87,16 +89,18 @@ def f30k_xml(W, H, objects) -> str:
     return "\n".join(out)
 
 
-def f30k_records(seed=0):
+def f30k_records(seed=0, extra: dict | None = None):
+    """Detections per image; ``extra`` adds boxes (e.g. near-duplicates of a gold box) after the fixture's own."""
     rng = np.random.default_rng(seed)
     recs = []
     for iid, boxes in F30K_DETECTIONS.items():
         W, H = F30K_IMAGES[iid][:2]
+        boxes = list(boxes) + list((extra or {}).get(iid, []))
         recs.append((iid, W, H, np.array(boxes, np.float32), _feats(rng, len(boxes))))
     return recs
 
 
-def write_flickr30k(root: Path, fmt: str = "butd_tsv") -> dict:
+def write_flickr30k(root: Path, fmt: str = "butd_tsv", extra_detections: dict | None = None) -> dict:
     """Flickr30k Entities layout + detected features in ``fmt``; returns build overrides."""
     root = Path(root)
     (root / "Sentences").mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,7 @@ def write_flickr30k(root: Path, fmt: str = "butd_tsv") -> dict:
     (root / "UNRELATED_CAPTIONS").write_text("# format: <imageID> <sentence number>\n200 3\n")
     feat_path = root / {"butd_tsv": "feats.tsv", "lxmert_tsv": "feats_obj36.tsv", "uniter_lmdb": "img_db",
                         "npz_dir": "npz"}[fmt]
-    recs = f30k_records()
+    recs = f30k_records(extra=extra_detections)
     if fmt == "uniter_lmdb":  # UNITER keys such as flickr30k_000000000100.npz
         recs = [(f"flickr30k_{int(r[0]):012d}",) + r[1:] for r in recs]
     write_features(feat_path, fmt, recs)
@@ -118,20 +122,26 @@ def write_flickr30k(root: Path, fmt: str = "butd_tsv") -> dict:
 
 # ----------------------------------------------------------------------------------------- VG
 def _o(oid, name, x, y, w, h, **kw):
-    return dict({"object_id": oid, "name": name, "x": x, "y": y, "w": w, "h": h}, **kw)
+    """A region-graph object as VG writes it: ``name`` (region graphs) or a ``names`` list (objects.json v1.2+),
+    ``synsets`` (WordNet), pixel ``x, y, w, h``, optionally ``merged_object_ids`` (v1.4)."""
+    base = {"object_id": oid, "x": x, "y": y, "w": w, "h": h}
+    base.update({"names": name} if isinstance(name, list) else {"name": name})
+    return dict(base, **kw)
 
 
 def _r(rid, pred, s, o):
     return {"relationship_id": rid, "predicate": pred, "subject_id": s, "object_id": o}
 
 
-MAN, HAT, STREET = _o(1, "man", 100, 100, 100, 300), _o(2, "hat", 120, 90, 60, 30), _o(3, "street", 0, 400, 800, 200)
-DOG, GRASS = _o(4, "dog", 10, 10, 100, 100), _o(5, "grass", 0, 200, 640, 280)
-COLLAR = _o(60, "collar", 30, 30, 20, 10, merged_object_ids=[61])  # a v1.4 object; the relation uses 61
-CAT, TOY = _o(7, "cat", 300, 300, 100, 100), _o(8, "toy", 600, 300, 200, 50)  # toy outside the 640 image
-PERSON, SHIRT = _o(9, "person", 300, 100, 100, 300), _o(10, "shirt", 310, 150, 80, 100)
-BIRD, TREE = _o(11, "bird", 10, 10, 50, 50), _o(12, "tree", 100, 50, 200, 400)
-CUP, TABLE = _o(13, "cup", 50, 50, 40, 40), _o(14, "table", 0, 90, 300, 200)
+MAN = _o(1, "man", 100, 100, 100, 300, synsets=["man.n.01"])
+HAT = _o(2, ["Hat", "cap"], 120, 90, 60, 30, synsets=["hat.n.01"])  # names list: the first name counts
+STREET = _o(3, "street", 0, 400, 800, 200, synsets=["street.n.01"])
+DOG, GRASS = _o(4, ["dog"], 10, 10, 100, 100, synsets=["dog.n.01"]), _o(5, "grass", 0, 200, 640, 280, synsets=["grass.n.01"])
+COLLAR = _o(60, [" Dog  Collar"], 30, 30, 20, 10, merged_object_ids=[61], synsets=["collar.n.01"])  # the relation uses 61
+CAT, TOY = _o(7, "cat", 300, 300, 100, 100, synsets=["cat.n.01"]), _o(8, "toy", 600, 300, 200, 50, synsets=[])  # toy outside
+PERSON, SHIRT = _o(9, "person", 300, 100, 100, 300, synsets=["person.n.01"]), _o(10, "shirt", 310, 150, 80, 100, synsets=["shirt.n.01"])
+BIRD, TREE = _o(11, "bird", 10, 10, 50, 50, synsets=["bird.n.01"]), _o(12, "tree", 100, 50, 200, 400, synsets=["tree.n.01"])
+CUP, TABLE = _o(13, "cup", 50, 50, 40, 40, synsets=["cup.n.01"]), _o(14, "table", 0, 90, 300, 200, synsets=["table.n.02"])
 
 
 def _reg(iid, rid, phrase, objs, rels):
@@ -160,6 +170,8 @@ VG_GRAPHS = [
 ]
 VG_SIZES = {1: (800, 600), 2: (640, 480), 3: (640, 480), 4: (500, 500), 6: (400, 300)}
 VG_SPLITS = {"train": [1, 2, 4, 5], "val": [3], "test": [6]}
+#: near-duplicates of image 6's cup [50, 50, 90, 90] (related to the table): IoU 1.0 and 0.95
+VG_NEAR_DUPS = {6: [[50, 50, 90, 90], [50, 50, 90, 88]]}
 # with aliases=basic ("wears" -> "wearing") and top_k=2: on (5) and wearing (3) are the top-2 predicates.
 VG_EXPECTED = {
     "train": {"samples": 4, "pairs": {"vrc": {"on": 4, "wearing": 2}, "vri": {"related": 6, "unrelated": 6}}},
@@ -170,7 +182,7 @@ VG_SKIPPED = {"box_outside_image": 1, "empty_caption": 1, "no_image_data": 1, "r
               "relation_unresolved": 1}
 
 
-def vg_records(seed=1):
+def vg_records(seed=1, extra: dict | None = None):
     rng = np.random.default_rng(seed)
     recs = []
     for im in VG_GRAPHS:
@@ -185,11 +197,12 @@ def vg_records(seed=1):
                 x2, y2 = min(W, o["x"] + o["w"]), min(H, o["y"] + o["h"])
                 boxes[o["object_id"]] = [x1 + 1, y1 + 1, x2 - 1, y2 - 1]  # a detection close to each object
         bl = [boxes[k] for k in sorted(boxes)] + [[W - 40, H - 40, W - 1, H - 1], [W - 80, 0, W - 1, 30]]
+        bl += list((extra or {}).get(iid, []))
         recs.append((iid, W, H, np.array(bl, np.float32), _feats(rng, len(bl))))
     return recs
 
 
-def write_vg(root: Path, fmt: str = "butd_tsv") -> dict:
+def write_vg(root: Path, fmt: str = "butd_tsv", extra_detections: dict | None = None) -> dict:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "region_graphs.json").write_text(json.dumps(VG_GRAPHS))
@@ -203,7 +216,7 @@ def write_vg(root: Path, fmt: str = "butd_tsv") -> dict:
         split_files[s] = str(p)
     feat_path = root / {"butd_tsv": "vg.tsv", "lxmert_tsv": "vg_obj36.tsv", "uniter_lmdb": "img_db",
                         "npz_dir": "npz"}[fmt]
-    write_features(feat_path, fmt, vg_records())
+    write_features(feat_path, fmt, vg_records(extra=extra_detections))
     ov = {"dataset.region_graphs": str(root / "region_graphs.json"),
           "dataset.image_data": str(root / "image_data.json"), "dataset.features": str(feat_path),
           "dataset.top_k": "2", "dataset.aliases": "basic"}

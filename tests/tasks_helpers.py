@@ -65,6 +65,7 @@ WORDS = "a man dog rides runs the street on near grass woman holds ball hat two 
 
 def sentence_shards(root: Path, n=(96, 48, 48), seed: int = 0) -> Path:
     """Text-only samples with every sentence task's label; 'sentlen' = a planted length bin."""
+    from value_pl.data.schema import SCHEMA_VERSION
     from value_pl.datasets.writer import ShardSetWriter
 
     rng = np.random.default_rng(seed)
@@ -76,8 +77,8 @@ def sentence_shards(root: Path, n=(96, 48, 48), seed: int = 0) -> Path:
                 words = [str(x) for x in rng.choice(WORDS, L)]
                 labels = {t: str(int(rng.integers(0, 2))) for t in SENT_TASKS}
                 labels["sentlen"] = str((L - 3) // 3)  # 4 bins, planted
-                meta = {"schema": 1, "image": {"id": "none", "width": 1, "height": 1}, "words": words,
-                        "phrases": [], "regions": {"boxes": [], "chains": [], "source": []}, "pairs": {},
+                meta = {"schema": SCHEMA_VERSION, "image": {"id": "none", "width": 1, "height": 1}, "words": words,
+                        "phrases": [], "regions": {"boxes": [], "chains": [], "source": [], "names": []}, "pairs": {},
                         "sentence_labels": labels, "provenance": {"dataset": "tiny"}}
                 yield f"{split}_{i:05d}", meta, np.zeros((0, DV), np.float16)
         w.write_split(split, gen())

@@ -23,11 +23,12 @@ def test_control_labels_keep_the_distribution():
     # a function of the type only: same type -> same label, whatever the pair/sample/true label
     meta = {"words": ["A", "Red", "Shirt", "on", "a", "man"], "phrases": [{"span": [0, 3], "chain": "1"},
                                                                           {"span": [4, 6], "chain": "2"}],
-            "regions": {"chains": [["1"], ["2"], []], "source": ["annotated", "annotated", "detected"]}}
+            "regions": {"chains": [["1"], ["2"], []], "source": ["annotated", "annotated", "detected"],
+                        "names": [["shirt"], ["man", "person"], ["<unknown>"]]}}
     ctx = {"meta": meta, "pair": (0, 1, "on")}
-    assert pair_type("region_region", ctx) == "rel:a red shirt|a man"
-    assert pair_type("region_region", {"meta": meta, "pair": (2, 0, "x")}) == "rel:<detected>|a red shirt"
-    assert pair_type("phrase_region", {"meta": meta, "pair": (1, 2, "coref")}) == "phrase:a man"
+    assert pair_type("region_region", ctx) == "rel:shirt|man+person"
+    assert pair_type("region_region", {"meta": meta, "pair": (2, 0, "x")}) == "rel:<unknown>|shirt"
+    assert pair_type("phrase_region", {"meta": meta, "pair": (1, 2, "coref")}) == "phrase:a man|<unknown>"
     assert c("k1", 0, "on", ctx) == c("k2", 7, "riding", ctx)
     c2 = pickle.loads(pickle.dumps(c))  # runs in loader workers
     assert all(c2.label_of_type(f"t{i}") == c.label_of_type(f"t{i}") for i in range(100))
@@ -98,6 +99,8 @@ def test_mdl_run_task_vs_control(demo_root, tmp_path):
         ctrl = train(compose([*common, "control=true", f"run_dir={tmp_path / 'ctrl'}"]))
     r, c = real["mdl"]["layers"]["raw"], ctrl["mdl"]["layers"]["raw"]
     assert r["uniform_bits"] == pytest.approx(c["uniform_bits"])
-    assert r["codelength_bits"] < 0.8 * c["codelength_bits"], (r, c)
+    # the control types are (subject class, object class) pairs, which the raw features encode, so the control
+    # task is learnable by memorisation (as H&L intend); the real labels add geometry: a clear but modest gap
+    assert r["codelength_bits"] < 0.9 * c["codelength_bits"], (r, c)
     assert json.loads((tmp_path / "real" / "mdl.json").read_text())["layers"]["raw"]["compression"] > 1.2
     assert ctrl["control"] and not real["control"]

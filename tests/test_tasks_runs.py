@@ -42,7 +42,9 @@ def test_pair_tasks(task, prober, kind, bbs, demo_root, tmp_path):
         extra.append("control=true")
     res = run([f"task={task}", f"prober={prober}", f"data.root={demo_root}", *bbs[kind], *extra], tmp_path)
     names = [r["name"] for r in res["layers"]]
-    assert res["control"] == (task == "vcc")
+    assert bool(res["control"]) == (task == "vcc")
+    if task == "vcc":  # the demo's types: (phrase words, object class name)
+        assert res["control"]["types"] > 10 and res["control"]["seed"] == 0
     if prober == "attention":
         assert "all_heads" in names
         # two-stream coreference: the 2 cross layers (tiny model) through l2v+v2l maps

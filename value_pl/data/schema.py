@@ -1,4 +1,4 @@
-"""The shard schema (version 1), documented once here and mirrored in ``shards/README.md``.
+"""The shard schema (version 2), documented once here and mirrored in ``shards/README.md``; the control-task types.
 
 A shard set is a directory::
 
@@ -11,13 +11,15 @@ Each tar holds WebDataset samples. A sample is two files sharing a ``__key__`` (
     .. code-block:: json
 
         {
-          "schema": 1,
+          "schema": 2,
           "image": {"id": "1000092795", "width": 500, "height": 375},
           "words": ["Two", "young", "guys", ...],
           "phrases": [{"span": [0, 3], "chain": "1", "types": ["people"], "label": "people"}, ...],
           "regions": {"boxes": [[x1, y1, x2, y2], ...],          # pixels, floats
-                      "chains": [["1"], [], ...],                # chain ids an annotated box belongs to
-                      "source": ["annotated", "detected", ...]},
+                      "chains": [["1"], [], ...],                # chain ids / VG object ids a box carries
+                      "source": ["annotated", "detected", ...],
+                      "names": [["people"], ["<unknown>"], ...], # what each region is (see below)
+                      "synsets": [[], [], ...]},                 # VG WordNet synsets (optional)
           "pairs": {"vcd": [[phrase_index, region_index, "coref"], ...],
                     "vcc": [[phrase_index, region_index, "people"], ...],
                     "vri": [[subject_region, object_region, "related"], ...],
@@ -31,6 +33,14 @@ Each tar holds WebDataset samples. A sample is two files sharing a ``__key__`` (
     (vri, vrc) both index regions (subject, object). Labels are strings; the class list of each task
     is in ``manifest.json`` (``labels``).
 
+    ``regions.names`` (new in schema 2) says what each region *is*, as a sorted list of normalised
+    names (lower case, whitespace collapsed; never empty): Visual Genome: the names of the objects the
+    region carries (an object's ``names[0]``, or ``name``); Flickr30k Entities: the coarse types of the
+    coreference chains the region carries (``people``, ``clothing``, ...; a region has no object name
+    there, and a phrase names it differently in every caption, so the chain's types are its identity);
+    a region that carries no annotation (a detection matched to nothing): ``[UNKNOWN_REGION]``
+    (``"<unknown>"``). ``regions.synsets``: VG's WordNet synsets of those objects (other datasets: empty).
+
 ``<key>.npy``
     float16 array ``(num_regions, feature_dim)`` of region features (row ``i`` belongs to box ``i``).
     Text-only samples (SentEval) carry ``(0, feature_dim)``.
@@ -39,10 +49,30 @@ No pickle anywhere: only ``.json`` and ``.npy``.
 
 ``manifest.json``::
 
-    {"dataset": str, "version": str, "schema": 1, "feature_dim": int,
+    {"dataset": str, "version": str, "schema": 2, "feature_dim": int,
      "labels": {task: [class names]},
-     "splits": {split: {"samples": n, "shards": [file names], "pairs": {task: {label: count}}}},
-     "skipped": {reason: count}, "inputs": {path: sha256}}
+     "splits": {split: {"samples": n, "shards": [file names], "pairs": {task: {label: count}},
+                        "excluded": {reason: count}}},
+     "control_types": {split: {task: number of distinct control types (see pair_type)}},
+     "excluded": {reason: count}, "skipped": {reason: count}, "inputs": {path: sha256}}
+
+``excluded`` counts candidate negatives the builders did not use because they are the gold object
+(``vcd_negative_overlaps_chain``: a region at IoU >= ``iou_threshold`` with a box of the phrase's own
+chain; ``vri_negative_overlaps_related``: a region pair that is, up to IoU >= ``iou_threshold``, a
+related pair).
+
+Control-task types (Hewitt & Liang 2019: the type of an example is the identity of its items)
+----------------------------------------------------------------------------------------------
+:func:`pair_type` is the one definition; the builders count types with it (``control_types``) and
+:mod:`value_pl.protocols.control` draws one control label per type:
+
+* region-region (vri, vrc): ``rel:<identity of subject>|<identity of object>``, e.g. ``rel:man|hat``;
+* phrase-region (vcd, vcc): ``phrase:<lower-cased phrase words>|<identity of region>``,
+  e.g. ``phrase:a red shirt|clothing``;
+* sentence (SentEval): ``sent:<lower-cased first word>|<number of words>``;
+
+where the identity of a region is ``"+".join(regions.names[r])`` (``<unknown>`` for a region with no
+annotation).
 """
 from __future__ import annotations
 
@@ -53,7 +83,12 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: what ``regions.names`` holds for a region that carries no annotation
+UNKNOWN_REGION = "<unknown>"
+#: how to rebuild a shard set (named in the error for an old schema)
+REBUILD_HINT = ("rebuild it with python -m value_pl.datasets.build dataset=<flickr30k|vg|vg_mismatch|senteval|"
+                "senteval_derived> ... (or python -m value_pl.datasets.demo for the demo shards)")
 
 #: tasks whose pairs are (phrase, region)
 PHRASE_REGION_TASKS = ("vcd", "vcc")
@@ -77,10 +112,71 @@ def pair_kind(task: str) -> str:
     return "sentence"
 
 
+def normalise_name(name) -> str:
+    """Object names as region identities: lower case, whitespace collapsed (``" Tennis  Ball"`` -> ``"tennis ball"``)."""
+    return " ".join(str(name or "").lower().split())
+
+
+def region_names(names) -> list[str]:
+    """Sorted, unique, normalised names of one region; ``[UNKNOWN_REGION]`` when there is none."""
+    out = sorted({n for n in (normalise_name(x) for x in names or ()) if n})
+    return out or [UNKNOWN_REGION]
+
+
+def region_identity(meta: dict, r: int) -> str:
+    """What region ``r`` is: its names joined by ``+`` (``"man"``, ``"man+person"``, ``"<unknown>"``)."""
+    names = (meta.get("regions") or {}).get("names") or []
+    if r >= len(names):
+        raise SchemaError(f"sample has no regions.names entry for region {r} (schema {meta.get('schema')!r}; "
+                          f"{REBUILD_HINT})")
+    return "+".join(names[r])
+
+
+def pair_type(kind: str, meta: dict, pair=None) -> str:
+    """The control-task type of one example (module docstring): a function of its inputs' identities only."""
+    if kind == "region_region":
+        return f"rel:{region_identity(meta, pair[0])}|{region_identity(meta, pair[1])}"
+    if kind == "phrase_region":
+        s, e = meta["phrases"][pair[0]]["span"]
+        words = " ".join(w.lower() for w in meta["words"][s:e])
+        return f"phrase:{words}|{region_identity(meta, pair[1])}"
+    if kind == "sentence":
+        w = meta.get("words") or [""]
+        return f"sent:{w[0].lower()}|{len(w)}"
+    raise ValueError(f"no control type for task kind {kind!r}")
+
+
+def task_types(meta: dict) -> dict[str, set[str]]:
+    """``{task: {control types}}`` of one sample's pairs and sentence labels."""
+    out: dict[str, set[str]] = {}
+    for task, pairs in (meta.get("pairs") or {}).items():
+        kind = pair_kind(task)
+        out.setdefault(task, set()).update(pair_type(kind, meta, p) for p in pairs)
+    for task in meta.get("sentence_labels") or {}:
+        out.setdefault(task, set()).add(pair_type("sentence", meta))
+    return out
+
+
+def _check_regions(meta: dict, n_reg: int, where: str) -> None:
+    reg = meta.get("regions") or {}
+    names = reg.get("names")
+    if not isinstance(names, list) or len(names) != n_reg:
+        raise SchemaError(f"{where}: regions.names must list the names of each of the {n_reg} regions "
+                          f"(got {type(names).__name__} of {len(names) if isinstance(names, list) else '?'})")
+    for r, ns in enumerate(names):
+        if not (isinstance(ns, list) and ns and all(isinstance(n, str) and n for n in ns)):
+            raise SchemaError(f"{where}: regions.names[{r}] must be a non-empty list of names "
+                              f"(use [{UNKNOWN_REGION!r}] for a region without annotation), got {ns!r}")
+    syn = reg.get("synsets")
+    if syn is not None and (not isinstance(syn, list) or len(syn) != n_reg):
+        raise SchemaError(f"{where}: regions.synsets must have one list per region ({n_reg})")
+
+
 def validate_sample(meta: dict, feats: np.ndarray, where: str = "sample") -> None:
     """Raise :class:`SchemaError` naming ``where`` and what is wrong."""
     if meta.get("schema") != SCHEMA_VERSION:
-        raise SchemaError(f"{where}: schema {meta.get('schema')!r}, expected {SCHEMA_VERSION}")
+        raise SchemaError(f"{where}: shard schema {meta.get('schema')!r}, this version reads schema {SCHEMA_VERSION}; "
+                          f"{REBUILD_HINT}")
     words = meta.get("words")
     if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
         raise SchemaError(f"{where}: 'words' must be a list of non-empty strings")
@@ -97,6 +193,7 @@ def validate_sample(meta: dict, feats: np.ndarray, where: str = "sample") -> Non
         if not (0 <= s < e <= len(words)):
             raise SchemaError(f"{where}: phrase span {p['span']} outside {len(words)} words")
     n_ph, n_reg = len(meta.get("phrases", [])), len(boxes)
+    _check_regions(meta, n_reg, where)
     for task, pairs in meta.get("pairs", {}).items():
         na = n_ph if task in PHRASE_REGION_TASKS else n_reg
         for a, b, _ in pairs:
@@ -129,6 +226,9 @@ def decode_sample(sample: dict) -> dict:
         raise SchemaError(f"{url}: sample {key} lacks its .{e.args[0]} file") from None
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise SchemaError(f"{url}: sample {key} could not be decoded: {e}") from e
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise SchemaError(f"{url}: sample {key} has shard schema {meta.get('schema')!r}, this version reads schema "
+                          f"{SCHEMA_VERSION}; {REBUILD_HINT}")
     return {"key": key, "meta": meta, "feats": feats}
 
 
@@ -138,10 +238,24 @@ def load_manifest(root: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no manifest.json; build shards with python -m value_pl.datasets.build "
                                 f"or python -m value_pl.datasets.demo")
     man = json.loads(path.read_text())
+    if man.get("schema") != SCHEMA_VERSION:
+        what = ("a feature cache extracted from shards" if man.get("cache") else "a shard set")
+        raise SchemaError(f"{path}: {what} of schema {man.get('schema')!r}; this version reads schema {SCHEMA_VERSION} "
+                          f"(regions.names, control_types). Old shards would give wrong control tasks: "
+                          f"{REBUILD_HINT}" + (" and re-extract the cache with python -m value_pl.extract"
+                                               if man.get("cache") else ""))
     for k in ("dataset", "splits", "labels"):
         if k not in man:
             raise SchemaError(f"{path}: manifest lacks '{k}'")
     return man
+
+
+def control_types(man: dict, split: str, task: str, root="?") -> int:
+    """Distinct control types of ``task`` in ``split`` as the builder counted them (``manifest.control_types``)."""
+    ct = man.get("control_types")
+    if ct is None:
+        raise SchemaError(f"{root}/manifest.json has no control_types; {REBUILD_HINT}")
+    return int((ct.get(split) or {}).get(task, 0))
 
 
 def count_pairs(metas: list[dict]) -> dict[str, dict[str, int]]:

@@ -35,6 +35,11 @@ class Issues:
         if len(ex) < self.examples_per_reason:
             ex.append(text)
 
+    def exclude(self, reason: str, n: int = 1) -> None:
+        """Count candidates left out on purpose (manifest ``excluded``), e.g. a negative that is the gold object."""
+        if n > 0 and self.writer is not None:
+            self.writer.exclude(reason, n)
+
     def count(self, reason: str, n: int = 1) -> None:
         if n <= 0:
             return

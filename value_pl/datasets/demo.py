@@ -10,7 +10,9 @@ builders write (:mod:`value_pl.data.schema`):
   types as VCC labels), and an equal number of VCD positives and negatives;
 * visual relations between annotated objects that depend on the object types and on geometry
   (``on``/``under``/``next to`` from the box layout, ``wearing``/``holding``/``riding``/... from the
-  type pair), VRI negatives between unrelated regions.
+  type pair), VRI negatives between unrelated regions;
+* ``regions.names``: the object's class name (``man``, ``dog``, ...) for annotated regions, ``<unknown>``
+  for background regions, so control tasks have one type per class (pair).
 
 The same seed gives the same bytes (fixed tar mtimes/owners, sorted JSON, seeded numpy).
 """
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.schema import COREF_TYPES, SCHEMA_VERSION
+from ..data.schema import COREF_TYPES, SCHEMA_VERSION, UNKNOWN_REGION
+from .regions import iou_matrix
 from .writer import ShardSetWriter, report
 
 CLASSES = [
@@ -102,17 +105,23 @@ def make_scene(rng: np.random.Generator, protos: np.ndarray, bg_protos: np.ndarr
     words.append(".")
     chains = [[] for _ in range(NUM_REGIONS)]
     source = ["detected"] * NUM_REGIONS
+    names = [[UNKNOWN_REGION] for _ in range(NUM_REGIONS)]
     for o in range(n_obj):
         chains[obj_region[o]] = [str(o + 1)]
         source[obj_region[o]] = "annotated"
+        names[obj_region[o]] = [CLASSES[classes[o]][0]]
+    # as the real builders: a region at IoU >= 0.5 with the gold box is never a negative
+    same = iou_matrix(np.array(boxes), np.array(boxes)) >= 0.5
+    ann = [obj_region[o] for o in range(n_obj)]
 
     vcd, vcc = [], []
     for p, ph in enumerate(phrases):
         pos = obj_region[p]
         vcd.append([p, pos, "coref"])
         vcc.append([p, pos, ph["label"]])
-        neg = [r for r in range(NUM_REGIONS) if r != pos]
-        vcd.append([p, int(rng.choice(neg)), "not_coref"])
+        neg = [r for r in range(NUM_REGIONS) if not same[pos, r]]
+        if neg:
+            vcd.append([p, int(rng.choice(neg)), "not_coref"])
 
     vrc, vri = [], []
     rel_pairs = [(s, o) for s in range(n_obj) for o in range(n_obj) if s != o]
@@ -123,16 +132,17 @@ def make_scene(rng: np.random.Generator, protos: np.ndarray, bg_protos: np.ndarr
         rs, ro = obj_region[s], obj_region[o]
         vrc.append([rs, ro, pred])
         vri.append([rs, ro, "related"])
-        # a negative: the subject with a background region
-        bg = [r for r in range(NUM_REGIONS) if source[r] == "detected"]
-        vri.append([rs, int(rng.choice(bg)), "unrelated"])
+        # a negative: the subject with a background region (not a near-duplicate of an object)
+        bg = [r for r in range(NUM_REGIONS) if source[r] == "detected" and not same[ann, r].any()]
+        if bg:
+            vri.append([rs, int(rng.choice(bg)), "unrelated"])
 
     meta = {
         "schema": SCHEMA_VERSION,
         "image": {"id": f"demo{split}{idx:05d}", "width": W, "height": H},
         "words": words,
         "phrases": phrases,
-        "regions": {"boxes": boxes, "chains": chains, "source": source},
+        "regions": {"boxes": boxes, "chains": chains, "source": source, "names": names},
         "pairs": {"vcd": vcd, "vcc": vcc, "vri": vri, "vrc": vrc},
         "provenance": {"dataset": "demo", "split": split, "index": idx, "synthetic": True},
     }

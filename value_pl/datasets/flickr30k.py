@@ -18,10 +18,17 @@ One sample = one caption with its image's regions. Rules:
   ``nobndbox``/``scene`` objects have no box (their chains are known but unboxed).
 * **Regions**: :func:`value_pl.datasets.regions.combine_regions` (IoU match to detections, or supplied
   annotated-box features, up to ``max_regions``).
+* **Region names** (``regions.names``, what a region is; the control tasks' region identity): the
+  coarse types of the chains the region carries, collected from all captions of the image (Flickr30k
+  has no object names, and a phrase names the same region differently in each caption), e.g.
+  ``["people"]`` or ``["bodyparts", "people"]``; ``["<unknown>"]`` for a detection that carries no chain.
 * **Pairs**: for each visual phrase whose chain has regions: VCD positives ``(phrase, region of its
   chain, "coref")`` and the same number of negatives ``(phrase, region outside its chain,
   "not_coref")`` sampled without replacement (seeded by seed + sample key); VCC ``(phrase, region
-  of its chain, label)`` for every positive.
+  of its chain, label)`` for every positive (VCC has no negatives). A region that overlaps any box of
+  the phrase's own chain at IoU >= ``iou_threshold`` (a near-duplicate detection of the gold object,
+  normal for BUTD's overlapping boxes) is never a negative; each such (phrase, region) is counted in
+  ``manifest.json`` ``excluded.vcd_negative_overlaps_chain``.
 
 Skips (counted in ``manifest.json``; ``strict=true`` raises instead, naming file and line):
 ``malformed_markup`` (caption), ``empty_caption`` (caption), ``unrelated_caption`` (caption, the
@@ -40,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.schema import COREF_TYPES, SCHEMA_VERSION
+from ..data.schema import COREF_TYPES, SCHEMA_VERSION, region_names
 from .common import BuildError, Issues, clean_box, progress, read_features, read_id_list, sample_rng
 from .regions import Combined, combine_regions, open_features
 from .writer import ShardSetWriter
@@ -149,8 +156,14 @@ def read_unrelated(path) -> set[tuple[str, int]]:
     return out
 
 
-def caption_pairs(phrases: list[dict], comb: Combined, rng: np.random.Generator, issues: Issues, where: str):
-    """VCD (balanced) and VCC pairs of one caption."""
+def caption_pairs(phrases: list[dict], comb: Combined, rng: np.random.Generator, issues: Issues, where: str,
+                  iou_threshold: float = 0.5):
+    """VCD (balanced) and VCC pairs of one caption.
+
+    A region that overlaps any annotated box of the phrase's own chain at IoU >= ``iou_threshold`` (a
+    second detection of the gold object) is never a negative for that phrase; such regions are counted
+    in the manifest (``excluded.vcd_negative_overlaps_chain``, one per phrase and region).
+    """
     vcd, vcc = [], []
     R = len(comb.boxes)
     for p, ph in enumerate(phrases):
@@ -159,7 +172,9 @@ def caption_pairs(phrases: list[dict], comb: Combined, rng: np.random.Generator,
         pos = [r for r in range(R) if ph["chain"] in comb.tags[r]]
         if not pos:
             continue
-        outside = [r for r in range(R) if ph["chain"] not in comb.tags[r]]
+        gold = comb.overlapping(comb.gold_boxes(ph["chain"]), iou_threshold) - set(pos)
+        issues.exclude("vcd_negative_overlaps_chain", len(gold))
+        outside = [r for r in range(R) if ph["chain"] not in comb.tags[r] and r not in gold]
         k = min(len(pos), len(outside))
         if k < len(pos):
             issues.count("vcd_negatives_short", len(pos) - k)
@@ -170,6 +185,26 @@ def caption_pairs(phrases: list[dict], comb: Combined, rng: np.random.Generator,
         for r in neg:
             vcd.append([p, r, "not_coref"])
     return vcd, vcc
+
+
+def chain_types(lines: list[str]) -> dict[str, set[str]]:
+    """Chain id -> the coarse types its phrases carry, over all captions of the image (malformed ones ignored:
+    the caption pass reports them)."""
+    out: dict[str, set[str]] = {}
+    for line in lines:
+        try:
+            _, phrases = parse_caption(line)
+        except MarkupError:
+            continue
+        for ph in phrases:
+            if ph["chain"] != "0":
+                out.setdefault(ph["chain"], set()).update(t for t in ph["types"] if t in VISUAL_TYPES)
+    return out
+
+
+def region_names_of(comb: Combined, types: dict[str, set[str]]) -> list[list[str]]:
+    """``regions.names``: the coarse types of the chains a region carries (``<unknown>`` if none)."""
+    return [region_names(t for c in tags for t in types.get(c, ())) for tags in comb.tags]
 
 
 def _regions_for_image(iid, W, H, boxes, det_reader, sup_reader, cfg, issues, where):
@@ -221,6 +256,7 @@ def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues
             continue
         feats16 = comb.feats.astype(np.float16)
         lines = spath.read_text(encoding="utf-8").splitlines()
+        names = region_names_of(comb, chain_types(lines))
         for ci, line in enumerate(lines):
             where = f"{spath}:{ci + 1}"
             if (iid, ci + 1) in unrelated:
@@ -243,13 +279,13 @@ def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues
                     ph["unknown_chain"] = True
             key = f"f30k_{iid}_{ci}"
             usable = [dict(ph, label="notvisual") if ph.pop("unknown_chain", False) else ph for ph in phrases]
-            vcd, vcc = caption_pairs(usable, comb, sample_rng(seed, key), issues, where)
+            vcd, vcc = caption_pairs(usable, comb, sample_rng(seed, key), issues, where, cfg["iou_threshold"])
             meta = {
                 "schema": SCHEMA_VERSION,
                 "image": {"id": str(iid), "width": W, "height": H},
                 "words": words,
                 "phrases": phrases,
-                "regions": {"boxes": comb.boxes, "chains": comb.tags, "source": comb.source},
+                "regions": {"boxes": comb.boxes, "chains": comb.tags, "source": comb.source, "names": names},
                 "pairs": {"vcd": vcd, "vcc": vcc},
                 "provenance": {"dataset": "flickr30k_entities", "image_id": str(iid), "caption_index": ci,
                                "split": split, "unboxed_chains": sorted(unboxed - {t for r in comb.tags for t in r},

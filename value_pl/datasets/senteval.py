@@ -62,7 +62,7 @@ def text_sample(key: str, words: list[str], task: str, label: str, feature_dim: 
         "image": {"id": "none", "width": 1, "height": 1},
         "words": words,
         "phrases": [],
-        "regions": {"boxes": [], "chains": [], "source": []},
+        "regions": {"boxes": [], "chains": [], "source": [], "names": []},
         "pairs": {},
         "sentence_labels": {task: str(label)},
         "provenance": prov,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from ..data.schema import normalise_name
 from .common import BuildError, Issues, clean_box, iter_json_array, read_id_list, stable_score
 
 #: ``aliases: basic``: a small, documented merge of verb forms (not used by default).
@@ -48,6 +49,20 @@ def _obj_box(o: dict) -> list[float]:
     return [x, y, x + float(o.get("w", 0)), y + float(o.get("h", 0))]
 
 
+def object_name(o: dict) -> str:
+    """An object's name as a region identity: ``names[0]`` (v1.2+/v1.4 ``objects.json``) or ``name`` (region
+    graphs), normalised (lower case, whitespace collapsed); ``""`` when it has none."""
+    names = o.get("names")
+    if isinstance(names, list) and names:
+        return normalise_name(names[0])
+    return normalise_name(o.get("name") or (names if isinstance(names, str) else ""))
+
+
+def object_synsets(o: dict) -> list[str]:
+    syn = o.get("synsets") or []
+    return [str(x) for x in (syn if isinstance(syn, list) else [syn]) if x]
+
+
 def load_image_data(path) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
     for k, im in enumerate(iter_json_array(path)):
@@ -67,7 +82,7 @@ def load_v14_objects(path) -> dict[str, dict[str, dict]]:
     for im in iter_json_array(path):
         d = out.setdefault(str(im.get("image_id", im.get("id"))), {})
         for o in im.get("objects", []):
-            slim = {k: o[k] for k in ("object_id", "x", "y", "w", "h") if k in o}
+            slim = {k: o[k] for k in ("object_id", "x", "y", "w", "h", "name", "names", "synsets") if k in o}
             for i in [o.get("object_id")] + list(o.get("merged_object_ids", []) or []):
                 if i is not None:
                     d.setdefault(str(i), slim)

@@ -32,7 +32,14 @@ Rules (VALUE Sec. 3.4):
   VRC pairs ``(subject region, object region, predicate)``; VRI positives the same region pairs
   ``"related"`` (once per region pair) and as many negatives ``"unrelated"``: ordered region pairs
   without any relation of the caption in either direction, sampled first among pairs of annotated
-  regions, then among the rest (seeded by seed + sample key). Phrases are empty (no VCD/VCC).
+  regions, then among the rest (seeded by seed + sample key). A region pair that is, up to IoU >=
+  ``iou_threshold`` with the gold boxes, a related pair (near-duplicate detections of a related
+  subject and object) is never a negative (counted: ``excluded.vri_negative_overlaps_related``).
+  Phrases are empty (no VCD/VCC).
+* ``regions.names`` (what a region is; the control tasks' identity): the names of the objects the
+  region carries -- ``names[0]`` (v1.4/``objects.json``) or ``name`` (region graphs), lower case,
+  whitespace collapsed -- and ``regions.synsets`` their synsets; ``["<unknown>"]`` for a detection
+  that carries no object. So the VRI/VRC control type of a pair is e.g. ``rel:man|hat``.
 * Splits: ``split_files`` (image-id lists) or the fractions in ``splits`` by a seeded hash of the
   image id.
 * ``variant: mismatch``: identical regions and pairs, but each sample's words are a caption of
@@ -51,10 +58,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.schema import SCHEMA_VERSION
+from ..data.schema import SCHEMA_VERSION, region_names
 from .common import BuildError, Issues, clean_box, iter_json_array, progress, read_features, sample_rng, stable_score
 from .regions import combine_regions, open_features
-from .vg_graphs import _aliases, _obj_box, _resolve_relations, _Split, load_image_data, load_v14_objects, tokenize
+from .vg_graphs import (_aliases, _obj_box, _resolve_relations, _Split, load_image_data, load_v14_objects,
+                        object_name, object_synsets, tokenize)
 from .writer import ShardSetWriter
 
 def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: float = 256e6,
@@ -158,16 +166,17 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
                 rels = _resolve_relations(reg, iid, v14, aliases, mute, where, W, H)
                 chosen = [(p, str(s["object_id"]), str(o["object_id"])) for p, s, o, k in rels
                           if k in selected[(iid, rid)]]
-                objs = {}
+                objs, names = {}, {}
                 for o in list(reg.get("objects", [])) + [x for _, s, o2, _ in rels for x in (s, o2)]:
                     oid = str(o.get("object_id"))
                     if oid not in objs:
                         b, _ = clean_box(_obj_box(o), W, H)
                         if b is not None:
                             objs[oid] = b
+                            names[oid] = (object_name(o), object_synsets(o))
                 related = {(str(s["object_id"]), str(o["object_id"])) for _, s, o, _ in rels}
                 specs[split].append({"key": f"vg_{iid}_{rid}", "image": iid, "region": rid, "W": W, "H": H,
-                                     "words": tokenize(reg.get("phrase", "")), "objects": objs,
+                                     "words": tokenize(reg.get("phrase", "")), "objects": objs, "names": names,
                                      "chosen": chosen, "related": related, "where": where})
         for s in specs:
             specs[s].sort(key=lambda d: (_num(d["image"]), _num(d["region"])))
@@ -268,11 +277,19 @@ def _samples(specs, det, sup, cfg, issues: Issues, seed, variant, bar, split):
             rs, ro = reg_of.get(s), reg_of.get(o)
             if rs is not None and ro is not None:
                 rel_regions |= {(rs, ro), (ro, rs)}
+        # a pair of near-duplicates (IoU >= iou_threshold) of a related pair's gold boxes is that related pair
+        near = {o: comb.overlapping([b], cfg["iou_threshold"]) | ({reg_of[o]} if reg_of.get(o) is not None else set())
+                for o, b in d["objects"].items()}
+        as_related = {(a, b) for s, o in d["related"] for a in near.get(s, ()) for b in near.get(o, ()) if a != b}
+        as_related |= {(b, a) for a, b in as_related}
+        excluded = as_related - rel_regions
+        issues.exclude("vri_negative_overlaps_related", len(excluded))
+        not_neg = rel_regions | excluded
         R = len(comb.boxes)
         ann = {r for r in range(R) if comb.source[r] == "annotated"}
-        tier1 = [(a, b) for a in range(R) for b in range(R) if a != b and (a, b) not in rel_regions
+        tier1 = [(a, b) for a in range(R) for b in range(R) if a != b and (a, b) not in not_neg
                  and a in ann and b in ann]
-        tier2 = [(a, b) for a in range(R) for b in range(R) if a != b and (a, b) not in rel_regions
+        tier2 = [(a, b) for a in range(R) for b in range(R) if a != b and (a, b) not in not_neg
                  and not (a in ann and b in ann)]
         rng = sample_rng(seed, d["key"])
         k = len(pos)
@@ -297,7 +314,9 @@ def _samples(specs, det, sup, cfg, issues: Issues, seed, variant, bar, split):
             "image": {"id": iid, "width": W, "height": H},
             "words": words,
             "phrases": [],
-            "regions": {"boxes": comb.boxes, "chains": comb.tags, "source": comb.source},
+            "regions": {"boxes": comb.boxes, "chains": comb.tags, "source": comb.source,
+                        "names": [region_names(d["names"][o][0] for o in tags) for tags in comb.tags],
+                        "synsets": [sorted({x for o in tags for x in d["names"][o][1]}) for tags in comb.tags]},
             "pairs": {"vri": vri, "vrc": vrc},
             "provenance": prov,
         }

@@ -11,7 +11,7 @@ import numpy as np
 import webdataset as wds
 
 from ..data.hashing import sha256_path
-from ..data.schema import SCHEMA_VERSION, count_pairs, encode_sample
+from ..data.schema import SCHEMA_VERSION, count_pairs, encode_sample, task_types
 
 
 class ShardSetWriter:
@@ -35,12 +35,22 @@ class ShardSetWriter:
         self.splits: dict[str, dict] = {}
         self._metas: dict[str, list[dict]] = {}
         self.skipped: dict[str, int] = {}
+        self.excluded: dict[str, int] = {}
+        self.control_types: dict[str, dict[str, int]] = {}
+        self._split: str | None = None
+        self._split_excluded: dict[str, int] = {}
         self.inputs: dict[str, str] = {}
         self.labels: dict[str, list[str]] = {}
         self.extra: dict = {}
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def exclude(self, reason: str, n: int = 1) -> None:
+        """Count candidates a builder left out on purpose (e.g. a negative that is the gold object)."""
+        if n > 0:
+            self.excluded[reason] = self.excluded.get(reason, 0) + n
+            self._split_excluded[reason] = self._split_excluded.get(reason, 0) + n
 
     def add_input(self, path: str | Path, name: str | None = None) -> None:
         self.inputs[name or str(path)] = sha256_path(path)
@@ -56,6 +66,8 @@ class ShardSetWriter:
         sw = wds.ShardWriter(pattern, maxcount=self.maxcount, maxsize=self.maxsize, verbose=0,
                              mtime=0.0, user="value", group="value", post=post)
         n = 0
+        types: dict[str, set[str]] = {}
+        self._split, self._split_excluded = split, {}
         try:
             for key, meta, feats in samples:
                 if self.feature_dim is None and feats.shape[0] > 0:
@@ -64,13 +76,17 @@ class ShardSetWriter:
                     raise ValueError(f"{split}/{key}: feature dim {feats.shape[1]} != {self.feature_dim}")
                 sw.write(encode_sample(key, meta, feats))
                 metas.append({"pairs": meta.get("pairs", {}), "sentence_labels": meta.get("sentence_labels", {})})
+                for task, ts in task_types(meta).items():
+                    types.setdefault(task, set()).update(ts)
                 n += 1
         finally:
             sw.close()
         if n == 0:  # ShardWriter opened an empty shard; keep it (an empty split is still a split)
             pass
         self._metas[split] = metas
-        self.splits[split] = {"samples": n, "shards": sorted(written), "pairs": count_pairs(metas)}
+        self.splits[split] = {"samples": n, "shards": sorted(written), "pairs": count_pairs(metas),
+                              "excluded": dict(sorted(self._split_excluded.items()))}
+        self.control_types[split] = {t: len(v) for t, v in sorted(types.items())}
         return n
 
     def manifest(self) -> dict:
@@ -86,6 +102,8 @@ class ShardSetWriter:
             "feature_dim": self.feature_dim,
             "labels": {k: list(v) for k, v in sorted(labels.items())},
             "splits": self.splits,
+            "control_types": self.control_types,
+            "excluded": dict(sorted(self.excluded.items())),
             "skipped": dict(sorted(self.skipped.items())),
             "inputs": dict(sorted(self.inputs.items())),
         }

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from ..data.datamodule import ShardDataModule
 from ..probers.module import ProbeModule
+from ..protocols.control import control_info
 
 log = logging.getLogger("value_pl")
 
@@ -31,7 +32,7 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
                  "mismatch": bool(dm.manifest.get("mismatch", False))
                  or "mismatch" in f"{dm.root.name} {dm.manifest.get('dataset')}"},
         "seed": int(cfg.seed),
-        "control": bool(cfg.get("control", False)),
+        "control": control_info(cfg, dm, module.task["name"]),
         "shuffle_labels": bool(cfg.get("shuffle_labels", False)),
         "num_classes": len(module.labels),
         "labels": module.labels,

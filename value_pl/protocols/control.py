@@ -3,29 +3,39 @@
 Control tasks: the same inputs, labels that depend only on the input's *type*.
 
 A control task keeps the probing task's inputs and output space but replaces each label by one assigned
-to the pair's *type*, drawn once at random (seeded) from the task's empirical training label
+to the example's *type*, drawn once at random (seeded) from the task's empirical training label
 distribution. A probe can only solve it by memorising type -> label; **selectivity** = task accuracy -
 control accuracy (reported by ``python -m value_pl.report``) says how much of the probe's accuracy is
 not explained by memorisation.
 
-Type of a pair (deterministic from the shard's inputs; features are continuous, so types come from text)
-------------------------------------------------------------------------------------------------------
-* phrase-region (vcd, vcc): the lower-cased words of the phrase span, e.g. ``"a red shirt"``.
-  (All pairs of one phrase text share a control label, like all tokens of a word type in H&L.)
-* region-region (vri, vrc): ``(type(subject), type(object))`` where a region's type is the lower-cased
-  phrase that names it -- the first phrase of the sample sharing a coreference chain with the region
-  (``regions.chains`` / ``phrases[].chain``; for Visual Genome the object name), falling back to
-  ``"<source>"`` (``annotated``/``detected``) for regions no phrase names.
-* sentence (SentEval): the lower-cased first word of the sentence plus its length in words.
+Type of an example (:func:`value_pl.data.schema.pair_type`, the one definition the shard builders also
+use to count types into ``manifest.json`` ``control_types``)
+-----------------------------------------------------------------------------------------------------
+H&L: the type is the identity of the items. A region's identity is what the shards say it is,
+``regions.names`` (schema 2): the Visual Genome object name(s) (``man``, ``tennis ball``), the
+Flickr30k Entities coarse type(s) of its coreference chain(s) (``people``), or ``<unknown>`` for a
+detection that carries no annotation.
+
+* region-region (vri, vrc): ``rel:<subject identity>|<object identity>``, e.g. ``rel:man|hat``;
+* phrase-region (vcd, vcc): ``phrase:<lower-cased phrase words>|<region identity>``;
+* sentence (SentEval): ``sent:<lower-cased first word>|<number of words>``.
 
 The label of a type is ``F^{-1}(u)`` with ``u = sha256(seed, task, type)`` mapped to [0, 1) and ``F`` the
 cumulative training label distribution (``manifest.json``), so it needs no pass over the data, is the same
 in every loader worker and every split, and types' labels are i.i.d. draws from the label distribution.
+
+A control task with fewer than 2 types in a split would give every example one label (a probe reaches
+100% by predicting a constant): :meth:`ControlRelabel.from_config` refuses it at start, naming the shard
+set, split and task. A shard set of schema 1 (no region names) is refused earlier, by
+:func:`value_pl.data.schema.load_manifest`, with a "rebuild" message.
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
+
+from ..data.schema import control_types
+from ..data.schema import pair_type as schema_pair_type
 
 
 def _unit(*parts) -> float:
@@ -33,35 +43,31 @@ def _unit(*parts) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def _words(meta: dict, span) -> str:
-    s, e = span
-    return " ".join(w.lower() for w in meta["words"][s:e])
-
-
-def region_type(meta: dict, r: int) -> str:
-    regions = meta.get("regions", {})
-    chains = regions.get("chains") or []
-    mine = set(chains[r]) if r < len(chains) else set()
-    if mine:
-        for p in meta.get("phrases", []):
-            if p.get("chain") in mine:
-                return _words(meta, p["span"])
-    src = regions.get("source") or []
-    return f"<{src[r] if r < len(src) else 'region'}>"
-
-
 def pair_type(task_kind: str, context: dict, key: str = "", j: int = 0) -> str:
-    """The documented type key of one example (see the module docstring)."""
-    meta = context.get("meta") or {}
+    """The documented type of one example given the collator's context ``{"task", "meta", "pair"}``."""
+    meta = context.get("meta")
     pair = context.get("pair")
-    if task_kind == "phrase_region" and pair is not None:
-        return "phrase:" + _words(meta, meta["phrases"][pair[0]]["span"])
-    if task_kind == "region_region" and pair is not None:
-        return f"rel:{region_type(meta, pair[0])}|{region_type(meta, pair[1])}"
-    if task_kind == "sentence":
-        w = meta.get("words") or [""]
-        return f"sent:{w[0].lower()}|{len(w)}"
+    if meta is not None and (task_kind == "sentence" or pair is not None):
+        return schema_pair_type(task_kind, meta, pair)
     return f"example:{key}:{j}"  # no context given: every example is its own type
+
+
+def check_types(man: dict, task: str, root="?", splits=("train", "val", "test")) -> dict[str, int]:
+    """Distinct control types per split (from the manifest); raise if a split with pairs has fewer than 2."""
+    out = {}
+    for split in splits:
+        info = (man.get("splits") or {}).get(split)
+        if info is None:
+            continue
+        n_pairs = sum((info.get("pairs") or {}).get(task, {}).values())
+        n = control_types(man, split, task, root)
+        out[split] = n
+        if n_pairs and n < 2:
+            raise ValueError(f"control task for {task} on {root}, split {split!r}: {n} distinct control type(s) "
+                             f"over {n_pairs} examples -- every example would get the same control label. "
+                             f"Control types come from regions.names (schema 2); rebuild the shards if they "
+                             f"should differ, or do not run control=true on this set.")
+    return out
 
 
 class ControlRelabel:
@@ -81,12 +87,17 @@ class ControlRelabel:
             acc += p
             self.cum.append(acc)
         self.task, self.kind, self.seed = task, kind, int(seed)
+        self.types: dict[str, int] = {}  # distinct types per split (manifest), set by from_config
 
     @classmethod
     def from_config(cls, cfg, spec, dm) -> "ControlRelabel":
+        """The control task of a run; refuses (ValueError) a split with fewer than 2 types."""
+        splits = [dm.splits[s] for s in ("train", "val", "test") if s in dm.splits]
+        types = check_types(dm.manifest, spec.name, dm.root, splits)
         counts = dm.label_counts(spec.name, "train")
-        seed = cfg.get("control_seed")
-        return cls(counts, spec.name, spec.kind, int(cfg.seed if seed is None else seed))
+        c = cls(counts, spec.name, spec.kind, control_seed(cfg))
+        c.types = types
+        return c
 
     def label_of_type(self, t: str) -> str:
         u = _unit("control", self.seed, self.task, t)
@@ -94,6 +105,21 @@ class ControlRelabel:
 
     def __call__(self, key: str, j: int, label: str, context: dict | None = None) -> str:
         return self.label_of_type(pair_type(self.kind, context or {}, key, j))
+
+
+def control_seed(cfg) -> int:
+    """``control_seed`` if set, else the run's ``seed``."""
+    seed = cfg.get("control_seed")
+    return int(cfg.seed if seed is None else seed)
+
+
+def control_info(cfg, dm, task: str) -> dict | bool:
+    """``results.json`` ``"control"``: ``false``, or ``{"types": <distinct types in train>, "seed": ...}``."""
+    if not cfg.get("control", False):
+        return False
+    splits = {s: dm.splits[s] for s in ("train", "val", "test") if s in dm.splits}
+    per = {sp: control_types(dm.manifest, sp, task, dm.root) for sp in splits.values()}
+    return {"types": per.get(splits.get("train", "train")), "types_per_split": per, "seed": control_seed(cfg)}
 
 
 class ShuffledLabels:

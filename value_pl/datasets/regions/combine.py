@@ -1,7 +1,7 @@
 """Combining a dataset's annotated boxes with detected regions (VALUE Sec. 3): IoU matching or supplied rows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,19 @@ class Combined:
     source: list  # "annotated" | "detected"
     feats: np.ndarray  # (R, D) float32
     ann_region: list  # per annotated box: its region index, or None (unmatched / cut by max_regions)
+    ann_boxes: list = field(default_factory=list)  # the annotated (gold) boxes, pixels, as given
+    ann_tags: list = field(default_factory=list)  # their tags
+
+    def gold_boxes(self, tag) -> list:
+        """The annotated boxes that carry ``tag`` (e.g. every box of one coreference chain)."""
+        return [b for b, t in zip(self.ann_boxes, self.ann_tags) if tag in t]
+
+    def overlapping(self, boxes, threshold: float) -> set[int]:
+        """Regions whose box overlaps any of ``boxes`` at IoU >= ``threshold`` (duplicates of a gold object)."""
+        if not len(boxes) or not self.boxes:
+            return set()
+        iou = iou_matrix(np.asarray(self.boxes, np.float64), np.asarray(boxes, np.float64))
+        return {int(r) for r in np.nonzero((iou >= threshold).any(1))[0]}
 
 
 def combine_regions(ann_boxes, ann_tags, detected: RegionFeatures, *, iou_threshold: float = 0.5,
@@ -57,6 +70,8 @@ def combine_regions(ann_boxes, ann_tags, detected: RegionFeatures, *, iou_thresh
     ann = np.asarray(ann_boxes, np.float32).reshape(-1, 4)
     A = len(ann)
     ann_region: list = [None] * A
+    gold = [[float(v) for v in b] for b in ann]
+    gold_tags = [list(t) for t in ann_tags]
     D = detected.features.shape[1] if detected.features.ndim == 2 else 0
     if supplied is None:
         iou = iou_matrix(ann, detected.boxes)
@@ -82,7 +97,7 @@ def combine_regions(ann_boxes, ann_tags, detected: RegionFeatures, *, iou_thresh
         boxes = [[float(v) for v in detected.boxes[j]] for j in order]
         source = ["annotated" if tags[r] else "detected" for r in range(len(order))]
         feats = detected.features[order] if order else np.zeros((0, D), np.float32)
-        return Combined(boxes, [sorted(t) for t in tags], source, feats, ann_region)
+        return Combined(boxes, [sorted(t) for t in tags], source, feats, ann_region, gold, gold_tags)
 
     # supplied features for the annotated boxes
     iou = iou_matrix(ann, supplied.boxes)
@@ -111,4 +126,4 @@ def combine_regions(ann_boxes, ann_tags, detected: RegionFeatures, *, iou_thresh
         raise FeatureDimError(f"{supplied.where}: supplied features have dimension {Ds}, detected {D}")
     rows = feats_rows + [detected.features[j] for j in fill]
     feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, D or Ds), np.float32)
-    return Combined(boxes, [sorted(t) for t in tags], source, feats, ann_region)
+    return Combined(boxes, [sorted(t) for t in tags], source, feats, ann_region, gold, gold_tags)
