@@ -213,7 +213,10 @@ def attention_probs(q: Tensor, k: Tensor, key_bias: Tensor, rows: Tensor | None,
 
     q: (B, Nq, H*dh) output of the query projection; k: (B, Nk, H*dh); key_bias: (B, Nk) additive
     mask (0 keep, large negative drop); rows: (B, R) query positions (-1 pad) or None for all.
-    Returns (B, H, R or Nq, Nk) in float32. Padding rows come back as zeros.
+    Returns (B, H, R or Nq, Nk) in float32. Padding keys get 0 in every row. With ``rows``, the ``-1``
+    (padding) rows come back as zeros; with ``rows=None`` every query row is kept as the model computes it,
+    padding query positions included (a softmax over the real keys, as transformers' ``output_attentions``
+    returns them): mask those rows with the query stream's mask.
     """
     B, Nq, hd = q.shape
     dh = hd // num_heads
