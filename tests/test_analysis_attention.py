@@ -205,8 +205,10 @@ def test_fusion_two_stream_takes_both_streams():
     assert an.capture({}).hidden == ["hidden.lang.2", "hidden.vis.2"]
     an.update(out, {})
     res = an.result()
-    assert res["layers"] == [{"layer": 1, "hidden": ["hidden.lang.2", "hidden.vis.2"], "nmi": pytest.approx(1.0),
-                              "std": pytest.approx(0.0, abs=1e-6)}]
+    # the first cross layer: index 1 here (Layer 1 of Table 8), column 0 of the paper's Table 1
+    assert res["layers"] == [{"layer": 1, "table1": "0", "hidden": ["hidden.lang.2", "hidden.vis.2"],
+                              "nmi": pytest.approx(1.0), "std": pytest.approx(0.0, abs=1e-6)}]
+    assert "| Layer (Table 1) | 0 |" in an.markdown(res) and "| = layer (results.json) | 1 |" in an.markdown(res)
     assert res["samples"] == 2 and res["missing"] == {"fusion: sample without regions": 1}
 
 

@@ -21,6 +21,8 @@ def test_cli_all_on_default_writes_every_output(tmp_path, demo_root):
         assert (d / f"{f}.png").stat().st_size > 1000, f
     fusion = json.loads((d / "fusion.json").read_text())
     assert [r["layer"] for r in fusion["layers"]] == list(range(7))  # embeddings + 6 MiniLM layers
+    # Table 1 numbering: the embeddings are not "layer 0" (nor 1); the first layer is Table 1's 0
+    assert [r["table1"] for r in fusion["layers"]] == ["emb.", "0", "1", "2", "3", "4", "5"]
     assert all(0.0 <= r["nmi"] <= 1.0 for r in fusion["layers"]) and fusion["samples"] == 20
     coref = json.loads((d / "coref.json").read_text())
     assert coref["pairs"] > 0 and all(r["vt"]["head"].count("-") == 1 for r in coref["types"])
@@ -28,7 +30,7 @@ def test_cli_all_on_default_writes_every_output(tmp_path, demo_root):
     summary = json.loads((d / "analysis.json").read_text())
     assert summary["samples"] == 20 and summary["skipped"] == {}
     assert "| Coref Type | V→T | T→V | V→T (Rand.) | T→V (Rand.) | pairs |" in (d / "coref.md").read_text()
-    assert "| Layer | 0 | 1 | 2 | 3 | 4 | 5 | 6 |" in p.stdout
+    assert "| Layer (Table 1) | emb. | 0 | 1 | 2 | 3 | 4 | 5 |" in p.stdout
     assert list((d / "wandb").glob("offline-run-*")), "W&B offline run missing"
 
 
@@ -56,6 +58,7 @@ def test_two_stream_all_and_refusals(tmp_path, demo_root, tiny_lxmert):
     assert set(summary["skipped"]) == {"modality", "i2t"} and "single-stream" in summary["skipped"]["modality"]
     fusion = json.loads((d / "fusion.json").read_text())
     assert [r["layer"] for r in fusion["layers"]] == [1, 2, 3]  # the cross layers
+    assert [r["table1"] for r in fusion["layers"]] == ["0", "1", "2"]  # numbered as in Table 1
     assert fusion["layers"][0]["hidden"] == ["hidden.lang.3", "hidden.vis.3"]
     coref = json.loads((d / "coref.json").read_text())
     assert coref["maps"]["v2t"] == ["attn.cross.1.v2l", "attn.cross.2.v2l", "attn.cross.3.v2l"]

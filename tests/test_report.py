@@ -80,7 +80,9 @@ def test_layouts(runs, tmp_path):
     assert t5.rows == ["SS", "TS", "BERT"] and t5.cols == ["SentLen", "Tense"]
     assert t5.text("BERT", "SentLen") == "60.00 ± 24.84 (L3)"
     t11 = tables["table11"]
-    assert t11.rows == ["Embeddings (L0)", "Layer 3", "Layer 9"] and "SentLen (TS)" in t11.cols
+    assert t11.rows == ["Embeddings", "Layer 3", "Layer 9"] and "SentLen (TS)" in t11.cols
+    assert "cross-modality layers, numbered 0-4 in the paper's Table 1" in tables["table10"].note
+    assert "Layer k = cross layer k-1" in t3.note and "language layers" in t11.note
     sel = tables["selectivity"]
     row = "VRI / layer_emb / SS / Layer 1"
     # per-seed selectivity = a_s - (0.2 + 0.01 s): 0.30, 0.39, 0.48
@@ -118,3 +120,18 @@ def test_wandb_tables(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun())
     report.log_wandb(report.build_tables(report.load_runs([runs]), "table3"))
     assert "report/table3" in logged and logged["finished"]
+
+
+def test_table5_selects_the_layer_on_dev_not_test(tmp_path):
+    """Layer 3 is best on dev, layer 9 on test: Table 5 reports layer 3's test accuracy, labelled L3."""
+    for seed in range(2):
+        d = write_run(tmp_path, f"bert-{seed}", "sentlen", "senteval_mlp", "bert", seed, {})
+        res = json.loads((d / "results.json").read_text())
+        res["layers"] = [{"layer": 0, "name": "layer_00", "val_acc": 0.90, "test_acc": 0.10},
+                         {"layer": 3, "name": "layer_03", "val_acc": 0.80 + 0.01 * seed, "test_acc": 0.60},
+                         {"layer": 9, "name": "layer_09", "val_acc": 0.70, "test_acc": 0.95}]
+        res["layers"][0]["val_acc"] = 0.5  # embeddings: worst on dev
+        (d / "results.json").write_text(json.dumps(res))
+    (t5,) = report.build_tables(report.load_runs([tmp_path]), "table5")
+    assert t5.text("BERT", "SentLen") == "60.00 ± 0.00 (L3)"
+    assert "best dev accuracy" in t5.title and "dev (validation) accuracy" in t5.note

@@ -57,6 +57,16 @@ def test_pair_tasks(task, prober, kind, bbs, demo_root, tmp_path):
                 assert names[:-1] == ["layer_00", "layer_01", "layer_02", "layer_03"]
         elif kind == "TS":
             assert names == ["layer_01", "layer_02"]
+    titles = {r["name"]: r["title"] for r in res["layers"]}
+    if kind == "TS" and task in ("vcd", "vcc"):  # the cross layers, also in Table 1's 0-based numbering
+        assert titles["layer_01"] == "Layer 1: cross layer 0 of Table 1"
+    if kind == "TS" and task in ("vri", "vrc") and prober == "layer_emb":  # visual stream: 1 r-layer, 2 cross
+        assert [titles[f"layer_0{k}"] for k in range(4)] == [
+            "Visual embeddings", "Layer 1: visual layer 1", "Layer 2: cross layer 0 of Table 1",
+            "Layer 3: cross layer 1 of Table 1"]
+        assert titles["raw"] == "Original visual emb."
+    if kind == "SS" and prober == "layer_emb":
+        assert titles["layer_00"] == "Embeddings" and titles["layer_01"] == "Layer 1"  # never "Layer 1" for emb.
     assert all(r["test_acc"] == r["test_acc"] for r in res["layers"])
 
 
@@ -66,6 +76,7 @@ def test_sentence_kinds(kind, prober, bbs, sent_root, tmp_path):
     res = run([f"task=sentlen", f"prober={prober}", f"data.root={sent_root}", *bbs[kind]], tmp_path)
     layers = [r["name"] for r in res["layers"]]
     assert layers == ["layer_00", "layer_01", "layer_02"]  # tiny: embeddings + 2 (LXMERT: language layers only)
+    assert res["layers"][0]["title"] == "Embeddings"
     assert res["protocol"]["name"] == "senteval" and res["protocol"]["grid_size"] == 1
     assert all(0 <= r["test_acc"] <= 1 for r in res["layers"])
     assert res["layers"][0]["nhid"] == (0 if prober == "senteval_lr" else 50)

@@ -96,6 +96,13 @@ def fusion_layers(backbone) -> list[tuple[int, str, str]]:
     return out
 
 
+def table1_label(layer: int) -> str:
+    """A fused layer as the paper's Table 1 numbers it: 0 = the first Transformer layer (UNITER 0-11, LXMERT's
+    cross layers 0-4), so our layer ``k`` (``layer_k``, "Layer k" elsewhere) is ``k - 1``; ``emb.`` for the
+    embedding output (index 0 here), which Table 1 does not show."""
+    return "emb." if int(layer) == 0 else str(int(layer) - 1)
+
+
 def head_name(layer: int, head: int) -> str:
     """1-based ``layer-head`` as in the paper (``9-12``) from 0-based indices."""
     return f"{layer + 1}-{head + 1}"

@@ -12,7 +12,11 @@ import numpy as np  # noqa: E402
 
 
 def heatmaps(path: Path, panels: dict[str, np.ndarray], title: str, vmax: float | None = None, ncols: int = 4) -> Path:
-    """One heatmap per panel (layers on y, layer 1 on top; heads on x), one colour scale and colour bar."""
+    """One heatmap per panel (layers on y, layer 1 on top; heads on x), one colour scale and colour bar.
+
+    Rows are the attention layers 1..L (1 = the first Transformer layer, as in the paper's head names ``i-j``;
+    the embeddings have no attention); for LXMERT they are the maps' own layers (cross layers 1-5 for
+    coreference, visual layers 1-10 -- of which 6-10 are the cross layers -- for relations)."""
     n = len(panels)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
@@ -34,7 +38,7 @@ def heatmaps(path: Path, panels: dict[str, np.ndarray], title: str, vmax: float 
         ax.set_yticks(range(0, L, step(L)))
         ax.set_yticklabels([str(l + 1) for l in range(0, L, step(L))], fontsize=6)
         if i % ncols == 0:
-            ax.set_ylabel("layer", fontsize=7)
+            ax.set_ylabel("layer i (head i-j)", fontsize=7)
         if i >= n - ncols:
             ax.set_xlabel("head", fontsize=7)
     fig.subplots_adjust(left=0.8 / (pw * ncols + 1.0), right=1 - 1.0 / (pw * ncols + 1.0), bottom=0.45 / (ph * nrows + 0.6),
@@ -47,13 +51,16 @@ def heatmaps(path: Path, panels: dict[str, np.ndarray], title: str, vmax: float 
     return Path(path)
 
 
-def line_plot(path: Path, xs, series: dict[str, list], xlabel: str, ylabel: str, title: str, ylim=None) -> Path:
+def line_plot(path: Path, xs, series: dict[str, list], xlabel: str, ylabel: str, title: str, ylim=None,
+              xticklabels=None) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
     for name, ys in series.items():
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xticks(list(xs))
+    if xticklabels is not None:
+        ax.set_xticklabels(list(xticklabels))
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_title(title, fontsize=9)
@@ -73,7 +80,7 @@ def tsne_plot(path: Path, res: dict) -> Path:
         xy, mod = np.array(l["xy"]), np.array(l["modality"])
         ax.scatter(*xy[mod == 1].T, c="gold", s=14, label="visual token", edgecolors="k", linewidths=0.3)
         ax.scatter(*xy[mod == 0].T, c="tab:blue", s=14, label="textual token", edgecolors="k", linewidths=0.3)
-        ax.set_title(f"layer {l['layer']} (NMI {l['nmi']:.2f})", fontsize=9)
+        ax.set_title(f"layer {l.get('table1', l['layer'])} (Table 1 numbering; NMI {l['nmi']:.2f})", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][0].legend(fontsize=7, loc="best")

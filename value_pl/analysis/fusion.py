@@ -5,6 +5,11 @@ the two clusters and the modality labels (text / region), averaged over samples.
 fused. Tokens: every real text token *including* [CLS] and [SEP] (they are text-modality tokens of
 the input sequence) and every real region; padding never takes part. Single-stream: the embeddings
 (layer 0) and every layer; two-stream: the cross layers, both streams' tokens together.
+
+Numbering: ``layer`` in ``results`` is our index (0 = embedding output, k = the k-th layer, as in
+``layers=[k]`` and results.json); ``table1`` is the paper's Table 1 column, which counts from 0 at the
+first Transformer layer (UNITER 0-11, LXMERT cross layers 0-4): ``table1 = layer - 1``, ``emb.`` for the
+embeddings. Tables, plots and t-SNE titles use the Table 1 numbering and say so.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import CaptureSpec
-from .common import Analysis, Figure, fusion_layers
+from .common import Analysis, Figure, fusion_layers, table1_label
 from .kmeans import kmeans2, nmi_per_sample
 
 
@@ -71,7 +76,8 @@ class Fusion(Analysis):
         n = max(self.n, 1)
         mean = self.sum / n
         std = np.sqrt(np.maximum(self.sq / n - mean ** 2, 0.0))
-        rows = [{"layer": int(l), "hidden": [a] if a == b else [a, b], "nmi": float(mean[i]) if self.n else math.nan,
+        rows = [{"layer": int(l), "table1": table1_label(l), "hidden": [a] if a == b else [a, b],
+                 "nmi": float(mean[i]) if self.n else math.nan,
                  "std": float(std[i]) if self.n else math.nan} for i, (l, a, b) in enumerate(self.layers)]
         return {"analysis": "fusion", "kind": self.backbone.kind, "samples": self.n, "layers": rows,
                 "tokens": "all real text tokens incl. [CLS]/[SEP], all real regions; padding excluded",
@@ -86,22 +92,29 @@ class Fusion(Analysis):
         lines = ["## Multimodal fusion degree (NMI, Table 1)", "",
                  f"k-means (k=2) per sample and layer vs. the modality labels; mean NMI over {res['samples']} "
                  f"samples; lower = more fused. {kind}.", "",
-                 "| Layer | " + " | ".join(str(r["layer"]) for r in layers) + " |",
+                 "| Layer (Table 1) | " + " | ".join(table1_label(r["layer"]) for r in layers) + " |",
                  "|---|" + "---:|" * len(layers),
                  "| NMI | " + " | ".join(cell(r) for r in layers) + " |",
-                 "| std | " + " | ".join(f"{r['std']:.2f}" for r in layers) + " |"]
+                 "| std | " + " | ".join(f"{r['std']:.2f}" for r in layers) + " |",
+                 "| = layer (results.json) | " + " | ".join(str(r["layer"]) for r in layers) + " |", "",
+                 "Layer numbers as in the paper's Table 1: 0 is the first Transformer layer (two-stream: the first "
+                 "cross layer), i.e. Layer 1 of Tables 3-11 and `layers=[1]`; emb. = the embedding output."]
         return "\n".join(lines) + "\n" + _missing_md(res)
 
     def figures(self, res, rdir):
         from .figures import line_plot
 
         xs = [r["layer"] for r in res["layers"]]
-        line_plot(rdir / "fusion_nmi.png", xs, {"NMI": [r["nmi"] for r in res["layers"]]}, "layer", "NMI",
-                  "Multimodal fusion degree (lower = more fused)", ylim=(0, 1.02))
+        line_plot(rdir / "fusion_nmi.png", xs, {"NMI": [r["nmi"] for r in res["layers"]]},
+                  "layer (Table 1 numbering; emb. = embeddings)", "NMI",
+                  "Multimodal fusion degree (lower = more fused)", ylim=(0, 1.02),
+                  xticklabels=[table1_label(x) for x in xs])
         return [Figure("fusion_nmi", "NMI per layer (Table 1)")]
 
     def wandb_payload(self, res):
-        return {"tables": {"fusion/table": (["layer", "nmi", "std"], [[r["layer"], r["nmi"], r["std"]] for r in res["layers"]])},
+        return {"tables": {"fusion/table": (["layer", "table1", "nmi", "std"],
+                                            [[r["layer"], table1_label(r["layer"]), r["nmi"], r["std"]]
+                                             for r in res["layers"]])},
                 "lines": {"fusion/nmi": ([r["layer"] for r in res["layers"]], {"nmi": [r["nmi"] for r in res["layers"]]}, "layer")}}
 
 
@@ -141,7 +154,8 @@ class TSNE(Analysis):
                          method="exact" if len(xi) < 500 else "barnes_hut").fit_transform(xi)
             pred, _ = kmeans2(x[i : i + 1], m[None], seed=self.seed)
             nmi = float(nmi_per_sample(pred, lab[i : i + 1], m[None])[0])
-            self.points["layers"].append({"layer": int(l), "xy": y.tolist(), "modality": li.tolist(), "nmi": nmi})
+            self.points["layers"].append({"layer": int(l), "table1": table1_label(l), "xy": y.tolist(),
+                                          "modality": li.tolist(), "nmi": nmi})
         self.samples = 1
 
     def result(self):
@@ -156,7 +170,8 @@ class TSNE(Analysis):
         if not res["layers"]:
             return "\n".join(lines + ["(no sample)"]) + "\n" + _missing_md(res)
         lines.append(f"sample `{res['key']}` (index {res['sample']}): " + ", ".join(
-            f"layer {l['layer']}: NMI {l['nmi']:.2f}" for l in res["layers"]) + "; ![tsne](tsne.png)")
+            f"layer {table1_label(l['layer'])} (Table 1 numbering): NMI {l['nmi']:.2f}" for l in res["layers"])
+            + "; ![tsne](tsne.png)")
         return "\n".join(lines) + "\n"
 
     def figures(self, res, rdir):

@@ -233,6 +233,21 @@ def attention_probs(q: Tensor, k: Tensor, key_bias: Tensor, rows: Tensor | None,
     return probs
 
 
+def layer_index(name: str) -> int | None:
+    """``"layer_07"`` -> 7; None for ``raw`` / ``all_heads`` / other names."""
+    head, _, num = str(name).rpartition("_")
+    return int(num) if head == "layer" and num.isdigit() else None
+
+
+def layer_title(name: str) -> str:
+    """Single-stream / text-only titles: ``Embeddings`` (``layer_00``; never "Layer 1"), ``Layer k``,
+    ``Original visual emb.`` (``raw``, the detector's features), ``All attention heads``."""
+    k = layer_index(name)
+    if k is not None:
+        return "Embeddings" if k == 0 else f"Layer {k}"
+    return {"raw": "Original visual emb.", "all_heads": "All attention heads"}.get(name, name)
+
+
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, N) 0/1 -> (B, N) additive bias (0 keep, finfo.min drop)."""
     return (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
@@ -334,6 +349,12 @@ class Backbone(nn.Module):
 
     def pair_layout(self, pair_kind: str) -> "PairLayout":
         raise NotImplementedError
+
+    def layer_title(self, task_kind: str, name: str) -> str:
+        """What a probed layer (``layer_NN``, ``raw``, ``all_heads``) is, in the paper's numbering:
+        ``layer_00`` is the embedding output, ``layer_k`` the output of the k-th layer ("Layer k" of the
+        paper's Tables 3, 5, 8-11). Two-stream models say which stream/block (:class:`LxmertBackbone`)."""
+        return layer_title(name)
 
     def freeze(self) -> "Backbone":
         self.eval()

@@ -50,7 +50,7 @@ from torch import Tensor
 from transformers import LxmertConfig, LxmertModel
 
 from .base import (Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, QKRecorder, StreamInfo,
-                   additive_mask, attention_probs, rows_for_stream)
+                   additive_mask, attention_probs, layer_index, layer_title, rows_for_stream)
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
                      rename_gamma_beta, seeded_init, sources)
 
@@ -116,6 +116,20 @@ class LxmertBackbone(Backbone):
             layers.append(LayerSpec("all_heads", attn=[(f"attn.vis.{l}.self",) * 2 for l in range(1, V + 1)]))
             return PairLayout(layers)
         raise ValueError(f"LXMERT has no pair layout {pair_kind!r} (phrase_region, region_region)")
+
+    def layer_title(self, task_kind: str, name: str) -> str:
+        """``Layer k`` as in the paper's Tables 3/8 (cross layers 1-5), 10 (visual stream 1-10) and 11
+        (language layers 1-9), saying which block it is; cross layers also get Table 1's 0-based number."""
+        k = layer_index(name)
+        if k is None or k == 0:
+            return {"region_region": "Visual embeddings"}.get(task_kind, "Embeddings") if k == 0 else layer_title(name)
+        if task_kind == "phrase_region":
+            return f"Layer {k}: cross layer {k - 1} of Table 1"
+        if task_kind == "region_region":
+            if k <= self.n_r:
+                return f"Layer {k}: visual layer {k}"
+            return f"Layer {k}: cross layer {k - self.n_r - 1} of Table 1"
+        return f"Layer {k}: language layer {k}"
 
     def sentence_layers(self) -> list[str]:
         """The embedding output and the language layers (text only; the paper's linguistic probe)."""

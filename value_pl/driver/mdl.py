@@ -44,6 +44,7 @@ def train_mdl(cfg) -> dict:
                            device=device, **fit)
         name = module.display_name(key)
         rows.append({"layer": layer_number(name) if name.startswith("layer_") else -1, "name": name,
+                     "title": module.backbone.layer_title(module.kind, name),
                      "val_acc": accuracy(full, xs["val"][key], ys["val"], device),
                      "test_acc": accuracy(full, xs["test"][key], ys["test"], device),
                      "codelength_bits": code["codelength_bits"], "uniform_bits": code["uniform_bits"],

@@ -57,9 +57,10 @@ def results_markdown(res: dict) -> str:
              + (" / CONTROL task" if res.get("control") else ""), "",
              f"chance (1/C) = {100 * res['chance']:.2f}%"
              + (f", majority class = {100 * res['majority']:.2f}%" if res.get("majority") else ""), "",
-             "| layer | name | val acc (%) | test acc (%) |", "|---:|---|---:|---:|"]
+             "| layer | name | what it is | val acc (%) | test acc (%) |", "|---:|---|---|---:|---:|"]
     for r in res["layers"]:
-        lines.append(f"| {r['layer']} | {r['name']} | {100 * r['val_acc']:.2f} | {100 * r['test_acc']:.2f} |")
+        lines.append(f"| {r['layer']} | {r['name']} | {r.get('title', r['name'])} | {100 * r['val_acc']:.2f} | "
+                     f"{100 * r['test_acc']:.2f} |")
     if res.get("best"):
         lines += ["", f"best by validation: {res['best']['name']} -> test {100 * res['best']['test_acc']:.2f}%"]
     if res.get("data", {}).get("synthetic"):

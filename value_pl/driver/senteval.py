@@ -40,7 +40,8 @@ def train_senteval(cfg) -> dict:
         r = probe_layer(splits["train"][0][key][0], splits["train"][1], splits["val"][0][key][0], splits["val"][1],
                         splits["test"][0][key][0], splits["test"][1], C, grid, opts, seed, key, device)
         name = module.display_name(key)
-        rows.append({"layer": layer_number(name), "name": name, **r})
+        rows.append({"layer": layer_number(name), "name": name,
+                     "title": module.backbone.layer_title("sentence", name), **r})
         print(f"[value-pl] {name}: dev {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} "
               f"(nhid {r['nhid']}, dropout {r['dropout']}, l2 {r['l2']})")
     res = results_dict(cfg, module, dm, rows=rows, pairs_dropped=dropped, extra={

@@ -259,6 +259,7 @@ class ProbeModule(pl.LightningModule):
             rows.append({
                 "layer": layer_number(name) if name.startswith("layer_") else -1,
                 "name": name,
+                "title": self._backbone.layer_title(self.kind, name),
                 "val_acc": self.best_val.get(k, self.last_val.get(k, float("nan"))),
                 "test_acc": self.test_results.get(k, float("nan")),
                 "best_epoch": self.best_epoch.get(k),

@@ -192,12 +192,15 @@ def _layer_order(name: str):
 
 
 def layer_title(name: str) -> str:
+    """Row titles of the paper's tables: ``Layer k`` = output of the k-th layer (the paper's Tables 3, 5, 8-11;
+    two-stream columns are explained in each table's note), ``Embeddings`` = the embedding output (index 0,
+    never "Layer 1"), ``Original visual emb.`` = the detector's region features."""
     if name == "raw":
         return "Original visual emb."
     m = re.match(r"layer_(\d+)$", name)
     if m:
         k = int(m.group(1))
-        return "Embeddings (L0)" if k == 0 else f"Layer {k}"
+        return "Embeddings" if k == 0 else f"Layer {k}"
     if name == "all_heads":
         return "All attention heads"
     return name

@@ -5,6 +5,14 @@ import re
 
 from .collect import LAYOUTS, PAIR_TASKS, SENT_TASKS, TASK_TITLES, Runs, Stat, Table, _layer_order, layer_title
 
+#: what the two-stream (LXMERT) rows are, in the paper's numbering
+NOTE_TS_CROSS = ("TS: Layer 1-5 are LXMERT's 5 cross-modality layers, numbered 0-4 in the paper's Table 1 "
+                 "(Layer k = cross layer k-1 there).")
+NOTE_TS_VISUAL = ("TS: Embeddings = the visual embedding output; Layer 1-5 = LXMERT's visual (r-) layers; "
+                  "Layer 6-10 = its cross-modality layers, numbered 0-4 in the paper's Table 1.")
+NOTE_TS_LANG = "TS: LXMERT's 9 language layers (L1-L9); Embeddings / Emb. = the text embedding output."
+
+
 def table_coref(R: Runs, name: str, keep_layers=None) -> Table:
     t = Table(name, "Table 3: VCD/VCC, attention and layer-wise embedding probers" if name == "table3" else
               "Table 8: VCD/VCC, all layers")
@@ -28,7 +36,10 @@ def table_coref(R: Runs, name: str, keep_layers=None) -> Table:
                 t.put(layer_title(layer), col, s)
     t.rows = sorted(t.rows, key=lambda r: (r != "All attention heads", r != "Random guess",
                                            int(r.split()[-1]) if r.startswith("Layer ") else 0))
+    if "TS" in models:
+        t.note = NOTE_TS_CROSS
     return t
+
 
 
 def table_untrained(R: Runs) -> Table:
@@ -55,6 +66,8 @@ def table_relations(R: Runs, model: str, name: str) -> Table:
                     t.put(layer_title(layer), col, s)
     order = {layer_title(n): _layer_order(n) for n in ["raw"] + [f"layer_{i:02d}" for i in range(64)]}
     t.rows = sorted(t.rows, key=lambda r: order.get(r, (2, r)))
+    if model == "TS":
+        t.note = NOTE_TS_VISUAL
     return t
 
 
@@ -88,20 +101,24 @@ def _sent_prober(R: Runs, task: str, m: str) -> str | None:
 def table_linguistic(R: Runs, name: str) -> Table:
     tasks = _sent_tasks(R)
     if name == "table5":
-        t = Table("table5", "Table 5: linguistic probing, best layer per task (Ln)")
+        t = Table("table5", "Table 5: linguistic probing, test accuracy of the layer with the best dev accuracy "
+                            "(Ln: layer chosen on dev)")
         for m in R.models():
             for task in tasks:
                 p = _sent_prober(R, task, m)
                 if p is None:
                     continue
-                best = None
+                best = None  # (layer, mean dev accuracy over seeds): selection never looks at test
                 for layer in R.layers(task, p, m):
-                    s = R.stat(task, p, m, layer)
-                    if s and (best is None or s.mean > best[1].mean):
-                        best = (layer, s)
-                if best:
+                    dev = R.stat(task, p, m, layer, field="val_acc")
+                    if dev and (best is None or dev.mean > best[1]):
+                        best = (layer, dev.mean)
+                s = R.stat(task, p, m, best[0]) if best else None
+                if s:
                     k = _layer_order(best[0])[1]
-                    t.put(m, TASK_TITLES[task], f"{best[1].fmt()} (L{k})")
+                    t.put(m, TASK_TITLES[task], f"{s.fmt()} ({'Emb.' if k == 0 else f'L{k}'})")
+        t.note = ("Per model and task the layer is the one with the highest mean dev (validation) accuracy over "
+                  "seeds; the cell is that layer's test accuracy. " + (NOTE_TS_LANG if "TS" in R.models() else ""))
         return t
     t = Table("table11", "Table 11: linguistic probing, every layer")
     for task in tasks:
@@ -114,6 +131,8 @@ def table_linguistic(R: Runs, name: str) -> Table:
                 if s:
                     t.put(layer_title(layer), f"{TASK_TITLES[task]} ({m})", s)
     t.rows = sorted(t.rows, key=lambda r: int(re.sub(r"\D", "", r) or 0))
+    if "TS" in R.models():
+        t.note = NOTE_TS_LANG
     return t
 
 
