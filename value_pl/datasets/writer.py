@@ -135,6 +135,12 @@ def report(man: dict) -> str:
     for split, s in man["splits"].items():
         tasks = ", ".join(f"{t}: {sum(c.values())}" for t, c in s["pairs"].items())
         lines.append(f"  {split}: {s['samples']} samples in {len(s['shards'])} shard(s); pairs {tasks or '-'}")
+    for split, ct in (man.get("control_types") or {}).items():
+        if ct:
+            lines.append(f"  {split}: distinct control types " + ", ".join(f"{t}: {n}" for t, n in ct.items()))
+    if man.get("excluded"):
+        lines.append("  excluded (negatives that are the gold object): "
+                     + ", ".join(f"{k} {v}" for k, v in man["excluded"].items()))
     if man.get("skipped"):
         lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in man["skipped"].items()))
     else:
