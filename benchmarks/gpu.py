@@ -1,11 +1,19 @@
-"""GPU benchmark (run through ``benchmarks/gpu.sh``): bf16 autocast, a UNITER-base-size model with random weights.
+"""GPU benchmark (run through ``benchmarks/gpu.sh``): a UNITER-base-size model with random weights, bf16 autocast.
 
-Samples/s and peak memory for: the bare sdpa forward, transformers' eager ``output_attentions=True`` forward (for
-reference), online probe training (``layer_emb`` and ``attention``, all layers, one forward) and cached training
-(heads fed from fp16 features copied host -> device). Prints one table. Synthetic in-memory batches: ~100 tokens
-per sequence (24 text + 76 regions, with padding), 6 vrc pairs per image, 2048-d region features.
+Rows, all in one run on one card:
 
-``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2`` checks the script itself on a machine without a GPU.
+1. in memory (synthetic batches: 24 text + 76 region tokens, 6 vrc pairs per image, 2048-d features): the bare
+   sdpa forward, and one online probe training step (frozen forward + every layer's head + backward + Adam) for
+   ``layer_emb`` and ``attention``, each as a ratio to the bare forward (goals: <= 1.3x, <= 1.6x);
+2. the loader alone on real-width shards (``python -m value_pl.datasets.demo`` sizes: 36 regions x 2048-d fp16 per
+   image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker;
+3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
+   runs) on those shards, batch 256: samples/s of the last training epoch, the share of time waiting for data,
+   and the GPU's utilisation (NVML, sampled every 0.1 s over the training epochs), against the bare forward at
+   the same batch size and sequence length (goal >= 0.7x).
+
+Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
+``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +34,36 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def offline_tokenizer(d: Path) -> str:
+    """A bert-base-sized WordPiece tokenizer written locally: special tokens, the demo's words, characters."""
+    from transformers import BertTokenizerFast
+
+    from value_pl.datasets import demo
+
+    words = sorted({w for name, _ in demo.CLASSES for w in name.split()} | set(demo.ADJ)
+                   | {w for v in demo.VERBS for w in v.split()} | {"a", "the", "and", "."})
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + chars + ["##" + c for c in chars]
+    vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(str(d))
+    return str(d)
+
+
+def model_config(tmp: Path, layers: int, hidden: int, heads: int) -> str:
+    p = tmp / "uniter.json"
+    p.write_text(json.dumps({"vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers,
+                             "num_attention_heads": heads, "intermediate_size": 4 * hidden,
+                             "max_position_embeddings": 512, "type_vocab_size": 2}))
+    return str(p)
+
 
 def synthetic_batch(B: int, T: int, R: int, dv: int, pairs: int, C: int, device, seed: int = 0) -> dict:
+    """A collated vrc batch with the keys the collator makes (pair positions, rows, slots)."""
     g = torch.Generator().manual_seed(seed)
     tl = torch.randint(T // 2, T + 1, (B,), generator=g)
     rl = torch.randint(max(10, R // 2), R + 1, (B,), generator=g)
@@ -37,42 +74,38 @@ def synthetic_batch(B: int, T: int, R: int, dv: int, pairs: int, C: int, device,
     special[:, 0] = 1
     special[torch.arange(B), tl - 1] = 1
     rmask = (torch.arange(R)[None] < rl[:, None]).long()
-    pb, sa, sb = [], [], []
+    pb, sa, sb, a_slot, b_slot, rows = [], [], [], [], [], []
     for b in range(B):
+        need: dict[int, int] = {}
         for _ in range(pairs):
             i, j = torch.randperm(int(rl[b]), generator=g)[:2].tolist()
             pb.append(b)
             sa.append((i, i + 1))
             sb.append((j, j + 1))
-    w2t = torch.stack([torch.arange(1, T + 1), torch.arange(2, T + 2)], -1)[None].expand(B, T, 2).clone()
+            a_slot.append(need.setdefault(i, len(need)))
+            b_slot.append(need.setdefault(j, len(need)))
+        rows.append(list(need))
+    width = max(len(r) for r in rows)
+    rows_t = torch.full((B, width), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        rows_t[b, :len(r)] = torch.tensor(r)
+    sa_t, sb_t = torch.tensor(sa), torch.tensor(sb)
+    P = len(pb)
     batch = {
-        "input_ids": ids, "text_mask": tmask, "special_mask": special, "word_to_token": w2t,
-        "region_feats": torch.rand(B, R, dv, generator=g) * rmask[..., None],
+        "input_ids": ids, "text_mask": tmask, "special_mask": special,
+        "word_to_token": torch.stack([torch.arange(1, T + 1), torch.arange(2, T + 2)], -1)[None].expand(B, T, 2).clone(),
+        "region_feats": (torch.rand(B, R, dv, generator=g) * rmask[..., None]).half(),
         "region_boxes": torch.rand(B, R, 7, generator=g), "region_mask": rmask,
-        "pair_b": torch.tensor(pb), "a_span": torch.tensor(sa), "b_span": torch.tensor(sb),
-        "labels": torch.randint(0, C, (len(pb),), generator=g),
+        "pair_b": torch.tensor(pb), "a_span": sa_t, "b_span": sb_t,
+        "a_pos": sa_t[:, :1].clone(), "b_pos": sb_t[:, :1].clone(),
+        "a_valid": torch.ones(P, 1, dtype=torch.bool), "b_valid": torch.ones(P, 1, dtype=torch.bool),
+        "a_slot": torch.tensor(a_slot)[:, None], "b_slot": torch.tensor(b_slot)[:, None],
+        "rows": {"region": rows_t}, "labels": torch.randint(0, C, (P,), generator=g),
     }
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def build(layers: int, hidden: int, heads: int, tmp: Path, device):
-    from value_pl.backbones.uniter import build_uniter
-
-    cfg = {"vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "intermediate_size": 4 * hidden, "max_position_embeddings": 512, "type_vocab_size": 2}
-    p = tmp / "uniter.json"
-    p.write_text(json.dumps(cfg))
-    bb = build_uniter(OmegaConf.create({"name": "random-uniter", "pretrained": False, "config": str(p),
-                                        "tokenizer": "minilm", "seed": 0}), img_dim=2048)
-    return bb.to(device), cfg
-
-
-def module_for(bb, prober: str, C: int, device):
-    from value_pl.probers.module import ProbeModule
-
-    m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(C)]},
-                    prober={"name": prober}, seed=0)
-    return m.to(device)
+    out = {k: (v.to(device) if torch.is_tensor(v) else {m: t.to(device) for m, t in v.items()}) for k, v in batch.items()}
+    out["pair_modalities"] = ("region", "region")
+    out["counts"] = {"samples": B, "pairs": P}
+    return out
 
 
 def measure(fn, iters: int, warmup: int, device) -> tuple[float, float]:
@@ -93,6 +126,163 @@ def measure(fn, iters: int, warmup: int, device) -> tuple[float, float]:
     return dt, peak
 
 
+class Utilisation:
+    """Mean GPU utilisation (NVML) sampled every ``period`` seconds while active."""
+
+    def __init__(self, period: float = 0.1):
+        self.period, self.samples, self.active = period, [], False
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.nvml = pynvml
+        except Exception:  # noqa: BLE001 - no NVML (CPU check)
+            self.nvml = None
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            if self.active and self.nvml is not None:
+                self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.h).gpu)
+            time.sleep(self.period)
+
+    def window(self):
+        self.samples, self.active = [], True
+
+    def mean(self) -> float:
+        self.active = False
+        return sum(self.samples) / len(self.samples) if self.samples else float("nan")
+
+
+def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
+    from value_pl.backbones.base import CaptureSpec
+    from value_pl.backbones.uniter import build_uniter
+    from value_pl.probers.module import ProbeModule
+
+    bb = build_uniter(OmegaConf.create({"name": "random-uniter-base", "pretrained": False, "tokenizer": tok,
+                                        "config": model_config(tmp, args.layers, args.hidden, args.heads), "seed": 0}),
+                      img_dim=2048).to(dev)
+    B, T, R, C = args.batch, 24, 76, 16
+    batch = synthetic_batch(B, T, R, 2048, 6, C, dev)
+    ac = dict(device_type=dev.type, dtype=torch.bfloat16)
+    rows = []
+
+    def bare():
+        with torch.no_grad(), torch.autocast(**ac):
+            bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
+
+    rows.append((f"bare sdpa forward (batch {B})", *measure(bare, args.iters, args.warmup, dev), B))
+    for prober in ("layer_emb", "attention"):
+        m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(C)]},
+                        prober={"name": prober}, seed=0).to(dev)
+        opt = torch.optim.Adam(m.heads.parameters(), lr=1e-3)
+
+        def step(m=m, opt=opt):
+            with torch.autocast(**ac):
+                loss = m.loss(m.extract_inputs(batch), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        rows.append((f"online training step, {prober} ({len(m.head_names)} heads)",
+                     *measure(step, args.iters, args.warmup, dev), B))
+    del bb
+    return rows
+
+
+def build_shards(root: Path, args) -> dict:
+    from value_pl.datasets.demo import build_demo
+
+    t = time.time()
+    man = build_demo(root, splits={"train": args.train_images, "val": args.eval_images, "test": args.eval_images},
+                     num_regions=36, feature_dim=2048, maxcount=args.maxcount)
+    print(f"# shards: {args.train_images} train images x 36 regions x 2048-d fp16 in "
+          f"{len(man['splits']['train']['shards'])} shard(s), built in {time.time() - t:.0f} s", flush=True)
+    return man
+
+
+def loader_rows(root: Path, tok: str, args) -> list[dict]:
+    from value_pl.backbones.uniter import build_uniter
+    from value_pl.data.collate import TaskSpec
+    from value_pl.data.datamodule import ShardDataModule
+
+    bb = build_uniter(OmegaConf.create({"pretrained": False, "tokenizer": tok, "seed": 0,
+                                        "config": model_config(Path(tempfile.mkdtemp()), 1, 64, 2)}), img_dim=2048)
+    out = []
+    for workers in args.workers:
+        dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=workers, shuffle_buffer=1000, pin_memory=False)
+        dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
+        loader = dm.loader("train", True)
+        it = iter(loader)
+        first = next(it)  # workers started
+        t, n = time.perf_counter(), 0
+        for b in it:
+            n += len(b["keys"])
+        dt = time.perf_counter() - t
+        sps = n / dt
+        out.append({"workers": workers, "samples_per_s": sps, "per_worker": sps / max(workers, 1),
+                    "epoch_samples": n + len(first["keys"])})
+        print(f"# loader, {workers} worker(s): {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker)", flush=True)
+        del it, loader
+    return out
+
+
+def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+
+    from value_pl.driver.train import train
+
+    out = []
+    for prober in args.e2e_probers:
+        run = tmp / f"run-{prober}"
+        ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
+              f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={args.workers[0]}", "logger=none",
+              f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", f"run_dir={run}",
+              "trainer=gpu" if dev.type == "cuda" else "trainer=cpu", "backbone=uniter_untrained",
+              f"backbone.config={model_config(tmp, args.layers, args.hidden, args.heads)}", f"backbone.tokenizer={tok}",
+              "backbone.img_dim=2048"]
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=ov)
+        util.window()
+        res = train(cfg)
+        busy = util.mean()
+        tp = res["throughput"]["train"]
+        out.append({"prober": prober, **tp, "gpu_util_pct": busy, "samples_seen": res["samples_seen"]["train"],
+                    "best_test": res["best"]["test_acc"] if res.get("best") else None})
+        print(f"# e2e {prober}: {tp['samples_per_s']:,.0f} samples/s (last epoch), waiting for data "
+              f"{100 * tp['data_wait_frac']:.0f}%, GPU busy {busy:.0f}% (NVML, all epochs incl. validation), "
+              f"samples per epoch {res['samples_seen']['train']}", flush=True)
+    return out
+
+
+def e2e_bare(args, dev, tok: str, tmp: Path, root: Path) -> float:
+    """Bare forward samples/s on a real batch of the shards (batch ``e2e_batch``, same lengths as e2e)."""
+    from value_pl.backbones.base import CaptureSpec
+    from value_pl.backbones.uniter import build_uniter
+    from value_pl.data.collate import TaskSpec
+    from value_pl.data.datamodule import ShardDataModule
+
+    bb = build_uniter(OmegaConf.create({"pretrained": False, "tokenizer": tok, "seed": 0,
+                                        "config": model_config(tmp, args.layers, args.hidden, args.heads)}),
+                      img_dim=2048).to(dev)
+    dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=0)
+    dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
+    batch = next(iter(dm.stream("train", True)))
+    batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    ac = dict(device_type=dev.type, dtype=torch.bfloat16)
+
+    def bare():
+        with torch.no_grad(), torch.autocast(**ac):
+            bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
+
+    dt, _ = measure(bare, args.iters, args.warmup, dev)
+    print(f"# bare forward on a shard batch: {args.e2e_batch} x ({batch['input_ids'].shape[1]} text + "
+          f"{batch['region_mask'].shape[1]} regions) tokens: {args.e2e_batch / dt:,.0f} samples/s", flush=True)
+    return args.e2e_batch / dt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -102,6 +292,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--train-images", type=int, default=8000)
+    ap.add_argument("--eval-images", type=int, default=1000)
+    ap.add_argument("--maxcount", type=int, default=1000)
+    ap.add_argument("--e2e-batch", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--workers", type=int, nargs="+", default=[15, 4], help="loader workers; the first is used e2e")
+    ap.add_argument("--e2e-probers", nargs="+", default=["layer_emb", "attention"])
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: memory loader e2e")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -110,91 +308,50 @@ def main(argv=None) -> int:
               "use --device cpu with a small model to check the script", file=sys.stderr)
         return 2
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        name = torch.cuda.get_device_name(dev)
-        mem = torch.cuda.get_device_properties(dev).total_memory / 2**30
-        gpu = f"{name} ({mem:.0f} GiB)"
+        torch.set_float32_matmul_precision("high")
+        gpu = f"{torch.cuda.get_device_name(dev)} ({torch.cuda.get_device_properties(dev).total_memory / 2**30:.0f} GiB)"
     else:
         gpu = "CPU (script check only)"
-    B, T, R, C = args.batch, 24, 76, 16
-    print(f"# value-pl GPU benchmark: {gpu}, torch {torch.__version__}, bf16 autocast")
-    print(f"# model: random UNITER {args.layers} layers x {args.hidden} hidden x {args.heads} heads; batch {B} "
-          f"images x {T + R} tokens, 6 vrc pairs per image; {args.iters} iterations after {args.warmup} warm-up")
-    from value_pl.backbones.base import CaptureSpec
-
-    rows = []
+    print(f"# value-pl GPU benchmark: {gpu}, torch {torch.__version__}, bf16 autocast, {os.cpu_count()} CPU cores")
+    print(f"# model: random UNITER {args.layers} layers x {args.hidden} hidden x {args.heads} heads", flush=True)
+    report = {"device": gpu, "torch": torch.__version__, "cpus": os.cpu_count()}
+    util = Utilisation()
     with tempfile.TemporaryDirectory() as td:
-        bb, cfg = build(args.layers, args.hidden, args.heads, Path(td), dev)
-        batch = synthetic_batch(B, T, R, 2048, 6, C, dev)
-        ac = dict(device_type=dev.type, dtype=torch.bfloat16)
-
-        def bare():
-            with torch.no_grad(), torch.autocast(**ac):
-                bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
-
-        rows.append(("bare sdpa forward", *measure(bare, args.iters, args.warmup, dev)))
-
-        from transformers import BertConfig, BertModel
-
-        ecfg = BertConfig(**cfg)
-        ecfg._attn_implementation = "eager"
-        eager = BertModel(ecfg, add_pooling_layer=False).eval().to(dev)
-        x = torch.randn(B, T + R, args.hidden, device=dev)
-        emask = torch.cat([batch["text_mask"], batch["region_mask"]], 1)
-
-        def full():
-            with torch.no_grad(), torch.autocast(**ac):
-                eager(inputs_embeds=x, attention_mask=emask, output_attentions=True, output_hidden_states=True)
-
-        rows.append(("eager forward, output_attentions=True (reference)", *measure(full, args.iters, args.warmup, dev)))
-        eager = full = None  # free its weights before the next measurements
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-
-        cached = {}
-        for prober in ("layer_emb", "attention"):
-            m = module_for(bb, prober, C, dev)
-            opt = torch.optim.Adam(m.heads.parameters(), lr=1e-3)
-
-            def step(m=m, opt=opt):
-                with torch.autocast(**ac):
-                    feats = m.extract(batch)
-                    loss = sum(F.cross_entropy(v.float(), batch["labels"]) for v in m.logits(feats).values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            rows.append((f"online training, {prober} ({len(m.head_names)} heads)",
-                         *measure(step, args.iters, args.warmup, dev)))
-            if prober == "layer_emb":
-                with torch.no_grad(), torch.autocast(**ac):
-                    feats = m.extract(batch)
-                pin = dev.type == "cuda"
-                cached = {k: tuple((t.half().cpu().pin_memory() if pin else t.half().cpu()) for t in v)
-                          for k, v in feats.items()}
-                y = batch["labels"]
-
-                def cstep(m=m, opt=opt):
-                    f = {k: tuple(t.to(dev, non_blocking=True).float() for t in v) for k, v in cached.items()}
-                    with torch.autocast(**ac):
-                        loss = sum(F.cross_entropy(v.float(), y) for v in m.logits(f).values())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-
-                cache_rows = ("cached training, layer_emb (fp16 features, host -> device)",
-                              *measure(cstep, args.iters, args.warmup, dev))
-        rows.append(cache_rows)
-
-    base = rows[0][1]
-    print()
-    print("| workload | samples/s | ms / batch | x bare forward | peak memory (GiB, incl. weights) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, dt, peak in rows:
-        print(f"| {name} | {B / dt:,.0f} | {1e3 * dt:.1f} | {dt / base:.2f} | {peak:.2f} |")
+        tmp = Path(td)
+        tok = offline_tokenizer(tmp / "tokenizer")
+        if "memory" not in args.skip:
+            rows = in_memory_rows(args, dev, tok, tmp)
+            base = rows[0][1]
+            print("\n| workload (in memory, batch %d, 100 tokens) | samples/s | ms / batch | x bare forward | peak GiB |"
+                  % args.batch)
+            print("|---|---:|---:|---:|---:|")
+            for name, dt, peak, B in rows:
+                print(f"| {name} | {B / dt:,.0f} | {1e3 * dt:.1f} | {dt / base:.2f} | {peak:.2f} |")
+            report["in_memory"] = [{"workload": n, "samples_per_s": B / dt, "ms": 1e3 * dt, "x_bare": dt / base,
+                                    "peak_gib": p} for n, dt, p, B in rows]
+            print(flush=True)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        if "loader" in args.skip and "e2e" in args.skip:
+            return 0
+        root = tmp / "shards"
+        build_shards(root, args)
+        if "loader" not in args.skip:
+            report["loader"] = loader_rows(root, tok, args)
+        if "e2e" not in args.skip:
+            bare = e2e_bare(args, dev, tok, tmp, root)
+            e2e = e2e_rows(root, tok, tmp, args, util, dev)
+            report["e2e"] = {"bare_samples_per_s": bare, "runs": e2e}
+            print(f"\n| end to end (batch {args.e2e_batch}, {args.workers[0]} workers) | samples/s | x bare forward | "
+                  "waiting for data | GPU busy | samples per epoch |")
+            print("|---|---:|---:|---:|---:|---|")
+            print(f"| bare forward on shard batches | {bare:,.0f} | 1.00 | - | - | - |")
+            for r in e2e:
+                print(f"| train {r['prober']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / bare:.2f} | "
+                      f"{100 * r['data_wait_frac']:.0f}% | {r['gpu_util_pct']:.0f}% | {r['samples_seen']} |")
+    util.stop.set()
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": gpu, "batch": B, "rows": [
-            {"workload": n, "samples_per_s": B / dt, "ms": 1e3 * dt, "peak_gib": p} for n, dt, p in rows]}, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -19,20 +19,8 @@ def tiny_backbone(tmp_path) -> list[str]:
 def small_demo(root, splits=None, maxcount=None):
     from value_pl.datasets import demo
 
-    if maxcount is None:
-        return demo.build_demo(root, splits=splits or {"train": 48, "val": 16, "test": 16})
-    orig = demo.ShardSetWriter
-
-    class Small(orig):  # uneven shard sizes: maxcount samples per shard
-        def __init__(self, *a, **k):
-            k["maxcount"] = maxcount
-            super().__init__(*a, **k)
-
-    demo.ShardSetWriter = Small
-    try:
-        return demo.build_demo(root, splits=splits)
-    finally:
-        demo.ShardSetWriter = orig
+    return demo.build_demo(root, splits=splits or {"train": 48, "val": 16, "test": 16},
+                           maxcount=maxcount or demo.MAXCOUNT)
 
 
 FAST = ["logger=none", "trainer.enable_progress_bar=false", "trainer.max_epochs=1", "data.train_batches=3",

@@ -91,8 +91,8 @@ def test_rows_equal_eager_maps_and_forward_keeps_sdpa(tmp_path, monkeypatch, tas
 
     # the prober's inputs from captured rows == those read from the full eager maps
     full_out = out.__class__(**{**out.__dict__, "attn": full, "rows": {}})
-    f_rows = module.plan.features(out, batch)
-    f_full = module.plan.features(full_out, batch)
+    f_rows = module.plan.inputs(out, batch)
+    f_full = module.plan.inputs(full_out, batch)
     assert f_rows.keys() == f_full.keys() and f_rows
     for k in f_rows:
         for x, y in zip(f_rows[k], f_full[k]):

@@ -63,12 +63,12 @@ def test_all_layers_in_one_pass_equals_one_layer_alone(backbone, demo_root, prob
     alone = ProbeModule(backbone, task_d, {"name": prober}, layers=[layer], seed=7)
     assert len(everything.head_names) > 1 and alone.head_names == [everything.head_names[[
         k.split(":")[1] for k in everything.head_names].index(layer)]]
-    key = alone.head_names[0].replace(":", "__")
-    before = {k: v.clone() for k, v in alone.heads[key].state_dict().items()}
-    assert all(torch.equal(before[k], v) for k, v in everything.heads[key].state_dict().items())
+    key = alone.head_names[0]
+    before = {k: v.clone() for k, v in alone.head(key).state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in everything.head(key).state_dict().items())
     _fit(everything, batches, 4)
     _fit(alone, batches, 4)
-    a, b = everything.heads[key].state_dict(), alone.heads[key].state_dict()
+    a, b = everything.head(key).state_dict(), alone.head(key).state_dict()
     assert any(not torch.equal(before[k], b[k]) for k in b)  # it trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
@@ -82,8 +82,34 @@ def test_capture_reads_only_requested_rows(backbone, demo_root):
     full = backbone(batches[0], type(cap)(hidden=[], attn=None, rows=None))
     n_rows = out.attn["attn.joint.1.self"].shape[2]
     assert n_rows < full.attn["attn.joint.1.self"].shape[2]
-    feats_rows = m.plan.features(out, batches[0])
-    feats_full = m.plan.features(full, batches[0])
+    feats_rows = m.plan.inputs(out, batches[0], cap)
+    feats_full = m.plan.inputs(full, batches[0])
     for k in feats_rows:
         for x, y in zip(feats_rows[k], feats_full[k]):
             torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("prober,task", [("layer_emb", "vcd"), ("attention", "vcd"), ("attention", "vrc"),
+                                         ("layer_emb", "vri")])
+def test_stacked_inputs_equal_the_per_layer_reference(backbone, demo_root, prober, task):
+    """The one-op gathers over all layers and pairs give exactly what the per-pair BackboneOutput API gives
+    (mean over a phrase's tokens, max attention between spans), head by head."""
+    spec, batches = _batches(backbone, demo_root, task, n=1, bs=16)
+    batch = batches[0]
+    m = ProbeModule(backbone, {"name": spec.name, "kind": spec.kind, "labels": spec.labels}, {"name": prober})
+    cap = m.plan.capture(batch)
+    out = backbone(batch, cap)
+    got = m.per_head(m.plan.inputs(out, batch, cap))
+    b, sa, sb = batch["pair_b"], batch["a_span"], batch["b_span"]
+    ma, mb = ("text", "region") if task in ("vcd", "vcc") else ("region", "region")
+    for l in m.plan.emb_layers:
+        ea, eb = got["emb:" + l.name]
+        torch.testing.assert_close(ea, out.embed(l.emb[0], b, ma, sa).float())
+        torch.testing.assert_close(eb, out.embed(l.emb[1], b, mb, sb).float())
+    for l in m.plan.attn_layers:
+        fw = torch.cat([out.attention_between(ab, b, ma, sa, mb, sb) for ab, _ in l.attn], -1)
+        bw = torch.cat([out.attention_between(ba, b, mb, sb, ma, sa) for _, ba in l.attn], -1)
+        x, y = got["attn:" + l.name]
+        torch.testing.assert_close(x, fw.float())
+        torch.testing.assert_close(y, bw.float())
+    assert len(got) == len(m.head_names) and b.numel() > 16

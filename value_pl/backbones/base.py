@@ -208,6 +208,18 @@ def rows_for_stream(spec_rows: dict[str, Tensor] | None, info: StreamInfo) -> Te
     return torch.cat(parts, dim=1)
 
 
+def row_offset(spec_rows: dict[str, Tensor], info: StreamInfo, modality: str) -> int:
+    """Column where ``modality``'s requested rows start among one stream's captured rows (the order of
+    :func:`rows_for_stream`): callers that know a query's slot within its modality's request find its row."""
+    off = 0
+    for m, idx in spec_rows.items():
+        if m == modality:
+            return off
+        if (info.text_offset if m == TEXT else info.region_offset) is not None and idx.numel() > 0:
+            off += idx.shape[1]
+    raise KeyError(f"no {modality} rows were requested")
+
+
 def attention_probs(q: Tensor, k: Tensor, key_bias: Tensor, rows: Tensor | None, num_heads: int) -> Tensor:
     """Softmax attention probabilities from projected queries and keys.
 
@@ -302,7 +314,7 @@ class Backbone(nn.Module):
     box_mode = "uniter7"
     text_only = False
 
-    def __init__(self, tokenizer=None, max_text_len: int = 64, max_regions: int = 100):
+    def __init__(self, tokenizer=None, max_text_len: int | None = None, max_regions: int = 100):
         super().__init__()
         self.identity: dict = {}
         self.tokenizer = tokenizer
@@ -325,7 +337,21 @@ class Backbone(nn.Module):
     def input_encoder(self):
         from ..data.collate import InputEncoder
 
-        return InputEncoder(self.tokenizer, self.box_mode, self.max_text_len, self.max_regions)
+        return InputEncoder(self.tokenizer, self.box_mode, self.text_limit, self.max_regions)
+
+    @property
+    def position_limit(self) -> int:
+        """Text tokens (with [CLS]/[SEP]) the model has positions for (RoBERTa-style models reserve 2)."""
+        n = int(getattr(self.config, "max_position_embeddings", 512))
+        if "roberta" in str(getattr(self.config, "model_type", "")):
+            n -= 2
+        tok = getattr(self.tokenizer, "model_max_length", None)
+        return min(n, int(tok)) if tok and tok < 100_000 else n
+
+    @property
+    def text_limit(self) -> int:
+        """Tokens a text keeps: ``max_text_len`` when configured, else the whole position range."""
+        return int(self.max_text_len) if self.max_text_len else self.position_limit
 
     def collator(self, task=None, relabel=None):
         from ..data.collate import Collator

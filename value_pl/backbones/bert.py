@@ -28,7 +28,7 @@ class BertBackbone(SingleStreamBackbone):
     family = "bert"
     box_mode = "xyxy4"  # unused: text only
 
-    def __init__(self, model, tokenizer=None, max_text_len: int = 64):
+    def __init__(self, model, tokenizer=None, max_text_len: int | None = None):
         super().__init__(tokenizer, max_text_len, max_regions=0)
         enc = getattr(model, "encoder", None)
         layers = getattr(enc, "layer", None)
@@ -109,7 +109,7 @@ def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
     config = AutoConfig.from_pretrained(cfg_file or path, local_files_only=True)
     config._attn_implementation = "sdpa"  # our capture reads q/k projections; the layers may use sdpa
     model = AutoModel.from_config(config, attn_implementation="sdpa")
-    m = BertBackbone(model, load_tokenizer(tok_dir), int(cfg.get("max_text_len", 64)))
+    m = BertBackbone(model, load_tokenizer(tok_dir), cfg.get("max_text_len"))
     seed = int(cfg.get("seed", 0))
     pretrained = bool(cfg.get("pretrained", True))
     seeded_init(m, getattr(config, "initializer_range", 0.02), seed)
@@ -129,6 +129,6 @@ def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
         "config": cfg_file, "tokenizer": tok_dir, "pretrained": pretrained, "seed": seed, "source": source,
         "model_type": config.model_type, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
         "heads": config.num_attention_heads, "checksum": m.weights_checksum(),
-        "ignored_keys": len(report.get("ignored", [])),
+        "ignored_keys": len(report.get("ignored", [])), "text_limit": m.text_limit,
     }
     return m

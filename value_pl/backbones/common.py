@@ -73,6 +73,7 @@ def finish(m, cfg, src: Sources, seed: int, source: str, report: dict, **identit
         "config": src.config, "tokenizer": src.tokenizer, "pretrained": src.pretrained, "seed": seed,
         "source": source, **identity, "hidden": m.config.hidden_size, "heads": m.config.num_attention_heads,
         "checksum": m.weights_checksum(), "ignored_keys": len(report.get("ignored", [])),
+        "text_limit": m.text_limit, "max_regions": m.max_regions,
     }
     return m
 

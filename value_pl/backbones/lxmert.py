@@ -65,7 +65,7 @@ class LxmertBackbone(Backbone):
     family = "lxmert"
     box_mode = "xyxy4"
 
-    def __init__(self, config: LxmertConfig, tokenizer=None, max_text_len: int = 20, max_regions: int = 36):
+    def __init__(self, config: LxmertConfig, tokenizer=None, max_text_len: int | None = None, max_regions: int = 36):
         super().__init__(tokenizer, max_text_len, max_regions)
         self.config = config
         self.lxmert = LxmertModel(config)
@@ -264,7 +264,7 @@ def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
         config.visual_feat_dim = int(want_dim)
     config._attn_implementation = "eager"  # LxmertAttention has a single implementation
     tokenizer = load_tokenizer(src.tokenizer)
-    m = LxmertBackbone(config, tokenizer, int(cfg.get("max_text_len", 20)), int(cfg.get("max_regions", 36)))
+    m = LxmertBackbone(config, tokenizer, cfg.get("max_text_len"), int(cfg.get("max_regions", 36)))
     seed = int(cfg.get("seed", 0))
     seeded_init(m, config.initializer_range, seed)
     report: dict = {}

@@ -83,7 +83,7 @@ class UniterBackbone(SingleStreamBackbone):
     family = "uniter"
     box_mode = "uniter7"
 
-    def __init__(self, config: BertConfig, img_dim: int, tokenizer=None, max_text_len: int = 64,
+    def __init__(self, config: BertConfig, img_dim: int, tokenizer=None, max_text_len: int | None = None,
                  max_regions: int = 100):
         super().__init__(tokenizer, max_text_len, max_regions)
         config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
@@ -158,7 +158,7 @@ def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
     config = _bert_config(path, src.config)
     img_dim = int(cfg.get("img_dim") or img_dim or 2048)
     tokenizer = load_tokenizer(src.tokenizer)
-    m = UniterBackbone(config, img_dim, tokenizer, int(cfg.get("max_text_len", 64)), int(cfg.get("max_regions", 100)))
+    m = UniterBackbone(config, img_dim, tokenizer, cfg.get("max_text_len"), int(cfg.get("max_regions", 100)))
     seed = int(cfg.get("seed", 0))
     seeded_init(m, config.initializer_range, seed)
     report = {}

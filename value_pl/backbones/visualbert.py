@@ -33,7 +33,7 @@ class VisualBertBackbone(SingleStreamBackbone):
     family = "visualbert"
     box_mode = "xyxy4"  # encoded by the collator, unused by the model
 
-    def __init__(self, config: VisualBertConfig, tokenizer=None, max_text_len: int = 64, max_regions: int = 100):
+    def __init__(self, config: VisualBertConfig, tokenizer=None, max_text_len: int | None = None, max_regions: int = 100):
         super().__init__(tokenizer, max_text_len, max_regions)
         if getattr(config, "bypass_transformer", False):
             raise ValueError("VisualBERT with bypass_transformer=True has no joint per-layer stream; not supported")
@@ -98,7 +98,7 @@ def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
     if want_dim:
         config.visual_embedding_dim = int(want_dim)
     config._attn_implementation = "eager"
-    m = VisualBertBackbone(config, load_tokenizer(src.tokenizer), int(cfg.get("max_text_len", 64)),
+    m = VisualBertBackbone(config, load_tokenizer(src.tokenizer), cfg.get("max_text_len"),
                            int(cfg.get("max_regions", 100)))
     seed = int(cfg.get("seed", 0))
     seeded_init(m, config.initializer_range, seed)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import CaptureSpec
@@ -283,39 +282,37 @@ class _Probe:
         if batch["labels"].numel() == 0:
             return
         if self.module.kind == "sentence":
-            from ..probers.features import sentence_features
+            from ..probers.features import sentence_inputs
 
-            f = {k: (v,) for k, v in sentence_features(out, self.module.sentence_names).items()}
+            f = {"sent": (sentence_inputs(out, self.module.sentence_names),)}
         else:
-            f = self.module.plan.features(out, batch)
+            f = self.module.plan.inputs(out, batch)
         store = self.feats.setdefault(role, {})
-        for k, v in f.items():
-            store.setdefault(k, []).append(tuple(t.detach() for t in v))
+        for g, v in f.items():
+            store.setdefault(g, []).append(tuple(t.detach() for t in v))
         self.labels.setdefault(role, []).append(batch["labels"])
 
     def cat(self, role: str, device) -> tuple[dict, torch.Tensor]:
+        """Stacked group inputs ``(n, N, ...)`` over the role's batches, and the labels ``(N,)``."""
         store = self.feats.get(role, {})
-        feats = {k: tuple(torch.cat([v[j] for v in vs]) for j in range(len(vs[0]))) for k, vs in store.items()}
+        feats = {g: tuple(torch.cat([v[j] for v in vs], dim=1) for j in range(len(vs[0]))) for g, vs in store.items()}
         ys = self.labels.get(role, [])
         return feats, (torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long, device=device))
 
 
 def _accuracy(module, feats: dict, y: torch.Tensor, bs: int = 4096) -> dict[str, float]:
+    """Test accuracy of every head: ``{head key: accuracy}`` (NaN without examples)."""
+    keys = [k for g in module.groups if g.name in feats for k in g.keys]
     if y.numel() == 0:
-        return {k: math.nan for k in feats}
-    out = {}
+        return {k: math.nan for k in keys}
+    correct = None
     with torch.no_grad():
-        for k, v in feats.items():
-            correct = 0
-            for i in range(0, y.numel(), bs):
-                logits = module.logits({k: tuple(t[i : i + bs] for t in v)})[k]
-                correct += int((logits.argmax(-1) == y[i : i + bs]).sum())
-            out[k] = correct / y.numel()
-    return out
-
-
-def _safe(k: str) -> str:
-    return k.replace(":", "__").replace(".", "_")
+        for i in range(0, y.numel(), bs):
+            part = {g: tuple(t[:, i : i + bs] for t in v) for g, v in feats.items()}
+            preds = torch.cat([lg.argmax(-1) for lg in module.group_logits(part).values()])
+            c = (preds == y[i : i + bs][None]).sum(1)
+            correct = c if correct is None else correct + c
+    return {k: float(c) / y.numel() for k, c in zip(keys, correct.tolist())}
 
 
 def _train_heads(p: _Probe, cfg: dict, device) -> dict[str, float]:
@@ -324,9 +321,13 @@ def _train_heads(p: _Probe, cfg: dict, device) -> dict[str, float]:
     tr, ytr = p.cat("train", device)
     va, yva = p.cat("val", device)
     te, yte = p.cat("test", device)
-    keys = [k for k in module.head_names if k in tr]
+    keys = [k for g in module.groups if g.name in tr for k in g.keys]
     best_val = {k: -1.0 for k in keys}
-    snap = lambda k: {n: t.detach().clone() for n, t in module.heads[_safe(k)].state_dict().items()}  # noqa: E731
+
+    def snap(k):
+        g, i = module.slot[k]
+        return module.heads[g].slot_state(i)
+
     best_state = {k: snap(k) for k in keys}
     opt = module.configure_optimizers()
     g = torch.Generator(device="cpu").manual_seed(int(cfg.get("seed", 0)) * 7919 + 17)
@@ -338,18 +339,18 @@ def _train_heads(p: _Probe, cfg: dict, device) -> dict[str, float]:
                 perm = torch.randperm(n, generator=g).to(device)
                 for i in range(0, n, pbs):
                     idx = perm[i : i + pbs]
-                    logits = module.logits({k: tuple(t[idx] for t in tr[k]) for k in keys})
-                    loss = torch.stack([F.cross_entropy(v, ytr[idx]) for v in logits.values()]).sum()
+                    loss = module.loss({gn: tuple(t[:, idx] for t in v) for gn, v in tr.items()}, ytr[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-            for k, a in _accuracy(module, {k: va[k] for k in keys if k in va}, yva).items():
+            for k, a in _accuracy(module, {gn: v for gn, v in va.items()}, yva).items():
                 if a == a and a > best_val[k]:
                     best_val[k] = a
                     best_state[k] = snap(k)
     for k in keys:
-        module.heads[_safe(k)].load_state_dict(best_state[k])
-    test = _accuracy(module, {k: te[k] for k in keys if k in te}, yte)
+        gn, i = module.slot[k]
+        module.heads[gn].load_slot_state(i, best_state[k])
+    test = _accuracy(module, te, yte)
     m: dict[str, float] = {}
     for k in keys:
         m[f"{task}/acc/{module.display_name(k)}"] = float(test.get(k, math.nan))

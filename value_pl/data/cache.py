@@ -8,7 +8,8 @@ every source sample the inputs of every prober head for its pairs:
 * ``<key>.hNNN_J.npy``   -- head ``NNN`` (index into ``manifest["cache"]["heads"]``), input ``J`` of the
   head: for ``emb:<layer>`` the side-a and side-b embeddings ``(P, D)``, for ``attn:<layer>`` the attention
   vectors ``(P, H)`` of a->b and b->a; fp16 by default (``cache.dtype=float32`` for exact reproduction);
-* ``<key>.info.json``    -- ``{"pairs_dropped": n}``.
+* ``<key>.info.json``    -- ``{"counts": {...}}``: the collator's counters of the batch the sample was extracted
+  in, kept on the batch's first sample (so sums over a split are the source's counts).
 
 Only ``.npy`` (``allow_pickle=False``) and JSON: no pickle. ``manifest.json`` keeps the source manifest's
 ``splits``/``labels`` (so :class:`~value_pl.data.datamodule.ShardDataModule` reads a cache like any shard set,
@@ -35,7 +36,7 @@ from .schema import load_manifest
 log = logging.getLogger(__name__)
 
 FORMAT = "value-pl-feature-cache"
-VERSION = 1
+VERSION = 2  # 2: info.json holds the batch counters
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -91,16 +92,17 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def decode_record(sample: dict) -> dict:
-    """Raw cache record -> ``{"key", "labels", "inputs": {(head, j): array}, "pairs_dropped"}``."""
+    """Raw cache record -> ``{"key", "labels", "inputs": {(head, j): array}, "counts"}``."""
     key = sample.get("__key__", "?")
-    out = {"key": key, "inputs": {}, "pairs_dropped": 0}
+    out = {"key": key, "inputs": {}, "counts": {}}
     for name, raw in sample.items():
         if name.startswith("__"):
             continue
         if name == "labels.npy":
             out["labels"] = np.load(io.BytesIO(raw), allow_pickle=False)
         elif name == "info.json":
-            out["pairs_dropped"] = int(json.loads(raw).get("pairs_dropped", 0))
+            info = json.loads(raw)
+            out["counts"] = info.get("counts") or {"pairs_dropped": int(info.get("pairs_dropped", 0))}
         elif name.startswith("h") and name.endswith(".npy"):
             h, j = name[1:-4].split("_")
             out["inputs"][(int(h), int(j))] = np.load(io.BytesIO(raw), allow_pickle=False)
@@ -117,6 +119,15 @@ class CacheCollate:
         self.head_shapes = head_shapes
         self.wanted = list(wanted)
 
+    @staticmethod
+    def counts(records: list[dict], labels: np.ndarray) -> dict[str, int]:
+        out = {"samples": len(records), "pairs": int(labels.shape[0])}
+        for r in records:
+            for k, v in r["counts"].items():
+                if k not in ("samples", "pairs"):
+                    out[k] = out.get(k, 0) + int(v)
+        return out
+
     def __call__(self, records: list[dict]) -> dict:
         labels = np.concatenate([r["labels"] for r in records]) if records else np.zeros(0, np.int64)
         feats = {}
@@ -129,7 +140,7 @@ class CacheCollate:
                 parts.append(torch.from_numpy(a.astype(np.float32, copy=False)))
             feats[h] = tuple(parts)
         return {"cached_features": feats, "labels": torch.from_numpy(labels.astype(np.int64)),
-                "pairs_dropped": torch.tensor(sum(r["pairs_dropped"] for r in records)),
+                "counts": self.counts(records, labels),
                 "keys": [r["key"] for r in records]}
 
 

@@ -1,10 +1,20 @@
-"""Collate backbone-agnostic samples into model batches.
+"""Collate backbone-agnostic samples into model batches, fast enough to feed a GPU from a few CPU workers.
 
 Shards hold words, phrase spans, pixel boxes and fp16 features. Tokenisation and box encoding happen
 here, per backbone, through an :class:`InputEncoder` the backbone provides. Pairs are turned into
 *spans within a modality*: a phrase becomes its ``[start, end)`` text-token span, a region ``[r, r+1)``.
 Backbones place those modalities into their streams; probers go through
 :class:`~value_pl.backbones.base.BackboneOutput`, so nothing here depends on a stream layout.
+
+Speed (``benchmarks/run.py``, loader row): words are tokenised once per worker and cached (a word's
+pieces do not depend on its neighbours with ``is_split_into_words``; checked against the tokenizer's own
+batch call in the tests); features stay fp16 (converted on the device); everything the heads need per
+pair -- token positions, the attention rows to capture and each pair's slot in them -- is computed here
+on the CPU, so the GPU step has no host synchronisation.
+
+Truncation is never silent: texts longer than ``max_text_len`` tokens (the backbone's position limit
+unless configured lower) and images with more than ``max_regions`` regions are counted per batch
+(``counts``), as are phrases whose tokens were all cut and the pairs dropped with them.
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ def encode_boxes(boxes: np.ndarray, width: float, height: float, mode: str) -> n
     ``xyxy4``: x1/W, y1/H, x2/W, y2/H (LXMERT, VisualBERT-style).
     """
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    n = np.stack([b[:, 0] / width, b[:, 1] / height, b[:, 2] / width, b[:, 3] / height], 1)
+    n = b / np.array([width, height, width, height], dtype=np.float32)
     if mode == "xyxy4":
         return n
     if mode == "uniter7":
@@ -34,41 +44,105 @@ def encode_boxes(boxes: np.ndarray, width: float, height: float, mode: str) -> n
 
 BOX_DIMS = {"uniter7": 7, "xyxy4": 4}
 
+#: per-batch counters every collated batch carries (summed over batches and ranks per split)
+COUNTERS = ("samples", "pairs", "pairs_dropped", "texts_truncated", "phrases_dropped", "regions_truncated")
+
 
 class InputEncoder:
-    """Word-by-word tokenisation plus box encoding for one backbone. Picklable (runs in workers)."""
+    """Word-by-word tokenisation (cached per word) plus box encoding for one backbone. Picklable (runs in
+    loader workers; each worker fills its own cache)."""
 
-    def __init__(self, tokenizer, box_mode: str = "uniter7", max_text_len: int = 64, max_regions: int = 100):
+    def __init__(self, tokenizer, box_mode: str = "uniter7", max_text_len: int = 512, max_regions: int = 100):
         self.tokenizer = tokenizer
         self.box_mode = box_mode
-        self.max_text_len = max_text_len
-        self.max_regions = max_regions
+        self.max_text_len = int(max_text_len)
+        self.max_regions = int(max_regions)
+        self._pieces: dict[str, tuple[int, ...]] = {}
+        self._special: tuple[list[int], list[int]] | None = None
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_pieces"] = {}  # workers start with an empty cache
+        return d
 
     @property
     def box_dim(self) -> int:
         return BOX_DIMS[self.box_mode]
 
-    def encode_text(self, word_lists: list[list[str]]):
-        tok = self.tokenizer(word_lists, is_split_into_words=True, add_special_tokens=True, truncation=True,
-                             max_length=self.max_text_len, padding=True, return_tensors="pt",
-                             return_special_tokens_mask=True)
-        B, T = tok["input_ids"].shape
+    @property
+    def special(self) -> tuple[list[int], list[int]]:
+        """(ids before the words, ids after them): ``[CLS]`` / ``[SEP]`` for BERT tokenizers."""
+        if self._special is None:
+            tok = self.tokenizer
+            bare = tok([["a"]], is_split_into_words=True, add_special_tokens=False)["input_ids"][0]
+            full = tok([["a"]], is_split_into_words=True, add_special_tokens=True)["input_ids"][0]
+            for i in range(len(full) - len(bare) + 1):
+                if full[i:i + len(bare)] == bare:
+                    self._special = (list(full[:i]), list(full[i + len(bare):]))
+                    break
+            else:  # pragma: no cover - no tokenizer we know of
+                raise ValueError(f"cannot locate the words inside {type(tok).__name__}'s special-token template")
+        return self._special
+
+    def pieces(self, words: list[str]) -> list[tuple[int, ...]]:
+        cache = self._pieces
+        missing = [w for w in dict.fromkeys(words) if w not in cache]
+        if missing:
+            ids = self.tokenizer([[w] for w in missing], is_split_into_words=True,
+                                 add_special_tokens=False)["input_ids"]
+            for w, i in zip(missing, ids):
+                cache[w] = tuple(i)
+            if len(cache) > 500_000:  # bounded memory on open-vocabulary corpora
+                cache.clear()
+                return self.pieces(words)
+        return [cache[w] for w in words]
+
+    def encode_text(self, word_lists: list[list[str]]) -> dict:
+        """Token ids, masks and each word's ``[start, end)`` token span (``-1``: cut by truncation)."""
+        pre, post = self.special
+        B = len(word_lists)
+        limit = self.max_text_len
+        room = limit - len(pre) - len(post)
+        if room < 1:
+            raise ValueError(f"max_text_len={limit} leaves no room for words after the special tokens")
+        rows, spans = [], []
+        truncated = np.zeros(B, dtype=bool)
+        for i, words in enumerate(word_lists):
+            pcs = self.pieces(words)
+            lens = np.fromiter((len(p) for p in pcs), dtype=np.int64, count=len(pcs))
+            ends = np.cumsum(lens) + len(pre)
+            starts = ends - lens
+            flat = [t for p in pcs for t in p]
+            if len(flat) > room:
+                truncated[i] = True
+                flat = flat[:room]
+                cut = len(pre) + room
+                ends = np.minimum(ends, cut)
+                gone = starts >= cut
+                starts = np.where(gone, -1, starts)
+                ends = np.where(gone, -1, ends)
+            empty = lens == 0  # a word with no pieces has no tokens
+            starts, ends = np.where(empty, -1, starts), np.where(empty, -1, ends)
+            rows.append(pre + flat + post)
+            spans.append((starts, ends))
+        T = max(len(r) for r in rows) if rows else len(pre) + len(post)
         W = max((len(w) for w in word_lists), default=0)
-        w2t = torch.full((B, max(W, 1), 2), -1, dtype=torch.long)
-        for b in range(B):
-            ids = tok.word_ids(b)
-            for t, w in enumerate(ids):
-                if w is None:
-                    continue
-                if w2t[b, w, 0] < 0:
-                    w2t[b, w, 0] = t
-                w2t[b, w, 1] = t + 1
-        return {
-            "input_ids": tok["input_ids"],
-            "text_mask": tok["attention_mask"],
-            "special_mask": tok["special_tokens_mask"] * tok["attention_mask"],
-            "word_to_token": w2t,
-        }
+        pad = self.tokenizer.pad_token_id or 0
+        ids = np.full((B, T), pad, dtype=np.int64)
+        mask = np.zeros((B, T), dtype=np.int64)
+        special = np.zeros((B, T), dtype=np.int64)
+        w2t = np.full((B, max(W, 1), 2), -1, dtype=np.int64)
+        for b, (r, (s, e)) in enumerate(zip(rows, spans)):
+            n = len(r)
+            ids[b, :n] = r
+            mask[b, :n] = 1
+            special[b, :len(pre)] = 1
+            special[b, n - len(post):n] = 1
+            w2t[b, :len(s), 0] = s
+            w2t[b, :len(s), 1] = e
+        return {"input_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask),
+                "special_mask": torch.from_numpy(special), "word_to_token": torch.from_numpy(w2t),
+                "truncated": truncated}
 
 
 @dataclass
@@ -85,13 +159,33 @@ class TaskSpec:
         return {l: i for i, l in enumerate(self.labels)}
 
 
+def _non_finite(x: np.ndarray) -> bool:
+    """Any NaN/inf: for fp16, one pass over the exponent bits (twice as fast as ``np.isfinite``)."""
+    if x.dtype == np.float16:
+        return bool(((x.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return not bool(np.isfinite(x).all())
+
+
+def _padded(rows: list[list[int]], fill: int = -1, min_width: int = 1) -> np.ndarray:
+    W = max([len(r) for r in rows] + [min_width])
+    out = np.full((len(rows), W), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
 class Collator:
     """List of decoded samples -> batch dict of tensors.
 
-    Batch keys: ``keys``, ``input_ids``, ``text_mask``, ``special_mask``, ``word_to_token`` (B, W, 2),
-    ``region_feats`` (B, R, Dv) float32, ``region_boxes`` (B, R, box_dim), ``region_mask`` (B, R),
-    and for pair tasks ``pair_b`` (P,), ``a_span``/``b_span`` (P, 2) spans within the side's modality,
-    ``labels`` (P,) -- or for sentence tasks ``labels`` (B,).
+    Inputs: ``keys``, ``input_ids``, ``text_mask``, ``special_mask``, ``word_to_token`` (B, W, 2),
+    ``region_feats`` (B, R, Dv) in the shards' dtype (fp16), ``region_boxes`` (B, R, box_dim) float32,
+    ``region_mask`` (B, R); ``counts``: {counter: int} (:data:`COUNTERS`).
+
+    Pair tasks add ``pair_b`` (P,), ``a_span``/``b_span`` (P, 2) spans within the side's modality,
+    ``labels`` (P,), and for the heads: ``a_pos``/``b_pos`` (P, S) the positions of each side's tokens
+    within its modality (``a_valid``/``b_valid`` mark the real ones), ``rows`` {modality: (B, R)} the
+    positions whose attention rows the pairs need (-1 padded), and ``a_slot``/``b_slot`` (P, S) each
+    position's column in ``rows`` of its sample. Sentence tasks add ``labels`` (B,).
     """
 
     def __init__(self, encoder: InputEncoder, task: TaskSpec | None = None, relabel=None, text_only: bool = False):
@@ -99,36 +193,44 @@ class Collator:
         self.task = task
         self.relabel = relabel  # optional callable(sample_key, pair_idx, label[, context]) -> label (control tasks)
         self.text_only = text_only
+        self._index = task.index if task is not None else {}
 
     def __call__(self, samples: list[dict]) -> dict:
         enc = self.encoder
-        words = [s["meta"]["words"] for s in samples]
-        batch = enc.encode_text(words)
+        batch = enc.encode_text([s["meta"]["words"] for s in samples])
         B = len(samples)
-        nreg = [0 if self.text_only else min(len(s["meta"]["regions"]["boxes"]), enc.max_regions) for s in samples]
+        nbox = [0 if self.text_only else len(s["meta"]["regions"]["boxes"]) for s in samples]
+        nreg = [min(n, enc.max_regions) for n in nbox]
         R = max(nreg) if nreg else 0
         dv = max((s["feats"].shape[1] for s in samples if s["feats"].ndim == 2), default=0)
-        feats = torch.zeros(B, R, dv)
-        boxes = torch.zeros(B, R, enc.box_dim)
-        rmask = torch.zeros(B, R, dtype=torch.long)
+        fdt = next((s["feats"].dtype for s in samples if s["feats"].ndim == 2 and s["feats"].shape[0]), np.float16)
+        feats = np.zeros((B, R, dv), dtype=fdt)
+        boxes = np.zeros((B, R, enc.box_dim), dtype=np.float32)
+        rmask = np.zeros((B, R), dtype=np.int64)
         for b, s in enumerate(samples):
             n = nreg[b]
             if n == 0:
                 continue
             m = s["meta"]
-            f = s["feats"][:n].astype(np.float32)
-            if not np.isfinite(f).all():
-                raise SchemaError(f"sample {s['key']}: non-finite region features")
-            feats[b, :n] = torch.from_numpy(f)
-            bx = np.asarray(m["regions"]["boxes"][:n], dtype=np.float32)
-            boxes[b, :n] = torch.from_numpy(encode_boxes(bx, m["image"]["width"], m["image"]["height"], enc.box_mode))
+            feats[b, :n] = s["feats"][:n]
+            img = m["image"]
+            boxes[b, :n] = encode_boxes(m["regions"]["boxes"][:n], img["width"], img["height"], enc.box_mode)
             rmask[b, :n] = 1
-        batch.update(region_feats=feats, region_boxes=boxes, region_mask=rmask, keys=[s["key"] for s in samples])
+        if R and _non_finite(feats):
+            bad = [samples[b]["key"] for b in range(B) if _non_finite(feats[b])]
+            raise SchemaError(f"sample(s) {bad[:3]}: non-finite region features")
+        counts = {k: 0 for k in ("samples", "pairs", "pairs_dropped", "phrases_dropped")}
+        truncated = batch.pop("truncated")
+        counts.update(samples=B, texts_truncated=int(truncated.sum()),
+                      regions_truncated=sum(1 for a, b in zip(nbox, nreg) if a > b))
+        batch.update(region_feats=torch.from_numpy(feats), region_boxes=torch.from_numpy(boxes),
+                     region_mask=torch.from_numpy(rmask), keys=[s["key"] for s in samples], counts=counts)
         if self.task is not None:
             if self.task.kind == "sentence":
                 batch["labels"] = self._sentence_labels(samples)
+                counts["pairs"] = B
             elif self.task.kind in ("phrase_region", "region_region"):
-                batch.update(self._pairs(samples, batch["word_to_token"], nreg))
+                batch.update(self._pairs(samples, batch["word_to_token"].numpy(), nreg, truncated, counts))
         return batch
 
     def _label(self, key: str, lab: str, j: int, context: dict | None = None) -> int:
@@ -139,7 +241,7 @@ class Collator:
             else:
                 lab = self.relabel(key, j, lab)
         try:
-            return self.task.index[lab]
+            return self._index[lab]
         except KeyError:
             raise SchemaError(f"sample {key}: label {lab!r} is not one of the {len(self.task.labels)} "
                               f"labels of task {self.task.name}") from None
@@ -153,32 +255,62 @@ class Collator:
             out.append(self._label(s["key"], lab, 0, {"task": self.task.name, "meta": s["meta"], "pair": None}))
         return torch.tensor(out, dtype=torch.long)
 
-    def _pairs(self, samples, w2t, nreg):
+    def _pairs(self, samples, w2t: np.ndarray, nreg: list[int], truncated: np.ndarray, counts: dict) -> dict:
         task = self.task.name
+        phrase_task = task in PHRASE_REGION_TASKS
         pb, a_sp, b_sp, labs = [], [], [], []
-        dropped = 0
+        rows_a: list[list[int]] = []  # per sample: positions of side a's modality (text or region) needed
+        rows_b: list[list[int]] = []  # per sample: region positions needed
+        a_slot, b_slot = [], []
         for b, s in enumerate(samples):
             m = s["meta"]
+            need_a: dict[int, int] = {}
+            need_b: dict[int, int] = {} if phrase_task else need_a  # region_region: one row set
+            dead_phrases = set()
             for j, (a, r, lab) in enumerate(m.get("pairs", {}).get(task, [])):
                 if r >= nreg[b] or (task in REGION_REGION_TASKS and a >= nreg[b]):
-                    dropped += 1  # region cut by max_regions: counted, reported by the module
+                    counts["pairs_dropped"] += 1  # region cut by max_regions
                     continue
-                if task in PHRASE_REGION_TASKS:
+                if phrase_task:
                     s0, e0 = m["phrases"][a]["span"]
-                    ts, te = int(w2t[b, s0, 0]), int(w2t[b, e0 - 1, 1])
-                    if ts < 0 or te <= ts:
-                        dropped += 1  # phrase truncated away by max_text_len
+                    tok = w2t[b, s0:e0]
+                    ok = tok[:, 0] >= 0
+                    if not ok.any() or (truncated[b] and not ok.all()):
+                        counts["pairs_dropped"] += 1  # the phrase was cut (wholly or partly) by truncation
+                        dead_phrases.add(a)
                         continue
-                    a_sp.append((ts, te))
+                    ts, te = int(tok[ok, 0].min()), int(tok[ok, 1].max())
                 else:
-                    a_sp.append((a, a + 1))
+                    ts, te = a, a + 1
+                a_sp.append((ts, te))
                 b_sp.append((r, r + 1))
                 pb.append(b)
                 labs.append(self._label(s["key"], lab, j, {"task": task, "meta": m, "pair": (a, r, lab)}))
+                a_slot.append([need_a.setdefault(t, len(need_a)) for t in range(ts, te)])
+                b_slot.append([need_b.setdefault(r, len(need_b))])
+            counts["phrases_dropped"] += len(dead_phrases)
+            rows_a.append(list(need_a))
+            rows_b.append(list(need_b))
+        P = len(pb)
+        counts["pairs"] = P
+        a_span = np.asarray(a_sp, dtype=np.int64).reshape(-1, 2)
+        b_span = np.asarray(b_sp, dtype=np.int64).reshape(-1, 2)
+        lens = a_span[:, 1] - a_span[:, 0]
+        ar = np.arange(max(int(lens.max()) if P else 1, 1))
+        a_valid = ar[None] < lens[:, None]
+        a_pos = np.where(a_valid, a_span[:, :1] + ar[None], 0)
+        a_slot = _padded(a_slot, fill=0)
+        b_slot = np.asarray(b_slot, dtype=np.int64).reshape(-1, 1) if P else np.zeros((0, 1), np.int64)
+        a_mod, b_mod = ("text", "region") if phrase_task else ("region", "region")
+        rows = {"region": torch.from_numpy(_padded(rows_b))}
+        if phrase_task:
+            rows["text"] = torch.from_numpy(_padded(rows_a))
+        t = torch.from_numpy
         return {
             "pair_b": torch.tensor(pb, dtype=torch.long),
-            "a_span": torch.tensor(a_sp, dtype=torch.long).reshape(-1, 2),
-            "b_span": torch.tensor(b_sp, dtype=torch.long).reshape(-1, 2),
+            "a_span": t(a_span), "b_span": t(b_span),
             "labels": torch.tensor(labs, dtype=torch.long),
-            "pairs_dropped": torch.tensor(dropped),
+            "a_pos": t(a_pos), "a_valid": t(a_valid), "a_slot": t(a_slot),
+            "b_pos": t(b_span[:, :1].copy()), "b_valid": torch.ones(P, 1, dtype=torch.bool), "b_slot": t(b_slot),
+            "rows": rows, "pair_modalities": (a_mod, b_mod),
         }

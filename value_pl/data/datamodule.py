@@ -1,39 +1,35 @@
-"""LightningDataModule over WebDataset shard sets (see :mod:`value_pl.data.schema`).
+"""LightningDataModule over WebDataset shard sets (see :mod:`value_pl.data.schema`), exact at any scale.
 
-Training pipeline per rank (open_clip style): shard list -> ``detshuffle`` seeded by (seed, epoch), the
-same order on every rank -> ``split_by_node`` -> ``split_by_worker`` -> decode -> sample shuffle ->
-batching with the backbone's collator inside the pipeline -> repeat -> ``with_epoch(n)`` so that every
-rank yields exactly the same number of batches per epoch (unequal batch counts hang DDP).
+Every split is read by :class:`~value_pl.data.stream.ShardStream`: each rank and each of its loader workers
+takes a contiguous part of the split's samples (training: the shards in a seeded order per epoch), so
 
-Validation/test read every shard exactly once (no repeat, no padding); shards are split by node, so
-under DDP each sample is seen by exactly one rank, and metrics are synchronised by torchmetrics.
+* any number of shards works with any number of ranks and workers (a shard can be shared);
+* validation and test see every sample exactly once, summed over ranks (DDP metrics equal 1-process ones);
+* one training epoch sees each sample once (``N % world`` samples wait for a later epoch), every rank yields
+  the same number of batches, and at most one batch per rank is partial.
+
+Loader workers collate (tokenise, encode boxes, build pair indices) in parallel, stay alive across epochs and
+validation runs (``persistent_workers``), and hand over pinned batches when training on a GPU.
 """
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import webdataset as wds
 
 from .schema import decode_sample, load_manifest
+from .stream import ShardStream, _dist, batches_per_rank, count_samples, no_collate, worker_init
 
 log = logging.getLogger(__name__)
-
-
-def _dist():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, shuffle_buffer: int = 256,
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
-                 eval_batch_size: int | None = None, transform=None, auto_workers: bool = False,
-                 decode=None):
+                 eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
+                 prefetch_factor: int = 4):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -46,85 +42,104 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_batches = train_batches
         self.collate = None  # set by the caller: the backbone's collator for the task
         self.transform = transform  # optional per-sample map (after decode), e.g. the mismatch variant
-        self.auto_workers = bool(auto_workers)  # true: fewer loader workers instead of an error
         self.decode = decode or decode_sample  # the feature cache (value_pl.data.cache) decodes its own records
+        self.pin_memory = pin_memory  # None: when a CUDA device is used
+        self.prefetch_factor = int(prefetch_factor)
+        self._counts: dict[str, list[int]] = {}
+        self._loaders: dict[tuple, torch.utils.data.DataLoader] = {}
 
     # ---------------------------------------------------------------- helpers
-    def urls(self, stage: str) -> list[str]:
-        split = self.splits[stage]
+    def split_entry(self, stage: str) -> dict:
+        split = self.splits.get(stage, stage)
         if split not in self.manifest["splits"]:
             raise KeyError(f"{self.root}/manifest.json has no split {split!r} (has {list(self.manifest['splits'])})")
-        shards = self.manifest["splits"][split]["shards"]
-        urls = [str(self.root / s) for s in shards]
+        return self.manifest["splits"][split]
+
+    def urls(self, stage: str) -> list[str]:
+        urls = [str(self.root / s) for s in self.split_entry(stage)["shards"]]
         missing = [u for u in urls if not Path(u).exists()]
         if missing:
             raise FileNotFoundError(f"{self.root}: manifest lists missing shard(s) {missing[:3]}")
         return urls
 
+    def counts(self, stage: str) -> list[int]:
+        """Samples per shard: ``shard_samples`` of the manifest, else counted once from the tar headers."""
+        if stage not in self._counts:
+            e = self.split_entry(stage)
+            urls = self.urls(stage)
+            c = e.get("shard_samples")
+            if c is None or len(c) != len(urls):
+                c = [count_samples(u) for u in urls]
+                if sum(c) != int(e.get("samples", sum(c))):
+                    raise ValueError(f"{self.root}: split {self.splits.get(stage, stage)!r} has {sum(c)} samples in "
+                                     f"its shards but manifest.json says {e['samples']}")
+            self._counts[stage] = [int(x) for x in c]
+        return self._counts[stage]
+
     def num_samples(self, stage: str) -> int:
-        return int(self.manifest["splits"][self.splits[stage]]["samples"])
+        return int(self.split_entry(stage)["samples"])
 
-    def _workers(self, n_shards: int, world: int, stage: str) -> int:
-        """Loader workers per rank. Every rank needs a shard, and (training) every worker too.
-
-        A training worker without a shard would loop in ``repeat`` forever and its rank would hang, so
-        ``shards < world x workers`` is an error for training unless ``data.auto_workers=true`` (then
-        fewer workers). Validation/test read their shards once: idle workers are harmless, so the number
-        of workers is lowered silently there.
-        """
-        split = self.splits[stage]
-        if n_shards < world:
-            raise ValueError(f"{self.root}: split {split!r} has {n_shards} shard(s) for {world} "
-                             f"ranks; every rank needs at least one shard (rebuild with a smaller maxcount)")
-        per_rank = n_shards // world
-        w = min(self.num_workers, per_rank) if self.num_workers > 0 else 0
-        if self.num_workers > w:
-            if stage == "train" and not self.auto_workers:
-                raise ValueError(
-                    f"{self.root}: split {split!r} has {n_shards} shard(s) for {world} rank(s) x "
-                    f"{self.num_workers} loader worker(s) = {world * self.num_workers}; every worker needs a "
-                    f"shard. Rebuild the shards with a smaller maxcount, set data.num_workers<={per_rank}, "
-                    f"or data.auto_workers=true to use {w} worker(s)")
-            (log.warning if stage == "train" else log.info)(
-                "%s: %d shard(s) per rank for split %s: using %d loader worker(s) instead of %d",
-                self.root, per_rank, split, w, self.num_workers)
-        return w
-
-    def _pipeline(self, stage: str, train: bool):
-        if self.collate is None:
+    def stream(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
+               start_epoch: int = 0) -> ShardStream:
+        collate = collate or self.collate
+        if collate is None:
             raise RuntimeError("ShardDataModule.collate is not set (the backbone's collator)")
-        urls = self.urls(stage)
+        return ShardStream(self.urls(stage), self.counts(stage), self.decode, collate,
+                           batch_size or (self.batch_size if train else self.eval_batch_size), train=train,
+                           seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
+                           start_epoch=start_epoch, transform=self.transform,
+                           cap_batches=self.train_batches if train else None)
+
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return getattr(trainer.strategy.root_device, "type", "cpu") == "cuda"
+        return torch.cuda.is_available()
+
+    def loader(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
+               num_workers: int | None = None) -> torch.utils.data.DataLoader:
+        """A DataLoader over :meth:`stream` (batches are made inside the workers)."""
+        trainer = getattr(self, "trainer", None)
+        start = int(trainer.current_epoch) if (train and trainer is not None) else 0
+        ds = self.stream(stage, train, collate, batch_size, start_epoch=start)
+        workers = self.num_workers if num_workers is None else int(num_workers)
         rank, world = _dist()
-        workers = self._workers(len(urls), world, stage)
-        bs = self.batch_size if train else self.eval_batch_size
-        stages = [wds.SimpleShardList(urls)]
-        if train:
-            stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=self.seed))
-        stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(), wds.map(self.decode)]
-        if self.transform is not None:
-            stages.append(wds.map(self.transform))
-        if train and self.shuffle_buffer > 1:
-            # seeded per rank: the same seed gives the same batches (online and cached training agree)
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64),
-                                      seed=self.seed * 1_000_003 + rank))
-        stages.append(wds.batched(bs, collation_fn=self.collate, partial=not train))
-        ds = wds.DataPipeline(*stages)
-        if train:
-            n = self.train_batches or max(1, self.num_samples(stage) // (bs * world))
-            per_worker = math.ceil(n / max(workers, 1))
-            ds = ds.repeat(nepochs=10**9).with_epoch(per_worker)
-            self.batches_per_epoch = per_worker * max(workers, 1)
-        loader = wds.WebLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False)
-        return loader
+        nb = len(ds)
+        if workers > 1 and nb < workers:
+            log.info("%s: split %s gives %d batch(es) per rank: %d of the %d loader worker(s) stay idle",
+                     self.root, self.splits.get(stage, stage), nb, workers - nb, workers)
+        kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
+              "worker_init_fn": worker_init} if workers > 0 else {}
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
+                                           pin_memory=self._pin(), **kw)
+
+    def _cached_loader(self, stage: str, train: bool):
+        """One loader per stage for the whole run: workers persist across epochs and validation runs."""
+        key = (stage, train, id(self.collate))
+        if key not in self._loaders:
+            self._loaders[key] = self.loader(stage, train)
+        return self._loaders[key]
 
     def train_dataloader(self):
-        return self._pipeline("train", True)
+        return self._cached_loader("train", True)
 
     def val_dataloader(self):
-        return self._pipeline("val", False)
+        return self._cached_loader("val", False)
 
     def test_dataloader(self):
-        return self._pipeline("test", False)
+        return self._cached_loader("test", False)
+
+    def teardown(self, stage: str) -> None:
+        self._loaders.clear()
+
+    def batches_per_epoch(self, stage: str = "train") -> int:
+        rank, world = _dist()
+        train = stage == "train"
+        bs = self.batch_size if train else self.eval_batch_size
+        cap = self.train_batches * bs if (train and self.train_batches) else None
+        return batches_per_rank(sum(self.counts(stage)), rank, world, bs, train, cap)
 
     def label_counts(self, task: str, stage: str = "train") -> dict[str, int]:
-        return self.manifest["splits"][self.splits[stage]]["pairs"].get(task, {})
+        return self.split_entry(stage)["pairs"].get(task, {})

@@ -1,5 +1,7 @@
 """Synthetic demo shards with planted signal: ``python -m value_pl.datasets.demo [--out shards/demo]``.
 
+Full-size rehearsal: ``--train 8000 --val 1000 --test 1000 --regions 36 --feature-dim 2048`` (BUTD-like width).
+
 A smoke test, not a result. Each sample is a synthetic scene written in exactly the schema the real
 builders write (:mod:`value_pl.data.schema`):
 
@@ -53,6 +55,7 @@ PREDICATES = ["on", "under", "next to"] + sorted(set(TYPE_PREDICATE.values()))
 SPLITS = {"train": 640, "val": 160, "test": 160}
 FEATURE_DIM = 64
 NUM_REGIONS = 10
+MAXCOUNT = 400
 
 
 def _box(rng: np.random.Generator, W: int, H: int) -> list[float]:
@@ -72,16 +75,18 @@ def _geometry(bs: list[float], bo: list[float]) -> str:
     return "next to"
 
 
-def make_scene(rng: np.random.Generator, protos: np.ndarray, bg_protos: np.ndarray, idx: int, split: str):
+def make_scene(rng: np.random.Generator, protos: np.ndarray, bg_protos: np.ndarray, idx: int, split: str,
+               num_regions: int = NUM_REGIONS):
+    feature_dim = protos.shape[1]
     W, H = int(rng.integers(400, 641)), int(rng.integers(300, 481))
     n_obj = int(rng.integers(3, 6))
     classes = rng.choice(len(CLASSES), size=n_obj, replace=False)
-    boxes = [_box(rng, W, H) for _ in range(NUM_REGIONS)]
-    feats = np.empty((NUM_REGIONS, FEATURE_DIM), dtype=np.float32)
-    for r in range(NUM_REGIONS):
+    boxes = [_box(rng, W, H) for _ in range(num_regions)]
+    feats = np.empty((num_regions, feature_dim), dtype=np.float32)
+    for r in range(num_regions):
         proto = protos[classes[r]] if r < n_obj else bg_protos[int(rng.integers(len(bg_protos)))]
-        feats[r] = np.maximum(proto + 0.35 * rng.standard_normal(FEATURE_DIM), 0.0)
-    order = rng.permutation(NUM_REGIONS)  # annotated regions are not always first
+        feats[r] = np.maximum(proto + 0.35 * rng.standard_normal(feature_dim), 0.0)
+    order = rng.permutation(num_regions)  # annotated regions are not always first
     boxes = [boxes[i] for i in order]
     feats = feats[order]
     obj_region = {o: int(np.where(order == o)[0][0]) for o in range(n_obj)}
@@ -103,9 +108,9 @@ def make_scene(rng: np.random.Generator, protos: np.ndarray, bg_protos: np.ndarr
             words += [det, name]
         phrases.append({"span": [start, len(words)], "chain": str(o + 1), "types": [ctype], "label": ctype})
     words.append(".")
-    chains = [[] for _ in range(NUM_REGIONS)]
-    source = ["detected"] * NUM_REGIONS
-    names = [[UNKNOWN_REGION] for _ in range(NUM_REGIONS)]
+    chains = [[] for _ in range(num_regions)]
+    source = ["detected"] * num_regions
+    names = [[UNKNOWN_REGION] for _ in range(num_regions)]
     for o in range(n_obj):
         chains[obj_region[o]] = [str(o + 1)]
         source[obj_region[o]] = "annotated"
@@ -119,7 +124,7 @@ def make_scene(rng: np.random.Generator, protos: np.ndarray, bg_protos: np.ndarr
         pos = obj_region[p]
         vcd.append([p, pos, "coref"])
         vcc.append([p, pos, ph["label"]])
-        neg = [r for r in range(NUM_REGIONS) if not same[pos, r]]
+        neg = [r for r in range(num_regions) if not same[pos, r]]
         if neg:
             vcd.append([p, int(rng.choice(neg)), "not_coref"])
 
@@ -133,7 +138,7 @@ def make_scene(rng: np.random.Generator, protos: np.ndarray, bg_protos: np.ndarr
         vrc.append([rs, ro, pred])
         vri.append([rs, ro, "related"])
         # a negative: the subject with a background region (not a near-duplicate of an object)
-        bg = [r for r in range(NUM_REGIONS) if source[r] == "detected" and not same[ann, r].any()]
+        bg = [r for r in range(num_regions) if source[r] == "detected" and not same[ann, r].any()]
         if bg:
             vri.append([rs, int(rng.choice(bg)), "unrelated"])
 
@@ -149,12 +154,17 @@ def make_scene(rng: np.random.Generator, protos: np.ndarray, bg_protos: np.ndarr
     return f"demo_{split}_{idx:05d}", meta, feats.astype(np.float16)
 
 
-def build_demo(out: str | Path = "shards/demo", seed: int = 0, splits: dict[str, int] | None = None) -> dict:
+def build_demo(out: str | Path = "shards/demo", seed: int = 0, splits: dict[str, int] | None = None, *,
+               num_regions: int = NUM_REGIONS, feature_dim: int = FEATURE_DIM, maxcount: int = MAXCOUNT) -> dict:
+    """Write the demo shard set. The defaults give the committed ``shards/demo`` (byte-identical); larger
+    ``splits``/``num_regions``/``feature_dim`` rehearse a full-size run (e.g. 36 regions x 2048-d like BUTD)."""
     splits = splits or SPLITS
+    if num_regions < 6:
+        raise ValueError(f"num_regions={num_regions}: a demo scene needs at least 6 regions (5 objects + background)")
     rng = np.random.default_rng(seed)
-    protos = np.abs(rng.standard_normal((len(CLASSES), FEATURE_DIM))).astype(np.float32)
-    bg_protos = np.abs(rng.standard_normal((8, FEATURE_DIM))).astype(np.float32)
-    w = ShardSetWriter(out, "demo", version="1", maxcount=400, feature_dim=FEATURE_DIM)
+    protos = np.abs(rng.standard_normal((len(CLASSES), feature_dim))).astype(np.float32)
+    bg_protos = np.abs(rng.standard_normal((8, feature_dim))).astype(np.float32)
+    w = ShardSetWriter(out, "demo", version="1", maxcount=maxcount, feature_dim=feature_dim)
     w.labels = {
         "vcd": ["coref", "not_coref"],
         "vcc": list(COREF_TYPES),
@@ -165,7 +175,7 @@ def build_demo(out: str | Path = "shards/demo", seed: int = 0, splits: dict[str,
                "note": "synthetic scenes with planted signal: a smoke test, not a result"}
     try:
         for split, n in splits.items():
-            w.write_split(split, (make_scene(rng, protos, bg_protos, i, split) for i in range(n)))
+            w.write_split(split, (make_scene(rng, protos, bg_protos, i, split, num_regions) for i in range(n)))
         return w.close()
     except BaseException:
         w.abort()
@@ -176,8 +186,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="shards/demo")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", type=int, default=SPLITS["train"], help="training images (samples)")
+    ap.add_argument("--val", type=int, default=SPLITS["val"], help="validation images")
+    ap.add_argument("--test", type=int, default=SPLITS["test"], help="test images")
+    ap.add_argument("--regions", type=int, default=NUM_REGIONS, help="regions per image (BUTD/LXMERT: 36)")
+    ap.add_argument("--feature-dim", type=int, default=FEATURE_DIM, help="region feature width (BUTD: 2048)")
+    ap.add_argument("--maxcount", type=int, default=MAXCOUNT, help="samples per shard")
     args = ap.parse_args(argv)
-    man = build_demo(args.out, args.seed)
+    man = build_demo(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test},
+                     num_regions=args.regions, feature_dim=args.feature_dim, maxcount=args.maxcount)
     print(report(man))
 
 

@@ -59,9 +59,12 @@ class ShardSetWriter:
         pattern = str(self.tmp / f"{split}-%06d.tar")
         metas: list[dict] = []
         written: list[str] = []
+        per_shard: list[int] = []
+        max_words = 0
 
         def post(fname):
             written.append(Path(fname).name)
+            per_shard.append(int(sw.count))
 
         sw = wds.ShardWriter(pattern, maxcount=self.maxcount, maxsize=self.maxsize, verbose=0,
                              mtime=0.0, user="value", group="value", post=post)
@@ -75,6 +78,7 @@ class ShardSetWriter:
                 if feats.shape[0] > 0 and self.feature_dim is not None and feats.shape[1] != self.feature_dim:
                     raise ValueError(f"{split}/{key}: feature dim {feats.shape[1]} != {self.feature_dim}")
                 sw.write(encode_sample(key, meta, feats))
+                max_words = max(max_words, len(meta["words"]))
                 metas.append({"pairs": meta.get("pairs", {}), "sentence_labels": meta.get("sentence_labels", {})})
                 for task, ts in task_types(meta).items():
                     types.setdefault(task, set()).update(ts)
@@ -84,8 +88,10 @@ class ShardSetWriter:
         if n == 0:  # ShardWriter opened an empty shard; keep it (an empty split is still a split)
             pass
         self._metas[split] = metas
-        self.splits[split] = {"samples": n, "shards": sorted(written), "pairs": count_pairs(metas),
-                              "excluded": dict(sorted(self._split_excluded.items()))}
+        order = sorted(range(len(written)), key=lambda i: written[i])
+        self.splits[split] = {"samples": n, "shards": [written[i] for i in order],
+                              "shard_samples": [per_shard[i] for i in order], "max_words": max_words,
+                              "pairs": count_pairs(metas), "excluded": dict(sorted(self._split_excluded.items()))}
         self.control_types[split] = {t: len(v) for t, v in sorted(types.items())}
         return n
 

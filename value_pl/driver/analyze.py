@@ -13,14 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from omegaconf import DictConfig, OmegaConf
 
 from ..analysis import ANALYSES, MISSING_PREFIX, Unsupported
 from ..analysis.common import merge_captures
 from ..analysis.pairs import AnalysisCollator
 from ..backbones import build_backbone
-from ..data.schema import decode_sample
 from .setup import close_logger, make_datamodule, make_logger, run_dir, teardown_distributed
 
 log = logging.getLogger("value_pl")
@@ -32,17 +30,9 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def raw_batches(dm, stage: str, batch_size: int, num_workers: int):
-    """Decoded samples of one split, in lists of ``batch_size`` (collated later, in this process)."""
-    urls = dm.urls(stage)
-    workers = min(int(num_workers), len(urls)) if num_workers else 0
-    ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-                          wds.tarfile_to_samples(), wds.map(decode_sample),
-                          wds.batched(int(batch_size), collation_fn=list, partial=True))
-    return wds.WebLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, collate_fn=_identity)
-
-
-def _identity(x):
-    return x  # keep numpy features as they are (DataLoader's default would convert them to tensors)
+    """Decoded samples of one split, in lists of ``batch_size`` (collated later, in this process); every
+    sample once over ranks and workers, whatever the number of shards."""
+    return dm.loader(stage, train=False, collate=list, batch_size=int(batch_size), num_workers=int(num_workers or 0))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

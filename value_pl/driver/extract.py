@@ -15,23 +15,18 @@ from omegaconf import OmegaConf
 
 from ..data.cache import DTYPES, FORMAT, VERSION, _npy, cache_identity
 from ..data.hashing import sha256_file
-from ..data.schema import decode_sample
 from .setup import build_module, make_datamodule
 
 
-def _decode_with_url(sample: dict) -> dict:
-    out = decode_sample(sample)
-    out["url"] = sample.get("__url__")
-    return out
+class _SourceCollate:
+    """The backbone's collator, plus each sample's (shard, index within the shard)."""
 
-
-class _UrlCollate:
     def __init__(self, collate):
         self.collate = collate
 
     def __call__(self, samples):
         batch = self.collate(samples)
-        batch["urls"] = [s["url"] for s in samples]
+        batch["sources"] = [s["source"] for s in samples]
         return batch
 
 
@@ -47,52 +42,59 @@ def _rows_per_sample(module, batch: dict, B: int) -> list[slice]:
 
 
 def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", device: str = "cpu",
-                bf16: bool = False, num_workers: int = 0) -> dict:
-    """Extract one split; returns its manifest entry and the heads' input shapes."""
+                bf16: bool = False, num_workers: int = 0, progress: bool = False) -> tuple[dict, dict]:
+    """Extract one split; returns its manifest entry and the heads' input shapes.
+
+    Loader workers read contiguous parts of the split (any shard count); each mirror shard is written once
+    all of its samples have arrived, in the source order, so the cache mirrors the source one to one.
+    """
     npdt = DTYPES[dtype]
     urls = dm.urls(stage)
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(),
-                            wds.map(_decode_with_url),
-                            wds.batched(dm.eval_batch_size, collation_fn=_UrlCollate(dm.collate), partial=True))
-    workers = min(num_workers, len(urls))
-    loader = wds.WebLoader(pipe, batch_size=None, num_workers=workers)
+    counts = dict(zip(urls, dm.counts(stage)))
     names = {u: Path(u).name for u in urls}
-    writers: dict[str, wds.TarWriter] = {}
+    loader = dm.loader(stage, train=False, collate=_SourceCollate(dm.collate), num_workers=num_workers)
+    pending: dict[str, dict[int, dict]] = {u: {} for u in urls}
     n, shapes = 0, {}
-    try:
-        for batch in loader:
-            B = len(batch["keys"])
-            dev_batch = move_data_to_device({k: v for k, v in batch.items() if k != "urls"}, device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                feats = module.extract(dev_batch)
-            feats = {h: tuple(t.float().cpu().numpy() for t in v) for h, v in feats.items()}
-            for h, v in feats.items():
-                shapes.setdefault(h, [list(t.shape[1:]) for t in v])
-            labels = batch["labels"].cpu().numpy().astype(np.int64)
-            rows = _rows_per_sample(module, batch, B)
-            dropped = int(batch.get("pairs_dropped", 0))
-            for b in range(B):
-                url = batch["urls"][b]
-                if url not in writers:
-                    writers[url] = wds.TarWriter(str(out / names[url]), mtime=0.0, user="value", group="value")
-                sl = rows[b]
-                rec = {"__key__": batch["keys"][b], "labels.npy": _npy(labels[sl]),
-                       "info.json": json.dumps({"pairs_dropped": dropped if b == 0 else 0}).encode()}
-                for i, h in enumerate(module.head_names):
-                    if h in feats:
-                        for j, t in enumerate(feats[h]):
-                            rec[f"h{i:03d}_{j}.npy"] = _npy(t[sl].astype(npdt))
-                    elif sl.stop > sl.start:
-                        raise RuntimeError(f"extract() returned no input for head {h}")
-                writers[url].write(rec)
-                n += 1
-    finally:
-        for w in writers.values():
-            w.close()
-    for u in urls:  # a source shard with no samples still gets its (empty) mirror
-        if u not in writers:
-            wds.TarWriter(str(out / names[u])).close()
-    return {"samples": n, "shards": [names[u] for u in urls]}, shapes
+
+    def flush(url):
+        with wds.TarWriter(str(out / names[url]), mtime=0.0, user="value", group="value") as w:
+            for i in sorted(pending[url]):
+                w.write(pending[url][i])
+        pending[url] = None
+
+    for u in urls:
+        if counts[u] == 0:
+            flush(u)  # a source shard with no samples still gets its (empty) mirror
+    for batch in loader:
+        B = len(batch["keys"])
+        dev_batch = move_data_to_device({k: v for k, v in batch.items() if k != "sources"}, device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            feats = module.extract(dev_batch)
+        feats = {h: tuple(t.float().cpu().numpy() for t in v) for h, v in feats.items()}
+        for h, v in feats.items():
+            shapes.setdefault(h, [list(t.shape[1:]) for t in v])
+        labels = batch["labels"].cpu().numpy().astype(np.int64)
+        rows = _rows_per_sample(module, batch, B)
+        for b in range(B):
+            url, idx = batch["sources"][b]
+            sl = rows[b]
+            info = batch["counts"] if b == 0 else {}  # the batch's counters travel with its first sample
+            rec = {"__key__": batch["keys"][b], "labels.npy": _npy(labels[sl]),
+                   "info.json": json.dumps({"counts": info}, sort_keys=True).encode()}
+            for i, h in enumerate(module.head_names):
+                if h in feats:
+                    for j, t in enumerate(feats[h]):
+                        rec[f"h{i:03d}_{j}.npy"] = _npy(t[sl].astype(npdt))
+                elif sl.stop > sl.start:
+                    raise RuntimeError(f"extract() returned no input for head {h}")
+            pending[url][idx] = rec
+            n += 1
+            if len(pending[url]) == counts[url]:
+                flush(url)
+    left = [names[u] for u in urls if pending[u] is not None]
+    if left:
+        raise RuntimeError(f"extraction of split {stage} ended with incomplete shard(s) {left[:3]}")
+    return {"samples": n, "shards": [names[u] for u in urls], "shard_samples": [counts[u] for u in urls]}, shapes
 
 
 def extract_cache(cfg) -> dict:

@@ -8,10 +8,10 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from ..probers.module import _safe, layer_number
+from ..probers.module import layer_number
 from ..protocols.fitting import accuracy, extract_split, fast_dev_batches, fit_head, pick_device, take
 from ..protocols.mdl import PAPER_FRACTIONS, online_codelength
-from .results import results_dict, results_markdown
+from .results import json_safe, results_dict, results_markdown
 from .setup import prepare
 
 
@@ -37,7 +37,7 @@ def train_mdl(cfg) -> dict:
     C = len(spec.labels)
     rows = []
     for key in module.head_names:
-        head0 = copy.deepcopy(module.heads[_safe(key)]).cpu()
+        head0 = module.head(key).cpu()
         x_tr = take(xs["train"][key], perm)
         code = online_codelength(head0, x_tr, y_tr, C, fractions, seed=int(cfg.seed), device=device, **fit)
         full, _ = fit_head(copy.deepcopy(head0), x_tr, y_tr, xs["val"][key], ys["val"], seed=int(cfg.seed),
@@ -58,8 +58,8 @@ def train_mdl(cfg) -> dict:
                            for r in rows}},
         "seconds": round(time.time() - t0, 1),
     })
-    (rdir / "results.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
-    (rdir / "mdl.json").write_text(json.dumps(res["mdl"], indent=2, default=float) + "\n")
+    (rdir / "results.json").write_text(json.dumps(json_safe(res), indent=2, default=float, allow_nan=False) + "\n")
+    (rdir / "mdl.json").write_text(json.dumps(json_safe(res["mdl"]), indent=2, default=float, allow_nan=False) + "\n")
     md = results_markdown(res) + "\n| layer | codelength (bits) | uniform (bits) | compression |\n|---|---:|---:|---:|\n"
     md += "".join(f"| {r['name']} | {r['codelength_bits']:.1f} | {r['uniform_bits']:.1f} | {r['compression']:.2f} |\n"
                   for r in rows)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -19,7 +20,7 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
     """The ``results.json`` of a run; drivers that train heads outside Lightning (MDL, SentEval) pass their
     own per-layer ``rows``."""
     rows = module.layer_rows() if rows is None else rows
-    finite = [r for r in rows if r["test_acc"] == r["test_acc"]]
+    finite = [r for r in rows if _num(r.get("test_acc")) and _num(r.get("val_acc"))]
     best_by_val = max(finite, key=lambda r: r["val_acc"]) if finite else None
     counts = dm.label_counts(module.task["name"], "test")
     total = sum(counts.values())
@@ -41,13 +42,49 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
         "layers": rows,
         "best": ({"layer": best_by_val["layer"], "name": best_by_val["name"], "test_acc": best_by_val["test_acc"],
                   "val_acc": best_by_val["val_acc"]} if best_by_val else None),
-        "pairs_dropped": module.pairs_dropped if pairs_dropped is None else pairs_dropped,
+        # per split, one pass (the last epoch), summed over ranks; drivers outside Lightning pass their own
+        "pairs_dropped": ({s: (c[-1]["pairs_dropped"] if c else None) for s, c in module.seen.items()}
+                          if pairs_dropped is None else pairs_dropped),
         # pairs in val/test metrics, summed over ranks (== the manifest's count: each sample exactly once)
-        "pairs_evaluated": dict(module.pairs_evaluated),
+        "pairs_evaluated": {s: c[-1]["pairs"] for s, c in module.seen.items() if c and s != "train"},
+        "samples_seen": {s: [e["samples"] for e in c] for s, c in module.seen.items() if c},
+        "truncated": truncation(module),
     }
     if extra:
         res.update(extra)
     return res
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and x == x
+
+
+def truncation(module: ProbeModule) -> dict:
+    """Per split (one pass, summed over ranks): texts cut at the backbone's text limit, images with regions
+    beyond ``max_regions``, phrases lost to truncation. Zeros are reported; a split not read is ``None``."""
+    out = {}
+    for s, c in module.seen.items():
+        e = c[-1] if c else None
+        out[s] = ({"texts": e["texts_truncated"], "phrases": e["phrases_dropped"], "regions": e["regions_truncated"]}
+                  if e else None)
+    out["text_limit"] = module.backbone.text_limit
+    out["max_regions"] = getattr(module.backbone, "max_regions", None)
+    return out
+
+
+def json_safe(x):
+    """NaN/inf -> None, recursively (results.json is strict JSON that every tool reads)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.2f}" if _num(x) else "-"
 
 
 def results_markdown(res: dict) -> str:
@@ -59,17 +96,27 @@ def results_markdown(res: dict) -> str:
              + (f", majority class = {100 * res['majority']:.2f}%" if res.get("majority") else ""), "",
              "| layer | name | what it is | val acc (%) | test acc (%) |", "|---:|---|---|---:|---:|"]
     for r in res["layers"]:
-        lines.append(f"| {r['layer']} | {r['name']} | {r.get('title', r['name'])} | {100 * r['val_acc']:.2f} | "
-                     f"{100 * r['test_acc']:.2f} |")
+        lines.append(f"| {r['layer']} | {r['name']} | {r.get('title', r['name'])} | {_pct(r.get('val_acc'))} | "
+                     f"{_pct(r.get('test_acc'))} |")
     if res.get("best"):
-        lines += ["", f"best by validation: {res['best']['name']} -> test {100 * res['best']['test_acc']:.2f}%"]
+        lines += ["", f"best by validation: {res['best']['name']} -> test {_pct(res['best']['test_acc'])}%"]
+    tr = {s: v for s, v in (res.get("truncated") or {}).items() if isinstance(v, dict) and any(v.values())}
+    if tr:
+        lines += ["", "Truncated (per split, one pass): " + "; ".join(
+            f"{s}: {v['texts']} text(s) over {res['truncated'].get('text_limit')} tokens, {v['phrases']} phrase(s) "
+            f"lost, {v['regions']} image(s) over {res['truncated'].get('max_regions')} regions" for s, v in tr.items())]
+    tp = (res.get("throughput") or {}).get("train")
+    if tp:
+        lines += ["", f"Training throughput: {tp['samples_per_s']:.0f} samples/s, waiting for data "
+                      f"{100 * tp['data_wait_frac']:.0f}% of the time (last epoch)"]
     if res.get("data", {}).get("synthetic"):
         lines += ["", "_Demo shards: synthetic scenes with planted signal -- a smoke test, not a result._"]
     return "\n".join(lines) + "\n"
 
 
 def write_results(rdir: Path, res: dict) -> None:
-    (rdir / "results.json").write_text(json.dumps(res, indent=2, sort_keys=False, default=float) + "\n")
+    text = json.dumps(json_safe(res), indent=2, sort_keys=False, default=float, allow_nan=False)
+    (rdir / "results.json").write_text(text + "\n")
     md = results_markdown(res)
     (rdir / "results.md").write_text(md)
     print(md)

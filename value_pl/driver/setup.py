@@ -57,7 +57,7 @@ def make_datamodule(cfg: DictConfig) -> ShardDataModule:
                            shuffle_buffer=d.get("shuffle_buffer", 256), seed=cfg.seed,
                            splits=OmegaConf.to_container(d.splits) if d.get("splits") else None,
                            train_batches=d.get("train_batches"), eval_batch_size=d.get("eval_batch_size"),
-                           auto_workers=bool(d.get("auto_workers", False)), decode=decode)
+                           decode=decode, pin_memory=d.get("pin_memory"))
 
 
 def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:
@@ -70,6 +70,32 @@ def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:
             raise KeyError(f"{dm.root}/manifest.json has no labels for task {name!r} "
                            f"(has {sorted(dm.manifest['labels'])})")
     return TaskSpec(name=name, kind=kind, labels=list(labels))
+
+
+def check_splits(dm: ShardDataModule, spec: TaskSpec, stages=("train", "val", "test")) -> None:
+    """A split that has no example of the task is a clear error at start (never NaN accuracies later)."""
+    for stage in stages:
+        split = dm.splits.get(stage, stage)
+        entry = dm.split_entry(stage)
+        n = sum(entry.get("pairs", {}).get(spec.name, {}).values())
+        if n == 0:
+            have = sorted(t for t, c in entry.get("pairs", {}).items() if sum(c.values()))
+            raise ValueError(f"{dm.root}: split {split!r} ({entry.get('samples', 0)} samples) has no {spec.name} "
+                             f"example (it has {', '.join(have) or 'no task'}): build shards with {spec.name} pairs "
+                             f"in every split, or point data.splits.{stage} at a split that has them")
+
+
+def warn_truncation(dm: ShardDataModule, backbone, stages=("train", "val", "test")) -> None:
+    """Say at start when the shards hold texts longer than the backbone keeps (results.json counts them)."""
+    limit = backbone.text_limit
+    pre, post = backbone.input_encoder().special if backbone.tokenizer is not None else ([], [])
+    for stage in stages:
+        w = dm.split_entry(stage).get("max_words")
+        if w and w + len(pre) + len(post) > limit:
+            log.warning("%s: split %s has texts of up to %d words (at least %d tokens with [CLS]/[SEP]) but backbone %s "
+                        "keeps %d tokens: longer texts are cut (counted in results.json 'truncated'; raise "
+                        "backbone.max_text_len up to the model's %d positions)", dm.root, dm.splits.get(stage, stage),
+                        w, w + len(pre) + len(post), backbone.describe().get("name"), limit, backbone.position_limit)
 
 
 def make_relabel(cfg: DictConfig, spec: TaskSpec, dm: ShardDataModule):
@@ -123,6 +149,9 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
     spec = task_spec(cfg, dm)
     if backbone is None:
         backbone = build_backbone(cfg.backbone, img_dim=dm.manifest.get("feature_dim"))
+    stages = [s for s in ("train", "val", "test") if dm.splits.get(s, s) in dm.manifest["splits"]]
+    check_splits(dm, spec, stages)
+    warn_truncation(dm, backbone, stages)
     relabel = make_relabel(cfg, spec, dm)
     dm.collate = backbone.collator(spec, relabel=relabel)
     layers = cfg.get("layers")
@@ -158,6 +187,8 @@ def close_logger(logger, cfg: DictConfig) -> None:
 def prepare(cfg: DictConfig):
     """Seed, run dir, data module and probe module: the common start of every training driver."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside bf16 autocast
     rdir = run_dir(cfg)
     dm = make_datamodule(cfg)
     module, spec = build_module(cfg, dm)

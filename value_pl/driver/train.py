@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from .mdl import train_mdl
 from .senteval import train_senteval
 from .results import log_results_table, results_dict, write_results
+from .throughput import ThroughputMonitor
 from .setup import (build_module, close_logger, is_rank_zero, make_datamodule, make_logger, make_trainer, prepare,
                     run_dir, teardown_distributed)
 
@@ -31,12 +32,13 @@ def train(cfg: DictConfig) -> dict | None:
 
     ckpt_cb = ModelCheckpoint(dirpath=str(rdir / "checkpoints"), monitor="val/acc/best", mode="max",
                               save_last=True, filename="best", auto_insert_metric_name=False)
-    trainer = make_trainer(cfg, rdir, logger, [ckpt_cb])
+    speed = ThroughputMonitor()
+    trainer = make_trainer(cfg, rdir, logger, [ckpt_cb, speed])
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     trainer.test(module, datamodule=dm, verbose=False)
     res = None
     if is_rank_zero(trainer):
-        res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1),
+        res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1), "throughput": speed.summary(),
                                              "checkpoints": {"last": str(rdir / "checkpoints" / "last.ckpt"),
                                                              "best": ckpt_cb.best_model_path or None}})
         write_results(rdir, res)

@@ -1,44 +1,84 @@
-"""From one frozen forward to the inputs of every selected prober head.
+"""From one frozen forward to the inputs of every selected prober head, stacked per head group.
 
-Everything here reads only :class:`~value_pl.backbones.base.BackboneOutput`.
+Everything here reads only :class:`~value_pl.backbones.base.BackboneOutput` and the pair indices the
+collator computed on the CPU (``a_pos``/``b_pos``, ``rows``, ``a_slot``/``b_slot``), so the step has no
+host synchronisation and no Python loop per layer or per pair: the hidden states of the probed layers are
+stacked once and every pair of every layer is gathered by one indexing op; the attention rows of all maps
+likewise. Heads of one class and size form a *group* (``emb``, ``raw``, ``attn``, ``attn_x<L>`` for the
+all-heads prober over L maps, ``sent``) whose inputs are ``(n heads, P, ...)`` tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..backbones.base import REGION, TEXT, BackboneOutput, CaptureSpec, LayerSpec, PairLayout
+from ..backbones.base import REGION, TEXT, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, row_offset
 
 SIDE_MODALITIES = {"phrase_region": (TEXT, REGION), "region_region": (REGION, REGION)}
 
 
-def pack_rows(mask: Tensor) -> Tensor:
-    """(B, N) bool -> (B, R) indices of the True entries, -1 padded (R = max count, at least 1)."""
-    B, N = mask.shape
-    ar = torch.arange(N, device=mask.device).expand(B, N)
-    vals = torch.where(mask, ar, ar + N).sort(1).values
-    R = max(int(mask.sum(1).max().item()) if B else 0, 1)
-    vals = vals[:, :R]
-    return torch.where(vals < N, vals, torch.full_like(vals, -1))
+@dataclass
+class HeadGroup:
+    """Heads of one kind and input size, fed by stacked inputs (slot ``i`` = ``keys[i]``)."""
+
+    name: str
+    kind: str  # emb | raw | attn | sent
+    keys: list[str]
+    emb: tuple[list[str], list[str]] | None = None  # emb: hidden names of side a / side b per slot
+    maps: list[list[int]] = field(default_factory=list)  # attn: per slot, indices into the plan's map lists
+    sent: list[str] | None = None  # sent: hidden names per slot
+
+    def map_index(self, device) -> Tensor:
+        cache = self.__dict__.setdefault("_idx", {})
+        if device not in cache:  # made once per device: no host-to-device copy in the step
+            cache[device] = torch.tensor(self.maps, dtype=torch.long, device=device)
+        return cache[device]
 
 
-def span_mask(b: Tensor, span: Tensor, B: int, N: int) -> Tensor:
-    m = torch.zeros(B, N, dtype=torch.bool, device=span.device)
-    if span.numel() == 0:
-        return m
-    L = int((span[:, 1] - span[:, 0]).max().item())
-    ar = torch.arange(max(L, 1), device=span.device)
-    pos = span[:, :1] + ar[None]
-    ok = pos < span[:, 1:2]
-    m[b[:, None].expand_as(pos)[ok], pos[ok]] = True
-    return m
+def _stack_hidden(out: BackboneOutput, names: list[str]) -> tuple[Tensor, str]:
+    streams = {n.split(".")[1] for n in names}
+    if len(streams) != 1:
+        raise ValueError(f"hidden states {names} span streams {sorted(streams)}")
+    return torch.stack([out.hidden[n] for n in names]), streams.pop()
+
+
+def pair_embeddings(out: BackboneOutput, names: list[str], modality: str, b: Tensor, pos: Tensor,
+                    valid: Tensor) -> Tensor:
+    """Mean hidden state over each pair side's tokens, for every layer in ``names``: ``(L, P, D)``."""
+    hs, stream = _stack_hidden(out, names)
+    g = hs[:, b[:, None], pos + out.streams[stream].offset(modality)]  # (L, P, S, D)
+    if g.shape[2] == 1:
+        return g[:, :, 0]
+    w = valid.to(g.dtype)[None, :, :, None]
+    return (g * w).sum(2) / w.sum(2).clamp(min=1.0)
+
+
+def pair_attention(out: BackboneOutput, names: list[str], batch: dict, q: str, k: str,
+                   rows: dict[str, Tensor] | None) -> Tensor:
+    """Max attention weight from side ``q``'s tokens to side ``k``'s, per map and head: ``(M, P, H)``."""
+    q_stream, k_stream = out.attn_streams[names[0]]
+    if any(out.attn_streams[n] != (q_stream, k_stream) for n in names):
+        raise ValueError(f"attention maps {names} do not share their query/key streams")
+    mods = dict(zip("ab", batch["pair_modalities"]))
+    A = torch.stack([out.attn[n] for n in names])  # (M, B, H, Rq, Nk)
+    if q_stream in out.rows:  # rows captured: the collator's slot of each query token
+        qi = batch[f"{q}_slot"] + row_offset(rows, out.streams[q_stream], mods[q])
+    else:  # full maps
+        qi = batch[f"{q}_pos"] + out.streams[q_stream].offset(mods[q])
+    ki = batch[f"{k}_pos"] + out.streams[k_stream].offset(mods[k])
+    g = A[:, batch["pair_b"][:, None, None], :, qi[:, :, None], ki[:, None, :]]  # (P, Sq, Sk, M, H)
+    if g.shape[1] * g.shape[2] == 1:
+        return g[:, 0, 0].transpose(0, 1)
+    ok = batch[f"{q}_valid"][:, :, None] & batch[f"{k}_valid"][:, None, :]
+    g = g.masked_fill(~ok[..., None, None], float("-inf"))
+    return g.amax(dim=(1, 2)).transpose(0, 1)
 
 
 @dataclass
 class PairPlan:
-    """Which layers/heads to feed, and what to capture for them."""
+    """Which layers/heads to feed, what to capture for them, and how their inputs are stacked."""
 
     pair_kind: str
     emb_layers: list[LayerSpec]
@@ -63,47 +103,91 @@ class PairPlan:
             raise ValueError(f"no layer selected for prober={prober}; available: {avail}")
         return cls(pair_kind, emb, att, raw)
 
+    # ------------------------------------------------------------------ groups
+    def __post_init__(self):
+        self.maps_ab: list[str] = []
+        self.maps_ba: list[str] = []
+        for l in self.attn_layers:
+            for ab, ba in l.attn:
+                if ab not in self.maps_ab:
+                    self.maps_ab.append(ab)
+                    self.maps_ba.append(ba)
+        self.groups: list[HeadGroup] = []
+        if self.emb_layers:
+            self.groups.append(HeadGroup("emb", "emb", ["emb:" + l.name for l in self.emb_layers],
+                                         emb=([l.emb[0] for l in self.emb_layers], [l.emb[1] for l in self.emb_layers])))
+        if self.raw:
+            self.groups.append(HeadGroup("raw", "raw", ["emb:raw"]))
+        by_width: dict[int, HeadGroup] = {}
+        for l in self.attn_layers:
+            n = len(l.attn)
+            g = by_width.get(n)
+            if g is None:
+                g = by_width[n] = HeadGroup("attn" if n == 1 else f"attn_x{n}", "attn", [])
+                self.groups.append(g)
+            g.keys.append("attn:" + l.name)
+            g.maps.append([self.maps_ab.index(ab) for ab, _ in l.attn])
+
+    @property
+    def head_keys(self) -> list[str]:
+        return [k for g in self.groups for k in g.keys]
+
+    # ----------------------------------------------------------------- capture
     def capture(self, batch: dict) -> CaptureSpec:
         hidden = sorted({n for l in self.emb_layers for n in l.emb})
-        attn = sorted({n for l in self.attn_layers for pair in l.attn for n in pair})
+        attn = sorted(set(self.maps_ab) | set(self.maps_ba))
         rows = None
-        if attn:
-            B, T = batch["input_ids"].shape
-            R = batch["region_mask"].shape[1]
-            ma, mb = SIDE_MODALITIES[self.pair_kind]
-            need = {TEXT: torch.zeros(B, T, dtype=torch.bool, device=batch["input_ids"].device),
-                    REGION: torch.zeros(B, R, dtype=torch.bool, device=batch["input_ids"].device)}
-            pb = batch["pair_b"]
-            need[ma] |= span_mask(pb, batch["a_span"], B, need[ma].shape[1])
-            need[mb] |= span_mask(pb, batch["b_span"], B, need[mb].shape[1])
-            rows = {m: pack_rows(v) for m, v in need.items() if v.shape[1] > 0}
+        if attn:  # the collator listed the rows every pair needs (no GPU work to find them)
+            rows = {m: batch["rows"][m] for m in (TEXT, REGION) if m in batch["rows"]}
         return CaptureSpec(hidden=hidden, attn=attn, rows=rows)
 
-    def features(self, out: BackboneOutput, batch: dict) -> dict[str, tuple[Tensor, Tensor]]:
-        """name -> (side-a input, side-b input): embeddings for emb heads, (a_ij, a_ji) per head for attn heads."""
+    # ------------------------------------------------------------------ inputs
+    def inputs(self, out: BackboneOutput, batch: dict, spec: CaptureSpec | None = None) -> dict[str, tuple]:
+        """group name -> stacked inputs: ``(e_a, e_b)`` ``(n, P, D)`` for emb/raw, ``(a_ij, a_ji)`` ``(n, P, H*m)``
+        for attn groups."""
         ma, mb = SIDE_MODALITIES[self.pair_kind]
-        b, sa, sb = batch["pair_b"], batch["a_span"], batch["b_span"]
-        feats: dict[str, tuple[Tensor, Tensor]] = {}
-        for l in self.emb_layers:
-            feats["emb:" + l.name] = (out.embed(l.emb[0], b, ma, sa).float(), out.embed(l.emb[1], b, mb, sb).float())
-        if self.raw:
-            rf = batch["region_feats"]
-            feats["emb:raw"] = (rf[b, sa[:, 0]].float(), rf[b, sb[:, 0]].float())
-        for l in self.attn_layers:
-            fw = [out.attention_between(ab, b, ma, sa, mb, sb) for ab, _ in l.attn]
-            bw = [out.attention_between(ba, b, mb, sb, ma, sa) for _, ba in l.attn]
-            feats["attn:" + l.name] = (torch.cat(fw, -1).float(), torch.cat(bw, -1).float())
-        return feats
+        b = batch["pair_b"]
+        res: dict[str, tuple] = {}
+        ab = ba = None
+        if self.maps_ab:
+            rows = (spec.rows if spec is not None else None) or self.capture(batch).rows
+            ab = pair_attention(out, self.maps_ab, batch, "a", "b", rows)  # (M, P, H)
+            ba = pair_attention(out, self.maps_ba, batch, "b", "a", rows)
+        for g in self.groups:
+            if g.kind == "emb":
+                res[g.name] = (pair_embeddings(out, g.emb[0], ma, b, batch["a_pos"], batch["a_valid"]).float(),
+                               pair_embeddings(out, g.emb[1], mb, b, batch["b_pos"], batch["b_valid"]).float())
+            elif g.kind == "raw":
+                rf = batch["region_feats"]
+                res[g.name] = (rf[b, batch["a_pos"][:, 0]].float()[None], rf[b, batch["b_pos"][:, 0]].float()[None])
+            else:
+                idx = g.map_index(ab.device)  # (n, m)
+                n, m = idx.shape
+
+                def take(x):  # (M, P, H) -> (n, P, m*H), maps of a head side by side
+                    t = x[idx.reshape(-1)].reshape(n, m, x.shape[1], x.shape[2])
+                    return t.permute(0, 2, 1, 3).reshape(n, x.shape[1], m * x.shape[2]).float()
+
+                res[g.name] = (take(ab), take(ba))
+        return res
+
+
+def sentence_groups(names: list[str]) -> list[HeadGroup]:
+    return [HeadGroup("sent", "sent", ["sent:" + n for n in names], sent=list(names))]
+
+
+def sentence_inputs(out: BackboneOutput, names: list[str]) -> Tensor:
+    """Per layer, the mean hidden state over the sentence's word tokens ([CLS]/[SEP] and padding excluded):
+    ``(L, B, D)``."""
+    tm = out.text_mask.bool() & ~out.special_mask.bool()
+    hs, stream = _stack_hidden(out, names)
+    off = out.streams[stream].offset(TEXT)
+    h = hs[:, :, off:off + tm.shape[1]].float()
+    w = tm.to(h.dtype)[None, ..., None]
+    return (h * w).sum(2) / w.sum(2).clamp(min=1.0)
 
 
 def sentence_features(out: BackboneOutput, names: list[str]) -> dict[str, Tensor]:
-    """Per layer, the mean hidden state over the sentence's word tokens ([CLS]/[SEP] and padding excluded)."""
-    tm = out.text_mask.bool() & ~out.special_mask.bool()
-    feats = {}
-    for n in names:
-        stream = n.split(".")[1]
-        off = out.streams[stream].offset(TEXT)
-        h = out.hidden[n][:, off : off + tm.shape[1]].float()
-        w = tm.to(h.dtype)[..., None]
-        feats["sent:" + n] = (h * w).sum(1) / w.sum(1).clamp(min=1.0)
-    return feats
+    """``{"sent:<name>": (B, D)}``: :func:`sentence_inputs` per layer (the analyses' and suite's view)."""
+    x = sentence_inputs(out, names)
+    return {"sent:" + n: x[i] for i, n in enumerate(names)}

@@ -5,28 +5,34 @@
   per-head best snapshots and the backbone's identity (family, name, path, checksum); ``eval`` rebuilds the
   backbone from the saved config and checks the checksum.
 * Heads are independent: the loss is the sum of the heads' losses and Adam is per-parameter, so training
-  all layers at once updates each head exactly as training that layer alone would.
+  all layers at once updates each head exactly as training that layer alone would. Heads of one class and
+  size are stacked (:mod:`value_pl.probers.heads`): one batched matmul per weight serves every layer.
 * Model selection is per head: after every validation epoch each head whose validation accuracy improved
   is snapshotted; test uses each head's best snapshot (``use_best_heads``).
+* Counting is exact and per split: samples, pairs, dropped pairs and truncations of every epoch, summed over
+  ranks (:class:`~value_pl.probers.metrics.Counters`).
 """
 from __future__ import annotations
 
-import copy
 import logging
+import math
 import re
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.aggregation import SumMetric
-from torchmetrics.classification import MulticlassAccuracy
 
-from ..backbones.base import Backbone
-from .features import PairPlan, sentence_features
-from .heads import AttentionProber, LayerEmbProber, SentenceProber, seeded
+from ..backbones.base import Backbone, CaptureSpec
+from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
+from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAttention, StackedLayerEmb,
+                    StackedSentence, seeded)
+from .metrics import Counters, HeadAccuracy
 
 log = logging.getLogger(__name__)
+
+#: checkpoint layout of the heads (stacked groups); older checkpoints are refused with a clear message
+HEADS_FORMAT = 2
 
 
 def layer_number(name: str) -> int:
@@ -34,12 +40,8 @@ def layer_number(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _safe(name: str) -> str:
-    return name.replace(":", "__").replace(".", "_")
+def _finite(x: float):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 class ProbeModule(pl.LightningModule):
@@ -56,49 +58,56 @@ class ProbeModule(pl.LightningModule):
         self.prober_name = prober["name"]
         self.optim_cfg = dict(optim or {"lr": 1e-3, "weight_decay": 0.0})
         self.use_best_heads = use_best_heads
-        heads: dict[str, nn.Module] = {}
         self.plan = None
+        d = backbone.hidden_size
         if self.kind == "sentence":
             names = backbone.sentence_layers()
             if layers is not None:
                 names = [n for n in names if f"layer_{layer_number(n):02d}" in layers]
             self.sentence_names = names
-            d = backbone.hidden_size
-            for n in names:
-                key = "sent:" + n
-                heads[key] = seeded(seed, key, lambda: SentenceProber(d, C, int(prober.get("nhid", 0) or 0),
-                                                                     float(prober.get("dropout", 0.0))))
+            self.groups: list[HeadGroup] = sentence_groups(names)
+            nhid, drop = int(prober.get("nhid", 0) or 0), float(prober.get("dropout", 0.0))
+            single = {k: seeded(seed, k, lambda: SentenceProber(d, C, nhid, drop)) for k in self.groups[0].keys}
+            stacked = {"sent": StackedSentence(len(names), d, C, nhid, drop)}
         else:
-            layout = backbone.pair_layout(self.kind)
-            self.plan = PairPlan.make(layout, self.kind, self.prober_name, layers, raw=raw_baseline)
-            d = backbone.hidden_size
+            self.plan = PairPlan.make(backbone.pair_layout(self.kind), self.kind, self.prober_name, layers,
+                                      raw=raw_baseline)
+            self.groups = self.plan.groups
             rank = prober.get("rank") or d
             bias = bool(prober.get("bias", False))
-            for l in self.plan.emb_layers:
-                key = "emb:" + l.name
-                heads[key] = seeded(seed, key, lambda: LayerEmbProber(d, d, C, rank, bias))
-            if self.plan.raw:  # pseudo-layer "raw": Eq. 4 on the raw region features (input dim = feature dim)
-                dv = int(getattr(backbone, "img_dim", 0) or (backbone_cfg or {}).get("img_dim") or 0)
-                if dv <= 0:
-                    raise ValueError("raw_baseline needs the backbone's region feature dim (backbone.img_dim)")
-                heads["emb:raw"] = seeded(seed, "emb:raw", lambda: LayerEmbProber(dv, dv, C, prober.get("rank") or d, bias))
-            for l in self.plan.attn_layers:
-                key = "attn:" + l.name
-                n_heads = sum(backbone.num_heads for _ in l.attn)
-                heads[key] = seeded(seed, key, lambda: AttentionProber(n_heads, C, bias))
-        self.head_names = list(heads)
-        self.heads = nn.ModuleDict({_safe(k): v for k, v in heads.items()})
-        self.val_acc = nn.ModuleDict({_safe(k): MulticlassAccuracy(C, average="micro") for k in heads})
-        self.test_acc = nn.ModuleDict({_safe(k): MulticlassAccuracy(C, average="micro") for k in heads})
-        # pairs evaluated per stage, summed over ranks (DDP must count every sample exactly once)
-        self.eval_pairs = nn.ModuleDict({"val": SumMetric(), "test": SumMetric()})
+            single, stacked = {}, {}
+            for g in self.groups:
+                if g.kind == "emb":
+                    stacked[g.name] = StackedLayerEmb(len(g.keys), d, d, C, rank, bias)
+                    single.update({k: seeded(seed, k, lambda: LayerEmbProber(d, d, C, rank, bias)) for k in g.keys})
+                elif g.kind == "raw":  # Eq. 4 on the raw region features (input dim = feature dim)
+                    dv = int(getattr(backbone, "img_dim", 0) or (backbone_cfg or {}).get("img_dim") or 0)
+                    if dv <= 0:
+                        raise ValueError("raw_baseline needs the backbone's region feature dim (backbone.img_dim)")
+                    r = prober.get("rank") or d
+                    stacked[g.name] = StackedLayerEmb(1, dv, dv, C, r, bias)
+                    single["emb:raw"] = seeded(seed, "emb:raw", lambda: LayerEmbProber(dv, dv, C, r, bias))
+                else:
+                    n_heads = backbone.num_heads * len(g.maps[0])
+                    stacked[g.name] = StackedAttention(len(g.keys), n_heads, C, bias)
+                    single.update({k: seeded(seed, k, lambda: AttentionProber(n_heads, C, bias)) for k in g.keys})
+        self.heads = nn.ModuleDict(stacked)
+        self.slot: dict[str, tuple[str, int]] = {}
+        for g in self.groups:  # every head starts from its own seeded init, as if trained alone
+            for i, k in enumerate(g.keys):
+                self.heads[g.name].load_head(i, single[k])
+                self.slot[k] = (g.name, i)
+        self.head_names = [k for g in self.groups for k in g.keys]
+        n = len(self.head_names)
+        self.val_acc, self.test_acc = HeadAccuracy(n), HeadAccuracy(n)
+        self.counts_train, self.counts_val, self.counts_test = Counters(), Counters(), Counters()
+        self.seen: dict[str, list[dict]] = {"train": [], "val": [], "test": []}  # per epoch, summed over ranks
         self.pairs_evaluated: dict[str, int] = {}
         self.best_val: dict[str, float] = {}
         self.best_epoch: dict[str, int] = {}
         self.best_state: dict[str, dict] = {}
         self.test_results: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
-        self.pairs_dropped = {"train": 0, "val": 0, "test": 0}
 
     # ------------------------------------------------------------------ names
     @property
@@ -111,6 +120,11 @@ class ProbeModule(pl.LightningModule):
             return f"layer_{layer_number(name):02d}"
         return name
 
+    def head(self, key: str) -> nn.Module:
+        """A standalone copy of one head (the single-head class) with its current weights."""
+        g, i = self.slot[key]
+        return self.heads[g].head(i)
+
     # ---------------------------------------------------------------- forward
     def _to_device(self):
         p = next(self._backbone.parameters(), None)
@@ -118,47 +132,78 @@ class ProbeModule(pl.LightningModule):
             self._backbone.to(self.device)
 
     @torch.no_grad()
-    def extract(self, batch: dict) -> dict:
-        """Frozen forward -> {head key: inputs}. Also usable for feature caching."""
+    def extract_inputs(self, batch: dict) -> dict[str, tuple]:
+        """Frozen forward -> {group: stacked inputs ``(n, P, ...)``}; ``{}`` for a batch without examples."""
         self._to_device()
-        bb = self._backbone
         if self.kind == "sentence":
-            from ..backbones.base import CaptureSpec
-
-            out = bb(batch, CaptureSpec(hidden=self.sentence_names, attn=[]))
-            return {k: (v,) for k, v in sentence_features(out, self.sentence_names).items()}
+            out = self._backbone(batch, CaptureSpec(hidden=self.sentence_names, attn=[]))
+            return {"sent": (sentence_inputs(out, self.sentence_names),)}
         if batch["labels"].numel() == 0:
             return {}
-        out = bb(batch, self.plan.capture(batch))
-        return self.plan.features(out, batch)
+        spec = self.plan.capture(batch)
+        return self.plan.inputs(self._backbone(batch, spec), batch, spec)
+
+    def per_head(self, inputs: dict[str, tuple]) -> dict[str, tuple]:
+        return {k: tuple(t[i] for t in inputs[g.name]) for g in self.groups if g.name in inputs
+                for i, k in enumerate(g.keys)}
+
+    def stack(self, feats: dict[str, tuple]) -> dict[str, tuple]:
+        """Per-head inputs (a feature cache's) -> stacked group inputs."""
+        out = {}
+        for g in self.groups:
+            if all(k in feats for k in g.keys):
+                out[g.name] = tuple(torch.stack(ts) for ts in zip(*(feats[k] for k in g.keys)))
+        return out
+
+    def extract(self, batch: dict) -> dict:
+        """Frozen forward -> {head key: inputs} (feature caches, MDL and SentEval fit heads one by one)."""
+        return self.per_head(self.extract_inputs(batch))
+
+    def group_logits(self, inputs: dict[str, tuple]) -> dict[str, torch.Tensor]:
+        return {g: self.heads[g](*x) for g, x in inputs.items()}
 
     def logits(self, feats: dict) -> dict:
-        return {k: self.heads[_safe(k)](*v) for k, v in feats.items()}
+        """Per-head logits for per-head inputs (every key of a group present)."""
+        out = {}
+        for g, lg in self.group_logits(self.stack(feats)).items():
+            grp = next(x for x in self.groups if x.name == g)
+            out.update({k: lg[i] for i, k in enumerate(grp.keys)})
+        return out
 
     def forward(self, batch: dict) -> dict:
         return self.logits(self.extract(batch))
 
+    def _inputs(self, batch) -> dict[str, tuple]:
+        if "cached_features" in batch:
+            return self.stack(batch["cached_features"])
+        return self.extract_inputs(batch)
+
+    def loss(self, inputs: dict[str, tuple], y: torch.Tensor) -> torch.Tensor:
+        """Sum over heads of each head's mean cross-entropy."""
+        total = 0.0
+        for lg in self.group_logits(inputs).values():
+            total = total + F.cross_entropy(lg.flatten(0, 1).float(), y.repeat(lg.shape[0]), reduction="sum")
+        return total / y.numel()
+
     # --------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
-        self.pairs_dropped["train"] += int(batch.get("pairs_dropped", 0))
-        feats = batch["cached_features"] if "cached_features" in batch else self.extract(batch)
+        self.counts_train.update(batch.get("counts", {}))
+        inputs = self._inputs(batch)
         y = batch["labels"]
-        if not feats or y.numel() == 0:
+        if not inputs or y.numel() == 0:
             return sum(p.sum() * 0.0 for p in self.heads.parameters())
-        losses = {k: F.cross_entropy(v, y) for k, v in self.logits(feats).items()}
-        loss = torch.stack(list(losses.values())).sum()
-        self.log("train/loss", loss / len(losses), prog_bar=True, batch_size=y.numel())
+        loss = self.loss(inputs, y)
+        self.log("train/loss", loss / len(self.head_names), prog_bar=True, batch_size=y.numel())
         return loss
 
-    def _eval_step(self, batch, metrics, stage):
-        self.pairs_dropped[stage] += int(batch.get("pairs_dropped", 0))
-        feats = batch["cached_features"] if "cached_features" in batch else self.extract(batch)
+    def _eval_step(self, batch, metric, stage):
+        getattr(self, f"counts_{stage}").update(batch.get("counts", {}))
+        inputs = self._inputs(batch)
         y = batch["labels"]
-        self.eval_pairs[stage].update(float(y.numel()))
-        if not feats or y.numel() == 0:
+        if not inputs or y.numel() == 0:
             return
-        for k, v in self.logits(feats).items():
-            metrics[_safe(k)].update(v.argmax(-1), y)
+        preds = torch.cat([lg.argmax(-1) for lg in self.group_logits(inputs).values()])  # (n heads, P)
+        metric.update(preds, y)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_acc, "val")
@@ -166,25 +211,29 @@ class ProbeModule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, self.test_acc, "test")
 
-    def _compute(self, metrics) -> dict[str, float]:
-        out = {}
-        for k in self.head_names:
-            m = metrics[_safe(k)]
-            # under DDP every rank must join compute()'s all-gather, even one that saw no batch
-            out[k] = float(m.compute()) if m.update_called or _distributed() else float("nan")
-            m.reset()
-        return out
+    def _compute(self, metric) -> dict[str, float]:
+        # under DDP every rank joins compute()'s all-reduce, also one that saw no batch
+        accs = metric.compute().tolist()
+        metric.reset()
+        return dict(zip(self.head_names, accs))
 
-    def _count_pairs(self, stage: str) -> None:
-        self.pairs_evaluated[stage] = int(self.eval_pairs[stage].compute())
-        self.eval_pairs[stage].reset()
+    def _count(self, stage: str) -> dict:
+        c = getattr(self, f"counts_{stage}").compute()
+        getattr(self, f"counts_{stage}").reset()
+        self.seen[stage].append(c)
+        self.pairs_evaluated[stage] = c["pairs"]
+        return c
+
+    def on_train_epoch_end(self):
+        self._count("train")
 
     def on_validation_epoch_end(self):
-        self._count_pairs("val")
+        self._count("val")
         accs = self._compute(self.val_acc)
         self.last_val = accs
         for k, a in accs.items():
-            self.log(f"val/acc/{self.display_name(k)}", a, sync_dist=False)
+            if a == a:
+                self.log(f"val/acc/{self.display_name(k)}", a, sync_dist=False)
         finite = [a for a in accs.values() if a == a]
         self.log("val/acc/best", max(finite) if finite else 0.0, prog_bar=True)
         self.log("chance", 1.0 / len(self.labels))
@@ -195,35 +244,40 @@ class ProbeModule(pl.LightningModule):
             return
         for k, a in accs.items():
             if a == a and a > self.best_val.get(k, -1.0):
+                g, i = self.slot[k]
                 self.best_val[k] = a
                 self.best_epoch[k] = int(self.current_epoch)
-                self.best_state[k] = {n: t.detach().cpu().clone() for n, t in self.heads[_safe(k)].state_dict().items()}
+                self.best_state[k] = {n: t.cpu() for n, t in self.heads[g].slot_state(i).items()}
+
+    def _load_best(self) -> dict:
+        saved = {}
+        for k, sd in self.best_state.items():
+            g, i = self.slot[k]
+            saved[k] = self.heads[g].slot_state(i)
+            self.heads[g].load_slot_state(i, sd)
+        return saved
 
     def on_test_start(self):
-        self._swapped = None
-        if self.use_best_heads and self.best_state:
-            self._swapped = {k: copy.deepcopy(self.heads[_safe(k)].state_dict()) for k in self.best_state}
-            for k, sd in self.best_state.items():
-                self.heads[_safe(k)].load_state_dict(sd)
+        self._swapped = self._load_best() if (self.use_best_heads and self.best_state) else None
 
     def on_test_epoch_end(self):
-        self._count_pairs("test")
+        self._count("test")
         accs = self._compute(self.test_acc)
         self.test_results = accs
         for k, a in accs.items():
-            self.log(f"test/acc/{self.display_name(k)}", a, sync_dist=False)
+            if a == a:
+                self.log(f"test/acc/{self.display_name(k)}", a, sync_dist=False)
         self.log("chance", 1.0 / len(self.labels))
 
     def on_test_end(self):
-        if getattr(self, "_swapped", None):
-            for k, sd in self._swapped.items():
-                self.heads[_safe(k)].load_state_dict(sd)
-            self._swapped = None
+        for k, sd in (getattr(self, "_swapped", None) or {}).items():
+            g, i = self.slot[k]
+            self.heads[g].load_slot_state(i, sd)
+        self._swapped = None
 
     def use_best_snapshots(self) -> None:
         """Load every head's best-by-validation snapshot (for evaluation of a saved checkpoint)."""
-        for k, sd in self.best_state.items():
-            self.heads[_safe(k)].load_state_dict(sd)
+        self._load_best()
         self.use_best_heads = False
         self.eval_only = True
 
@@ -235,13 +289,16 @@ class ProbeModule(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint):
         checkpoint["value_pl"] = {
-            "backbone_identity": self._backbone.describe(),
+            "heads_format": HEADS_FORMAT, "backbone_identity": self._backbone.describe(),
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_state": self.best_state,
             "task": self.task, "labels": self.labels,
         }
 
     def on_load_checkpoint(self, checkpoint):
         v = checkpoint.get("value_pl", {})
+        if v.get("heads_format") != HEADS_FORMAT:
+            raise ValueError(f"this prober checkpoint stores its heads in layout {v.get('heads_format', 1)}, this "
+                             f"value-pl reads layout {HEADS_FORMAT} (stacked heads): retrain it with this version")
         self.best_val = dict(v.get("best_val", {}))
         self.best_epoch = dict(v.get("best_epoch", {}))
         self.best_state = dict(v.get("best_state", {}))
@@ -253,6 +310,7 @@ class ProbeModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- results
     def layer_rows(self) -> list[dict]:
+        """One row per head; accuracies that could not be measured are ``None`` (never NaN)."""
         rows = []
         for k in self.head_names:
             name = self.display_name(k)
@@ -260,8 +318,8 @@ class ProbeModule(pl.LightningModule):
                 "layer": layer_number(name) if name.startswith("layer_") else -1,
                 "name": name,
                 "title": self._backbone.layer_title(self.kind, name),
-                "val_acc": self.best_val.get(k, self.last_val.get(k, float("nan"))),
-                "test_acc": self.test_results.get(k, float("nan")),
+                "val_acc": _finite(self.best_val.get(k, self.last_val.get(k))),
+                "test_acc": _finite(self.test_results.get(k)),
                 "best_epoch": self.best_epoch.get(k),
             })
         return rows

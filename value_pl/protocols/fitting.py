@@ -41,7 +41,7 @@ def extract_split(module, dm, stage: str, max_batches: int | None = None, max_ex
 
     Returns ``(features {head key: tuple of (N, ...) tensors on CPU}, labels (N,), pairs dropped)``.
     """
-    loader = dm._pipeline(stage, False)  # no repeat, no shuffle: each sample exactly once
+    loader = dm.loader(stage, train=False)  # every sample exactly once, in shard order
     feats: dict[str, list[list[Tensor]]] = {}
     labels: list[Tensor] = []
     dropped, n = 0, 0
@@ -49,7 +49,7 @@ def extract_split(module, dm, stage: str, max_batches: int | None = None, max_ex
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        dropped += int(batch.get("pairs_dropped", 0))
+        dropped += int(batch["counts"].get("pairs_dropped", 0))
         y = batch["labels"]
         if y.numel() == 0:
             continue

@@ -1,0 +1,135 @@
+"""Exact shard reading (value_pl.data.stream): any shard count with any ranks x workers, every sample once.
+
+Shaped like the real splits: Flickr30k's val/test (1,000 images) are one shard at the default maxcount, so
+multi-GPU evaluation reads fewer shards than ranks x workers; shard sizes are uneven (the last one short).
+"""
+from __future__ import annotations
+
+import itertools
+import tarfile
+
+import pytest
+
+from test_cache import small_demo
+from value_pl.data.datamodule import ShardDataModule
+from value_pl.data.schema import SchemaError, decode_sample
+from value_pl.data.stream import (ShardStream, count_samples, iter_samples, pieces, rank_range, shard_order,
+                                  slot_range)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uneven") / "demo"
+    # train 7 shards (last has 2 samples), val 3 shards (5, 5, 3), test 3 shards (5, 5, 1)
+    man = small_demo(root, splits={"train": 32, "val": 13, "test": 11}, maxcount=5)
+    return root, man
+
+
+def keys(stream, world, workers, epoch=0):
+    """Sample keys read by every (rank, worker) of one epoch."""
+    out = {}
+    for r, w in itertools.product(range(world), range(workers)):
+        s = ShardStream(stream.urls, stream.counts, decode_sample, list, stream.batch_size, stream.train,
+                        seed=stream.seed, rank=r, world=world)
+        out[(r, w)] = [x["key"] for x in s.samples(w, workers, epoch)]
+    return out
+
+
+def test_manifest_records_samples_per_shard(uneven):
+    root, man = uneven
+    e = man["splits"]["train"]
+    assert e["shard_samples"] == [5, 5, 5, 5, 5, 5, 2] and sum(e["shard_samples"]) == e["samples"] == 32
+    assert [count_samples(str(root / s)) for s in e["shards"]] == e["shard_samples"]
+    assert e["max_words"] >= 8
+
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 4), (8, 2)])
+def test_eval_reads_every_sample_exactly_once(uneven, world, workers):
+    root, man = uneven
+    dm = ShardDataModule(root, eval_batch_size=2)
+    for stage, n in (("val", 13), ("test", 11)):
+        st = dm.stream(stage, train=False, collate=list)
+        got = keys(st, world, workers)
+        flat = [k for v in got.values() for k in v]
+        assert len(flat) == n and len(set(flat)) == n, (stage, world, workers)
+        # in order: rank by rank, worker by worker, the split's sample order (what a feature cache mirrors)
+        assert flat == [x["key"] for x in ShardStream(st.urls, st.counts, decode_sample, list, 2, False,
+                                                         rank=0, world=1).samples()]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 3), (2, 2), (4, 3)])
+def test_a_training_epoch_is_an_epoch(uneven, world, workers):
+    root, _ = uneven
+    dm = ShardDataModule(root, batch_size=4, seed=5)
+    st = dm.stream("train", train=True, collate=list)
+    seen_all = set()
+    for epoch in range(3):
+        got = keys(st, world, workers, epoch)
+        per_rank = [sum(len(got[(r, w)]) for w in range(workers)) for r in range(world)]
+        flat = [k for v in got.values() for k in v]
+        assert len(set(flat)) == len(flat) == 32 // world * world  # each sample at most once
+        assert len(set(per_rank)) == 1  # equal per rank: equal batch counts, DDP does not hang
+        seen_all |= set(flat)
+    assert len(seen_all) == 32  # what one epoch leaves out (32 % world) is read in another
+    # the epoch's shard order is the same on every rank and changes with the epoch
+    assert shard_order(7, 5, 0, True) != shard_order(7, 5, 1, True)
+    assert sorted(shard_order(7, 5, 1, True)) == list(range(7))
+
+
+def test_batches_per_rank_are_equal_and_at_most_one_is_partial(uneven):
+    root, _ = uneven
+    for world, workers, bs in [(2, 3, 4), (3, 2, 5), (1, 4, 3)]:
+        nbs = []
+        for r in range(world):
+            sizes = []
+            for w in range(workers):
+                st = ShardStream([str(root / f"train-{i:06d}.tar") for i in range(7)], [5] * 6 + [2],
+                                 decode_sample, lambda b: len(b), bs, True, rank=r, world=world)
+                sr = slot_range(32, r, world, w, workers, bs, True)
+                sizes += [min(bs, sr.stop - sr.start - i * bs) for i in range(sr.batches)]
+            assert sum(sizes) == 32 // world and sum(1 for x in sizes if x < bs) <= 1
+            nbs.append(len(sizes))
+            assert len(st) == len(sizes)
+        assert len(set(nbs)) == 1
+
+
+def test_ranges_and_pieces():
+    assert rank_range(10, 0, 3, train=False) == (0, 3) and rank_range(10, 2, 3, train=False) == (6, 10)
+    assert rank_range(10, 2, 3, train=True) == (6, 9)
+    # shard 2 (2 samples) first, then shard 0 (5), then shard 1 (5): global 3..8 = shard 0 [1, 5), shard 1 [0, 2)
+    assert pieces([2, 0, 1], [5, 5, 2], 3, 9) == [(0, 1, 5), (1, 0, 2)]
+
+
+def test_skipping_reads_no_bytes_and_matches_tarfile(uneven):
+    root, man = uneven
+    url = str(root / man["splits"]["test"]["shards"][0])
+    with tarfile.open(url) as t:
+        names = [m.name for m in t.getmembers()]
+    got = list(iter_samples(url, 2, 4))
+    assert [g["__key__"] for g in got] == [n.split(".")[0] for n in names[4:8:2]]
+    assert [g["__index__"] for g in got] == [2, 3] and set(got[0]) >= {"json", "npy"}
+
+
+def test_a_corrupt_shard_names_the_file(tmp_path, uneven):
+    root, man = uneven
+    src = (root / man["splits"]["val"]["shards"][0]).read_bytes()
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(src[:100] + b"x" * 10 + src[110:])
+    with pytest.raises(SchemaError, match="bad.tar: corrupt tar header at byte 0"):
+        list(iter_samples(str(bad)))
+    bad.write_bytes(src[:512] + b"x" * 10 + src[522:])
+    with pytest.raises(SchemaError, match="bad.tar: corrupt pax header at byte 0"):
+        list(iter_samples(str(bad)))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(src[:3000])
+    with pytest.raises(SchemaError, match="cut.tar: truncated"):
+        list(iter_samples(str(cut)))
+
+
+def test_manifest_counts_that_lie_are_an_error(uneven):
+    root, man = uneven
+    st = ShardDataModule(root).stream("val", train=False, collate=list)
+    st.counts = [5, 5, 4]  # the manifest claims one more sample than the last shard holds
+    st.total = 14
+    with pytest.raises(SchemaError, match="rebuild"):
+        list(st.samples())

@@ -1,0 +1,97 @@
+"""Text reaches every backbone whole (up to the model's positions), truncation is counted, and the cached
+word-by-word tokenisation equals the tokenizer's own batch call on real-shaped text (SentEval/Flickr30k)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose
+from helpers_backbones import VOCAB, tiny_tokenizer
+from value_pl.backbones import build_backbone
+from value_pl.data.collate import Collator, InputEncoder, TaskSpec
+
+# SentEval probing files are Moses-tokenised with spaces around punctuation ("wasn 't"); SentLen bins reach 28+.
+SENT_22 = ("the man in the red shirt , who was n't riding his bike , said that dog ran near "
+           "the grass .").split()
+SENT_28 = ("a young woman with a big hat holds the ball while two young guys run near the street and "
+           "a dog runs on the grass with them .").split()
+
+
+def sentence_sample(key, words, label):
+    return {"key": key, "feats": np.zeros((0, 16), np.float16),
+            "meta": {"words": words, "image": {"id": "none", "width": 1, "height": 1}, "phrases": [],
+                     "regions": {"boxes": [], "chains": [], "source": []}, "pairs": {},
+                     "sentence_labels": {"sentlen": label}}}
+
+
+@pytest.fixture(scope="module")
+def lxmert(tmp_path_factory):
+    from transformers import LxmertConfig, LxmertModel
+
+    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    d = tmp_path_factory.mktemp("lx")
+    LxmertModel(LxmertConfig(vocab_size=len(VOCAB), hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                             l_layers=2, r_layers=1, x_layers=1, visual_feat_dim=16, visual_pos_dim=4,
+                             max_position_embeddings=64)).save_pretrained(str(d))
+    return build_backbone(OmegaConf.create({"family": "lxmert", "path": str(d), "tokenizer": tok}))
+
+
+def test_long_sentences_reach_lxmert_as_different_inputs(lxmert):
+    assert (len(SENT_22), len(SENT_28)) == (22, 28)
+    assert lxmert.text_limit == 64  # the model's positions, not LXMERT's pretraining length of 20
+    col = lxmert.collator(TaskSpec("sentlen", "sentence", ["3", "4"]))
+    b = col([sentence_sample("a", SENT_22, "3"), sentence_sample("b", SENT_28, "4")])
+    n = b["text_mask"].sum(1).tolist()
+    assert n[0] >= 24 and n[1] >= 30 and n[0] != n[1]
+    assert not torch.equal(b["input_ids"][0], b["input_ids"][1]) and b["counts"]["texts_truncated"] == 0
+    from value_pl.backbones.base import CaptureSpec
+
+    out = lxmert(b, CaptureSpec(hidden=["hidden.lang.2"], attn=[]))  # the linguistic probe's layers
+    assert out.hidden["hidden.lang.2"].shape[1] == b["input_ids"].shape[1]
+
+
+def test_the_configs_keep_the_whole_text():
+    for name in ("lxmert", "lxmert_hf", "lxmert_untrained", "uniter", "minilm_uniter", "bert", "visualbert"):
+        assert compose([f"backbone={name}"]).backbone.max_text_len is None, name
+
+
+def test_truncation_is_counted_and_phrases_lost_with_it(lxmert):
+    enc = lxmert.input_encoder()
+    enc.max_text_len = 12
+    meta = {"words": SENT_28, "image": {"id": "1", "width": 100, "height": 100},
+            "phrases": [{"span": [0, 3], "label": "people"}, {"span": [12, 14], "label": "people"}],
+            "regions": {"boxes": [[0, 0, 10, 10], [5, 5, 50, 50]]},
+            "pairs": {"vcd": [[0, 0, "coref"], [1, 1, "coref"], [1, 0, "not_coref"]]}}
+    s = {"key": "k", "meta": meta, "feats": np.zeros((2, 16), np.float16)}
+    b = Collator(enc, TaskSpec("vcd", "phrase_region", ["coref", "not_coref"]))([s])
+    c = b["counts"]
+    assert b["input_ids"].shape[1] == 12 and c["texts_truncated"] == 1
+    assert c["phrases_dropped"] == 1 and c["pairs_dropped"] == 2 and c["pairs"] == 1
+    assert b["a_span"].tolist() == [[1, 4]]  # "a young woman" after [CLS]
+
+
+@pytest.mark.parametrize("texts", [
+    [SENT_22, SENT_28, ["Two", "young", "guys", "wasn", "'t", "there", "."]],
+    [["A", "man", "in", "an", "orange", "hat", "starring", "at", "something", "."], ["x"], ["!!", "é", "naïve"]],
+])
+def test_cached_word_pieces_equal_the_tokenizer(texts):
+    from value_pl.backbones.common import minilm_path, load_tokenizer
+
+    tok = load_tokenizer(minilm_path())
+    enc = InputEncoder(tok, "uniter7", max_text_len=512)
+    got = enc.encode_text(texts)
+    ref = tok(texts, is_split_into_words=True, add_special_tokens=True, padding=True, return_tensors="pt")
+    assert torch.equal(got["input_ids"], ref["input_ids"]) and torch.equal(got["text_mask"], ref["attention_mask"])
+    for b in range(len(texts)):
+        ids = ref.word_ids(b)
+        for w in range(len(texts[b])):
+            toks = [t for t, x in enumerate(ids) if x == w]
+            assert got["word_to_token"][b, w].tolist() == ([toks[0], toks[-1] + 1] if toks else [-1, -1])
+    enc2 = InputEncoder(tok, "uniter7", max_text_len=8)  # truncation as the tokenizer's own
+    short = enc2.encode_text(texts)
+    ref2 = tok(texts, is_split_into_words=True, truncation=True, max_length=8, padding=True, return_tensors="pt")
+    assert torch.equal(short["input_ids"], ref2["input_ids"])
+    assert short["truncated"].tolist() == [len(ref["input_ids"][b][ref["attention_mask"][b].bool()]) > 8
+                                          for b in range(len(texts))]

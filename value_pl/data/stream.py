@@ -1,0 +1,324 @@
+"""Exact reading of WebDataset shard sets: every sample once per epoch, any number of shards, ranks and workers.
+
+A split's samples are numbered in shard order (training: the shards in a seeded order per epoch, the same on
+every rank). Each rank takes a contiguous range of that numbering and each of its loader workers a contiguous
+part of the rank's range, cut at batch boundaries:
+
+* evaluation (val/test/extraction/analyses): the ranges cover every sample exactly once (ranks differ by at
+  most one sample), so DDP metrics summed over ranks equal the 1-process metrics;
+* training: every rank takes ``N // world`` samples (the ``N % world < world`` left over change from epoch to
+  epoch), so all ranks yield the same number of batches (unequal counts hang DDP) and an epoch sees each
+  sample once, with at most one partial batch per rank.
+
+A worker reads only the shards its range touches; a range that starts inside a shard skips the earlier
+samples by seeking over their bytes (tar headers only). Fewer shards than ranks x workers is therefore fine:
+several workers share a shard, each reading its own part. Samples per shard come from ``manifest.json``
+(``shard_samples``, written by the builders) or, for older shard sets, from one header scan at start.
+
+The tar reader is our own (ustar with pax/GNU long-name headers, header checksums verified): a corrupt or
+truncated shard is a :class:`~value_pl.data.schema.SchemaError` naming the file and byte offset.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .schema import SchemaError
+
+BLOCK = 512
+
+
+# -------------------------------------------------------------------------------------------- tar
+def _octal(field: bytes, path: str, offset: int) -> int:
+    s = field.rstrip(b"\0 ").lstrip(b" ")
+    if not s:
+        return 0
+    if field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(s, 8)
+    except ValueError:
+        raise SchemaError(f"{path}: corrupt tar header at byte {offset} (bad number {s!r})") from None
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out, i = {}, 0
+    while i < len(data):
+        sp = data.index(b" ", i)
+        n = int(data[i:sp])
+        k, _, v = data[sp + 1:i + n - 1].partition(b"=")
+        out[k.decode()] = v.decode("utf-8", "replace")
+        i += n
+    return out
+
+
+def iter_members(path: str, read: Callable[[str], bool] = lambda name: True):
+    """Yield ``(name, data or None, header offset)`` for the regular files of a tar, in order.
+
+    ``read(name)`` says whether to read a member's bytes; unread members are skipped by seeking.
+    """
+    size_total = os.path.getsize(path)
+    with open(path, "rb", buffering=0) as f:
+        off, long_name, pax = 0, None, {}
+        while True:
+            f.seek(off)
+            h = f.read(BLOCK)
+            if len(h) < BLOCK:
+                if not h:
+                    return  # no end-of-archive blocks: accepted (a writer that never closed cleanly)
+                raise SchemaError(f"{path}: truncated tar header at byte {off}")
+            if h == bytes(BLOCK):
+                return
+            chk = _octal(h[148:156], path, off)
+            if chk != sum(h) - sum(h[148:156]) + 8 * 32:
+                raise SchemaError(f"{path}: corrupt tar header at byte {off} (checksum mismatch)")
+            size = _octal(h[124:136], path, off)
+            kind = h[156:157]
+            data_off = off + BLOCK
+            nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
+            if data_off + size > size_total:
+                raise SchemaError(f"{path}: truncated tar member at byte {off} ({size} bytes declared)")
+            if kind in (b"x", b"L"):
+                f.seek(data_off)
+                raw = f.read(size)
+                if kind == b"x":
+                    try:
+                        pax = _pax(raw)
+                    except (ValueError, UnicodeDecodeError):
+                        raise SchemaError(f"{path}: corrupt pax header at byte {off}") from None
+                else:
+                    long_name = raw.rstrip(b"\0").decode("utf-8", "replace")
+                off = nxt
+                continue
+            if kind in (b"0", b"\0", b"7"):
+                name = pax.get("path") or long_name
+                if name is None:
+                    prefix = h[345:500].rstrip(b"\0").decode("utf-8", "replace")
+                    name = h[0:100].rstrip(b"\0").decode("utf-8", "replace")
+                    if prefix and h[257:262] == b"ustar":
+                        name = prefix + "/" + name
+                if "size" in pax:
+                    size = int(pax["size"])
+                    nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
+                data = None
+                if read(name):
+                    f.seek(data_off)
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise SchemaError(f"{path}: truncated tar member {name} at byte {off}")
+                yield name, data, off
+            off, long_name, pax = nxt, None, {}
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``): WebDataset's key is the name up to the first dot
+    of the file name."""
+    d, _, base = name.rpartition("/")
+    k, dot, ext = base.partition(".")
+    return (d + "/" + k if d else k), ext
+
+
+def iter_samples(path: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Samples ``[start, stop)`` of one shard as WebDataset-style dicts ``{"__key__", "__url__", "__index__",
+    ext: bytes}``. Members of samples before ``start`` are skipped without reading their bytes."""
+    state = {"i": -1, "key": None}
+
+    def want(name):
+        key, _ = split_name(name)
+        if key != state["key"]:
+            state["key"] = key
+            state["i"] += 1
+        return state["i"] >= start
+
+    cur, idx = None, -1
+    for name, data, _ in iter_members(path, want):
+        key, ext = split_name(name)
+        if cur is None or key != cur["__key__"]:
+            if cur is not None and idx >= start:
+                yield cur
+            idx += 1
+            if stop is not None and idx >= stop:
+                return
+            cur = {"__key__": key, "__url__": path, "__index__": idx}
+        if data is not None:
+            if ext in cur:
+                raise SchemaError(f"{path}: sample {key} has two .{ext} files")
+            cur[ext] = data
+    if cur is not None and idx >= start and (stop is None or idx < stop):
+        yield cur
+
+
+def count_samples(path: str) -> int:
+    """Samples in one shard (one pass over its tar headers; no data is read)."""
+    n, last = 0, None
+    for name, _, _ in iter_members(path, lambda name: False):
+        key, _ = split_name(name)
+        if key != last:
+            n, last = n + 1, key
+    return n
+
+
+# ------------------------------------------------------------------------------------------ plans
+def shard_order(n_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Shard order of one epoch: seeded by (seed, epoch) when shuffling, the same on every rank."""
+    if not shuffle:
+        return list(range(n_shards))
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0x5EED]).permutation(n_shards).tolist()
+
+
+@dataclass(frozen=True)
+class SlotRange:
+    """The part of an epoch's sample numbering one (rank, worker) reads, and the batches it makes."""
+
+    start: int
+    stop: int
+    batches: int
+
+
+def rank_range(total: int, rank: int, world: int, train: bool, cap: int | None = None) -> tuple[int, int]:
+    """[start, stop) of the rank. Training: N // world each (equal batch counts); eval: all samples."""
+    if train:
+        per = total // world
+        n = per if cap is None else min(per, cap)
+        return rank * per, rank * per + n
+    return total * rank // world, total * (rank + 1) // world
+
+
+def slot_range(total: int, rank: int, world: int, worker: int, workers: int, batch_size: int, train: bool,
+               cap: int | None = None) -> SlotRange:
+    """The worker's contiguous part of its rank's range, cut at batch boundaries (one partial batch per rank)."""
+    a, b = rank_range(total, rank, world, train, cap)
+    nb = math.ceil((b - a) / batch_size)
+    b0, b1 = nb * worker // workers, nb * (worker + 1) // workers
+    s = a + b0 * batch_size
+    e = min(a + b1 * batch_size, b)
+    return SlotRange(s, max(s, e), b1 - b0)
+
+
+def batches_per_rank(total: int, rank: int, world: int, batch_size: int, train: bool, cap: int | None = None) -> int:
+    a, b = rank_range(total, rank, world, train, cap)
+    return math.ceil((b - a) / batch_size)
+
+
+def pieces(order: list[int], counts: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """Global range [start, stop) of the numbering in ``order`` -> [(shard, local start, local stop)]."""
+    out, pos = [], 0
+    for s in order:
+        n = counts[s]
+        a, b = max(start, pos), min(stop, pos + n)
+        if a < b:
+            out.append((s, a - pos, b - pos))
+        pos += n
+        if pos >= stop:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------- stream
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def worker_init(_worker_id: int) -> None:
+    """One intra-op thread per loader worker (collation is numpy/torch on small arrays)."""
+    torch.set_num_threads(1)
+
+
+def no_collate(batch):
+    return batch  # batches are made (and collated) inside the stream
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches of one split for one rank: read, decode, (train: shuffle), batch and collate in the workers.
+
+    ``len()`` is the number of batches the rank yields per epoch (the same on every rank when training).
+    Each ``iter()`` is one epoch: with persistent workers every worker counts its own epochs from
+    ``start_epoch``, so the shard order follows (seed, epoch) without messages from the main process.
+    """
+
+    def __init__(self, urls: list[str], counts: list[int], decode: Callable, collate: Callable, batch_size: int,
+                 train: bool, seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None,
+                 world: int | None = None, start_epoch: int = 0, transform: Callable | None = None,
+                 cap_batches: int | None = None):
+        super().__init__()
+        if len(urls) != len(counts):
+            raise ValueError(f"{len(urls)} shard(s) but {len(counts)} sample count(s)")
+        r, w = _dist()
+        self.urls, self.counts = list(urls), [int(c) for c in counts]
+        self.total = sum(self.counts)
+        self.decode, self.collate, self.transform = decode, collate, transform
+        self.batch_size, self.train = int(batch_size), bool(train)
+        self.seed, self.shuffle_buffer = int(seed), int(shuffle_buffer)
+        self.rank, self.world = (r if rank is None else int(rank)), (w if world is None else int(world))
+        self.epoch = int(start_epoch)
+        self.cap = None if cap_batches is None else int(cap_batches) * self.batch_size
+
+    def __len__(self) -> int:
+        return batches_per_rank(self.total, self.rank, self.world, self.batch_size, self.train, self.cap)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        a, b = rank_range(self.total, self.rank, self.world, self.train, self.cap)
+        return b - a
+
+    def plan(self, worker: int, workers: int, epoch: int) -> tuple[list[int], SlotRange]:
+        order = shard_order(len(self.urls), self.seed, epoch, self.train)
+        ordered = [self.counts[i] for i in order]
+        return order, slot_range(sum(ordered), self.rank, self.world, worker, workers, self.batch_size,
+                                 self.train, self.cap)
+
+    def samples(self, worker: int = 0, workers: int = 1, epoch: int = 0) -> Iterator[dict]:
+        """Decoded samples of this (rank, worker) for ``epoch``, in reading order (no shuffle)."""
+        order, rng = self.plan(worker, workers, epoch)
+        for shard, a, b in pieces(order, self.counts, rng.start, rng.stop):
+            n = 0
+            for raw in iter_samples(self.urls[shard], a, b):
+                s = self.decode(raw)
+                if isinstance(s, dict):
+                    s["source"] = (raw["__url__"], raw["__index__"])
+                if self.transform is not None:
+                    s = self.transform(s)
+                n += 1
+                yield s
+            if n != b - a:
+                raise SchemaError(f"{self.urls[shard]}: expected samples {a}..{b - 1} but the shard has only "
+                                  f"{a + n} (manifest.json's shard_samples do not match the shard; rebuild it)")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        self.epoch += 1  # this copy's next iter() is the next epoch (persistent workers keep their copy)
+        it = self.samples(worker, workers, epoch)
+        if self.train and self.shuffle_buffer > 1:
+            seed = [self.seed & 0xFFFFFFFF, epoch, self.rank, worker, zlib.crc32(b"buffer")]
+            it = _buffer_shuffle(it, self.shuffle_buffer, np.random.default_rng(seed))
+        batch = []
+        for s in it:
+            batch.append(s)
+            if len(batch) == self.batch_size:
+                yield self.collate(batch)
+                batch = []
+        if batch:
+            yield self.collate(batch)
+
+
+def _buffer_shuffle(it, size: int, rng: np.random.Generator):
+    buf = []
+    for s in it:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        j = int(rng.integers(size))
+        buf[j], s = s, buf[j]
+        yield s
+    for j in rng.permutation(len(buf)):
+        yield buf[j]

@@ -1,0 +1,53 @@
+"""Per-split metrics of a probing run, exact under DDP: accuracy of every head at once, and the data counters.
+
+Both keep integer sums as torchmetrics states (reduced by summation over ranks), so a DDP run reports the
+same numbers as one process reading the same samples.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from ..data.collate import COUNTERS
+
+
+class HeadAccuracy(Metric):
+    """Micro accuracy of ``n`` heads on the same labels: ``update(preds (n, P), labels (P,))``."""
+
+    full_state_update = False
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = int(n)
+        self.add_state("correct", default=torch.zeros(self.n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, labels: Tensor) -> None:
+        self.correct += (preds == labels[None]).sum(1)
+        self.total += labels.numel()
+
+    def compute(self) -> Tensor:
+        """(n,) accuracies; NaN where no example was seen (the caller reports those as missing)."""
+        t = self.total.to(torch.float64)
+        return torch.where(t > 0, self.correct.to(torch.float64) / t.clamp(min=1), torch.full_like(t, float("nan")))
+
+
+class Counters(Metric):
+    """Sums of the collator's per-batch counters (:data:`value_pl.data.collate.COUNTERS`)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for k in COUNTERS:
+            self.add_state(k, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, counts: dict) -> None:
+        for k in COUNTERS:
+            v = counts.get(k, 0)
+            if v:
+                setattr(self, k, getattr(self, k) + int(v))
+
+    def compute(self) -> dict[str, int]:
+        return {k: int(getattr(self, k)) for k in COUNTERS}
