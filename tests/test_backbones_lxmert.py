@@ -48,7 +48,7 @@ def bb(hf_dir, tok):
 
 
 def hf_forward(m: LxmertModel, batch):
-    return m(input_ids=batch["input_ids"], attention_mask=batch["text_mask"], visual_feats=batch["region_feats"],
+    return m(input_ids=batch["input_ids"], attention_mask=batch["text_mask"], visual_feats=batch["region_feats"].float(),
              visual_pos=batch["region_boxes"], visual_attention_mask=batch["region_mask"],
              token_type_ids=torch.zeros_like(batch["input_ids"]), output_attentions=True, output_hidden_states=True)
 
@@ -75,7 +75,7 @@ def test_matches_hf_hidden_and_maps(bb, hf_dir):
     # embedding outputs are layer 0 of both streams
     emb = hf_dir[1].embeddings(batch["input_ids"], torch.zeros_like(batch["input_ids"]))
     torch.testing.assert_close(out.hidden["hidden.lang.0"], emb)
-    vemb = hf_dir[1].encoder.visn_fc(batch["region_feats"], batch["region_boxes"])
+    vemb = hf_dir[1].encoder.visn_fc(batch["region_feats"].float(), batch["region_boxes"])
     torch.testing.assert_close(out.hidden["hidden.vis.0"], vemb)
 
 

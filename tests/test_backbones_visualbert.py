@@ -48,7 +48,7 @@ def test_matches_hf(bb, vb_dir):
     B, R = batch["region_mask"].shape
     with torch.no_grad():
         r = ref(input_ids=batch["input_ids"], attention_mask=batch["text_mask"],
-                token_type_ids=torch.zeros_like(batch["input_ids"]), visual_embeds=batch["region_feats"],
+                token_type_ids=torch.zeros_like(batch["input_ids"]), visual_embeds=batch["region_feats"].float(),
                 visual_attention_mask=batch["region_mask"], visual_token_type_ids=torch.ones(B, R, dtype=torch.long),
                 output_hidden_states=True, output_attentions=True)
     for l, h in enumerate(r.hidden_states):

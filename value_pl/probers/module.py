@@ -213,7 +213,10 @@ class ProbeModule(pl.LightningModule):
 
     def _compute(self, metric) -> dict[str, float]:
         # under DDP every rank joins compute()'s all-reduce, also one that saw no batch
-        accs = metric.compute().tolist()
+        if metric.update_called or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            accs = metric.compute().reshape(-1).tolist()
+        else:
+            accs = [float("nan")] * len(self.head_names)
         metric.reset()
         return dict(zip(self.head_names, accs))
 
