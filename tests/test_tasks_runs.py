@@ -73,7 +73,7 @@ def test_pair_tasks(task, prober, kind, bbs, demo_root, tmp_path):
 @pytest.mark.parametrize("kind", ["SS", "TS", "BERT"])
 @pytest.mark.parametrize("prober", ["senteval_mlp", "senteval_lr"])
 def test_sentence_kinds(kind, prober, bbs, sent_root, tmp_path):
-    res = run([f"task=sentlen", f"prober={prober}", f"data.root={sent_root}", *bbs[kind]], tmp_path)
+    res = run(["task=sentlen", f"prober={prober}", f"data.root={sent_root}", *bbs[kind]], tmp_path)
     layers = [r["name"] for r in res["layers"]]
     assert layers == ["layer_00", "layer_01", "layer_02"]  # tiny: embeddings + 2 (LXMERT: language layers only)
     assert res["layers"][0]["title"] == "Embeddings"

@@ -20,6 +20,7 @@ truncated shard is a :class:`~value_pl.data.schema.SchemaError` naming the file 
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import zlib
@@ -228,8 +229,12 @@ def _dist() -> tuple[int, int]:
 
 
 def worker_init(_worker_id: int) -> None:
-    """One intra-op thread per loader worker (collation is numpy/torch on small arrays)."""
+    """One intra-op thread per loader worker (collation is numpy/torch on small arrays), and a garbage collector
+    that leaves the inherited objects (torch, transformers, the tokenizer) alone: the sample metadata is acyclic,
+    but its many small objects made full collections over the whole process cost more than decoding."""
     torch.set_num_threads(1)
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 1000)
 
 
 def no_collate(batch):
@@ -275,35 +280,40 @@ class ShardStream(torch.utils.data.IterableDataset):
         return order, slot_range(sum(ordered), self.rank, self.world, worker, workers, self.batch_size,
                                  self.train, self.cap)
 
-    def samples(self, worker: int = 0, workers: int = 1, epoch: int = 0) -> Iterator[dict]:
-        """Decoded samples of this (rank, worker) for ``epoch``, in reading order (no shuffle)."""
+    def raw(self, worker: int = 0, workers: int = 1, epoch: int = 0) -> Iterator[dict]:
+        """Undecoded samples (bytes per file) of this (rank, worker) for ``epoch``, in reading order."""
         order, rng = self.plan(worker, workers, epoch)
         for shard, a, b in pieces(order, self.counts, rng.start, rng.stop):
             n = 0
             for raw in iter_samples(self.urls[shard], a, b):
-                s = self.decode(raw)
-                if isinstance(s, dict):
-                    s["source"] = (raw["__url__"], raw["__index__"])
-                if self.transform is not None:
-                    s = self.transform(s)
                 n += 1
-                yield s
+                yield raw
             if n != b - a:
                 raise SchemaError(f"{self.urls[shard]}: expected samples {a}..{b - 1} but the shard has only "
                                   f"{a + n} (manifest.json's shard_samples do not match the shard; rebuild it)")
+
+    def _decode(self, raw: dict):
+        s = self.decode(raw)
+        if isinstance(s, dict):
+            s["source"] = (raw["__url__"], raw["__index__"])
+        return self.transform(s) if self.transform is not None else s
+
+    def samples(self, worker: int = 0, workers: int = 1, epoch: int = 0) -> Iterator[dict]:
+        """Decoded samples of this (rank, worker) for ``epoch``, in reading order (no shuffle)."""
+        return map(self._decode, self.raw(worker, workers, epoch))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
         self.epoch += 1  # this copy's next iter() is the next epoch (persistent workers keep their copy)
-        it = self.samples(worker, workers, epoch)
-        if self.train and self.shuffle_buffer > 1:
+        it = self.raw(worker, workers, epoch)
+        if self.train and self.shuffle_buffer > 1:  # shuffle bytes, decode late: few live objects, cheap GC
             seed = [self.seed & 0xFFFFFFFF, epoch, self.rank, worker, zlib.crc32(b"buffer")]
             it = _buffer_shuffle(it, self.shuffle_buffer, np.random.default_rng(seed))
         batch = []
-        for s in it:
-            batch.append(s)
+        for raw in it:
+            batch.append(self._decode(raw))
             if len(batch) == self.batch_size:
                 yield self.collate(batch)
                 batch = []
