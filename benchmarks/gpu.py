@@ -187,7 +187,6 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
 
         rows.append((f"online training step, {prober} ({len(m.head_names)} heads)",
                      *measure(step, args.iters, args.warmup, dev), B))
-    del bb
     return rows
 
 

@@ -14,6 +14,7 @@ validation runs (``persistent_workers``), and hand over pinned batches when trai
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,6 +24,8 @@ from .schema import decode_sample, load_manifest
 from .stream import ShardStream, _dist, batches_per_rank, count_samples, no_collate, worker_init
 
 log = logging.getLogger(__name__)
+# our len() is exact per rank (each worker reads its own part): Lightning's generic caution does not apply
+warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 
 
 class ShardDataModule(pl.LightningDataModule):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from ..data.cache import DTYPES, FORMAT, VERSION, _npy, cache_identity
 from ..data.hashing import sha256_file
-from .setup import build_module, make_datamodule
+from .setup import build_module, cuda_defaults, make_datamodule
 
 
 class _SourceCollate:
@@ -105,6 +105,7 @@ def extract_cache(cfg) -> dict:
     if dtype not in DTYPES:
         raise ValueError(f"cache.dtype={dtype!r}: use float16 or float32")
     cfg = OmegaConf.merge(cfg, {"data": {"cache": None}})
+    cuda_defaults()
     dm = make_datamodule(cfg)
     module, _ = build_module(cfg, dm)
     device = str(cc.get("device") or "auto")

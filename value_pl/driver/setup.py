@@ -134,7 +134,14 @@ def make_logger(cfg: DictConfig, rdir: Path):
     raise ValueError(f"unknown logger {name!r} (wandb, csv, none)")
 
 
+def cuda_defaults() -> None:
+    """TF32 for the fp32 matmuls left outside bf16 autocast (what Lightning recommends on Ampere and later)."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+
 def make_trainer(cfg: DictConfig, rdir: Path, logger, callbacks=None) -> pl.Trainer:
+    cuda_defaults()
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     t.pop("name", None)
     if t.get("strategy") == "ddp" and t.get("accelerator") == "cpu":
@@ -187,8 +194,7 @@ def close_logger(logger, cfg: DictConfig) -> None:
 def prepare(cfg: DictConfig):
     """Seed, run dir, data module and probe module: the common start of every training driver."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside bf16 autocast
+    cuda_defaults()
     rdir = run_dir(cfg)
     dm = make_datamodule(cfg)
     module, spec = build_module(cfg, dm)

@@ -1,0 +1,70 @@
+"""What a run reports: an empty split is an error at start, results.json is strict JSON (no NaN), and the data
+counters (samples, dropped pairs, truncation) are per split and one pass each, not accumulated over epochs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose
+from test_cache import FAST, small_demo, tiny_backbone
+
+
+def _vrc_pairs_beyond(man_root, split: str, max_regions: int) -> tuple[int, int]:
+    """(pairs of vrc in the split, of which a region index >= max_regions), read from the shards."""
+    from value_pl.data.datamodule import ShardDataModule
+    from value_pl.data.schema import decode_sample
+
+    dm = ShardDataModule(man_root)
+    st = dm.stream(split, train=False, collate=list)
+    total = cut = 0
+    for s in map(decode_sample, st.raw()):
+        for a, b, _ in s["meta"]["pairs"]["vrc"]:
+            total += 1
+            cut += int(a >= max_regions or b >= max_regions)
+    return total, cut
+
+
+def test_an_empty_split_is_an_error_at_start(tmp_path):
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    root = tmp_path / "demo"
+    small_demo(root, splits={"train": 8, "val": 4, "test": 4})
+    man = json.loads((root / "manifest.json").read_text())
+    man["splits"]["val"]["pairs"].pop("vrc")
+    (root / "manifest.json").write_text(json.dumps(man))
+    cfg = compose(["task=vrc", f"data.root={root}", *tiny_backbone(tmp_path), "logger=none"])
+    with pytest.raises(ValueError, match=r"demo: split 'val' \(4 samples\) has no vrc example"):
+        build_module(cfg, make_datamodule(cfg))
+
+
+@pytest.mark.slow
+def test_counters_are_per_split_and_one_pass_and_json_is_strict(tmp_path):
+    from value_pl.driver.train import train
+
+    root = tmp_path / "demo"
+    small_demo(root, splits={"train": 24, "val": 12, "test": 12})
+    R = 5  # fewer regions than the demo's 10: pairs on regions 5..9 are dropped, and counted
+    res = train(compose(["task=vrc", "prober=layer_emb", f"data.root={root}", *tiny_backbone(tmp_path),
+                         f"backbone.max_regions={R}", "layers=[1]", "trainer.max_epochs=3",
+                         f"run_dir={tmp_path / 'run'}", *[f for f in FAST if "max_epochs" not in f]]))
+    for split in ("val", "test"):
+        total, cut = _vrc_pairs_beyond(root, split, R)
+        assert 0 < cut < total
+        assert res["pairs_dropped"][split] == cut  # one pass, not 3 validation epochs' worth
+        assert res["pairs_evaluated"][split] == total - cut
+        assert res["truncated"][split] == {"texts": 0, "phrases": 0, "regions": 12}
+    assert res["samples_seen"]["val"] == [12, 12, 12] and res["truncated"]["max_regions"] == R
+    text = (tmp_path / "run" / "results.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
+
+
+def test_unmeasured_accuracies_are_null_not_nan(tmp_path):
+    from value_pl.driver.results import json_safe, results_markdown
+
+    res = json_safe({"task": "vrc", "prober": "layer_emb", "backbone": {"name": "x", "pretrained": False}, "seed": 0,
+                     "chance": 0.1, "majority": None, "best": None,
+                     "layers": [{"layer": 1, "name": "layer_01", "val_acc": float("nan"), "test_acc": None}]})
+    assert res["layers"][0]["val_acc"] is None
+    md = results_markdown(res)
+    assert "nan" not in md.lower() and "| 1 | layer_01 | layer_01 | - | - |" in md
