@@ -210,7 +210,8 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
                                         "config": model_config(Path(tempfile.mkdtemp()), 1, 64, 2)}), img_dim=2048)
     out = []
     for workers in args.workers:
-        dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=workers, shuffle_buffer=1000, pin_memory=False)
+        dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=workers, shuffle_buffer=1000, pin_memory=False,
+                             prefetch_factor=prefetch_for(workers, args.e2e_batch))
         dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
         loader = dm.loader("train", True)
         it = iter(loader)
@@ -227,6 +228,17 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
     return out
 
 
+def prefetch_for(workers: int, batch: int) -> int:
+    """Batches per worker that fit in half of /dev/shm (a container's is often small): 1..4."""
+    try:
+        st = os.statvfs("/dev/shm")
+        shm = st.f_bavail * st.f_frsize
+    except OSError:
+        return 2
+    per_batch = batch * 36 * 2048 * 2 * 1.2  # fp16 features dominate
+    return int(max(1, min(4, shm // 2 // (per_batch * max(workers, 1)))))
+
+
 def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev) -> list[dict]:
     from hydra import compose, initialize_config_dir
 
@@ -237,6 +249,7 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev) -> l
         run = tmp / f"run-{prober}"
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
               f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={args.workers[0]}", "logger=none",
+              f"data.prefetch_factor={prefetch_for(args.workers[0], 2 * args.e2e_batch)}",
               f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", f"run_dir={run}",
               "trainer=gpu" if dev.type == "cuda" else "trainer=cpu", "backbone=uniter_untrained",
               f"backbone.config={model_config(tmp, args.layers, args.hidden, args.heads)}", f"backbone.tokenizer={tok}",
@@ -310,7 +323,8 @@ def main(argv=None) -> int:
         gpu = f"{torch.cuda.get_device_name(dev)} ({torch.cuda.get_device_properties(dev).total_memory / 2**30:.0f} GiB)"
     else:
         gpu = "CPU (script check only)"
-    print(f"# value-pl GPU benchmark: {gpu}, torch {torch.__version__}, bf16 autocast, {os.cpu_count()} CPU cores")
+    print(f"# value-pl GPU benchmark: {gpu}, torch {torch.__version__}, bf16 autocast, {os.cpu_count()} CPU cores, "
+          f"prefetch {prefetch_for(args.workers[0], args.e2e_batch)} batches per worker")
     print(f"# model: random UNITER {args.layers} layers x {args.hidden} hidden x {args.heads} heads", flush=True)
     report = {"device": gpu, "torch": torch.__version__, "cpus": os.cpu_count()}
     util = Utilisation()
