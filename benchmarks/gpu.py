@@ -176,7 +176,7 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
     for prober in ("layer_emb", "attention"):
         m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(C)]},
                         prober={"name": prober}, seed=0).to(dev)
-        opt = torch.optim.Adam(m.heads.parameters(), lr=1e-3)
+        opt = m.configure_optimizers()  # what training uses (fused Adam on CUDA)
 
         def step(m=m, opt=opt):
             with torch.autocast(**ac):
@@ -187,7 +187,31 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
 
         rows.append((f"online training step, {prober} ({len(m.head_names)} heads)",
                      *measure(step, args.iters, args.warmup, dev), B))
+        if args.profile and dev.type == "cuda":
+            profile_step(step, f"{prober} step")
+    if args.profile and dev.type == "cuda":
+        profile_step(bare, "bare forward")
     return rows
+
+
+def profile_step(fn, name: str) -> None:
+    """Host (CPU) time vs device (CUDA kernel) time of one call: which side bounds the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    cuda = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ev) / 1e3
+    kernels = sum(e.count for e in ev if getattr(e, "self_device_time_total", 0) > 0)
+    print(f"# profile {name}: wall {1e3 * wall:.1f} ms, CUDA kernels {cuda:.1f} ms busy ({kernels} kernel calls)", flush=True)
+    top = sorted(ev, key=lambda e: -getattr(e, "self_device_time_total", 0))[:6]
+    print("#   top kernels: " + "; ".join(f"{e.key[:40]} {getattr(e, 'self_device_time_total', 0) / 1e3:.2f} ms"
+                                          for e in top), flush=True)
 
 
 def build_shards(root: Path, args) -> dict:
@@ -311,6 +335,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[15, 4], help="loader workers; the first is used e2e")
     ap.add_argument("--e2e-probers", nargs="+", default=["layer_emb", "attention"])
     ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: memory loader e2e")
+    ap.add_argument("--profile", action="store_true", help="profile one step of each (host vs device time)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)

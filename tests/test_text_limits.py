@@ -95,3 +95,20 @@ def test_cached_word_pieces_equal_the_tokenizer(texts):
     assert torch.equal(short["input_ids"], ref2["input_ids"])
     assert short["truncated"].tolist() == [len(ref["input_ids"][b][ref["attention_mask"][b].bool()]) > 8
                                           for b in range(len(texts))]
+
+
+def test_non_finite_features_name_the_shard_and_sample(lxmert):
+    import pytest as _pytest
+
+    from value_pl.data.schema import SchemaError
+
+    f = np.zeros((2, 16), np.float16)
+    f[1, 3] = np.inf
+    s = {"key": "k9", "source": ("shards/x/train-000003.tar", 7), "feats": f,
+         "meta": {"words": ["a", "dog"], "image": {"id": "1", "width": 10, "height": 10},
+                  "regions": {"boxes": [[0, 0, 5, 5], [1, 1, 6, 6]]}, "phrases": [], "pairs": {}}}
+    with _pytest.raises(SchemaError, match="train-000003.tar: sample k9: non-finite region features"):
+        lxmert.collator()([s])
+    f[1, 3] = np.nan
+    with _pytest.raises(SchemaError, match="non-finite"):
+        lxmert.collator()([s])

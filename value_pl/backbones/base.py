@@ -82,14 +82,25 @@ class CaptureSpec:
     full_forward: bool = False
 
     def wants_hidden(self, name: str) -> bool:
-        return self.hidden is None or any(fnmatch.fnmatchcase(name, p) for p in self.hidden)
+        return _wants(self.hidden, name)
 
     def wants_attn(self, name: str) -> bool:
-        return self.attn is None or any(fnmatch.fnmatchcase(name, p) for p in self.attn)
+        return _wants(self.attn, name)
 
     @classmethod
     def everything(cls) -> "CaptureSpec":
         return cls(hidden=None, attn=None, rows=None)
+
+
+def _wants(patterns, name: str) -> bool:
+    """``name`` matches one of ``patterns`` (None = all); exact names by set lookup, the rest by fnmatch."""
+    if patterns is None:
+        return True
+    if not isinstance(patterns, (list, tuple, set, frozenset)):
+        patterns = list(patterns)
+    if name in patterns:
+        return True
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns if any(c in p for c in "*?["))
 
 
 @dataclass

@@ -159,10 +159,22 @@ class TaskSpec:
         return {l: i for i, l in enumerate(self.labels)}
 
 
+def _batch_tensor(shape: tuple, dtype) -> torch.Tensor:
+    """An uninitialised tensor for the batch's features; in a loader worker it is allocated in shared memory, so
+    handing the batch to the main process copies nothing (the default moves every batch into shared memory)."""
+    dt = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+    if torch.utils.data.get_worker_info() is None or not int(np.prod(shape)):
+        return torch.empty(shape, dtype=dt)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return torch.empty(0, dtype=dt).set_(storage, 0, shape)
+
+
 def _non_finite(x: np.ndarray) -> bool:
-    """Any NaN/inf: for fp16, one pass over the exponent bits (twice as fast as ``np.isfinite``)."""
-    if x.dtype == np.float16:
-        return bool(((x.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    """Any NaN/inf: for fp16, the largest magnitude's bits (NaN/inf have all exponent bits set), ~4x faster
+    than ``np.isfinite``."""
+    if x.dtype == np.float16 and x.size:
+        mag = np.bitwise_and(np.ascontiguousarray(x).view(np.uint16), 0x7FFF)
+        return bool(mag.max() >= 0x7C00)
     return not bool(np.isfinite(x).all())
 
 
@@ -204,26 +216,28 @@ class Collator:
         R = max(nreg) if nreg else 0
         dv = max((s["feats"].shape[1] for s in samples if s["feats"].ndim == 2), default=0)
         fdt = next((s["feats"].dtype for s in samples if s["feats"].ndim == 2 and s["feats"].shape[0]), np.float16)
-        feats = np.zeros((B, R, dv), dtype=fdt)
+        feats_t = _batch_tensor((B, R, dv), fdt)
+        feats = feats_t.numpy()
         boxes = np.zeros((B, R, enc.box_dim), dtype=np.float32)
         rmask = np.zeros((B, R), dtype=np.int64)
         for b, s in enumerate(samples):
             n = nreg[b]
             if n == 0:
+                feats[b] = 0
                 continue
             m = s["meta"]
+            if _non_finite(s["feats"][:n]):  # checked while the sample is in cache
+                raise SchemaError(f"{s.get('source', ['?'])[0]}: sample {s['key']}: non-finite region features")
             feats[b, :n] = s["feats"][:n]
+            feats[b, n:] = 0
             img = m["image"]
             boxes[b, :n] = encode_boxes(m["regions"]["boxes"][:n], img["width"], img["height"], enc.box_mode)
             rmask[b, :n] = 1
-        if R and _non_finite(feats):
-            bad = [samples[b]["key"] for b in range(B) if _non_finite(feats[b])]
-            raise SchemaError(f"sample(s) {bad[:3]}: non-finite region features")
         counts = {k: 0 for k in ("samples", "pairs", "pairs_dropped", "phrases_dropped")}
         truncated = batch.pop("truncated")
         counts.update(samples=B, texts_truncated=int(truncated.sum()),
                       regions_truncated=sum(1 for a, b in zip(nbox, nreg) if a > b))
-        batch.update(region_feats=torch.from_numpy(feats), region_boxes=torch.from_numpy(boxes),
+        batch.update(region_feats=feats_t, region_boxes=torch.from_numpy(boxes),
                      region_mask=torch.from_numpy(rmask), keys=[s["key"] for s in samples], counts=counts)
         if self.task is not None:
             if self.task.kind == "sentence":
