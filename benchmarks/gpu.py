@@ -144,15 +144,17 @@ class Utilisation:
     def _run(self):
         while not self.stop.is_set():
             if self.active and self.nvml is not None:
-                self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.h).gpu)
+                self.samples.append((time.time(), self.nvml.nvmlDeviceGetUtilizationRates(self.h).gpu))
             time.sleep(self.period)
 
     def window(self):
         self.samples, self.active = [], True
 
-    def mean(self) -> float:
+    def mean(self, start: float = 0.0, end: float = float("inf")) -> float:
+        """Mean utilisation (%) of the samples taken between ``start`` and ``end`` (time.time())."""
         self.active = False
-        return sum(self.samples) / len(self.samples) if self.samples else float("nan")
+        xs = [u for t, u in self.samples if start <= t <= end]
+        return sum(xs) / len(xs) if xs else float("nan")
 
 
 def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
@@ -196,6 +198,13 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
 
 def profile_step(fn, name: str) -> None:
     """Host (CPU) time vs device (CUDA kernel) time of one call: which side bounds the step."""
+    try:
+        _profile_step(fn, name)
+    except Exception as e:  # noqa: BLE001 - a diagnostic must not end the benchmark
+        print(f"# profile {name}: failed ({type(e).__name__}: {e})", flush=True)
+
+
+def _profile_step(fn, name: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -209,9 +218,10 @@ def profile_step(fn, name: str) -> None:
     cuda = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ev) / 1e3
     kernels = sum(e.count for e in ev if getattr(e, "self_device_time_total", 0) > 0)
     print(f"# profile {name}: wall {1e3 * wall:.1f} ms, CUDA kernels {cuda:.1f} ms busy ({kernels} kernel calls)", flush=True)
-    top = sorted(ev, key=lambda e: -getattr(e, "self_device_time_total", 0))[:6]
-    print("#   top kernels: " + "; ".join(f"{e.key[:40]} {getattr(e, 'self_device_time_total', 0) / 1e3:.2f} ms"
-                                          for e in top), flush=True)
+    cpu = sum(e.self_cpu_time_total for e in ev) / 1e3
+    print(f"#   host: {cpu:.1f} ms of operator time; top: " + "; ".join(
+        f"{e.key[:32]} x{e.count} {e.self_cpu_time_total / 1e3:.2f} ms"
+        for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:8]), flush=True)
 
 
 def build_shards(root: Path, args) -> dict:
@@ -282,12 +292,12 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev) -> l
             cfg = compose(config_name="train", overrides=ov)
         util.window()
         res = train(cfg)
-        busy = util.mean()
         tp = res["throughput"]["train"]
+        busy = util.mean(tp["start"], tp["end"])  # the last training epoch (validation excluded)
         out.append({"prober": prober, **tp, "gpu_util_pct": busy, "samples_seen": res["samples_seen"]["train"],
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
         print(f"# e2e {prober}: {tp['samples_per_s']:,.0f} samples/s (last epoch), waiting for data "
-              f"{100 * tp['data_wait_frac']:.0f}%, GPU busy {busy:.0f}% (NVML, all epochs incl. validation), "
+              f"{100 * tp['data_wait_frac']:.0f}%, GPU busy {busy:.0f}% (NVML, last training epoch), "
               f"samples per epoch {res['samples_seen']['train']}", flush=True)
     return out
 

@@ -49,6 +49,7 @@ class ThroughputMonitor(pl.Callback):
         wall = max(self._t_end - self._t0, 1e-9)
         world = trainer.world_size
         rec = {"epoch": int(trainer.current_epoch), "seconds": round(wall, 3), "batches": self._batches,
+               "start": time.time() - (time.perf_counter() - self._t0), "end": time.time() - (time.perf_counter() - self._t_end),
                # every rank reads the same number of samples: the run's rate is world x this rank's
                "samples_per_s": world * self._samples / wall, "pairs_per_s": world * self._pairs / wall,
                "data_wait_frac": self._wait / wall, "world_size": world}

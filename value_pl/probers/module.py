@@ -193,7 +193,11 @@ class ProbeModule(pl.LightningModule):
         if not inputs or y.numel() == 0:
             return sum(p.sum() * 0.0 for p in self.heads.parameters())
         loss = self.loss(inputs, y)
-        self.log("train/loss", loss / len(self.head_names), prog_bar=True, batch_size=y.numel())
+        # no progress-bar value per step: Lightning reads those with .item(), a host sync that would leave the GPU
+        # idle while the next step is launched; the bar shows the epoch mean instead
+        mean = loss.detach() / len(self.head_names)
+        self.log("train/loss", mean, batch_size=y.numel())
+        self.log("loss", mean, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.numel())
         return loss
 
     def _eval_step(self, batch, metric, stage):
