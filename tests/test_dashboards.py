@@ -58,7 +58,7 @@ def sweep(tmp_path_factory, demo_root):
 
 
 def test_probing_run_accuracy_by_layer(sweep):
-    _, (rdir, res, run), _ = sweep
+    _, (_, res, run), _ = sweep
     assert [h for h in run.history if "val/acc/layer_01" in h] and [h for h in run.history if "train/loss" in h]
     chart = run.chart("accuracy_by_layer")
     assert chart["title"] == "accuracy by layer" and chart["xname"] == "layer"
@@ -133,7 +133,7 @@ def test_multirun_logs_into_one_group_with_the_report(tmp_path, demo_root):
            f"data.root={demo_root}", "logger=wandb", "trainer.enable_progress_bar=false", "data.train_batches=2",
            "trainer.max_epochs=1", "++trainer.limit_val_batches=1", "++trainer.limit_test_batches=1",
            f"hydra.sweep.dir={sweep}"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     runs = offline_runs(sweep)
     group = "mytable-2024-01-01_00-00-00"

@@ -200,7 +200,7 @@ class SweepReport(HydraCallback):
             return
         try:
             self.report(config)
-        except Exception as e:  # noqa: BLE001 - the sweep's own results are already written
+        except Exception as e:  # the sweep's own results are already written: a report never fails it
             log.warning("sweep report failed: %s", e, exc_info=True)
 
     def report(self, config) -> dict | None:
