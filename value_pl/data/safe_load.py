@@ -97,8 +97,8 @@ def load_torch(path, *, what: str = "checkpoint", mmap: bool = False, allow_unsa
         if "weights only load failed" not in str(e).lower() and "weightsunpickler" not in str(e).lower():
             raise
         names = _unsafe_names(path, e)
-        reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
-        reason = reason.group(1).strip() if reason else str(e).splitlines()[0]
+        m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        reason = m.group(1).strip() if m else str(e).strip().splitlines()[0]
     if not allow:
         if not names:  # no class or function named: a damaged or non-torch file rather than a pickled payload
             raise ValueError(f"{path}: not a {what} that loads with weights_only=True ({reason}); if it is a file "
