@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,11 +97,22 @@ class OfflineRun:
         return [row[i] for row in t["data"]]
 
 
-def read_run(run_dir: Path) -> OfflineRun:
+def _complete(f: Path, timeout: float) -> list:
+    """The records of a finished run: W&B's service may still be writing the file when ``finish()`` returns,
+    so wait (up to ``timeout`` s) for the run's ``exit`` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = list(records(f))
+        if (recs and recs[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.2)
+
+
+def read_run(run_dir: Path, timeout: float = 60.0) -> OfflineRun:
     run_dir = Path(run_dir)
     f = next(run_dir.glob("run-*.wandb"))
     out = OfflineRun(run_dir)
-    for r in records(f):
+    for r in _complete(f, timeout):
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out.group, out.name, out.job_type = r.run.run_group, r.run.display_name, r.run.job_type
