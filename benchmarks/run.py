@@ -166,7 +166,7 @@ def _mem_probe(kind: str, tmp: str, layers: int, hidden: int, heads: int, q) -> 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     tmp = Path(tmp)
-    batch = torch.load(tmp / "batch.pt", weights_only=False)
+    batch = torch.load(tmp / "batch.pt", weights_only=True)  # a collated batch: tensors and strings
     if kind in ("ours", "sdpa"):
         from value_pl.backbones.base import CaptureSpec
 

@@ -28,7 +28,7 @@ FAST = ["logger=none", "trainer.enable_progress_bar=false", "trainer.max_epochs=
 
 
 def heads_of(ckpt):
-    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in sd.items() if k.startswith("heads.")}
 
 

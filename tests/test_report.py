@@ -106,9 +106,11 @@ def test_cli_writes_markdown_and_csv(runs, tmp_path):
 
 def test_wandb_tables(runs, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    logged = {}
+    logged, inits = {}, []
 
     class FakeRun:
+        summary: dict = {}
+
         def log(self, d):
             logged.update(d)
 
@@ -117,9 +119,14 @@ def test_wandb_tables(runs, tmp_path, monkeypatch):
 
     import wandb
 
-    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun())
-    report.log_wandb(report.build_tables(report.load_runs([runs]), "table3"))
+    monkeypatch.setattr(wandb, "init", lambda **kw: inits.append(kw) or FakeRun())
+    report.log_wandb(report.build_tables(report.load_runs([runs]), "table3"), group="table3-sweep")
     assert "report/table3" in logged and logged["finished"]
+    assert inits[0]["group"] == "table3-sweep" and inits[0]["job_type"] == "report"
+    # the summary holds the table: every measured cell (in %) and the markdown
+    assert "table3/markdown" in FakeRun.summary
+    cells = {k: v for k, v in FakeRun.summary.items() if k.startswith("table3/") and isinstance(v, float)}
+    assert cells and all(0 <= v <= 100 for v in cells.values())
 
 
 def test_table5_selects_the_layer_on_dev_not_test(tmp_path):

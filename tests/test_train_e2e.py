@@ -37,7 +37,7 @@ def test_planted_signal_and_shuffled_labels(tmp_path, demo_root):
     # no signal: no layer beats always-predicting-the-majority-class by more than noise
     assert max(r["test_acc"] for r in shuf["layers"]) < real["majority"] + 0.05, shuf["layers"]
     # checkpoints hold prober weights and the backbone's identity, not the backbone
-    ck = torch.load(d1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(d1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert all(k.startswith(("heads.", "val_acc.", "test_acc.")) for k in ck["state_dict"])
     ident = ck["value_pl"]["backbone_identity"]
     assert ident["family"] == "uniter" and len(ident["checksum"]) == 16
@@ -52,7 +52,7 @@ def test_resume_and_eval(tmp_path, demo_root):
     last = d1 / "checkpoints" / "last.ckpt"
     d2 = tmp_path / "resumed"
     run_cli("value_pl.train", common + ["trainer.max_epochs=2", f"ckpt_path={last}"], d2)
-    ck = torch.load(d2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(d2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and ck["global_step"] == 6  # continued, not restarted
     d3 = tmp_path / "eval"
     run_cli("value_pl.eval", [f"ckpt_path={d2 / 'checkpoints' / 'last.ckpt'}", f"data.root={demo_root}", *FAST], d3)

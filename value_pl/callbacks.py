@@ -1,4 +1,6 @@
-"""``ProbeCallback``: run the probe suite on the current weights while *you* pretrain (VALUE, App. C (iii)).
+"""Callbacks: ``ProbeCallback`` (Lightning) runs the probe suite on the current weights while *you* pretrain
+(VALUE, App. C (iii)); ``SweepReport`` (Hydra, at the end of every ``-m`` multirun) builds the paper's tables
+from the sweep's ``results.json`` files and logs them into the sweep's W&B group.
 
 Add it to your own pretraining ``Trainer``::
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -39,6 +42,7 @@ from typing import Callable
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 
 from .compare.suite import SuiteData, preserved, run_suite, suite_config
 
@@ -178,3 +182,44 @@ class ProbeCallback(pl.Callback):
         for part, why in res["skipped"].items():
             log.info("probe suite: %s not measured: %s", part, why)
         return res["metrics"]
+
+
+class SweepReport(HydraCallback):
+    """Hydra callback (``configs/train.yaml``: ``hydra.callbacks.sweep_report``): when a multirun ends, build the
+    report tables (:mod:`value_pl.report`) from every ``results.json`` under the sweep directory, write them to
+    ``<sweep dir>/report/``, and -- under ``logger=wandb`` -- log them as one ``job_type=report`` run in the
+    sweep's W&B group (:func:`value_pl.driver.setup.sweep_group`), whose summary holds every table cell.
+    A report never fails a sweep: problems are printed."""
+
+    def __init__(self, layout: str = "auto", enabled: bool = True):
+        self.layout = layout
+        self.enabled = enabled
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.report(config)
+        except Exception as e:  # the sweep's own results are already written: a report never fails it
+            log.warning("sweep report failed: %s", e, exc_info=True)
+
+    def report(self, config) -> dict | None:
+        from .driver.setup import sweep_group
+        from .report import build_tables, load_runs, log_wandb, write_tables
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        runs = load_runs([sweep_dir]) if sweep_dir.is_dir() else []
+        if not runs:
+            return None
+        tables = build_tables(runs, self.layout)
+        path = write_tables(tables, sweep_dir / "report", len(runs))
+        out = {"runs": len(runs), "tables": [t.name for t in tables], "report": str(path), "group": None}
+        lc = config.get("logger")
+        if tables and lc and lc.get("name") == "wandb":
+            group = lc.get("group") or sweep_group(config.hydra)
+            os.environ.setdefault("WANDB_MODE", lc.get("mode", "offline"))
+            log_wandb(tables, lc.get("project", "value-pl"), group=group, dir=str(sweep_dir))
+            out["group"] = group
+        print(f"[value-pl] sweep report: {len(runs)} runs -> {path}"
+              + (f"; W&B group {out['group']} (run {out['group']}-report)" if out["group"] else ""))
+        return out

@@ -51,6 +51,14 @@ class BertBackbone(SingleStreamBackbone):
     def sentence_layers(self) -> list[str]:
         return self.hidden_names()
 
+    def text_embeddings(self):
+        return self.model.embeddings
+
+    def position_offset(self) -> int:
+        """RoBERTa-style embeddings number positions from ``padding_idx + 1``."""
+        pad = getattr(self.model.embeddings, "padding_idx", None)
+        return int(pad) + 1 if pad is not None else 0
+
     def forward(self, batch: dict, capture: CaptureSpec | None = None) -> BackboneOutput:
         capture = capture or CaptureSpec()
         ids, tmask = batch["input_ids"], batch["text_mask"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..data.safe_load import load_torch
 from .base import CaptureSpec, QKRecorder, additive_mask, attention_probs
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,19 @@ def hf_state(path: str) -> dict[str, Tensor]:
 
 
 def finish(m, cfg, src: Sources, seed: int, source: str, report: dict, **identity):
-    """Freeze a built backbone and record its identity (what prober checkpoints store)."""
+    """Freeze a built backbone and record its identity (what prober checkpoints store).
+
+    ``cfg.box_mode`` (``uniter7`` / ``xyxy4``) overrides the family's box encoding (a variant trained on
+    other boxes); :mod:`.checks` verifies it against the model's box input before the first batch."""
     m.freeze()
+    box_mode = cfg.get("box_mode")
+    if box_mode:
+        from ..data.collate import BOX_DIMS
+
+        if box_mode not in BOX_DIMS:
+            raise ValueError(f"backbone.box_mode={box_mode!r}: use one of {', '.join(BOX_DIMS)} (or null)")
+        m.box_mode = str(box_mode)
+        identity = {**identity, "box_mode": m.box_mode}
     m.load_report = report
     m.identity = {
         "family": m.family, "name": cfg.get("name", m.family), "path": src.path, "checkpoint": src.checkpoint,
@@ -144,7 +156,7 @@ def load_state(path: str) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_torch(path, what="backbone checkpoint")  # weights_only; pickle only with allow_unsafe_checkpoints
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):

@@ -64,6 +64,9 @@ class LxmertBackbone(Backbone):
     kind = "two"
     family = "lxmert"
     box_mode = "xyxy4"
+    feature_field = "visual_feat_dim"
+    box_input_field = "visual_pos_dim"
+    image_weights: str | None = None  # the file/directory the visual embedding was loaded from (checks.py)
 
     def __init__(self, config: LxmertConfig, tokenizer=None, max_text_len: int | None = None, max_regions: int = 36):
         super().__init__(tokenizer, max_text_len, max_regions)
@@ -74,6 +77,12 @@ class LxmertBackbone(Backbone):
     @property
     def img_dim(self) -> int:
         return self.config.visual_feat_dim
+
+    def text_embeddings(self):
+        return self.lxmert.embeddings
+
+    def box_input_dim(self) -> int:
+        return self.lxmert.encoder.visn_fc.box_fc.in_features
 
     @property
     def n_lang(self) -> int:
@@ -273,9 +282,11 @@ def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
     if pretrained and ckpt:
         report = load_into(m, map_lxmert_keys(load_state(ckpt)), ckpt, required)
         source = f"original LXMERT checkpoint {ckpt}"
+        m.image_weights = ckpt
     elif pretrained and path:
         report = load_into(m, map_lxmert_keys(hf_state(path)), path, required)
         source = f"HF LXMERT directory {path}"
+        m.image_weights = path
     if report.get("ignored"):
         log.info("LXMERT: ignored %d non-encoder key(s): %s", len(report["ignored"]), report["ignored"][:8])
     if img_dim and int(img_dim) != config.visual_feat_dim:

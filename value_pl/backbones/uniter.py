@@ -82,6 +82,9 @@ class UniterModel(nn.Module):
 class UniterBackbone(SingleStreamBackbone):
     family = "uniter"
     box_mode = "uniter7"
+    feature_field = "img_dim"
+    box_input_field = "pos_linear in_features"
+    image_weights: str | None = None  # the file the image embedding was loaded from (checks.py)
 
     def __init__(self, config: BertConfig, img_dim: int, tokenizer=None, max_text_len: int | None = None,
                  max_regions: int = 100):
@@ -90,6 +93,13 @@ class UniterBackbone(SingleStreamBackbone):
         self.config = config
         self.img_dim = img_dim
         self.uniter = UniterModel(config, img_dim)
+
+    # ------------------------------------------------------ input checks
+    def text_embeddings(self) -> nn.Module:
+        return self.uniter.embeddings
+
+    def box_input_dim(self) -> int:
+        return self.uniter.img_embeddings.pos_linear.in_features
 
     # ------------------------------------------------------------- forward
     def forward(self, batch: dict, capture: CaptureSpec | None = None) -> BackboneOutput:
@@ -156,15 +166,18 @@ def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
     src = sources(cfg, "uniter", "PATH (uniter-base.pt)")
     path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
     config = _bert_config(path, src.config)
-    img_dim = int(cfg.get("img_dim") or img_dim or 2048)
+    sd = _uniter_keys(rename_gamma_beta(load_state(ckpt))) if (pretrained and ckpt) else None
+    ckpt_dim = sd.get("uniter.img_embeddings.img_linear.weight") if sd else None
+    # the width: configured > the checkpoint's image embedding > the shards' > UNITER's 2048
+    img_dim = int(cfg.get("img_dim") or (ckpt_dim.shape[1] if ckpt_dim is not None else None) or img_dim or 2048)
     tokenizer = load_tokenizer(src.tokenizer)
     m = UniterBackbone(config, img_dim, tokenizer, cfg.get("max_text_len"), int(cfg.get("max_regions", 100)))
     seed = int(cfg.get("seed", 0))
     seeded_init(m, config.initializer_range, seed)
     report = {}
     source = "random init (untrained twin)"
-    if pretrained and ckpt:
-        sd = _uniter_keys(rename_gamma_beta(load_state(ckpt)))
+    if sd is not None:
+        m.image_weights = ckpt
         report = load_into(m, sd, ckpt, ("uniter.embeddings.", "uniter.img_embeddings.", "uniter.encoder."),
                            optional=("uniter.img_embeddings.mask_embedding",))
         source = f"UNITER checkpoint {ckpt}"

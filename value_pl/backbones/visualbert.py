@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 class VisualBertBackbone(SingleStreamBackbone):
     family = "visualbert"
     box_mode = "xyxy4"  # encoded by the collator, unused by the model
+    feature_field = "visual_embedding_dim"
+    image_weights: str | None = None  # the file/directory visual_projection was loaded from (checks.py)
 
     def __init__(self, config: VisualBertConfig, tokenizer=None, max_text_len: int | None = None, max_regions: int = 100):
         super().__init__(tokenizer, max_text_len, max_regions)
@@ -43,6 +45,9 @@ class VisualBertBackbone(SingleStreamBackbone):
     @property
     def img_dim(self) -> int:
         return self.config.visual_embedding_dim
+
+    def text_embeddings(self):
+        return self.visual_bert.embeddings
 
     def forward(self, batch: dict, capture: CaptureSpec | None = None) -> BackboneOutput:
         capture = capture or CaptureSpec()
@@ -109,5 +114,6 @@ def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
         sd = load_state(ckpt) if ckpt else hf_state(path)
         report = load_into(m, map_visualbert_keys(sd), ckpt or path, required)
         source = f"VisualBERT weights from {ckpt or path}"
+        m.image_weights = ckpt or path
     return finish(m, cfg, src, seed, source, report, img_dim=config.visual_embedding_dim,
                   layers=config.num_hidden_layers)

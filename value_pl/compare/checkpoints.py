@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.hashing import sha256_path
+from ..data.safe_load import UnsafeCheckpointError, load_torch
 
 #: name patterns, tried in order; the first that matches gives the step ("k" = thousands)
 STEP_PATTERNS = [
@@ -53,15 +54,18 @@ def step_from_any_number(name: str) -> int | None:
 
 
 def step_from_file(path: str) -> int | None:
-    """``global_step`` / ``step`` stored in a torch checkpoint dict (memory-mapped: cheap for big files)."""
-    import torch
+    """``global_step`` / ``step`` stored in a torch checkpoint dict (memory-mapped: cheap for big files).
 
-    for kw in ({"mmap": True, "weights_only": True}, {"weights_only": False}):
-        try:
-            obj = torch.load(path, map_location="cpu", **kw)
-            break
-        except Exception:  # noqa: BLE001 - not a torch file, old format, ...
-            obj = None
+    Read with ``weights_only=True`` like every torch file: a file that needs pickle raises
+    :class:`~value_pl.data.safe_load.UnsafeCheckpointError` (unless ``allow_unsafe_checkpoints=true``);
+    a file that is not a torch file has no stored step (None).
+    """
+    try:
+        obj = load_torch(path, what="checkpoint", mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - not a torch file, truncated, ...: the step comes from elsewhere
+        obj = None
     if isinstance(obj, dict):
         for k in ("global_step", "step", "iteration"):
             v = obj.get(k)

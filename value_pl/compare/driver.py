@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.progress import progress
+from ..data.safe_load import honours_switch
 from .suite import SuiteData, run_suite, suite_config, suite_hash
 from .checkpoints import checksum, discover
 
@@ -133,25 +135,50 @@ def plots(rows: list[dict], out: Path) -> dict[str, str]:
 
 
 def log_rows(logger, rows: list[dict]) -> None:
-    """One logger run: every checkpoint's metrics at its training step (W&B: step is the x-axis)."""
+    """One logger run: every checkpoint's metrics at its training step. Under W&B every metric is charted against
+    ``compare/step`` (the checkpoint's training step, not the logging order), each summary metric (no
+    ``/layer_``) also gets a line chart ``compare/chart/<metric>`` (metric vs step), and ``compare/rows`` is the
+    table of all rows."""
     if not logger:
         return
     try:
+        names = sorted({k for r in rows for k in r["metrics"]})
+        summary = [n for n in names if "/layer_" not in n]
+        run = _wandb_run(logger)
+        if run is not None:
+            run.define_metric("compare/step")
+            for n in names:
+                run.define_metric(n, step_metric="compare/step")
         for r in rows:
             m = {k: v for k, v in r["metrics"].items() if v == v}
             m["compare/step"] = r["step"]
             logger.log_metrics(m, step=int(r["step"]))
         if hasattr(logger, "log_table"):
-            names = sorted({k for r in rows for k in r["metrics"] if "/layer_" not in k})
-            logger.log_table(key="compare/rows", columns=["checkpoint", "step", *names],
-                             data=[[Path(r["checkpoint"]).name, r["step"], *[r["metrics"].get(n) for n in names]]
+            logger.log_table(key="compare/rows", columns=["checkpoint", "step", *summary],
+                             data=[[Path(r["checkpoint"]).name, r["step"], *[r["metrics"].get(n) for n in summary]]
                                    for r in rows])
+        if run is not None:
+            import wandb
+
+            for n in summary:
+                pts = [[r["step"], r["metrics"][n]] for r in rows if r["metrics"].get(n) == r["metrics"].get(n)
+                       and r["metrics"].get(n) is not None]
+                table = wandb.Table(columns=["step", n], data=pts)
+                run.log({f"compare/chart/{n}": wandb.plot.line(table, "step", n, title=f"{n} vs training step")})
     except Exception as e:  # noqa: BLE001 - a dashboard must never fail a run
         log.warning("could not log the comparison: %s", e)
 
 
+def _wandb_run(logger):
+    from pytorch_lightning.loggers import WandbLogger
+
+    return logger.experiment if isinstance(logger, WandbLogger) else None
+
+
+@honours_switch
 def compare(cfg: DictConfig) -> dict:
     from ..backbones import build_backbone
+    from ..backbones.checks import check_inputs
     from ..driver.setup import close_logger, ensure_demo, make_logger, run_dir
 
     t0 = time.time()
@@ -170,13 +197,14 @@ def compare(cfg: DictConfig) -> dict:
     data = None
     rows = []
     built = 0
-    for ck in cks:
+    bar = progress(cks, enabled=bool(cfg.get("progress", True)), unit="ckpt", desc="compare")
+    for ck in bar:
         csum = checksum(ck.path)
         cfile = cache / f"{csum[:32]}-{sid[:32]}.json"
         if cfile.exists():
             row = json.loads(cfile.read_text())
             row.update(checkpoint=ck.path, step=ck.step, step_source=ck.step_source, computed=False)
-            print(f"[value-pl] {ck.name} (step {ck.step}): cached ({cfile.name})")
+            bar.write(f"[value-pl] {ck.name} (step {ck.step}): cached ({cfile.name})")
             rows.append(row)
             continue
         if data is None:
@@ -185,6 +213,7 @@ def compare(cfg: DictConfig) -> dict:
         t1 = time.time()
         bcfg = backbone_cfg_for(cfg, ck)
         backbone = build_backbone(bcfg, img_dim=data.manifest.get("feature_dim"))
+        check_inputs(backbone, data.manifest, data.root)  # before the first batch
         built += 1
         backbone.to(device)
         tb = time.time() - t1
@@ -196,10 +225,11 @@ def compare(cfg: DictConfig) -> dict:
                "device": str(device), "computed": True}
         cfile.write_text(json.dumps(row, indent=1, default=float) + "\n")
         summ = ", ".join(f"{k}={v:.3f}" for k, v in res["metrics"].items() if "/layer_" not in k)
-        print(f"[value-pl] {ck.name} (step {ck.step}): {summ} [{row['seconds']['total']:.1f} s]")
+        bar.write(f"[value-pl] {ck.name} (step {ck.step}): {summ} [{row['seconds']['total']:.1f} s]")
         rows.append(row)
         del backbone
         gc.collect()
+    bar.close()
     rows.sort(key=lambda r: (r["step"], r["checkpoint"]))
     b = OmegaConf.to_container(cfg.backbone, resolve=True)
     res = {"backbone": {"family": b.get("family"), "name": b.get("name")}, "suite": suite,

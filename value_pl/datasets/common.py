@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 
+from ..data.progress import progress as _progress
 from .regions import FeatureDimError, FeatureError, FeatureNaNError
 
 
@@ -148,11 +149,9 @@ def iter_json_array(path, chunk: int = 1 << 22):
 
 
 def progress(iterable, enabled: bool, **kw):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, **kw)
+    """A bar with rate and ETA (:func:`value_pl.data.progress.progress`): quiet under ``progress=false`` and
+    when stderr is not a terminal (CI logs)."""
+    return _progress(iterable, enabled, **kw)
 
 
 def read_features(reader, iid, W, H, issues: Issues, what: str):

@@ -105,7 +105,8 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
         freq: dict[str, int] = {}
         cands: list[tuple[str, int, str, str, int]] = []  # (pred, score, image id, region id, rel index)
         seen_images: dict[str, int] = {}
-        for ii, im in enumerate(progress(iter_json_array(rg_path), progress_bar, desc="vg pass 1", unit="img")):
+        for ii, im in enumerate(progress(iter_json_array(rg_path), progress_bar, desc="vg pass 1", unit="img",
+                                             total=len(sizes))):
             iid = str(im.get("image_id", im.get("id")))
             if iid in seen_images:
                 raise BuildError(f"{rg_path}: record {ii}: duplicate image id {iid} (first at record {seen_images[iid]})")
@@ -149,7 +150,8 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
 
         # ---- pass 2: the selected captions
         specs: dict[str, list] = {s: [] for s in split_of.names}
-        for ii, im in enumerate(progress(iter_json_array(rg_path), progress_bar, desc="vg pass 2", unit="img")):
+        for ii, im in enumerate(progress(iter_json_array(rg_path), progress_bar, desc="vg pass 2", unit="img",
+                                             total=len(seen_images))):
             iid = str(im.get("image_id", im.get("id")))
             if iid not in sizes:
                 continue

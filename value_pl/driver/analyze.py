@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,9 @@ from ..analysis import ANALYSES, MISSING_PREFIX, Unsupported
 from ..analysis.common import merge_captures
 from ..analysis.pairs import AnalysisCollator
 from ..backbones import build_backbone
+from ..backbones.checks import check_inputs
+from ..data.progress import progress
+from ..data.safe_load import honours_switch
 from .setup import close_logger, make_datamodule, make_logger, run_dir, teardown_distributed
 
 log = logging.getLogger("value_pl")
@@ -79,6 +81,7 @@ def log_wandb(logger, payload: dict, figs: list, rdir: Path, name: str) -> None:
         log.warning("could not log %s to W&B: %s", name, e)
 
 
+@honours_switch
 def analyze(cfg: DictConfig) -> dict:
     t0 = time.time()
     torch.manual_seed(int(cfg.seed))
@@ -87,6 +90,7 @@ def analyze(cfg: DictConfig) -> dict:
     split = str(cfg.get("split", "test"))
     dm.splits.setdefault(split, split)
     backbone = build_backbone(cfg.backbone, img_dim=dm.manifest.get("feature_dim"))
+    check_inputs(backbone, dm.manifest, dm.root)  # before the first batch: widths, boxes, vocabulary, positions
     ident = backbone.describe()
     device = pick_device(cfg.get("device"))
     backbone.to(device)
@@ -105,10 +109,7 @@ def analyze(cfg: DictConfig) -> dict:
     bs = int(cfg.batch_size)
     workers = cfg.get("num_workers")
     workers = cfg.data.get("num_workers", 0) if workers is None else workers
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="sample", desc="analyze", disable=not cfg.get("progress", True), file=sys.stdout,
-               mininterval=2.0)
+    bar = progress(total=total, enabled=bool(cfg.get("progress", True)), unit="sample", desc="analyze")
     seen = 0
     missing: dict[str, int] = {}
     with torch.no_grad():

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 
 from ..data.cache import DTYPES, FORMAT, VERSION, _npy, cache_identity
 from ..data.hashing import sha256_file
+from ..data.progress import progress as progress_bar
+from ..data.safe_load import honours_switch
 from .setup import build_module, cuda_defaults, make_datamodule
 
 
@@ -43,7 +45,8 @@ def _rows_per_sample(module, batch: dict, B: int) -> list[slice]:
 
 def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", device: str = "cpu",
                 bf16: bool = False, num_workers: int = 0, progress: bool = False) -> tuple[dict, dict]:
-    """Extract one split; returns its manifest entry and the heads' input shapes.
+    """Extract one split (``progress``: a bar over its samples, rate and ETA); returns its manifest entry and the
+    heads' input shapes.
 
     Loader workers read contiguous parts of the split (any shard count); each mirror shard is written once
     all of its samples have arrived, in the source order, so the cache mirrors the source one to one.
@@ -65,8 +68,10 @@ def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", devic
     for u in urls:
         if counts[u] == 0:
             flush(u)  # a source shard with no samples still gets its (empty) mirror
+    bar = progress_bar(total=sum(counts.values()), enabled=progress, unit="sample", desc=f"extract {stage}")
     for batch in loader:
         B = len(batch["keys"])
+        bar.update(B)
         dev_batch = move_data_to_device({k: v for k, v in batch.items() if k != "sources"}, device)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             feats = module.extract(dev_batch)
@@ -91,12 +96,14 @@ def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", devic
             n += 1
             if len(pending[url]) == counts[url]:
                 flush(url)
+    bar.close()
     left = [names[u] for u in urls if pending[u] is not None]
     if left:
         raise RuntimeError(f"extraction of split {stage} ended with incomplete shard(s) {left[:3]}")
     return {"samples": n, "shards": [names[u] for u in urls], "shard_samples": [counts[u] for u in urls]}, shapes
 
 
+@honours_switch
 def extract_cache(cfg) -> dict:
     """Build backbone + module from ``cfg`` (like ``train``) and write the cache to ``cfg.cache.root``."""
     t0 = time.time()
@@ -123,7 +130,8 @@ def extract_cache(cfg) -> dict:
     stages = list(cc.get("splits") or ["train", "val", "test"])
     for stage in stages:
         split = dm.splits[stage]
-        entry, sh = write_split(module, dm, stage, tmp, dtype, device, bf16, int(cfg.data.get("num_workers", 0)))
+        entry, sh = write_split(module, dm, stage, tmp, dtype, device, bf16, int(cfg.data.get("num_workers", 0)),
+                                progress=bool(cfg.get("progress", True)))
         entry["pairs"] = dm.manifest["splits"][split].get("pairs", {})
         splits[split] = entry
         shapes.update(sh)

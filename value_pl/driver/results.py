@@ -122,10 +122,105 @@ def write_results(rdir: Path, res: dict) -> None:
     print(md)
 
 
-def log_results_table(logger, res: dict) -> None:
-    if logger and hasattr(logger, "log_table"):
+def matching_task_run(res: dict, rdir: Path | None) -> dict | None:
+    """For a control-task run: the newest ``results.json`` beside ``rdir`` (same parent: a multirun sweep, or the
+    runs of one task/prober) of the same task, prober, backbone, seed and data, without control."""
+    if rdir is None or not res.get("control"):
+        return None
+    want_b, hits = res.get("backbone") or {}, []
+    for f in Path(rdir).resolve().parent.glob("*/results.json"):
+        if f.parent == Path(rdir).resolve():
+            continue
         try:
-            cols = ["layer", "name", "val_acc", "test_acc"]
+            o = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        b = o.get("backbone") or {}
+        if (o.get("task") == res.get("task") and o.get("prober") == res.get("prober") and not o.get("control")
+                and not o.get("shuffle_labels") and "mdl" not in o and o.get("seed") == res.get("seed")
+                and b.get("name") == want_b.get("name") and b.get("checksum") == want_b.get("checksum")
+                and (o.get("data") or {}).get("root") == (res.get("data") or {}).get("root")):
+            hits.append((f.stat().st_mtime, f, o))
+    if not hits:
+        return None
+    _, f, o = max(hits, key=lambda h: (h[0], str(h[1])))
+    return {**o, "_path": str(f)}
+
+
+def layer_chart(res: dict, rdir: Path | None = None) -> dict:
+    """The "accuracy by layer" chart of a run: x = layer number (``layer_NN`` rows; ``all_heads`` and ``raw`` are
+    in the results table), val and test accuracy, chance and majority as flat lines; for a control-task run the
+    control accuracies and, when the matching task run is found (:func:`matching_task_run`), the task accuracy
+    and the selectivity (task test - control test). Returns ``{"title", "xs", "names", "series", "summary"}``."""
+    rows = sorted((r for r in res["layers"] if r.get("layer", -1) >= 0), key=lambda r: r["layer"])
+    xs = [int(r["layer"]) for r in rows]
+    ctrl = bool(res.get("control"))
+    pre = "control " if ctrl else ""
+    series = {f"{pre}val": [r["val_acc"] for r in rows], f"{pre}test": [r["test_acc"] for r in rows],
+              "chance": [res["chance"]] * len(rows)}
+    if res.get("majority") is not None:
+        series["majority"] = [res["majority"]] * len(rows)
+    summary = {"chance": res["chance"], "majority": res.get("majority"), "control": ctrl}
+    if res.get("best"):
+        summary.update({"best/layer": res["best"]["name"], "best/test_acc": res["best"]["test_acc"],
+                        "best/val_acc": res["best"]["val_acc"]})
+    for r in res["layers"]:
+        summary[f"{pre}test_acc/{r['name']}"] = r["test_acc"]
+    title = "accuracy by layer"
+    if ctrl:
+        task = matching_task_run(res, rdir)
+        if task is None:
+            note = ("selectivity not available: no task run (same task, prober, backbone, seed, data, control=false) "
+                    "beside this run; python -m value_pl.report --layout selectivity pairs them later")
+            title = "control task accuracy by layer (selectivity: no matching task run)"
+        else:
+            by = {r["name"]: r["test_acc"] for r in task["layers"]}
+            series["task test"] = [by.get(r["name"], float("nan")) for r in rows]
+            series["selectivity"] = [t - r["test_acc"] for t, r in zip(series["task test"], rows)]
+            note = f"selectivity = task test accuracy ({task['_path']}) - control test accuracy"
+            title = "accuracy by layer: task, control task and selectivity"
+            for r in res["layers"]:
+                if r["name"] in by:
+                    summary[f"selectivity/{r['name']}"] = by[r["name"]] - r["test_acc"]
+        summary["selectivity/available"] = task is not None
+        summary["selectivity/note"] = note
+    return {"title": title, "xs": xs, "names": [r["name"] for r in rows], "series": series, "summary": summary}
+
+
+def _wandb_run(logger):
+    """The W&B run behind a Lightning ``WandbLogger`` (None for other loggers)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    return logger.experiment if isinstance(logger, WandbLogger) else None
+
+
+def log_results_table(logger, res: dict, rdir: Path | None = None) -> None:
+    """After a run: the per-layer results table, the "accuracy by layer" chart (W&B: a line-series panel
+    ``accuracy_by_layer`` and its data ``accuracy_by_layer_data``) and the run summary (best layer, chance,
+    majority, per-layer test accuracy, selectivity for control runs). A dashboard never fails a run."""
+    if not logger:
+        return
+    try:
+        cols = ["layer", "name", "val_acc", "test_acc"]
+        if hasattr(logger, "log_table"):
             logger.log_table(key="results", columns=cols, data=[[r[c] for c in cols] for r in res["layers"]])
-        except Exception as e:  # noqa: BLE001 - a dashboard must never fail a run
-            log.warning("could not log results table: %s", e)
+        chart = layer_chart(res, rdir)
+        if chart["summary"].get("selectivity/available") is False:
+            print(f"[value-pl] {chart['summary']['selectivity/note']}")
+        run = _wandb_run(logger)
+        if run is None:
+            return
+        import wandb
+
+        keys = list(chart["series"])
+        if chart["xs"]:
+            run.log({"accuracy_by_layer": wandb.plot.line_series(
+                xs=chart["xs"], ys=[chart["series"][k] for k in keys], keys=keys, title=chart["title"],
+                xname="layer")})
+            run.log({"accuracy_by_layer_data": wandb.Table(
+                columns=["layer", "name", *keys],
+                data=[[x, n, *[chart["series"][k][i] for k in keys]]
+                      for i, (x, n) in enumerate(zip(chart["xs"], chart["names"]))])})
+        run.summary.update({k: v for k, v in chart["summary"].items() if v is not None})
+    except Exception as e:  # noqa: BLE001 - a dashboard must never fail a run
+        log.warning("could not log results table: %s", e)

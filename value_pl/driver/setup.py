@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import build_backbone
+from ..backbones.checks import check_inputs
 from ..data.collate import TaskSpec
 from ..data.datamodule import ShardDataModule
 from ..data.schema import pair_kind
@@ -112,7 +113,38 @@ def make_relabel(cfg: DictConfig, spec: TaskSpec, dm: ShardDataModule):
     return ControlRelabel.from_config(cfg, spec, dm)
 
 
+def sweep_group(hydra_cfg=None) -> str | None:
+    """The W&B group of a Hydra multirun: its sweep directory below ``multirun/``, "/" -> "-" (e.g.
+    ``table3-2024-05-01_10-00-00`` for ``multirun/table3/2024-05-01_10-00-00``); None outside a multirun."""
+    try:
+        if hydra_cfg is None:
+            from hydra.core.hydra_config import HydraConfig
+
+            hydra_cfg = HydraConfig.get()
+        if "MULTIRUN" not in str(hydra_cfg.mode):
+            return None
+        parts = Path(str(hydra_cfg.sweep.dir)).parts
+    except Exception:  # noqa: BLE001 - outside Hydra
+        return None
+    if "multirun" in parts:
+        parts = parts[len(parts) - parts[::-1].index("multirun"):]
+    return "-".join(p for p in parts if p not in ("", ".", "/")) or None
+
+
+def _job_name() -> str | None:
+    """A multirun job's sub-directory name (``0-vcd-attention-uniter-base-s0``): its W&B run name."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return Path(hc.runtime.output_dir).name if "MULTIRUN" in str(hc.mode) else None
+    except Exception:  # noqa: BLE001 - outside Hydra
+        return None
+
+
 def make_logger(cfg: DictConfig, rdir: Path):
+    """``logger=wandb`` (offline unless ``logger.mode=online``; the runs of one multirun share a group, see
+    :func:`sweep_group`), ``csv`` or ``none``."""
     lc = cfg.get("logger")
     if not lc or lc.get("name") in (None, "none"):
         return False
@@ -129,8 +161,9 @@ def make_logger(cfg: DictConfig, rdir: Path):
         os.environ.setdefault("WANDB_SILENT", "true")
         from pytorch_lightning.loggers import WandbLogger
 
-        return WandbLogger(project=lc.get("project", "value-pl"), name=lc.get("run_name"),
-                           group=lc.get("group"), save_dir=str(rdir), offline=lc.get("mode", "offline") == "offline",
+        return WandbLogger(project=lc.get("project", "value-pl"), name=lc.get("run_name") or _job_name(),
+                           group=lc.get("group") or sweep_group(), save_dir=str(rdir),
+                           offline=lc.get("mode", "offline") == "offline",
                            config=OmegaConf.to_container(cfg, resolve=True))
     raise ValueError(f"unknown logger {name!r} (wandb, csv, none)")
 
@@ -157,6 +190,7 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
     spec = task_spec(cfg, dm)
     if backbone is None:
         backbone = build_backbone(cfg.backbone, img_dim=dm.manifest.get("feature_dim"))
+    check_inputs(backbone, dm.manifest, dm.root, regions=spec.kind != "sentence")  # before the first batch
     stages = [s for s in ("train", "val", "test") if dm.splits.get(s, s) in dm.manifest["splits"]]
     check_splits(dm, spec, stages)
     warn_truncation(dm, backbone, stages)

@@ -5,9 +5,9 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.safe_load import check_loadable, honours_switch, load_torch, unsafe_allowed
 from .mdl import train_mdl
 from .senteval import train_senteval
 from .results import log_results_table, results_dict, write_results
@@ -16,6 +16,7 @@ from .setup import (build_module, close_logger, is_rank_zero, make_datamodule, m
                     run_dir, teardown_distributed)
 
 
+@honours_switch
 def train(cfg: DictConfig) -> dict | None:
     if cfg.get("mdl", False):  # MDL online code (Voita & Titov 2020) instead of plain training
         return train_mdl(cfg)
@@ -34,7 +35,10 @@ def train(cfg: DictConfig) -> dict | None:
                               save_last=True, filename="best", auto_insert_metric_name=False)
     speed = ThroughputMonitor()
     trainer = make_trainer(cfg, rdir, logger, [ckpt_cb, speed])
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    resume = cfg.get("ckpt_path")
+    if resume:  # refused here, naming the file and the switch, if it needs pickle (Lightning would say less)
+        check_loadable(resume, "prober checkpoint (ckpt_path)")
+    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=not unsafe_allowed())
     trainer.test(module, datamodule=dm, verbose=False)
     res = None
     if is_rank_zero(trainer):
@@ -42,12 +46,13 @@ def train(cfg: DictConfig) -> dict | None:
                                              "checkpoints": {"last": str(rdir / "checkpoints" / "last.ckpt"),
                                                              "best": ckpt_cb.best_model_path or None}})
         write_results(rdir, res)
-        log_results_table(logger, res)
+        log_results_table(logger, res, rdir)
     close_logger(logger, cfg)
     teardown_distributed()
     return res
 
 
+@honours_switch
 def evaluate(cfg: DictConfig) -> dict | None:
     """Evaluate a saved prober checkpoint on val and test without training; writes results.json."""
     ckpt = cfg.get("ckpt_path")
@@ -55,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
         raise FileNotFoundError(f"ckpt_path={ckpt!r} does not exist")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     rdir = run_dir(cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_torch(ckpt, what="prober checkpoint (ckpt_path)")
     hp = state.get("hyper_parameters", {})
     # the checkpoint's backbone/task/prober unless overridden on the command line
     if cfg.get("use_checkpoint_config", True) and hp.get("backbone_cfg"):
@@ -79,5 +84,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     if is_rank_zero(trainer):
         res = results_dict(cfg, module, dm, {"evaluated_checkpoint": str(ckpt)})
         write_results(rdir, res)
+        log_results_table(logger, res, rdir)
+    close_logger(logger, cfg)
     teardown_distributed()
     return res

@@ -14,10 +14,14 @@
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
+import os
 import re
+from collections.abc import Mapping
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,32 @@ def layer_number(name: str) -> int:
 
 def _finite(x: float):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def plain(obj):
+    """``obj`` with only what ``torch.load(weights_only=True)`` reads: tensors, dicts, lists, tuples, str, numbers,
+    None (OmegaConf containers and other mappings -> dicts, paths -> str, NumPy scalars/arrays -> numbers/tensors)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return obj
+    if hasattr(obj, "_metadata") and hasattr(obj, "_get_node"):  # an OmegaConf container (no import needed)
+        from omegaconf import OmegaConf
+
+        return plain(OmegaConf.to_container(obj, resolve=True))
+    if isinstance(obj, Mapping):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(plain(v) for v in obj)
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, enum.Enum):
+        return plain(obj.value)
+    raise TypeError(f"cannot store a {type(obj).__name__} in a prober checkpoint (it would need pickle to load)")
 
 
 class ProbeModule(pl.LightningModule):
@@ -302,6 +332,10 @@ class ProbeModule(pl.LightningModule):
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_state": self.best_state,
             "task": self.task, "labels": self.labels,
         }
+        # everything must load with torch.load(weights_only=True): plain containers, str, numbers, tensors
+        checkpoint.pop(self.CHECKPOINT_HYPER_PARAMS_TYPE, None)  # a class (e.g. DictConfig): needs pickle
+        for k in list(checkpoint):
+            checkpoint[k] = plain(checkpoint[k])
 
     def on_load_checkpoint(self, checkpoint):
         v = checkpoint.get("value_pl", {})

@@ -34,7 +34,7 @@ from .collect import LAYOUTS, Runs, Stat, Table, find_results, layer_title, load
 from .layouts import build_tables
 
 __all__ = ["LAYOUTS", "Runs", "Stat", "Table", "build_tables", "find_results", "layer_title", "load_runs",
-           "log_wandb", "model_label", "t975", "write_tables"]
+           "log_wandb", "model_label", "summary_cells", "t975", "write_tables"]
 
 
 def write_tables(tables: list[Table], out: Path, n_runs: int) -> Path:
@@ -52,13 +52,37 @@ def write_tables(tables: list[Table], out: Path, n_runs: int) -> Path:
     return p
 
 
-def log_wandb(tables: list[Table], project: str = "value-pl", name: str | None = None) -> None:
+def summary_cells(tables: list[Table]) -> dict:
+    """``{"<table>/<row>/<column>": mean}`` (in %) of every measured cell, plus ``.../ci95`` and ``.../n`` and each
+    table's markdown under ``<table>/markdown``: what a W&B run summary shows of the paper's tables."""
+    out: dict = {}
+    for t in tables:
+        out[f"{t.name}/markdown"] = t.markdown()
+        for r in t.rows:
+            for c in t.cols:
+                v = t.cells.get((r, c))
+                if isinstance(v, Stat) and v.values:
+                    key = f"{t.name}/{r}/{c}"
+                    out[key] = v.mean * t.scale
+                    if v.n > 1:
+                        out[f"{key}/ci95"] = v.ci95 * t.scale
+                    out[f"{key}/n"] = v.n
+    return out
+
+
+def log_wandb(tables: list[Table], project: str = "value-pl", name: str | None = None, group: str | None = None,
+              dir: str | None = None) -> None:
+    """One W&B run (``job_type=report``; offline unless ``WANDB_MODE`` says otherwise) holding the tables
+    (``report/<table>``, wide and long) and, in its summary, every cell (:func:`summary_cells`). With ``group``
+    (a multirun's group, see ``value_pl.driver.setup.sweep_group``) the run joins the runs it summarises."""
     import os
 
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    run = wandb.init(project=project, name=name or "report", job_type="report", reinit=True)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=project, name=name or (f"{group}-report" if group else "report"), job_type="report",
+                     group=group, dir=dir, reinit=True)
     for t in tables:
         data = [[r] + [t.text(r, c) for c in t.cols] for r in t.rows]
         run.log({f"report/{t.name}": wandb.Table(columns=["row"] + t.cols, data=data)})
@@ -66,4 +90,5 @@ def log_wandb(tables: list[Table], project: str = "value-pl", name: str | None =
         if lr:
             cols = list(lr[0])
             run.log({f"report/{t.name}_long": wandb.Table(columns=cols, data=[[x[c] for c in cols] for x in lr])})
+    run.summary.update(summary_cells(tables))
     run.finish()

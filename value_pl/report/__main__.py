@@ -15,6 +15,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: the first run directory / report)")
     ap.add_argument("--wandb", action="store_true", help="also log the tables as W&B tables (WANDB_MODE honoured)")
     ap.add_argument("--project", default="value-pl")
+    ap.add_argument("--group", default=None,
+                    help="W&B group to log into (a multirun's group, e.g. table3-2024-05-01_10-00-00: its summary "
+                         "then holds the tables)")
     a = ap.parse_args(argv)
     runs = load_runs(a.runs)
     if not runs:
@@ -26,7 +29,7 @@ def main(argv=None) -> int:
     print(p.read_text())
     print(f"[value-pl] wrote {p} and {len(tables)} CSV file(s) to {out}")
     if a.wandb:
-        log_wandb(tables, a.project)
+        log_wandb(tables, a.project, group=a.group)
     return 0
 
 

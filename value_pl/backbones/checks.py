@@ -1,0 +1,113 @@
+"""Before the first batch: do the shards and the backbone's own parts fit together?
+
+:func:`check_inputs` compares, for any backbone,
+
+* feature width: the shards' ``feature_dim`` (manifest) vs the width the image embedding takes;
+* box format: the box encoding the collator will produce (``box_mode``) vs the width of the box input;
+* vocabulary: the tokenizer's size vs the rows of the word embedding;
+* text length: ``max_text_len`` vs the position embeddings,
+
+and raises :class:`InputMismatchError` with one sentence per problem, naming both sides and the override
+that fixes it -- instead of an index error or a failed matmul deep inside the first forward pass.
+
+Backbones describe themselves through small hooks (all optional, so that adapters of other models pass):
+``feature_field`` (the config name of the feature width), ``img_dim``, ``image_weights`` (the file the
+image embedding was loaded from, if any), ``box_input_dim()`` / ``box_input_field``, ``text_embeddings()``
+(the module holding ``word_embeddings`` and ``position_embeddings``) and ``position_offset()``.
+"""
+from __future__ import annotations
+
+from ..data.collate import BOX_DIMS
+
+
+class InputMismatchError(ValueError):
+    """The shards, the tokenizer or the config do not fit the backbone."""
+
+
+def _who(bb) -> str:
+    ident = bb.describe() if hasattr(bb, "describe") else {}
+    name = ident.get("name") or type(bb).__name__
+    fam = getattr(bb, "family", None)
+    return f"backbone {name} ({fam})" if fam and fam != name else f"backbone {name}"
+
+
+def feature_problem(bb, manifest: dict, root) -> str | None:
+    field = getattr(bb, "feature_field", None)
+    want = getattr(bb, "img_dim", None)
+    have = manifest.get("feature_dim")
+    if not field or getattr(bb, "text_only", False) or want is None or have is None or int(want) == int(have):
+        return None
+    want, have = int(want), int(have)
+    shards = f"the shards at {root}" if root is not None else "the shards"
+    head = (f"{_who(bb)} expects {want}-d region features ({field}={want}) but {shards} have {have}-d features "
+            f"(manifest.json feature_dim={have})")
+    weights = getattr(bb, "image_weights", None)
+    if weights:
+        return (f"{head}: rebuild the shards with feature_dim={want} (the image embedding comes from {weights}, "
+                f"so backbone.img_dim cannot change it).")
+    return f"{head}: set backbone.img_dim={have} (or null to follow the shards), or rebuild the shards with feature_dim={want}."
+
+
+def box_problem(bb) -> str | None:
+    fn = getattr(bb, "box_input_dim", None)
+    need = fn() if callable(fn) else None
+    mode = getattr(bb, "box_mode", None)
+    if need is None or getattr(bb, "text_only", False) or mode not in BOX_DIMS or BOX_DIMS[mode] == int(need):
+        return None
+    fits = [m for m, d in BOX_DIMS.items() if d == int(need)]
+    fix = (f"set backbone.box_mode={fits[0]}" if fits else
+           f"no box mode encodes {need}-d boxes ({', '.join(f'{m}: {d}-d' for m, d in BOX_DIMS.items())}); "
+           f"use a model config whose box input takes {BOX_DIMS[mode]}")
+    field = getattr(bb, "box_input_field", "box input")
+    return (f"{_who(bb)} takes {need}-d boxes ({field}={need}) but its box mode {mode} encodes "
+            f"{BOX_DIMS[mode]}-d boxes: {fix}.")
+
+
+def _embeddings(bb):
+    fn = getattr(bb, "text_embeddings", None)
+    return fn() if callable(fn) else None
+
+
+def vocab_problem(bb) -> str | None:
+    emb = _embeddings(bb)
+    words = getattr(emb, "word_embeddings", None)
+    tok = getattr(bb, "tokenizer", None)
+    if words is None or tok is None:
+        return None
+    n_tok, rows = len(tok), int(words.num_embeddings)
+    if n_tok <= rows:
+        return None
+    where = (bb.describe().get("tokenizer") if hasattr(bb, "describe") else None) or getattr(tok, "name_or_path", "")
+    return (f"the tokenizer at {where} has {n_tok} tokens but {_who(bb)} has {rows} word embeddings "
+            f"(vocab_size={rows}): set backbone.tokenizer=DIR to the tokenizer the model was trained with.")
+
+
+def position_problem(bb) -> str | None:
+    emb = _embeddings(bb)
+    pos = getattr(emb, "position_embeddings", None)
+    want = getattr(bb, "max_text_len", None)
+    if pos is None or want is None:
+        return None
+    off = bb.position_offset() if callable(getattr(bb, "position_offset", None)) else 0
+    rows = int(pos.num_embeddings)
+    usable = rows - off
+    if int(want) <= usable:
+        return None
+    extra = f", {off} reserved for padding" if off else ""
+    return (f"backbone.max_text_len={int(want)} but {_who(bb)} has {usable} text positions "
+            f"(max_position_embeddings={rows}{extra}): set backbone.max_text_len={usable} or less.")
+
+
+def input_problems(bb, manifest: dict | None, root=None, regions: bool = True) -> list[str]:
+    out = [vocab_problem(bb), position_problem(bb)]
+    if regions:
+        out = [feature_problem(bb, manifest or {}, root), box_problem(bb)] + out
+    return [p for p in out if p]
+
+
+def check_inputs(bb, manifest: dict | None, root=None, regions: bool = True) -> None:
+    """Raise :class:`InputMismatchError` if the shards (``manifest``, read from ``root``) and the backbone do not
+    fit; ``regions=False`` (sentence tasks) skips the feature-width and box checks."""
+    problems = input_problems(bb, manifest, root, regions)
+    if problems:
+        raise InputMismatchError(" ".join(problems))
