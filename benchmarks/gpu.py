@@ -158,7 +158,7 @@ class Utilisation:
 
 
 def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
-    from value_pl.backbones.base import CaptureSpec
+    from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
     from value_pl.probers.module import ProbeModule
 
@@ -304,7 +304,7 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev) -> l
 
 def e2e_bare(args, dev, tok: str, tmp: Path, root: Path) -> float:
     """Bare forward samples/s on a real batch of the shards (batch ``e2e_batch``, same lengths as e2e)."""
-    from value_pl.backbones.base import CaptureSpec
+    from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
     from value_pl.data.collate import TaskSpec
     from value_pl.data.datamodule import ShardDataModule

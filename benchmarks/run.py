@@ -168,7 +168,7 @@ def _mem_probe(kind: str, tmp: str, layers: int, hidden: int, heads: int, q) -> 
     tmp = Path(tmp)
     batch = torch.load(tmp / "batch.pt", weights_only=True)  # a collated batch: tensors and strings
     if kind in ("ours", "sdpa"):
-        from value_pl.backbones.base import CaptureSpec
+        from value_pl.backbones.capture import CaptureSpec
 
         bb = build_backbone(tmp, layers, hidden, heads)
         module = make_module(bb, list(range(100)), "attention")
@@ -233,7 +233,7 @@ def main(argv=None) -> list[dict]:
 
     from value_pl.data.collate import TaskSpec
     from value_pl.data.datamodule import ShardDataModule
-    from value_pl.backbones.base import CaptureSpec
+    from value_pl.backbones.capture import CaptureSpec
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as td:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from value_pl.backbones.base import CaptureSpec
+from value_pl.backbones.capture import CaptureSpec
 from value_pl.backbones.uniter import UniterBackbone
 from value_pl.backbones.common import load_tokenizer, resolve_path, seeded_init
 from value_pl.callbacks import ProbeCallback, attr_adapter

@@ -213,7 +213,7 @@ def test_fusion_two_stream_takes_both_streams():
 
 
 def test_merge_captures():
-    from value_pl.backbones.base import CaptureSpec
+    from value_pl.backbones.capture import CaptureSpec
 
     a = CaptureSpec(hidden=["hidden.joint.1"], attn=["m1"], rows={"text": torch.tensor([[0], [0]])})
     b = CaptureSpec(hidden=[], attn=["m1", "m2"], rows={"text": torch.tensor([[2, 0], [-1, -1]]),

@@ -8,7 +8,7 @@ from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from helpers_backbones import VOCAB, check_rows_sum_to_one, gather_rows, make_batch, row_request, tiny_tokenizer
 from value_pl.backbones import build_backbone
-from value_pl.backbones.base import CaptureSpec
+from value_pl.backbones.capture import CaptureSpec
 from value_pl.backbones.common import minilm_path
 from value_pl.data.collate import TaskSpec
 

@@ -8,7 +8,7 @@ from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel
 
 from helpers_backbones import VOCAB, check_rows_sum_to_one, gather_rows, make_batch, row_request, tiny_tokenizer, write_json
 from value_pl.backbones import build_backbone
-from value_pl.backbones.base import CaptureSpec
+from value_pl.backbones.capture import CaptureSpec
 from value_pl.backbones.lxmert import map_lxmert_keys
 
 DV = 16

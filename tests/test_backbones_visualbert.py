@@ -8,7 +8,7 @@ from transformers import VisualBertConfig, VisualBertForPreTraining, VisualBertM
 
 from helpers_backbones import VOCAB, check_rows_sum_to_one, gather_rows, make_batch, row_request, tiny_tokenizer
 from value_pl.backbones import build_backbone
-from value_pl.backbones.base import CaptureSpec
+from value_pl.backbones.capture import CaptureSpec
 
 DV = 16
 TINY = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -46,7 +46,7 @@ def eager_maps(bb, batch):
     old = bb.config._attn_implementation
     bb.config._attn_implementation = "eager"
     try:
-        from value_pl.backbones.base import CaptureSpec
+        from value_pl.backbones.capture import CaptureSpec
 
         out = bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
     finally:
@@ -101,7 +101,7 @@ def test_rows_equal_eager_maps_and_forward_keeps_sdpa(tmp_path, monkeypatch, tas
 
 def test_forward_stops_after_the_last_requested_layer(tmp_path, monkeypatch):
     """A probe of layer 1 does not pay for the layers above it; full_forward=True runs them all."""
-    from value_pl.backbones.base import CaptureSpec
+    from value_pl.backbones.capture import CaptureSpec
 
     bb = tiny_uniter(tmp_path)
     _, batch = demo_batch(tmp_path, bb, "vrc")

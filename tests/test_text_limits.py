@@ -46,7 +46,7 @@ def test_long_sentences_reach_lxmert_as_different_inputs(lxmert):
     n = b["text_mask"].sum(1).tolist()
     assert n[0] >= 24 and n[1] >= 30 and n[0] != n[1]
     assert not torch.equal(b["input_ids"][0], b["input_ids"][1]) and b["counts"]["texts_truncated"] == 0
-    from value_pl.backbones.base import CaptureSpec
+    from value_pl.backbones.capture import CaptureSpec
 
     out = lxmert(b, CaptureSpec(hidden=["hidden.lang.2"], attn=[]))  # the linguistic probe's layers
     assert out.hidden["hidden.lang.2"].shape[1] == b["input_ids"].shape[1]

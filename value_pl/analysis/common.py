@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..backbones.base import BackboneOutput, CaptureSpec
+from ..backbones.base import BackboneOutput
+from ..backbones.capture import CaptureSpec
 
 
 class Unsupported(Exception):

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from ..backbones.base import CaptureSpec
+from ..backbones.capture import CaptureSpec
 from .common import Analysis, Figure, fusion_layers, table1_label
 from .kmeans import kmeans2, nmi_per_sample
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..backbones.base import REGION, TEXT, CaptureSpec
+from ..backbones.base import REGION, TEXT
+from ..backbones.capture import CaptureSpec
 from ..data.schema import COREF_TYPES
 from .common import Analysis, Figure, HeadSums, head_maps, head_name, rows_from_spans
 from .fusion import _missing_md

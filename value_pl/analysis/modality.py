@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..backbones.base import REGION, TEXT, CaptureSpec
+from ..backbones.base import REGION, TEXT
+from ..backbones.capture import CaptureSpec
 from .common import Analysis, Figure, Unsupported, captured_positions, head_maps, head_name
 from .fusion import _missing_md
 

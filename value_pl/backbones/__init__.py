@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from .base import Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, StreamInfo
+from .base import Backbone, BackboneOutput, LayerSpec, PairLayout, StreamInfo
+from .capture import CaptureSpec
 
 #: family -> "module:builder"
 REGISTRY = {

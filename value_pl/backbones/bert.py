@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import BackboneOutput, SingleStreamBackbone, CaptureSpec, PairLayout, StreamInfo, rows_for_stream
+from .base import BackboneOutput, SingleStreamBackbone, PairLayout, StreamInfo
+from .capture import CaptureSpec, rows_for_stream
 from .common import bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
 
 log = logging.getLogger(__name__)

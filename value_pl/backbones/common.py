@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.safe_load import load_torch
-from .base import CaptureSpec, QKRecorder, additive_mask, attention_probs
+from .capture import CaptureSpec, QKRecorder, additive_mask, attention_probs
 
 log = logging.getLogger(__name__)
 

@@ -49,8 +49,8 @@ import torch
 from torch import Tensor
 from transformers import LxmertConfig, LxmertModel
 
-from .base import (Backbone, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, QKRecorder, StreamInfo,
-                   additive_mask, attention_probs, layer_index, layer_title, rows_for_stream)
+from .base import Backbone, BackboneOutput, LayerSpec, PairLayout, StreamInfo, layer_index, layer_title
+from .capture import CaptureSpec, QKRecorder, additive_mask, attention_probs, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
                      rename_gamma_beta, seeded_init, sources)
 

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer, BertPooler
 
-from .base import BackboneOutput, SingleStreamBackbone, CaptureSpec, StreamInfo, rows_for_stream
+from .base import BackboneOutput, SingleStreamBackbone, StreamInfo
+from .capture import CaptureSpec, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, rename_gamma_beta,
                      seeded_init, sources)
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from transformers import VisualBertConfig, VisualBertModel
 
-from .base import BackboneOutput, SingleStreamBackbone, CaptureSpec, StreamInfo, rows_for_stream
+from .base import BackboneOutput, SingleStreamBackbone, StreamInfo
+from .capture import CaptureSpec, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
                      rename_gamma_beta, seeded_init, sources)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbones.base import CaptureSpec
+from ..backbones.capture import CaptureSpec
 
 log = logging.getLogger("value_pl")
 

@@ -1,7 +1,7 @@
 """The analysis driver (``python -m value_pl.analyze``): run the training-free analyses over a shard split with a frozen backbone (one streaming pass).
 
 Every batch is collated once (:class:`~.pairs.AnalysisCollator`); each analysis asks the backbone
-for only what it needs (:class:`~value_pl.backbones.base.CaptureSpec`) and keeps running sums, so
+for only what it needs (:class:`~value_pl.backbones.capture.CaptureSpec`) and keeps running sums, so
 memory is bounded by one batch whatever the number of samples.
 """
 from __future__ import annotations

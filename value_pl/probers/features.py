@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..backbones.base import REGION, TEXT, BackboneOutput, CaptureSpec, LayerSpec, PairLayout, row_offset
+from ..backbones.base import REGION, TEXT, BackboneOutput, LayerSpec, PairLayout
+from ..backbones.capture import CaptureSpec, row_offset
 
 SIDE_MODALITIES = {"phrase_region": (TEXT, REGION), "region_region": (REGION, REGION)}
 

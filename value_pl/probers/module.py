@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.base import Backbone, CaptureSpec
+from ..backbones.base import Backbone
+from ..backbones.capture import CaptureSpec
 from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
 from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAttention, StackedLayerEmb,
                     StackedSentence, seeded)
