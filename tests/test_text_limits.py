@@ -112,3 +112,24 @@ def test_non_finite_features_name_the_shard_and_sample(lxmert):
     f[1, 3] = np.nan
     with _pytest.raises(SchemaError, match="non-finite"):
         lxmert.collator()([s])
+
+
+def test_a_run_warns_at_start_when_the_shards_hold_longer_texts(tmp_path, caplog):
+    import logging
+
+    from test_cache import small_demo, tiny_backbone
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    root = tmp_path / "demo"
+    man = small_demo(root, splits={"train": 8, "val": 4, "test": 4})
+    longest = man["splits"]["train"]["max_words"]
+    cfg = compose(["task=vrc", f"data.root={root}", *tiny_backbone(tmp_path), "logger=none",
+                   f"backbone.max_text_len={longest}"])
+    with caplog.at_level(logging.WARNING):
+        build_module(cfg, make_datamodule(cfg))
+    assert f"texts of up to {longest} words" in caplog.text and "counted in results.json 'truncated'" in caplog.text
+    caplog.clear()
+    cfg = compose(["task=vrc", f"data.root={root}", *tiny_backbone(tmp_path), "logger=none"])
+    with caplog.at_level(logging.WARNING):
+        build_module(cfg, make_datamodule(cfg))
+    assert "texts of up to" not in caplog.text
