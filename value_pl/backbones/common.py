@@ -209,7 +209,6 @@ def bert_stack(layers: nn.ModuleList, h: Tensor, mask: Tensor, stream: str, firs
         wanted = [i for i in range(n) if capture.wants_hidden(f"hidden.{stream}.{first + i}")
                   or capture.wants_attn(f"attn.{stream}.{first + i}.self")]
         n = wanted[-1] + 1 if wanted else 0
-    names, qs, ks = [], [], []  # the attention maps asked for: computed for all layers at once after the loop
     for i, layer in enumerate(layers[:n]):
         lnum = first + i
         aname = f"attn.{stream}.{lnum}.self"
@@ -219,24 +218,11 @@ def bert_stack(layers: nn.ModuleList, h: Tensor, mask: Tensor, stream: str, firs
             rec.active = {aname}
             with rec:
                 h = run_layer(layer, h, bias4)
-            names.append(aname)
-            qs.append(rec.q[aname][0])
-            ks.append(rec.k[aname][0])
+            # rows now, layer by layer: only the kept rows outlive the layer (memory, benchmarks/run.py)
+            attn[aname] = attention_probs(rec.q[aname][0], rec.k[aname][0], bias, rows, num_heads)
         else:
             h = run_layer(layer, h, bias4)
         hname = f"hidden.{stream}.{lnum}"
         if capture.wants_hidden(hname):
             hidden[hname] = h
-    if names:
-        if rows is not None:  # only the requested query rows: gather before stacking
-            idx = rows.clamp(min=0)[..., None].expand(-1, -1, qs[0].shape[-1])
-            qs = [torch.gather(q, 1, idx) for q in qs]
-        L, B = len(names), qs[0].shape[0]
-        probs = attention_probs(torch.stack(qs).flatten(0, 1), torch.stack(ks).flatten(0, 1),
-                                bias.repeat(L, 1), None, num_heads)
-        probs = probs.view(L, B, *probs.shape[1:])
-        if rows is not None:  # padding rows come back as zeros
-            probs = probs * (rows >= 0)[None, :, None, :, None].to(probs.dtype)
-        for aname, p in zip(names, probs):
-            attn[aname] = p
     return h
