@@ -149,3 +149,34 @@ class QKRecorder:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+class RowRecorder:
+    """Hooks on one self-attention's ``query``/``key`` projections that compute the requested attention rows as
+    soon as both exist: neither the layer's full queries nor its keys are held past their projection, so what
+    capture adds to a forward's peak memory is the kept rows (``benchmarks/run.py``)."""
+
+    def __init__(self, module: nn.Module, key_bias: Tensor, rows: Tensor | None, num_heads: int):
+        self.module, self.key_bias, self.rows, self.num_heads = module, key_bias, rows, num_heads
+        self.q = self.k = self.probs = None
+        self.handles = []
+
+    def __enter__(self):
+        self.handles = [self.module.query.register_forward_hook(self._store("q")),
+                        self.module.key.register_forward_hook(self._store("k"))]
+        return self
+
+    def _store(self, which: str):
+        def fn(_mod, _inp, out):
+            setattr(self, which, out)
+            if self.q is not None and self.k is not None:
+                self.probs = attention_probs(self.q, self.k, self.key_bias, self.rows, self.num_heads)
+                self.q = self.k = None
+
+        return fn
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.safe_load import load_torch
-from .capture import CaptureSpec, QKRecorder, additive_mask, attention_probs
+from .capture import CaptureSpec, RowRecorder, additive_mask
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,9 @@ def bert_stack(layers: nn.ModuleList, h: Tensor, mask: Tensor, stream: str, firs
         aname = f"attn.{stream}.{lnum}.self"
         sa = layer.attention.self
         if capture.wants_attn(aname):
-            rec = QKRecorder({aname: sa})
-            rec.active = {aname}
-            with rec:
+            with RowRecorder(sa, bias, rows, num_heads) as rec:  # rows as soon as q and k exist
                 h = run_layer(layer, h, bias4)
-            # rows now, layer by layer: only the kept rows outlive the layer (memory, benchmarks/run.py)
-            attn[aname] = attention_probs(rec.q[aname][0], rec.k[aname][0], bias, rows, num_heads)
+            attn[aname] = rec.probs
         else:
             h = run_layer(layer, h, bias4)
         hname = f"hidden.{stream}.{lnum}"
