@@ -91,6 +91,13 @@ class StackedHeads(nn.Module):
             for name, p in self.slot_params(head).items():
                 getattr(self, name)[i].copy_(p)
 
+    def _filled(self, head: nn.Module, i: int) -> nn.Module:
+        """``head`` (a fresh single head) with slot ``i``'s weights."""
+        with torch.no_grad():
+            for name, p in self.slot_params(head).items():
+                p.copy_(getattr(self, name)[i].reshape(p.shape))
+        return head
+
     def slot_state(self, i: int) -> dict[str, Tensor]:
         return {n: p[i].detach().clone() for n, p in self.named_parameters()}
 
@@ -135,10 +142,7 @@ class StackedLayerEmb(StackedHeads):
     def head(self, i: int) -> LayerEmbProber:
         n, d, d_a = self.W_w.shape
         h = LayerEmbProber(d_a, self.W_mu.shape[2], self.w_cls.shape[1], d, self.bias)
-        with torch.no_grad():
-            for name, p in self.slot_params(h).items():
-                p.copy_(getattr(self, name)[i].reshape(p.shape))
-        return h
+        return self._filled(h, i)
 
 
 class StackedAttention(StackedHeads):
@@ -169,10 +173,7 @@ class StackedAttention(StackedHeads):
     def head(self, i: int) -> AttentionProber:
         n, C, two_h = self.weight.shape
         h = AttentionProber(two_h // 2, C, self.bias)
-        with torch.no_grad():
-            for name, p in self.slot_params(h).items():
-                p.copy_(getattr(self, name)[i].reshape(p.shape))
-        return h
+        return self._filled(h, i)
 
 
 class StackedSentence(StackedHeads):
@@ -208,7 +209,4 @@ class StackedSentence(StackedHeads):
     def head(self, i: int) -> SentenceProber:
         C, d = self.W2.shape[1], (self.W1.shape[2] if self.nhid else self.W2.shape[2])
         h = SentenceProber(d, C, self.nhid, self.p)
-        with torch.no_grad():
-            for name, p in self.slot_params(h).items():
-                p.copy_(getattr(self, name)[i].reshape(p.shape))
-        return h
+        return self._filled(h, i)
