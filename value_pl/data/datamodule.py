@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 
 from .schema import decode_sample, load_manifest
-from .stream import ShardStream, _dist, batches_per_rank, count_samples, no_collate, worker_init
+from .stream import ShardStream, count_samples, no_collate, worker_init
 
 log = logging.getLogger(__name__)
 # our len() is exact per rank (each worker reads its own part): Lightning's generic caution does not apply
@@ -108,7 +108,6 @@ class ShardDataModule(pl.LightningDataModule):
         start = int(trainer.current_epoch) if (train and trainer is not None) else 0
         ds = self.stream(stage, train, collate, batch_size, start_epoch=start)
         workers = self.num_workers if num_workers is None else int(num_workers)
-        rank, world = _dist()
         nb = len(ds)
         if workers > 1 and nb < workers:
             log.info("%s: split %s gives %d batch(es) per rank: %d of the %d loader worker(s) stay idle",
@@ -136,13 +135,6 @@ class ShardDataModule(pl.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self._loaders.clear()
-
-    def batches_per_epoch(self, stage: str = "train") -> int:
-        rank, world = _dist()
-        train = stage == "train"
-        bs = self.batch_size if train else self.eval_batch_size
-        cap = self.train_batches * bs if (train and self.train_batches) else None
-        return batches_per_rank(sum(self.counts(stage)), rank, world, bs, train, cap)
 
     def label_counts(self, task: str, stage: str = "train") -> dict[str, int]:
         return self.split_entry(stage)["pairs"].get(task, {})

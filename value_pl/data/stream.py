@@ -269,11 +269,6 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return batches_per_rank(self.total, self.rank, self.world, self.batch_size, self.train, self.cap)
 
-    @property
-    def samples_per_epoch(self) -> int:
-        a, b = rank_range(self.total, self.rank, self.world, self.train, self.cap)
-        return b - a
-
     def plan(self, worker: int, workers: int, epoch: int) -> tuple[list[int], SlotRange]:
         order = shard_order(len(self.urls), self.seed, epoch, self.train)
         ordered = [self.counts[i] for i in order]

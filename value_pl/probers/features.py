@@ -186,9 +186,3 @@ def sentence_inputs(out: BackboneOutput, names: list[str]) -> Tensor:
     h = hs[:, :, off:off + tm.shape[1]].float()
     w = tm.to(h.dtype)[None, ..., None]
     return (h * w).sum(2) / w.sum(2).clamp(min=1.0)
-
-
-def sentence_features(out: BackboneOutput, names: list[str]) -> dict[str, Tensor]:
-    """``{"sent:<name>": (B, D)}``: :func:`sentence_inputs` per layer (the analyses' and suite's view)."""
-    x = sentence_inputs(out, names)
-    return {"sent:" + n: x[i] for i, n in enumerate(names)}

@@ -1,7 +1,7 @@
 """SentEval linguistic probing per layer (VALUE Sec. 3.5, Tables 5 and 11), with SentEval's protocol.
 
 Sentence representation (documented choice): for each layer, the **mean of the hidden states over the
-sentence's word tokens** ([CLS]/[SEP] and padding excluded; :func:`value_pl.probers.features.sentence_features`).
+sentence's word tokens** ([CLS]/[SEP] and padding excluded; :func:`value_pl.probers.features.sentence_inputs`).
 Input is text only: single-stream models (UNITER, VisualBERT) get the sentence with no regions; the
 two-stream model (LXMERT) is probed on its embedding output and its 9 language layers (the cross layers
 need an image); BERT on its embedding output and 12 layers. Layer 0 is the embedding output.
