@@ -1,4 +1,5 @@
-"""The MDL driver (``train mdl=true``): extract features once, code every head's labels online, write results."""
+"""The MDL driver (``train mdl=true``): extract features once, code every head's labels online, write results.
+Sentence heads of all layers train together (``online_codelength_batched``); pair heads one after the other."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +9,11 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from ..probers.heads import SentenceProber
 from ..probers.module import layer_number
+from ..protocols.batched import train_units, unit_of
 from ..protocols.fitting import accuracy, extract_split, fast_dev_batches, fit_head, pick_device, take
-from ..protocols.mdl import PAPER_FRACTIONS, online_codelength
+from ..protocols.mdl import PAPER_FRACTIONS, mdl_rule, online_codelength, online_codelength_batched
 from .results import json_safe, results_dict, results_markdown
 from .setup import prepare
 
@@ -27,6 +30,7 @@ def train_mdl(cfg) -> dict:
            "max_epochs": 1 if quick else int(o.get("max_epochs", 20)), "patience": int(o.get("patience", 3))}
     max_train = o.get("max_train")
     xs, ys, dropped = {}, {}, 0
+    t_ex = time.time()
     for stage in ("train", "val", "test"):
         f, y, d = extract_split(module, dm, stage, max_batches=quick,
                                 max_examples=int(max_train) if (stage == "train" and max_train) else None)
@@ -35,13 +39,33 @@ def train_mdl(cfg) -> dict:
     perm = torch.randperm(ys["train"].shape[0], generator=torch.Generator().manual_seed(int(cfg.seed)))
     y_tr = ys["train"][perm]
     C = len(spec.labels)
+    keys = list(module.head_names)
+    heads0 = [module.head(k).cpu() for k in keys]
+    x_tr = {k: take(xs["train"][k], perm) for k in keys}
+    t_probe = time.time()
+    if keys and all(isinstance(h, SentenceProber) for h in heads0):
+        # sentence heads: every layer's probe of a block trains at once (same permutations as fit_head)
+        progress = bool(cfg.get("progress", True))
+        codes = online_codelength_batched(heads0, [x_tr[k][0] for k in keys], y_tr, C, fractions, seed=int(cfg.seed),
+                                          device=device, progress=progress, **fit)
+        res_full = train_units([x_tr[k][0] for k in keys], y_tr, [xs["val"][k][0] for k in keys], ys["val"],
+                               [unit_of(h, i) for i, h in enumerate(heads0)], C, lr=fit["lr"],
+                               batch_size=fit["batch_size"], rule=mdl_rule(fit["max_epochs"], fit["patience"]),
+                               seed=int(cfg.seed), device=device, progress=progress, desc="MDL full probes")
+        fulls = []
+        for h0, r in zip(heads0, res_full):
+            full = copy.deepcopy(h0)
+            full.load_state_dict(r["state"])
+            fulls.append(full.to(device))
+    else:  # pair heads: one after the other
+        codes, fulls = [], []
+        for k, h0 in zip(keys, heads0):
+            codes.append(online_codelength(h0, x_tr[k], y_tr, C, fractions, seed=int(cfg.seed), device=device, **fit))
+            fulls.append(fit_head(copy.deepcopy(h0), x_tr[k], y_tr, xs["val"][k], ys["val"], seed=int(cfg.seed),
+                                  device=device, **fit)[0])
+    timing = {"extract_s": round(t_probe - t_ex, 2), "probe_s": round(time.time() - t_probe, 2)}
     rows = []
-    for key in module.head_names:
-        head0 = module.head(key).cpu()
-        x_tr = take(xs["train"][key], perm)
-        code = online_codelength(head0, x_tr, y_tr, C, fractions, seed=int(cfg.seed), device=device, **fit)
-        full, _ = fit_head(copy.deepcopy(head0), x_tr, y_tr, xs["val"][key], ys["val"], seed=int(cfg.seed),
-                           device=device, **fit)
+    for key, code, full in zip(keys, codes, fulls):
         name = module.display_name(key)
         rows.append({"layer": layer_number(name) if name.startswith("layer_") else -1, "name": name,
                      "title": module.backbone.layer_title(module.kind, name),
@@ -56,6 +80,7 @@ def train_mdl(cfg) -> dict:
                 "num_examples": int(y_tr.shape[0]), **fit,
                 "layers": {r["name"]: {k: r[k] for k in ("codelength_bits", "uniform_bits", "compression")}
                            for r in rows}},
+        "timing": timing,
         "seconds": round(time.time() - t0, 1),
     })
     (rdir / "results.json").write_text(json.dumps(json_safe(res), indent=2, default=float, allow_nan=False) + "\n")

@@ -1,4 +1,5 @@
-"""The SentEval driver (``train task=<sentence task> prober=senteval_*``): features once, the grid per layer."""
+"""The SentEval driver (``train task=<sentence task> prober=senteval_*``): features once, then the whole grid of
+every layer in one batched run (:func:`value_pl.protocols.senteval.probe_layers`)."""
 from __future__ import annotations
 
 import time
@@ -7,7 +8,7 @@ from omegaconf import OmegaConf
 
 from ..probers.module import layer_number
 from ..protocols.fitting import extract_split, fast_dev_batches, pick_device
-from ..protocols.senteval import grid_of, probe_layer
+from ..protocols.senteval import grid_of, probe_layers
 from .results import results_dict, write_results
 from .setup import prepare
 
@@ -26,27 +27,35 @@ def train_senteval(cfg) -> dict:
     if quick:
         opts.update(epoch_size=1, max_epoch=1)
     grid = grid_of(prober, task, quick=bool(quick))
-    print(f"[value-pl] SentEval protocol: {len(grid)} configuration(s) per layer, {opts}")
+    keys = list(module.head_names)
+    print(f"[value-pl] SentEval protocol: {len(grid)} configuration(s) x {len(keys)} layer(s), trained together "
+          f"on {device.type}, {opts}")
+    t_ex = time.time()
     splits = {}
     dropped = 0
     for stage in ("train", "val", "test"):
         f, y, d = extract_split(module, dm, stage, max_batches=quick)
-        splits[stage] = (f, y)
+        splits[stage] = ([f[k][0] for k in keys], y)
         dropped += d
+    t_probe = time.time()
     C = len(spec.labels)
-    rows = []
     seed = int(prober.get("seed", 1111)) + int(cfg.seed)
-    for key in module.head_names:
-        r = probe_layer(splits["train"][0][key][0], splits["train"][1], splits["val"][0][key][0], splits["val"][1],
-                        splits["test"][0][key][0], splits["test"][1], C, grid, opts, seed, key, device)
+    results = probe_layers(splits["train"], splits["val"], splits["test"], C, grid, opts, seed, keys, device,
+                           progress=bool(cfg.get("progress", True)))
+    timing = {"extract_s": round(t_probe - t_ex, 2), "probe_s": round(time.time() - t_probe, 2)}
+    rows = []
+    for key, r in zip(keys, results):
         name = module.display_name(key)
         rows.append({"layer": layer_number(name), "name": name,
                      "title": module.backbone.layer_title("sentence", name), **r})
         print(f"[value-pl] {name}: dev {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} "
-              f"(nhid {r['nhid']}, dropout {r['dropout']}, l2 {r['l2']})")
+              f"(nhid {r['nhid']}, dropout {r['dropout']}, l2 {r['l2']}, {r['passes']} passes)")
+    print(f"[value-pl] SentEval timing: features {timing['extract_s']} s, grid {timing['probe_s']} s")
     res = results_dict(cfg, module, dm, rows=rows, pairs_dropped=dropped, extra={
         "protocol": {"name": "senteval", "representation": "mean over word tokens per layer",
-                     "grid_size": len(grid), **opts, "seed": seed, "fast_dev_run": bool(quick)},
+                     "grid_size": len(grid), **opts, "seed": seed, "fast_dev_run": bool(quick),
+                     "training": "all configurations of all layers batched (value_pl/protocols/batched.py)"},
+        "timing": timing,
         "seconds": round(time.time() - t0, 1),
     })
     write_results(rdir, res)

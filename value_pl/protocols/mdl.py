@@ -13,6 +13,8 @@ the loss), costing ``sum -log2 p(y | x)`` bits. Reported per head (layer):
 
 The backbone runs once per batch (features cached in memory); each head is the same head class as in
 plain training (``prober``): Eq. 3/4 heads for pair tasks, ``SentenceProber`` for sentence tasks.
+Sentence heads (``SentenceProber``) of all layers train together in each block
+(:func:`online_codelength_batched`, :mod:`value_pl.protocols.batched`); pair heads one after the other.
 A control task (``control=true``) is coded the same way: a planted-signal task compresses much better
 than its control. Results go to ``results.json`` (``mdl`` block and per-layer fields) and ``mdl.json``.
 """
@@ -23,6 +25,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ..probers.heads import SentenceProber
+from .batched import StopRule, train_units, unit_of
 from .fitting import fit_head, predict_logits, take
 
 PAPER_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
@@ -56,3 +61,47 @@ def online_codelength(head0, x, y: torch.Tensor, num_classes: int, fractions=PAP
     uniform = n * bits_uniform_per
     return {"codelength_bits": code, "uniform_bits": uniform, "compression": uniform / code if code > 0 else math.inf,
             "num_examples": n, "blocks": blocks}
+
+
+def mdl_rule(max_epochs: int, patience: int) -> StopRule:
+    """:func:`~value_pl.protocols.fitting.fit_head`'s stopping rule (dev loss every pass, min delta 1e-6)."""
+    return StopRule(metric="loss", patience=int(patience), passes_per_eval=1, max_passes=int(max_epochs),
+                    min_delta=1e-6)
+
+
+def online_codelength_batched(heads0: list[SentenceProber], xs: list[torch.Tensor], y: torch.Tensor,
+                              num_classes: int, fractions=PAPER_FRACTIONS, *, seed: int = 0, lr: float = 1e-3,
+                              batch_size: int = 64, max_epochs: int = 20, patience: int = 3, device="cpu",
+                              progress: bool = False) -> list[dict]:
+    """:func:`online_codelength` of several sentence heads at once (head k reads ``xs[k]``): each block's probes
+    of all heads train together (:func:`~value_pl.protocols.batched.train_units`, the same permutations as
+    ``fit_head``: seed + block index). Blocks stay one after the other: each has its own training size,
+    permutation stream and stopping point, and the last blocks (25 %, 50 % of the data) carry most of the work."""
+    n = y.shape[0]
+    ends = block_ends(n, fractions)
+    per = math.log2(num_classes)
+    units = [unit_of(h, k) for k, h in enumerate(heads0)]
+    blocks = [[{"start": 0, "end": ends[0], "bits": ends[0] * per, "code": "uniform"}] for _ in heads0]
+    rule = mdl_rule(max_epochs, patience)
+    for i in range(len(ends) - 1):
+        t, t_next = ends[i], ends[i + 1]
+        n_dev = t // 10 if t >= 10 else 0
+        tr, dv = slice(0, t - n_dev), slice(t - n_dev, t)
+        res = train_units([x[tr] for x in xs], y[tr], [x[dv] for x in xs] if n_dev else None, y[dv] if n_dev else None,
+                          units, num_classes, lr=lr, batch_size=batch_size, rule=rule, seed=seed + i, device=device,
+                          progress=progress, desc=f"MDL block {i + 1}/{len(ends) - 1}")
+        for k, (h0, r) in enumerate(zip(heads0, res)):
+            head = copy.deepcopy(h0)
+            head.load_state_dict(r["state"])
+            head.to(device)
+            logits = predict_logits(head, (xs[k][t:t_next],), device=device)
+            nats = float(F.cross_entropy(logits, y[t:t_next], reduction="sum"))
+            blocks[k].append({"start": t, "end": t_next, "bits": nats / math.log(2), "code": "online",
+                              "epochs": r["passes"]})
+    out = []
+    uniform = n * per
+    for b in blocks:
+        code = sum(x["bits"] for x in b)
+        out.append({"codelength_bits": code, "uniform_bits": uniform,
+                    "compression": uniform / code if code > 0 else math.inf, "num_examples": n, "blocks": b})
+    return out

@@ -14,9 +14,15 @@ Protocol (facebookresearch/SentEval, ``tools/classifier.py`` + ``tools/validatio
   dropout from {0, 0.1, 0.2}, batch 64; every configuration trained on train and scored on dev;
 * one "epoch" = ``epoch_size`` (4) passes over train, then a dev evaluation; training stops after
   ``tenacity`` (5) evaluations without a dev improvement or at ``max_epoch`` (200); the best-dev model is kept;
-* per layer the configuration with the best dev accuracy is chosen and its test accuracy reported.
+* per layer the configuration with the best dev accuracy is chosen (ties: the first in grid order) and its
+  test accuracy reported.
 
 Features are extracted once per split (one frozen forward per batch) and the grid runs on cached tensors.
+:func:`fit_senteval` / :func:`probe_layer` are SentEval's loop, one configuration at a time (the reference).
+:func:`probe_layers` trains **every configuration of every layer at once** with
+:func:`value_pl.protocols.batched.train_units`: the same initial weights, the same permutation of the
+training set in every pass, the same Adam update, the same stopping rule per configuration; it differs from
+the reference only in floating-point rounding and in the dropout masks (drawn from another random stream).
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+
 from ..probers.heads import SentenceProber, seeded
+from .batched import StopRule, Unit, train_units
 from .fitting import accuracy
 
 DEFAULT_GRID = {"nhid": [50, 100, 200], "dropout": [0.0, 0.1, 0.2], "l2": [1e-5, 1e-4, 1e-3, 1e-2]}
@@ -72,12 +80,18 @@ def grid_of(prober: dict, task: dict, quick: bool = False) -> list[dict]:
     return combos[:1] if quick else combos
 
 
+def init_prober(d: int, C: int, hp: dict, seed: int, key: str) -> SentenceProber:
+    """The seeded initial classifier of configuration ``hp`` on head ``key`` (the same in both loops)."""
+    return seeded(seed, f"{key}:{hp}", lambda: SentenceProber(d, C, hp["nhid"], hp["dropout"]))
+
+
 def probe_layer(x_tr, y_tr, x_va, y_va, x_te, y_te, C: int, grid: list[dict], opts: dict, seed: int, key: str,
                 device="cpu") -> dict:
+    """The reference: every configuration of one layer trained alone, one after the other."""
     tried = []
     best = None
     for hp in grid:
-        clf = seeded(seed, f"{key}:{hp}", lambda: SentenceProber(x_tr.shape[1], C, hp["nhid"], hp["dropout"]))
+        clf = init_prober(x_tr.shape[1], C, hp, seed, key)
         clf, dev_acc, passes = fit_senteval(clf, x_tr, y_tr, x_va, y_va, l2=hp["l2"], seed=seed, device=device, **opts)
         tried.append({**hp, "val_acc": dev_acc, "passes": passes})
         if best is None or dev_acc > best[0]:
@@ -85,3 +99,33 @@ def probe_layer(x_tr, y_tr, x_va, y_va, x_te, y_te, C: int, grid: list[dict], op
     dev_acc, hp, clf, passes = best
     return {"val_acc": dev_acc, "test_acc": accuracy(clf, (x_te,), y_te, device), **hp, "passes": passes,
             "grid": tried}
+
+
+def senteval_rule(opts: dict) -> StopRule:
+    """SentEval's stopping rule: dev accuracy every ``epoch_size`` passes, ``tenacity``, ``max_epoch`` passes."""
+    return StopRule(metric="acc", patience=int(opts.get("tenacity", 5)), passes_per_eval=int(opts.get("epoch_size", 4)),
+                    max_passes=int(opts.get("max_epoch", 200)))
+
+
+def probe_layers(train: tuple[list, torch.Tensor], val: tuple[list, torch.Tensor], test: tuple[list, torch.Tensor],
+                 C: int, grid: list[dict], opts: dict, seed: int, keys: list[str], device="cpu",
+                 progress: bool = False, eval_batch: int | None = None) -> list[dict]:
+    """:func:`probe_layer` for every layer at once: ``train``/``val``/``test`` = (per-layer features, labels),
+    features in the order of ``keys``. Returns one row per layer, as :func:`probe_layer` does."""
+    (xs, y), (xs_va, y_va), (xs_te, y_te) = train, val, test
+    units = [Unit(li, hp["nhid"], hp["dropout"], hp["l2"], init_prober(xs[li].shape[1], C, hp, seed, key).state_dict())
+             for li, key in enumerate(keys) for hp in grid]
+    out = train_units(xs, y, xs_va, y_va, units, C, lr=float(opts.get("lr", 1e-3)),
+                      batch_size=int(opts.get("batch_size", 64)), rule=senteval_rule(opts), seed=seed, device=device,
+                      progress=progress, eval_batch=eval_batch, desc="SentEval grid")
+    rows = []
+    for li, key in enumerate(keys):
+        res = out[li * len(grid):(li + 1) * len(grid)]
+        tried = [{**hp, "val_acc": r["score"], "passes": r["passes"]} for hp, r in zip(grid, res)]
+        k = max(range(len(grid)), key=lambda j: res[j]["score"])  # first of the best: the reference's tie rule
+        hp = grid[k]
+        clf = SentenceProber(xs[li].shape[1], C, hp["nhid"], hp["dropout"])
+        clf.load_state_dict(res[k]["state"])
+        rows.append({"val_acc": res[k]["score"], "test_acc": accuracy(clf.to(device), (xs_te[li],), y_te, device), **hp,
+                     "passes": res[k]["passes"], "grid": tried})
+    return rows
