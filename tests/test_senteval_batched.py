@@ -74,6 +74,25 @@ def test_weights_follow_the_sequential_trajectory_and_early_stop_keeps_best_stat
             torch.testing.assert_close(r["state"][k], v, atol=1e-5, rtol=1e-4)
 
 
+def test_banks_in_parallel_threads_give_the_same_result():
+    """With two torch threads the banks run in two worker threads: the same numbers, bit for bit."""
+    hps = [{"nhid": h, "dropout": p, "l2": 1e-4} for h in (8, 16, 0) for p in (0.0, 0.2)]
+    units = [Unit(k, hp["nhid"], hp["dropout"], hp["l2"], init_prober(D, C, hp, 3, f"k{k}").state_dict())
+             for k in range(2) for hp in hps]
+    rule = StopRule("acc", 2, 2, 8)
+    one = train_units(TR[0], TR[1], VA[0], VA[1], units, C, rule=rule, seed=3)
+    torch.set_num_threads(2)
+    try:
+        two = train_units(TR[0], TR[1], VA[0], VA[1], units, C, rule=rule, seed=3)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    for a, b in zip(one, two):
+        assert (a["score"], a["passes"]) == (b["score"], b["passes"])
+        for k in a["state"]:
+            assert torch.equal(a["state"][k], b["state"][k])
+
+
 def test_dropout_gradient_and_mask_rate():
     hps = [(16, 0.0), (16, 0.2), (16, 0.1), (0, 0.0)]
     units = [Unit(0, h, p, 0.0, SentenceProber(D, C, h, p).state_dict()) for h, p in hps]
@@ -81,10 +100,10 @@ def test_dropout_gradient_and_mask_rate():
                 [torch.zeros_like(t) for t in u.init.values()]) for i, u in enumerate(units)}
     bank = _Bank(list(range(4)), units, C, D, init, torch.device("cpu"))
     x, y = TR[0][0][:64], TR[1][:64]
-    bank.grads(x, y, _Dropout(5, torch.device("cpu")))
+    bank.grads(x, F.one_hot(y, C).t().float(), _Dropout(5, (0, 16), torch.device("cpu")))
     g = bank.groups[0]
     assert [bank.ids[j] for j in range(g.j0, len(g.ids))] == [1, 2]  # dropout units last, grid order kept
-    mask = _Dropout(5, torch.device("cpu")).mask(g, 64)  # the same draw
+    mask = _Dropout(5, (0, 16), torch.device("cpu")).mask(g, 64)  # the same draw
     for i, u in enumerate(bank.ids):
         clf = SentenceProber(D, C, units[u].nhid, units[u].dropout)
         clf.load_state_dict(units[u].init)
@@ -96,7 +115,7 @@ def test_dropout_gradient_and_mask_rate():
         F.cross_entropy(logits, y).backward()
         for a, p in zip(bank.gv[i], clf.parameters()):
             torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
-    big = _Dropout(1, torch.device("cpu")).mask(g, 20000)
+    big = _Dropout(1, (0, 16), torch.device("cpu")).mask(g, 20000)
     for j, p in enumerate((0.2, 0.1)):
         kept = (big[j] > 0).float().mean().item()
         assert abs(kept - (1 - p)) < 0.005 and torch.allclose(big[j][big[j] > 0], torch.tensor(1 / (1 - p)))
