@@ -56,14 +56,16 @@ def test_grid_selects_what_each_configuration_alone_selects():
     assert len({(r["nhid"], r["l2"]) for r in bat[0]["grid"]}) == 6
 
 
-def test_weights_follow_the_sequential_trajectory_and_early_stop_keeps_best_state():
-    """A heavily decayed configuration stops early and keeps its best-dev weights while the others train on."""
+@pytest.mark.parametrize("by_nhid", [True, False])
+def test_weights_follow_the_sequential_trajectory_and_early_stop_keeps_best_state(by_nhid):
+    """A heavily decayed configuration stops early and keeps its best-dev weights while the others train on
+    (banks per (layer, nhid), as on CPU, or one bank per layer, as on GPU)."""
     hps = [{"nhid": 8, "dropout": 0.0, "l2": 5.0}, {"nhid": 8, "dropout": 0.0, "l2": 1e-5},
            {"nhid": 0, "dropout": 0.0, "l2": 1e-4}]
     opts = {**OPTS, "max_epoch": 24}
     units = [Unit(0, hp["nhid"], 0.0, hp["l2"], init_prober(D, C, hp, 3, "k").state_dict()) for hp in hps]
     rule = StopRule("acc", opts["tenacity"], opts["epoch_size"], opts["max_epoch"])
-    out = train_units(TR[0], TR[1], VA[0], VA[1], units, C, rule=rule, seed=3)
+    out = train_units(TR[0], TR[1], VA[0], VA[1], units, C, rule=rule, seed=3, bank_by_nhid=by_nhid)
     passes = [r["passes"] for r in out]
     assert passes[0] < opts["max_epoch"] and max(passes[1:]) > passes[0], passes
     for hp, r in zip(hps, out):

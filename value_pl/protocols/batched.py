@@ -146,9 +146,9 @@ class _Bank:
         self.R = r
         self.p, self.m, self.v, self.g = (self._zeros() for _ in range(4))
         self.pv, self.mv, self.vv, self.gv = (self.views(t) for t in (self.p, self.m, self.v, self.g))
-        for i, u in enumerate(self.ids):  # pieces[u] = (params, exp_avg, exp_avg_sq), lists of tensors
+        for i, u in enumerate(self.ids):  # pieces[u] = (params, exp_avg, exp_avg_sq); None: zeros
             for dst, src in zip((self.pv[i], self.mv[i], self.vv[i]), pieces[u]):
-                for a, b in zip(dst, src):
+                for a, b in zip(dst, src or ()):
                     a.copy_(b)
 
     def _zeros(self) -> dict:
@@ -227,7 +227,7 @@ class _Bank:
             else:
                 parts.append(F.cross_entropy(lg, yy.expand(lg.shape[0], -1), reduction="none").sum(1, dtype=torch.float64))
         if metric == "acc":
-            return [float(row.float().mean()) for row in torch.cat(parts, dim=1)]
+            return [float(row.float().mean()) for row in torch.cat(parts, dim=1).cpu()]  # on CPU, as there
         return (torch.stack(parts).sum(0) / y.shape[0]).tolist()
 
 
@@ -276,9 +276,10 @@ def _bar(enabled: bool, total: int, desc: str):
 def train_units(xs: list[Tensor], y: Tensor, xs_dev: list[Tensor] | None, y_dev: Tensor | None, units: list[Unit],
                 num_classes: int, *, lr: float = 1e-3, batch_size: int = 64, rule: StopRule = StopRule(),
                 seed: int = 1111, device="cpu", progress: bool = False, eval_batch: int | None = None,
-                desc: str = "probes") -> list[dict]:
+                desc: str = "probes", bank_by_nhid: bool | None = None) -> list[dict]:
     """Train every unit on ``(xs[unit.layer], y)``; returns per unit ``{"state": best state dict (CPU), "score":
-    best dev accuracy or loss, "passes": passes over train}`` (no dev data: the last state, score None)."""
+    best dev accuracy or loss, "passes": passes over train}`` (no dev data: the last state, score None).
+    ``bank_by_nhid``: one bank per (layer, nhid) instead of per layer (default: on CPU)."""
     device = torch.device(device)
     eval_batch = eval_batch or (16384 if device.type == "cuda" else 2048)
     layers = sorted({u.layer for u in units})
@@ -288,12 +289,13 @@ def train_units(xs: list[Tensor], y: Tensor, xs_dev: list[Tensor] | None, y_dev:
     Xd = {li: xs_dev[li].to(device, torch.float32) for li in layers} if has_dev else {}
     yd = y_dev.to(device) if has_dev else None
     C, n = int(num_classes), int(y.shape[0])
-    init = {i: (pieces_of(u.init, u.nhid), [torch.zeros_like(t) for t in pieces_of(u.init, u.nhid)],
-                [torch.zeros_like(t) for t in pieces_of(u.init, u.nhid)]) for i, u in enumerate(units)}
-    # one bank per (layer, nhid): a bank's weights and Adam moments stay in cache through its part of a pass
-    groups = sorted({(u.layer, u.nhid) for u in units})
-    banks = {k: _Bank([i for i, u in enumerate(units) if (u.layer, u.nhid) == k], units, C, X[k[0]].shape[1], init,
-                      device) for k in groups}
+    init = {i: (pieces_of(u.init, u.nhid), None, None) for i, u in enumerate(units)}
+    # CPU: one bank per (layer, nhid), whose weights and Adam moments stay in cache through its part of a pass;
+    # GPU: one bank per layer (fewer, larger kernels)
+    by_nhid = device.type == "cpu" if bank_by_nhid is None else bank_by_nhid
+    key = (lambda u: (u.layer, u.nhid)) if by_nhid else (lambda u: (u.layer,))
+    banks = {k: _Bank([i for i, u in enumerate(units) if key(u) == k], units, C, X[k[0]].shape[1], init, device)
+             for k in sorted({key(u) for u in units})}
     del init
     opts = {k: _Adam(b, units, lr) for k, b in banks.items()}
     perm_gen = torch.Generator().manual_seed(int(seed))  # the sequential fits' permutation stream
@@ -345,7 +347,11 @@ def train_units(xs: list[Tensor], y: Tensor, xs_dev: list[Tensor] | None, y_dev:
                     s = sign * s
                     if s > best[u] + rule.min_delta:
                         best[u], bad[u] = s, 0
-                        best_state[u] = state_of(b.pv[i], units[u].nhid)
+                        if best_state[u] is None:
+                            best_state[u] = state_of(b.pv[i], units[u].nhid)
+                        else:  # into the unit's own copy: no new memory per improvement
+                            for dst, src in zip(best_state[u].values(), b.pv[i]):
+                                dst.copy_(src)
                     else:
                         bad[u] += 1
                         if bad[u] >= rule.patience:
