@@ -59,7 +59,8 @@ def synthetic(n: int, layers: int, dim: int, classes: int, seed: int = 0):
     for li in range(layers):
         p = torch.randn(16, dim, generator=g) / 4
         snr = 0.3 + 0.7 * (1 - abs(li - layers * 0.6) / layers)
-        xs.append(torch.tanh(z @ p) * snr + 0.6 * torch.randn(n, dim, generator=g) + 0.3 * torch.randn(dim, generator=g))
+        noise = 0.6 * torch.randn(n, dim, generator=g) + 0.3 * torch.randn(dim, generator=g)
+        xs.append(torch.tanh(z @ p) * snr + noise)
     a_, b_ = int(0.8 * n), int(0.9 * n)
     return ([x[:a_] for x in xs], y[:a_]), ([x[a_:b_] for x in xs], y[a_:b_]), ([x[b_:] for x in xs], y[b_:])
 
@@ -101,8 +102,8 @@ def bench_synthetic(args) -> None:
         c_seq *= len(grid) / args.seq_configs
         seq = {li: None for li in seq}
     print(f"\nload average at the end: {load()}")
-    print(f"\n| layer | batched: config (nhid/dropout/l2) | batched test acc | sequential: config | sequential test acc "
-          f"| abs diff (points) |\n|---:|---|---:|---|---:|---:|")
+    print("\n| layer | batched: config (nhid/dropout/l2) | batched test acc | sequential: config | sequential test acc "
+          "| abs diff (points) |\n|---:|---|---:|---|---:|---:|")
     diffs = []
     for li, b in enumerate(batched):
         s = seq.get(li)
@@ -177,9 +178,9 @@ def bench_real(args) -> None:
     (tmp / "probing" / "sentence_length.txt").write_text(
         "".join(f"{split[i % 10]}\t{lab}\t{c}\n" for i, (lab, c) in enumerate(rows)))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    subprocess.run([sys.executable, "-m", "value_pl.datasets.build", "dataset=senteval", f"dataset.dir={tmp / 'probing'}",
-                    "dataset.tasks=[sentlen]", f"out={tmp / 'shards'}", "progress=false"], check=True, cwd=REPO, env=env,
-                   capture_output=True)
+    build = [sys.executable, "-m", "value_pl.datasets.build", "dataset=senteval", f"dataset.dir={tmp / 'probing'}",
+             "dataset.tasks=[sentlen]", f"out={tmp / 'shards'}", "progress=false"]
+    subprocess.run(build, check=True, cwd=REPO, env=env, capture_output=True)
     run = tmp / "run"
     cmd = [sys.executable, "-m", "value_pl.train", "task=sentlen", "prober=senteval_mlp", "backbone=minilm_uniter",
            "backbone.path=minilm", f"data.root={tmp / 'shards' / 'sentlen'}", "logger=none", "progress=false",

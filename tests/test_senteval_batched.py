@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import compose
 from tasks_helpers import FAST_DATA, one_thread, sentence_shards, tiny_backbones
 
@@ -45,7 +44,7 @@ OPTS = {"lr": 1e-3, "batch_size": 64, "tenacity": 2, "epoch_size": 2, "max_epoch
 
 
 def test_grid_selects_what_each_configuration_alone_selects():
-    grid = [{"nhid": h, "dropout": 0.0, "l2": l} for h in (8, 16, 0) for l in (1e-5, 3e-2)]
+    grid = [{"nhid": h, "dropout": 0.0, "l2": wd} for h in (8, 16, 0) for wd in (1e-5, 3e-2)]
     seq = [probe_layer(TR[0][k], TR[1], VA[0][k], VA[1], TE[0][k], TE[1], C, grid, OPTS, 7, f"sent:{k}")
            for k in range(2)]
     bat = probe_layers(TR, VA, TE, C, grid, OPTS, 7, ["sent:0", "sent:1"])

@@ -6,21 +6,24 @@ if trained alone with Adam on mini-batch cross-entropy (:func:`~value_pl.protoco
 :func:`~value_pl.protocols.fitting.fit_head`):
 
 * **One permutation stream.** Pass k uses the k-th ``randperm`` of a generator seeded with ``seed``, for every
-  unit, exactly as each sequential fit does; a batch's rows are gathered once per layer and serve all the units
+  unit, exactly as each sequential fit does; a pass's rows are gathered once per layer and serve all the units
   of that layer.
-* **One matrix per (layer, nhid)** (:class:`_Bank`): the first-layer weights of those units stacked as rows
-  (an MLP unit contributes its nhid hidden rows, a logistic-regression unit its C logit rows), so the first layer
-  and its weight gradient are one GEMM each; the second layers run as one ``bmm``. Grouping by nhid instead of
-  padding to the largest: every unit computes exactly its own MLP, and no work is spent on padding. A bank runs
-  its whole share of a pass before the next bank starts, so its weights and moments stay in cache. Forward and backward are written out by hand (softmax cross-entropy,
-  mean over the batch; sigmoid; dropout with keep-probability 1 - p and scale 1/(1 - p), per unit).
-* **Adam per unit.** Each unit's weights, gradients and moments are views into the layer's tensors; the update
+* **Banks** (:class:`_Bank`): the first-layer weights of many units stacked as rows of one matrix (an MLP unit
+  contributes its nhid hidden rows, a logistic-regression unit its C logit rows), so the first layer and its
+  weight gradient are one GEMM each; second layers run as one ``bmm`` per nhid. Grouped by nhid rather than
+  padded to the largest: every unit computes exactly its own MLP, and no work goes to padding. On CPU one bank
+  per (layer, nhid), each running its whole share of a pass before the next starts (its weights and Adam
+  moments stay in cache), and with several torch threads the banks run in parallel in worker threads at one
+  intra-op thread each (no per-operation thread synchronisation, bit-identical results); on GPU one bank per
+  layer (fewer, larger kernels). Forward and backward are written out by hand: softmax cross-entropy (mean over
+  the batch), sigmoid, dropout with keep-probability 1 - p and scale 1/(1 - p) per unit.
+* **Adam per unit.** Each unit's weights, gradients and moments are views into its bank's tensors; the update
   is ``torch._fused_adam_`` (the kernel behind ``torch.optim.Adam(fused=True)``) over the views of all units
   sharing an L2 value (weight decay is a scalar of the call), with one step count: all units start together.
   Without that kernel the same update is done with tensor ops (:func:`_adam_ops`).
 * **Early stopping per unit.** After every ``passes_per_eval`` passes all active units are scored on dev in
   one pass (large batches); a unit that improves saves a copy of its weights, a unit out of patience stops:
-  its layer's matrix is rebuilt without it, so a stopped unit costs nothing and keeps its best-dev state.
+  its bank is rebuilt without it, so a stopped unit costs nothing and keeps its best-dev state.
 
 Differences from training each unit alone: floating-point rounding (the GEMMs sum in another order) and the
 dropout masks (drawn from a generator seeded with ``seed`` for the whole run instead of the global stream).
@@ -107,21 +110,21 @@ class _Group:
 
 
 class _Dropout:
-    """Keep-masks, already scaled by 1/(1 - p), for a group's units with dropout. CUDA: float uniforms from a
-    seeded Philox generator, kept when >= p. CPU: 16-bit uniforms (four per 64-bit draw of numpy's PCG64, about
-    15x cheaper than torch's Mersenne twister; the masks would otherwise be a large share of the step), kept
-    when >= round(p * 2^16), so the drop probability is p to within 2^-17."""
+    """Keep-masks, already scaled by 1/(1 - p), for a group's units with dropout; one random stream per bank.
+    GPU: float uniforms from the device's generator, kept when >= p. CPU: 16-bit uniforms, four per 64-bit draw
+    of numpy's PCG64 (several times cheaper than torch's Mersenne twister, whose draws would be a large share of
+    the step), kept when >= round(p * 2^16): the drop probability is p to within 2^-17."""
 
     def __init__(self, seed: int, key: tuple, device: torch.device):
-        self.cuda = device.type == "cuda"
-        ss = np.random.SeedSequence([int(seed), *key])  # one stream per bank: independent of the bank order
-        self.gen = torch.Generator(device=device).manual_seed(int(ss.generate_state(1)[0])) if self.cuda else None
-        self.bits = None if self.cuda else np.random.PCG64(ss)
+        ss = np.random.SeedSequence([int(seed), *key])  # independent of the order the banks run in
+        self.host = device.type == "cpu"
+        self.bits = np.random.PCG64(ss) if self.host else None
+        self.gen = None if self.host else torch.Generator(device=device).manual_seed(int(ss.generate_state(1)[0]))
         self.device = device
 
     def mask(self, g: _Group, B: int) -> Tensor:
         shape = (len(g.ids) - g.j0, g.h, B)
-        if self.cuda:
+        if not self.host:
             return torch.where(torch.rand(shape, generator=self.gen, device=self.device) >= g.p, g.scale, 0.0)
         n = shape[0] * shape[1] * shape[2]
         u16 = self.bits.random_raw(-(-n // 4)).view(np.uint16)[:n].reshape(shape)
@@ -225,7 +228,8 @@ class _Bank:
             if metric == "acc":
                 parts.append(lg.argmax(1) == yy)
             else:
-                parts.append(F.cross_entropy(lg, yy.expand(lg.shape[0], -1), reduction="none").sum(1, dtype=torch.float64))
+                ce = F.cross_entropy(lg, yy.expand(lg.shape[0], -1), reduction="none")
+                parts.append(ce.sum(1, dtype=torch.float64))
         if metric == "acc":
             return [float(row.float().mean()) for row in torch.cat(parts, dim=1).cpu()]  # on CPU, as there
         return (torch.stack(parts).sum(0) / y.shape[0]).tolist()
