@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 
 from ..data.progress import progress as _progress
-from .regions import FeatureDimError, FeatureError, FeatureNaNError
+from .regions import FeatureDimError, FeatureError, FeatureNaNError, open_features
 
 
 class BuildError(ValueError):
@@ -173,3 +173,27 @@ def read_features(reader, iid, W, H, issues: Issues, what: str):
         issues.bad("no_features", rf.where, f"image {iid} has 0 {what} regions")
         return None
     return rf.in_pixels(W, H)
+
+
+def open_region_features(cfg: dict, feature_dim: int | None):
+    """The detected features (``features``) and, when given, the annotated boxes' (``annotated_features``)."""
+    uniter_kw = dict(cfg.get("uniter") or {})
+    det = open_features(cfg["features"], cfg.get("features_format", "auto"), feature_dim, **uniter_kw)
+    sup = None
+    if cfg.get("annotated_features"):
+        sup = open_features(cfg["annotated_features"], cfg.get("annotated_features_format", "auto"), feature_dim,
+                            **uniter_kw)
+    return det, sup
+
+
+def regions_manifest(cfg: dict, det, sup) -> dict:
+    """The manifest's ``regions`` entry: how annotated boxes and detections were combined."""
+    return {"mode": "supplied" if sup is not None else "iou_match", "iou_threshold": cfg["iou_threshold"],
+            "max_regions": cfg["max_regions"], "features_format": det.format}
+
+
+def close_readers(*readers) -> None:
+    for r in readers:
+        if r is not None:
+            r.close()
+

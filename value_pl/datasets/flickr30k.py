@@ -48,8 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data.schema import COREF_TYPES, SCHEMA_VERSION, region_names
-from .common import BuildError, Issues, clean_box, progress, read_features, read_id_list, sample_rng
-from .regions import Combined, combine_regions, open_features
+from .common import (BuildError, Issues, clean_box, close_readers, open_region_features, progress, read_features,
+                     read_id_list, regions_manifest, sample_rng)
+from .regions import Combined, combine_regions
 from .writer import ShardSetWriter
 
 PHRASE_HEAD = re.compile(r"^\[/EN#(\d+)((?:/[A-Za-z_]+)+)$")
@@ -306,12 +307,7 @@ def build_flickr30k(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxs
                 raise BuildError(f"{split_files[s]}: image id {i} is also in split {seen[i]} ({split_files[seen[i]]})")
             seen[i] = s
     unrelated = read_unrelated(cfg.get("unrelated"))
-    uniter_kw = dict(cfg.get("uniter") or {})
-    det = open_features(cfg["features"], cfg.get("features_format", "auto"), feature_dim, **uniter_kw)
-    sup = None
-    if cfg.get("annotated_features"):
-        sup = open_features(cfg["annotated_features"], cfg.get("annotated_features_format", "auto"), feature_dim,
-                            **uniter_kw)
+    det, sup = open_region_features(cfg, feature_dim)
     w = ShardSetWriter(out, "flickr30k_entities", version=str(cfg.get("version", "1")), maxcount=maxcount,
                        maxsize=maxsize, feature_dim=feature_dim)
     issues = Issues(w, strict)
@@ -331,9 +327,7 @@ def build_flickr30k(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxs
             w.write_split(split, iter_split(lst, cfg, det, sup, unrelated, issues, seed, progress_bar, split))
         w.extra = {
             "seed": seed,
-            "regions": {"mode": "supplied" if sup is not None else "iou_match",
-                        "iou_threshold": cfg["iou_threshold"], "max_regions": cfg["max_regions"],
-                        "features_format": det.format},
+            "regions": regions_manifest(cfg, det, sup),
             "vcc_label_rule": "first listed coarse type of the phrase (notvisual phrases: no pairs)",
             "skipped_examples": issues.examples,
         }
@@ -342,7 +336,5 @@ def build_flickr30k(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxs
         w.abort()
         raise
     finally:
-        det.close()
-        if sup is not None:
-            sup.close()
+        close_readers(det, sup)
 

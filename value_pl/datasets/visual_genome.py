@@ -59,8 +59,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.schema import SCHEMA_VERSION, region_names
-from .common import BuildError, Issues, clean_box, iter_json_array, progress, read_features, sample_rng, stable_score
-from .regions import combine_regions, open_features
+from .common import (BuildError, Issues, clean_box, close_readers, iter_json_array, open_region_features, progress,
+                     read_features, regions_manifest, sample_rng, stable_score)
+from .regions import combine_regions
 from .vg_graphs import (_aliases, _obj_box, _resolve_relations, _Split, load_image_data, load_v14_objects,
                         object_name, object_synsets, tokenize)
 from .writer import ShardSetWriter
@@ -79,12 +80,7 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
     sizes = load_image_data(cfg["image_data"])
     v14 = load_v14_objects(cfg["objects"]) if cfg.get("objects") else None
     split_of = _Split(cfg, seed)
-    uniter_kw = dict(cfg.get("uniter") or {})
-    det = open_features(cfg["features"], cfg.get("features_format", "auto"), feature_dim, **uniter_kw)
-    sup = None
-    if cfg.get("annotated_features"):
-        sup = open_features(cfg["annotated_features"], cfg.get("annotated_features_format", "auto"), feature_dim,
-                            **uniter_kw)
+    det, sup = open_region_features(cfg, feature_dim)
     w = ShardSetWriter(out, "visual_genome" + ("_mismatch" if variant == "mismatch" else ""),
                        version=str(cfg.get("version", "1.2")), maxcount=maxcount, maxsize=maxsize,
                        feature_dim=feature_dim)
@@ -204,9 +200,7 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
             "caps": {"top_k": top_k, "max_pairs_per_predicate": cap_pred,
                      "max_same_predicate_per_caption": cap_caption},
             "aliases": cfg.get("aliases") if not isinstance(cfg.get("aliases"), dict) else "custom",
-            "regions": {"mode": "supplied" if sup is not None else "iou_match",
-                        "iou_threshold": cfg["iou_threshold"], "max_regions": cfg["max_regions"],
-                        "features_format": det.format},
+            "regions": regions_manifest(cfg, det, sup),
             "skipped_examples": issues.examples,
         }
         return w.close()
@@ -214,9 +208,7 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
         w.abort()
         raise
     finally:
-        det.close()
-        if sup is not None:
-            sup.close()
+        close_readers(det, sup)
 
 
 def _num(s: str):

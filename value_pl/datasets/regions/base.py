@@ -94,7 +94,14 @@ class FeatureReader:
         self.feature_dim = feature_dim
 
     def ids(self) -> list[str]:
-        raise NotImplementedError
+        return list(self._index)
+
+    def entry(self, image_id) -> tuple[str, object]:
+        """(normalised id, this format's index entry); ``KeyError`` naming the source for an unknown image."""
+        iid = normalise_id(image_id)
+        if iid not in self._index:
+            raise KeyError(f"{self.path}: no features for image {image_id}")
+        return iid, self._index[iid]
 
     def __contains__(self, image_id) -> bool:
         return normalise_id(image_id) in self._index

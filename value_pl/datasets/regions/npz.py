@@ -67,14 +67,8 @@ class NpzDirReader(FeatureReader):
         if not self._index:
             raise FeatureError(f"{path}: no .npz files")
 
-    def ids(self):
-        return list(self._index)
-
     def get(self, image_id):
-        iid = normalise_id(image_id)
-        if iid not in self._index:
-            raise KeyError(f"{self.path}: no features for image {image_id}")
-        f = self._index[iid]
+        iid, f = self.entry(image_id)
         return _npz_record(f, str(f), self.feature_dim, False, 0, 0, 0, iid)
 
 

@@ -108,11 +108,8 @@ class TsvReader(FeatureReader):
     def input_paths(self):
         return list(self.files)
 
-    def ids(self):
-        return list(self._index)
-
     def _line(self, image_id) -> tuple[str, str]:
-        fi, off, ln = self._index[normalise_id(image_id)]
+        fi, off, ln = self.entry(image_id)[1]
         fh = self._fh.get(fi)
         if fh is None:
             fh = self._fh[fi] = open(self.files[fi], "rb")
@@ -121,8 +118,6 @@ class TsvReader(FeatureReader):
 
     def get(self, image_id) -> RegionFeatures:
         iid = normalise_id(image_id)
-        if iid not in self._index:
-            raise KeyError(f"{self.path}: no features for image {image_id}")
         line, where = self._line(iid)
         cols = line.split("\t")
         if len(cols) != self.ncols:

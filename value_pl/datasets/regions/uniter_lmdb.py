@@ -33,14 +33,8 @@ class UniterLmdbReader(FeatureReader):
                                        f"(also {self._index[iid].decode()})")
                 self._index[iid] = bytes(k)
 
-    def ids(self):
-        return list(self._index)
-
     def get(self, image_id):
-        iid = normalise_id(image_id)
-        if iid not in self._index:
-            raise KeyError(f"{self.path}: no features for image {image_id}")
-        key = self._index[iid]
+        iid, key = self.entry(image_id)
         with self.env.begin() as txn:
             data = txn.get(key)
         where = f"{self.path} record {key.decode()}"
