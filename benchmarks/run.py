@@ -10,7 +10,11 @@ Prints one table of ratios, all measured in this run on this machine:
 3. all layers in one pass vs one run per layer (goal >= 10x);
 4. data loader samples/s per worker vs the samples/s the layer_emb training step consumes (goal >= 3x);
 5. one loader worker on shards of the real width (36 regions x 2048-d fp16, ~12-word captions, 6 pairs):
-   samples/s of read + decode + tokenise + collate (goal >= 1,500 on the 2-core CPU).
+   samples/s of read + decode + tokenise + collate (goal >= 1,500 on the 2-core CPU);
+6. the host work of a training step (a 12-layer model 24 wide: its kernels cost ~nothing) / a bare forward's: the
+   ratio a GPU shows when it finishes kernels faster than the host issues them;
+7. the main process's CPU time per batch of those shards from 2 loader workers (receive, then copy the features
+   out as the pin thread does): torch's default handover vs ours (value_pl.data.handover).
 
 Model: a randomly initialised UNITER of MiniLM-L12 size (12 layers, 384 hidden, 12 heads, 1536 FFN; ``--quick``:
 6 layers) with 2048-d region features; shards: synthetic demo scenes with 80 regions of 2048-d fp16 features and
@@ -90,6 +94,98 @@ def loader_per_worker(tmp: Path, bb, n: int, reps: int, batch: int = 64) -> floa
         if r:  # the first pass warms the page cache
             best = max(best, m / (CLOCK() - t))
     return best
+
+
+class _TorchDefault(dict):
+    """A batch type our handover leaves alone: torch's default, one shared-memory segment per tensor."""
+
+
+class _DefaultCollate:
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples):
+        return _TorchDefault(self.collate(samples))
+
+
+def handover_cost(tmp: Path, bb, reps: int, batch: int = 128, workers: int = 2, epochs: int = 3) -> dict:
+    """Main-process CPU ms per batch to receive a batch from a loader worker and copy its features out (what the
+    pin thread does before a GPU step), on the real-width shards of :func:`loader_per_worker`: torch's default
+    handover, ours with a fresh features segment per batch (CPU training), ours with reused buffers (pinned)."""
+    from value_pl.data import handover
+    from value_pl.data.collate import TaskSpec
+    from value_pl.data.datamodule import ShardDataModule
+    from value_pl.data.stream import no_collate, worker_init
+
+    root = tmp / "real_width"
+    man = json.loads((root / "manifest.json").read_text())
+    dm = ShardDataModule(root, batch_size=batch, num_workers=workers, shuffle_buffer=256, seed=0)
+    col = bb.collator(TaskSpec("vrc", "region_region", man["labels"]["vrc"]))
+    loaders = {}
+    for name, collate, ring in (("torch default", _DefaultCollate(col), 0), ("ours, fresh segment", col, 0),
+                                ("ours, reused buffers", col, 6)):
+        ds = dm.stream("train", True, collate=collate, ring_buffers=ring)
+        loaders[name] = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
+                                                    persistent_workers=True, prefetch_factor=4,
+                                                    worker_init_fn=worker_init)
+    out = {k: float("inf") for k in loaders}
+    dest = None
+    for r in range(reps + 1):
+        for name, dl in loaders.items():
+            nb, t = 0, None
+            for e in range(epochs + (1 if r == 0 else 0)):
+                if t is None and (r > 0 or e > 0):
+                    t = time.process_time()  # this process only: the workers are other processes
+                for b in dl:
+                    f = b["region_feats"]
+                    if dest is None:
+                        dest = torch.empty(4 * f.numel(), dtype=f.dtype)
+
+                    def copy(v):
+                        return dest[:v.numel()].view_as(v).copy_(v)
+
+                    f = f.copy_out(copy) if isinstance(f, handover.RingFeatures) else copy(f)
+                    nb += t is not None
+                    del b, f
+            out[name] = min(out[name], 1e3 * (time.process_time() - t) / nb)
+    loaders.clear()
+    return out
+
+
+def host_cost(tmp: Path, reps: int, iters: int = 20) -> dict:
+    """Seconds per call of the bare forward and of both probe training steps on a model so narrow (12 layers x
+    24 hidden, 2 images, 32 tokens) that its kernels cost ~nothing: what remains is host work (Python, dispatch,
+    autograd, optimizer) -- what bounds a step on a GPU that finishes kernels faster than they are issued."""
+    from gpu import synthetic_batch
+
+    from value_pl.backbones.capture import CaptureSpec
+    from value_pl.backbones.uniter import build_uniter
+
+    p = tmp / "narrow.json"
+    p.write_text(json.dumps(model_config(12, 24, 12)))
+    bb = build_uniter(OmegaConf.create({"name": "narrow", "pretrained": False, "config": str(p),
+                                        "tokenizer": "minilm", "seed": 0}), img_dim=64)
+    batch = synthetic_batch(2, 12, 20, 64, 6, 16, torch.device("cpu"))
+    ac = dict(device_type="cpu", dtype=torch.bfloat16)
+
+    def bare():
+        with torch.no_grad(), torch.autocast(**ac):
+            bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
+
+    fns = {"bare": bare}
+    for prober in ("layer_emb", "attention"):
+        m = make_module(bb, [str(i) for i in range(16)], prober)
+        opt = m.configure_optimizers()
+
+        def step(m=m, opt=opt):
+            with torch.autocast(**ac):
+                loss = m.loss(m.extract_inputs(batch), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        fns[prober] = step
+    return bench({k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()}, reps, warmup=1)
 
 
 def make_module(bb, labels, prober: str, layers=None):
@@ -359,6 +455,21 @@ def main(argv=None) -> list[dict]:
         rows.append({"measure": "loader samples/s per worker, 36 regions x 2048-d fp16, ~12 words, 6 pairs",
                      "value": f"{per_worker:,.0f}", "goal": ">= 1,500", "met": per_worker >= 1500,
                      "ratio": per_worker})
+
+        # ---- host work per step (a narrow model: kernels cost ~nothing)
+        hc = host_cost(tmp, max(reps, 5))
+        for prober in ("layer_emb", "attention"):
+            r = hc[prober] / hc["bare"]
+            rows.append({"measure": f"host work of a {prober} training step / bare forward (12 layers x 24 hidden, "
+                                    "kernels ~free)", "value": f"{r:.2f}x ({50 * hc[prober]:.2f} / {50 * hc['bare']:.2f} ms)",
+                         "goal": "-", "met": None, "ratio": r})
+
+        # ---- the main process's share of the loader: receive a batch, copy its features out
+        ms = handover_cost(tmp, bb, reps)
+        base = ms["torch default"]
+        for name, v in ms.items():
+            rows.append({"measure": f"main process ms per batch of 128 real-width images, {name}",
+                         "value": f"{v:.2f} ms ({v / base:.2f}x)", "goal": "-", "met": None, "ratio": v / base})
 
         # ---- loader vs consumption
         model_sps = B / t_all

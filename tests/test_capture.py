@@ -120,3 +120,57 @@ def test_forward_stops_after_the_last_requested_layer(tmp_path, monkeypatch):
     assert n_part == 1 and len(calls) - n_part == bb.num_layers > 1
     assert list(part.hidden) == ["hidden.joint.1"]
     torch.testing.assert_close(part.hidden["hidden.joint.1"], full.hidden["hidden.joint.1"])
+
+
+def test_layers_run_as_their_two_halves_exactly(tmp_path, monkeypatch):
+    """run_layer's fast path (attention, then feed_forward_chunk) equals the layer's own forward bit for bit and
+    skips transformers' per-call inspect.signature (apply_chunking_to_forward)."""
+    import transformers.models.bert.modeling_bert as mb
+
+    from value_pl.backbones.capture import additive_mask
+    from value_pl.backbones.common import run_layer
+
+    bb = tiny_uniter(tmp_path, layers=3)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 9)
+    mask[1, 5:] = 0
+    bias4 = additive_mask(mask, torch.float32)[:, None, None, :]
+    hs = [torch.randn(4, 9, 32, generator=g)]
+    with torch.no_grad():
+        ref = [layer(hs[0], attention_mask=bias4) for layer in bb.uniter.encoder.layer]
+
+        def forbidden(*a, **k):
+            raise AssertionError("the fast path must not call apply_chunking_to_forward")
+
+        monkeypatch.setattr(mb, "apply_chunking_to_forward", forbidden)
+        got = [run_layer(layer, hs[0], bias4) for layer in bb.uniter.encoder.layer]
+    for r, x in zip(ref, got):
+        assert torch.equal(r[0] if isinstance(r, tuple) else r, x)
+
+
+def test_rows_are_float32_also_under_autocast():
+    """The row softmax runs in float32 even inside bf16 autocast (before, its matmul was cast to bf16: errors of
+    ~3e-3 in attention weights)."""
+    from value_pl.backbones.capture import RowSoftmax, additive_mask
+
+    g = torch.Generator().manual_seed(1)
+    B, N, H, dh = 3, 17, 4, 8
+    q = torch.randn(B, N, H * dh, generator=g).bfloat16()
+    k = torch.randn(B, N, H * dh, generator=g).bfloat16()
+    mask = torch.ones(B, N)
+    mask[1, 10:] = 0
+    bias = additive_mask(mask, torch.float32)
+    rows = torch.tensor([[0, 3, -1], [2, -1, -1], [16, 5, 1]])
+    full = torch.softmax(q.float().view(B, N, H, dh).transpose(1, 2) @ k.float().view(B, N, H, dh).permute(0, 2, 3, 1)
+                         / dh ** 0.5 + bias[:, None, None, :], -1)
+    ref = torch.gather(full, 2, rows.clamp(min=0)[:, None, :, None].expand(-1, H, -1, N)) * (rows >= 0)[:, None, :, None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        soft = RowSoftmax(bias, rows, H)
+        got = soft.probs(q, k)
+        again = soft.probs(q, k)  # the shared pieces are reused by the next layer
+        all_rows = RowSoftmax(bias, None, H).probs(q, k)
+    assert got.dtype == torch.float32 and got.shape == (B, H, 3, N)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(got, again)
+    torch.testing.assert_close(all_rows, full, atol=1e-6, rtol=1e-5)
+    assert bool((got[:, :, :, 10:][1] == 0).all())  # padding keys get no weight

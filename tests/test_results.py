@@ -68,3 +68,20 @@ def test_unmeasured_accuracies_are_null_not_nan(tmp_path):
     assert res["layers"][0]["val_acc"] is None
     md = results_markdown(res)
     assert "nan" not in md.lower() and "| 1 | layer_01 | layer_01 | - | - |" in md
+
+
+def test_counters_add_on_the_host_until_computed():
+    """Per-step counter updates are host additions (no device op per step); compute and reset see them."""
+    from value_pl.probers.metrics import Counters
+
+    c = Counters()
+    for n in (3, 4, 5):
+        c.update({"samples": n, "pairs": 2 * n, "pairs_dropped": 1})
+    assert int(c.samples) == 0  # nothing on the device yet
+    assert c.compute() == {"samples": 12, "pairs": 24, "pairs_dropped": 3, "texts_truncated": 0,
+                           "phrases_dropped": 0, "regions_truncated": 0}
+    c.reset()
+    c.update({"samples": 1})
+    c.reset()
+    c.update({})
+    assert c.compute()["samples"] == 0

@@ -84,29 +84,57 @@ def row_offset(spec_rows: dict[str, Tensor], info: StreamInfo, modality: str) ->
     raise KeyError(f"no {modality} rows were requested")
 
 
-def attention_probs(q: Tensor, k: Tensor, key_bias: Tensor, rows: Tensor | None, num_heads: int) -> Tensor:
-    """Softmax attention probabilities from projected queries and keys.
+class RowSoftmax:
+    """Attention rows from projected queries and keys, with what every layer of a stream shares -- the key bias,
+    the row index and the row mask -- prepared once per forward, so a layer costs a handful of ops (gather,
+    casts, one batched matmul, scale + bias, softmax, mask): the row capture adds host work per layer, and on a
+    GPU host work is what a step costs (docs/performance.md).
 
-    q: (B, Nq, H*dh) output of the query projection; k: (B, Nk, H*dh); key_bias: (B, Nk) additive
-    mask (0 keep, large negative drop); rows: (B, R) query positions (-1 pad) or None for all.
-    Returns (B, H, R or Nq, Nk) in float32. Padding keys get 0 in every row. With ``rows``, the ``-1``
-    (padding) rows come back as zeros; with ``rows=None`` every query row is kept as the model computes it,
-    padding query positions included (a softmax over the real keys, as transformers' ``output_attentions``
-    returns them): mask those rows with the query stream's mask.
+    key_bias: (B, Nk) additive mask (0 keep, large negative drop); rows: (B, R) query positions (-1 pad) or None
+    for all. :meth:`probs` returns (B, H, R or Nq, Nk) in float32, computed in float32 also under autocast.
+    Padding keys get 0 in every row. With ``rows``, the ``-1`` (padding) rows come back as zeros; with
+    ``rows=None`` every query row is kept as the model computes it, padding query positions included (a softmax
+    over the real keys, as transformers' ``output_attentions`` returns them): mask those rows with the query
+    stream's mask.
     """
-    B, Nq, hd = q.shape
-    dh = hd // num_heads
-    if rows is not None:
-        valid = rows >= 0
-        q = torch.gather(q, 1, rows.clamp(min=0)[..., None].expand(-1, -1, hd))
-    qh = q.float().view(B, q.shape[1], num_heads, dh).transpose(1, 2)
-    kh = k.float().view(B, k.shape[1], num_heads, dh).transpose(1, 2)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(dh)
-    scores = scores + key_bias.float()[:, None, None, :]
-    probs = torch.softmax(scores, dim=-1)
-    if rows is not None:
-        probs = probs * valid[:, None, :, None].to(probs.dtype)
-    return probs
+
+    def __init__(self, key_bias: Tensor, rows: Tensor | None, num_heads: int):
+        self.num_heads = int(num_heads)
+        self.key_bias = key_bias.float()
+        self.rows = rows
+        self._index: Tensor | None = None
+        self._bias: Tensor | None = None
+        if rows is not None:
+            self.valid = (rows >= 0).float()[:, None, :, None]  # (B, 1, R, 1)
+
+    def probs(self, q: Tensor, k: Tensor) -> Tensor:
+        B, _, hd = q.shape
+        H = self.num_heads
+        dh = hd // H
+        with torch.autocast(q.device.type, enabled=False):
+            if self.rows is not None:
+                if self._index is None or self._index.shape[-1] != hd:
+                    self._index = self.rows.clamp(min=0)[..., None].expand(-1, -1, hd)
+                q = torch.gather(q, 1, self._index)
+            R, Nk = q.shape[1], k.shape[1]
+            if self._bias is None:  # (B*H, 1, Nk): one batch entry per (sample, head), as baddbmm wants it
+                self._bias = self.key_bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
+            # float32 copies laid out (B, H, ., .) so that (sample, head) is one batch dimension: no further copies
+            qh = torch.empty((B, H, R, dh), dtype=torch.float32, device=q.device)
+            qh.copy_(q.view(B, R, H, dh).transpose(1, 2))
+            kh = torch.empty((B, H, dh, Nk), dtype=torch.float32, device=k.device)
+            kh.copy_(k.view(B, Nk, H, dh).permute(0, 2, 3, 1))
+            scores = torch.baddbmm(self._bias, qh.view(B * H, R, dh), kh.view(B * H, dh, Nk), alpha=dh ** -0.5)
+            probs = torch.softmax(scores.view(B, H, R, Nk), dim=-1)
+            if self.rows is not None:
+                probs.mul_(self.valid)
+        return probs
+
+
+def attention_probs(q: Tensor, k: Tensor, key_bias: Tensor, rows: Tensor | None, num_heads: int) -> Tensor:
+    """Softmax attention probabilities of one layer from projected queries ``q`` (B, Nq, H*dh) and keys ``k``
+    (B, Nk, H*dh): :class:`RowSoftmax` for a single use."""
+    return RowSoftmax(key_bias, rows, num_heads).probs(q, k)
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -156,8 +184,8 @@ class RowRecorder:
     soon as both exist: neither the layer's full queries nor its keys are held past their projection, so what
     capture adds to a forward's peak memory is the kept rows (``benchmarks/run.py``)."""
 
-    def __init__(self, module: nn.Module, key_bias: Tensor, rows: Tensor | None, num_heads: int):
-        self.module, self.key_bias, self.rows, self.num_heads = module, key_bias, rows, num_heads
+    def __init__(self, module: nn.Module, rows: RowSoftmax):
+        self.module, self.softmax = module, rows
         self.q = self.k = self.probs = None
         self.handles = []
 
@@ -170,7 +198,7 @@ class RowRecorder:
         def fn(_mod, _inp, out):
             setattr(self, which, out)
             if self.q is not None and self.k is not None:
-                self.probs = attention_probs(self.q, self.k, self.key_bias, self.rows, self.num_heads)
+                self.probs = self.softmax.probs(self.q, self.k)
                 self.q = self.k = None
 
         return fn

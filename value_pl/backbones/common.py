@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.safe_load import load_torch
-from .capture import CaptureSpec, RowRecorder, additive_mask
+from .capture import CaptureSpec, RowRecorder, RowSoftmax, additive_mask
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,13 @@ def load_into(module: nn.Module, sd: dict[str, Tensor], source: str, required_pr
 
 
 def run_layer(layer: nn.Module, h: Tensor, bias4: Tensor) -> Tensor:
+    """One encoder layer. A BERT layer without feed-forward chunking runs as its two halves, attention then
+    ``feed_forward_chunk``: exactly what its ``forward`` computes (``tests/test_capture.py``), without the
+    ``inspect.signature`` call that transformers' ``apply_chunking_to_forward`` makes on every call (~0.1 ms
+    of host time per layer, as much as a GPU needs for a layer's kernels at batch 128)."""
+    if getattr(layer, "chunk_size_feed_forward", None) == 0 and not getattr(layer, "is_decoder", True) \
+            and hasattr(layer, "feed_forward_chunk"):
+        return layer.feed_forward_chunk(layer.attention(h, bias4)[0])
     out = layer(h, attention_mask=bias4)
     return out[0] if isinstance(out, tuple) else out
 
@@ -204,6 +211,7 @@ def bert_stack(layers: nn.ModuleList, h: Tensor, mask: Tensor, stream: str, firs
     """
     bias = additive_mask(mask, h.dtype)
     bias4 = bias[:, None, None, :]
+    softmax = None  # made once, on the first captured layer: shared by every layer of the stream
     n = len(layers)
     if stop_early and not capture.full_forward:
         wanted = [i for i in range(n) if capture.wants_hidden(f"hidden.{stream}.{first + i}")
@@ -214,7 +222,8 @@ def bert_stack(layers: nn.ModuleList, h: Tensor, mask: Tensor, stream: str, firs
         aname = f"attn.{stream}.{lnum}.self"
         sa = layer.attention.self
         if capture.wants_attn(aname):
-            with RowRecorder(sa, bias, rows, num_heads) as rec:  # rows as soon as q and k exist
+            softmax = softmax or RowSoftmax(bias, rows, num_heads)
+            with RowRecorder(sa, softmax) as rec:  # rows as soon as q and k exist
                 h = run_layer(layer, h, bias4)
             attn[aname] = rec.probs
         else:

@@ -50,7 +50,7 @@ from torch import Tensor
 from transformers import LxmertConfig, LxmertModel
 
 from .base import Backbone, BackboneOutput, LayerSpec, PairLayout, StreamInfo, layer_index, layer_title
-from .capture import CaptureSpec, QKRecorder, additive_mask, attention_probs, rows_for_stream
+from .capture import CaptureSpec, QKRecorder, RowSoftmax, additive_mask, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
                      rename_gamma_beta, seeded_init, sources)
 
@@ -197,6 +197,13 @@ class LxmertBackbone(Backbone):
             lbias = additive_mask(tmask, lang.dtype)
             vbias = additive_mask(rmask, vis.dtype)
             L, Rn = self.n_lang, self.n_r
+            soft: dict[tuple[str, str], RowSoftmax] = {}  # (query stream, key stream): shared by the x-layers
+
+            def probs(q, k, qs: str, ks: str):
+                if (qs, ks) not in soft:
+                    soft[(qs, ks)] = RowSoftmax(lbias if ks == "lang" else vbias, lrows if qs == "lang" else vrows, H)
+                return soft[(qs, ks)].probs(q, k)
+
             for i, xl in enumerate(enc.x_layers):
                 x = i + 1
                 n_cross, n_ls, n_vs = f"attn.cross.{x}", f"attn.lang.{L + x}.self", f"attn.vis.{Rn + x}.self"
@@ -210,15 +217,15 @@ class LxmertBackbone(Backbone):
                 lang, vis = out[0], out[1]
                 # the shared cross module is called twice: [0] language->vision, [1] vision->language
                 if want_l2v:
-                    attn[n_cross + ".l2v"] = attention_probs(rec.q[n_cross][0], rec.k[n_cross][0], vbias, lrows, H)
+                    attn[n_cross + ".l2v"] = probs(rec.q[n_cross][0], rec.k[n_cross][0], "lang", "vis")
                     streams_of[n_cross + ".l2v"] = ("lang", "vis")
                 if want_v2l:
-                    attn[n_cross + ".v2l"] = attention_probs(rec.q[n_cross][1], rec.k[n_cross][1], lbias, vrows, H)
+                    attn[n_cross + ".v2l"] = probs(rec.q[n_cross][1], rec.k[n_cross][1], "vis", "lang")
                     streams_of[n_cross + ".v2l"] = ("vis", "lang")
                 if n_ls in rec.active:
-                    attn[n_ls] = attention_probs(rec.q[n_ls][0], rec.k[n_ls][0], lbias, lrows, H)
+                    attn[n_ls] = probs(rec.q[n_ls][0], rec.k[n_ls][0], "lang", "lang")
                 if n_vs in rec.active:
-                    attn[n_vs] = attention_probs(rec.q[n_vs][0], rec.k[n_vs][0], vbias, vrows, H)
+                    attn[n_vs] = probs(rec.q[n_vs][0], rec.k[n_vs][0], "vis", "vis")
                 for n, h in ((f"hidden.lang.{L + x}", lang), (f"hidden.vis.{Rn + x}", vis)):
                     if capture.wants_hidden(n):
                         hidden[n] = h

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .handover import batch_tensor
 from .schema import PHRASE_REGION_TASKS, REGION_REGION_TASKS, SchemaError
 
 
@@ -159,16 +160,6 @@ class TaskSpec:
         return {l: i for i, l in enumerate(self.labels)}
 
 
-def _batch_tensor(shape: tuple, dtype) -> torch.Tensor:
-    """An uninitialised tensor for the batch's features; in a loader worker it is allocated in shared memory, so
-    handing the batch to the main process copies nothing (the default moves every batch into shared memory)."""
-    dt = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
-    if torch.utils.data.get_worker_info() is None or not int(np.prod(shape)):
-        return torch.empty(shape, dtype=dt)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return torch.empty(0, dtype=dt).set_(storage, 0, shape)
-
-
 def _non_finite(x: np.ndarray) -> bool:
     """Any NaN/inf: for fp16, the largest magnitude's bits (NaN/inf have all exponent bits set), ~4x faster
     than ``np.isfinite``."""
@@ -216,7 +207,7 @@ class Collator:
         R = max(nreg) if nreg else 0
         dv = max((s["feats"].shape[1] for s in samples if s["feats"].ndim == 2), default=0)
         fdt = next((s["feats"].dtype for s in samples if s["feats"].ndim == 2 and s["feats"].shape[0]), np.float16)
-        feats_t = _batch_tensor((B, R, dv), fdt)
+        feats_t = batch_tensor((B, R, dv), fdt)  # shared memory in a worker
         feats = feats_t.numpy()
         boxes = np.zeros((B, R, enc.box_dim), dtype=np.float32)
         rmask = np.zeros((B, R), dtype=np.int64)

@@ -32,7 +32,7 @@ class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, shuffle_buffer: int = 256,
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
-                 prefetch_factor: int = 4):
+                 prefetch_factor: int = 4, reuse_buffers: bool = True):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -48,6 +48,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.decode = decode or decode_sample  # the feature cache (value_pl.data.cache) decodes its own records
         self.pin_memory = pin_memory  # None: when a CUDA device is used
         self.prefetch_factor = int(prefetch_factor)
+        self.reuse_buffers = bool(reuse_buffers)
         self._counts: dict[str, list[int]] = {}
         self._loaders: dict[tuple, torch.utils.data.DataLoader] = {}
 
@@ -83,7 +84,7 @@ class ShardDataModule(pl.LightningDataModule):
         return int(self.split_entry(stage)["samples"])
 
     def stream(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
-               start_epoch: int = 0) -> ShardStream:
+               start_epoch: int = 0, ring_buffers: int = 0) -> ShardStream:
         collate = collate or self.collate
         if collate is None:
             raise RuntimeError("ShardDataModule.collate is not set (the backbone's collator)")
@@ -91,7 +92,7 @@ class ShardDataModule(pl.LightningDataModule):
                            batch_size or (self.batch_size if train else self.eval_batch_size), train=train,
                            seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
                            start_epoch=start_epoch, transform=self.transform,
-                           cap_batches=self.train_batches if train else None)
+                           cap_batches=self.train_batches if train else None, ring_buffers=ring_buffers)
 
     def _pin(self) -> bool:
         if self.pin_memory is not None:
@@ -106,8 +107,11 @@ class ShardDataModule(pl.LightningDataModule):
         """A DataLoader over :meth:`stream` (batches are made inside the workers)."""
         trainer = getattr(self, "trainer", None)
         start = int(trainer.current_epoch) if (train and trainer is not None) else 0
-        ds = self.stream(stage, train, collate, batch_size, start_epoch=start)
         workers = self.num_workers if num_workers is None else int(num_workers)
+        pin = self._pin() and torch.cuda.is_available()
+        # pinned batches: the pin thread copies features out of reused worker buffers (value_pl.data.handover)
+        ring = self.prefetch_factor + 2 if (pin and workers > 0 and self.reuse_buffers) else 0
+        ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring)
         nb = len(ds)
         if workers > 1 and nb < workers:
             log.info("%s: split %s gives %d batch(es) per rank: %d of the %d loader worker(s) stay idle",
@@ -115,7 +119,7 @@ class ShardDataModule(pl.LightningDataModule):
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
-                                           pin_memory=self._pin(), **kw)
+                                           pin_memory=pin, **kw)
 
     def _cached_loader(self, stage: str, train: bool):
         """One loader per stage for the whole run: workers persist across epochs and validation runs."""

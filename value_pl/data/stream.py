@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from . import handover
 from .schema import SchemaError
 
 BLOCK = 512
@@ -237,6 +238,14 @@ def worker_init(_worker_id: int) -> None:
     gc.set_threshold(20_000, 50, 1000)
 
 
+def _same(batch):
+    return batch
+
+
+def _handover(batch):
+    return handover.Handover(batch) if type(batch) is dict else batch
+
+
 def no_collate(batch):
     return batch  # batches are made (and collated) inside the stream
 
@@ -252,7 +261,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: list[str], counts: list[int], decode: Callable, collate: Callable, batch_size: int,
                  train: bool, seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None,
                  world: int | None = None, start_epoch: int = 0, transform: Callable | None = None,
-                 cap_batches: int | None = None):
+                 cap_batches: int | None = None, ring_buffers: int = 0):
         super().__init__()
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} shard(s) but {len(counts)} sample count(s)")
@@ -265,6 +274,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world = (r if rank is None else int(rank)), (w if world is None else int(world))
         self.epoch = int(start_epoch)
         self.cap = None if cap_batches is None else int(cap_batches) * self.batch_size
+        # > 0 (batches are pinned): workers hand features over through this many reused buffers each
+        self.ring_buffers = int(ring_buffers)
+        self.ring_token = handover.new_token(self) if self.ring_buffers > 0 else None
 
     def __len__(self) -> int:
         return batches_per_rank(self.total, self.rank, self.world, self.batch_size, self.train, self.cap)
@@ -306,14 +318,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.train and self.shuffle_buffer > 1:  # shuffle bytes, decode late: few live objects, cheap GC
             seed = [self.seed & 0xFFFFFFFF, epoch, self.rank, worker, zlib.crc32(b"buffer")]
             it = _buffer_shuffle(it, self.shuffle_buffer, np.random.default_rng(seed))
+        if info is not None:  # leaving a worker: small tensors travel by value, features maybe through the ring
+            handover.activate(self.ring_token, self.ring_buffers)
+        out = _handover if info is not None else _same
         batch = []
         for raw in it:
             batch.append(self._decode(raw))
             if len(batch) == self.batch_size:
-                yield self.collate(batch)
+                yield out(self.collate(batch))
                 batch = []
         if batch:
-            yield self.collate(batch)
+            yield out(self.collate(batch))
 
 
 def _buffer_shuffle(it, size: int, rng: np.random.Generator):

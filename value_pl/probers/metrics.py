@@ -34,7 +34,10 @@ class HeadAccuracy(Metric):
 
 
 class Counters(Metric):
-    """Sums of the collator's per-batch counters (:data:`value_pl.data.collate.COUNTERS`)."""
+    """Sums of the collator's per-batch counters (:data:`value_pl.data.collate.COUNTERS`).
+
+    ``update`` adds the batch's Python ints on the host (no device op per step: on a GPU each would be a kernel
+    launch in the step's host time); the sums enter the device states before every sync and compute."""
 
     full_state_update = False
 
@@ -42,12 +45,26 @@ class Counters(Metric):
         super().__init__()
         for k in COUNTERS:
             self.add_state(k, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self._pending = dict.fromkeys(COUNTERS, 0)
 
     def update(self, counts: dict) -> None:
         for k in COUNTERS:
-            v = counts.get(k, 0)
+            self._pending[k] += int(counts.get(k, 0))
+
+    def _flush(self) -> None:
+        for k, v in self._pending.items():
             if v:
-                setattr(self, k, getattr(self, k) + int(v))
+                setattr(self, k, getattr(self, k) + v)
+        self._pending = dict.fromkeys(COUNTERS, 0)
+
+    def sync(self, *args, **kwargs):
+        self._flush()  # this rank's host sums join the reduction over ranks
+        return super().sync(*args, **kwargs)
 
     def compute(self) -> dict[str, int]:
+        self._flush()
         return {k: int(getattr(self, k)) for k in COUNTERS}
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending = dict.fromkeys(COUNTERS, 0)

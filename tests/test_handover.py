@@ -1,0 +1,194 @@
+"""Batches crossing from loader workers to the main process (value_pl.data.handover).
+
+What crosses must be exactly what the collator built: small tensors by value, features through a shared
+segment, and -- with reused buffers (pinned GPU batches) -- never a buffer that a worker is writing while the
+main process has not copied it out yet, however slowly the main process consumes.
+"""
+from __future__ import annotations
+
+import gc
+import pickle
+import random
+import time
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_backbones import tiny_tokenizer
+from test_cache import small_demo
+from value_pl.data import handover
+from value_pl.data.collate import Collator, InputEncoder, TaskSpec
+from value_pl.data.datamodule import ShardDataModule
+from value_pl.data.stream import no_collate, worker_init
+
+
+def crossed(obj):
+    """``obj`` pickled as a loader worker pickles its results, and unpickled (in this process)."""
+    return pickle.loads(ForkingPickler.dumps(obj))
+
+
+def test_small_tensors_travel_by_value_and_arrive_as_a_plain_dict():
+    feats = torch.empty(0, dtype=torch.float16).set_(torch.UntypedStorage._new_shared(2 * 600_000), 0,
+                                                     (3, 200, 1000))
+    feats.normal_()
+    big = torch.arange(300_000, dtype=torch.int64)  # 2.4 MB: over INLINE_BYTES, crosses as a segment
+    batch = {"input_ids": torch.tensor([[2, 7, 3], [2, 9, 0]]), "text_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+             "a_valid": torch.tensor([[True, False]]), "region_boxes": torch.rand(2, 4, 7),
+             "region_feats": feats, "big": big, "rows": {"region": torch.tensor([[0, 1, -1]])},
+             "keys": ["a", "b"], "counts": {"samples": 2}, "pair_modalities": ("region", "region")}
+    got = crossed(handover.Handover(batch))
+    assert type(got) is dict and type(got["rows"]) is dict
+    assert set(got) == set(batch)
+    for k in ("input_ids", "text_mask", "a_valid", "region_boxes", "region_feats", "big"):
+        assert got[k].dtype == batch[k].dtype and torch.equal(got[k], batch[k]), k
+    for k in ("input_ids", "text_mask", "a_valid", "region_boxes"):  # by value: an ordinary, writable tensor
+        assert not got[k].is_shared()
+        got[k].add_(0) if got[k].dtype != torch.bool else got[k].logical_not_()
+    assert got["region_feats"].is_shared() and got["big"].is_shared()
+    assert torch.equal(got["rows"]["region"], batch["rows"]["region"])
+    assert got["keys"] == ["a", "b"] and got["counts"] == {"samples": 2}
+    assert got["pair_modalities"] == ("region", "region")
+
+
+def test_a_ring_buffer_is_reused_only_after_its_batch_was_copied_out():
+    ring = handover.Ring("unit", max_buffers=2)
+    a = ring.tensor((2, 3), torch.float16)
+    a.fill_(1)
+    fa = crossed(ring.ref(a))  # first use of buffer 0: its segment crosses
+    b = ring.tensor((2, 3), torch.float16)
+    assert b.data_ptr() != a.data_ptr()  # buffer 0 is still unread
+    b.fill_(2)
+    fb = crossed(ring.ref(b))
+    c = ring.tensor((2, 3), torch.float16)  # both busy, at the cap: a one-off segment, not a busy buffer
+    assert ring.fallbacks == 1 and c.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    assert ring.ref(c) is None  # crosses as an ordinary tensor
+    assert torch.equal(fa.copy_out(torch.clone), torch.ones(2, 3, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="already copied out"):
+        fa.copy_out(torch.clone)
+    d = ring.tensor((2, 3), torch.float16)
+    assert d.data_ptr() == a.data_ptr()  # buffer 0 again, now free
+    ref = ring.ref(d)
+    assert ref.buffer is None  # the main process has it mapped already: only its index crosses
+    d.fill_(3)
+    fd = crossed(ref)
+    del fb  # dropped unread (a loader shut down mid-epoch): its buffer is free again
+    gc.collect()
+    e = ring.tensor((2, 3), torch.float16)
+    assert e.data_ptr() == b.data_ptr() and ring.fallbacks == 1
+    assert torch.equal(fd.copy_out(torch.clone), torch.full((2, 3), 3, dtype=torch.float16))
+    handover.forget("unit")
+
+
+def test_a_buffer_too_small_is_retired_and_the_main_process_forgets_it():
+    ring = handover.Ring("retire", max_buffers=1)
+    a = ring.tensor((4,), torch.float32)
+    crossed(ring.ref(a)).copy_out(torch.clone)
+    assert set(handover._OPEN["retire"]) == {(ring.pid, 0)}
+    old = handover._OPEN["retire"][(ring.pid, 0)]
+    big = ring.tensor((1000,), torch.float32)  # no free buffer is big enough and the ring is full: replace it
+    big.copy_(torch.arange(1000.0))
+    ref = ring.ref(big)
+    assert ref.retired == [0] and ref.buffer is not None
+    got = crossed(ref).copy_out(torch.clone)
+    assert torch.equal(got, torch.arange(1000.0))
+    assert handover._OPEN["retire"][(ring.pid, 0)].data_ptr() != old.data_ptr()
+    handover.forget("retire")
+    assert "retire" not in handover._OPEN
+
+
+def test_unknown_ring_buffer_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="was never sent"):
+        handover._open_ring_features("nope", 1, 0, None, (2,), "float16", [])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("handover") / "demo"
+    man = small_demo(root, splits={"train": 40, "val": 37, "test": 8}, maxcount=9)
+    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    from transformers import BertTokenizerFast
+
+    collate = Collator(InputEncoder(BertTokenizerFast.from_pretrained(tok), "uniter7"),
+                       TaskSpec("vrc", "region_region", man["labels"]["vrc"]))
+    return root, collate
+
+
+def _batches(root, collate, workers: int, ring: int, stage: str = "val", slow: bool = False) -> dict:
+    """keys of each batch -> every tensor of it, read with ``workers`` loader workers (ring: reused buffers)."""
+    dm = ShardDataModule(root, batch_size=4, eval_batch_size=3, num_workers=workers, seed=0, pin_memory=False)
+    dm.collate = collate
+    ds = dm.stream(stage, stage == "train", ring_buffers=ring)
+    kw = {"prefetch_factor": 2, "worker_init_fn": worker_init, "persistent_workers": True} if workers else {}
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate, **kw)
+    rng = random.Random(0)
+    out = {}
+    for epoch in range(2):
+        for b in dl:
+            feats = b["region_feats"]
+            if isinstance(feats, handover.RingFeatures):
+                if slow:
+                    time.sleep(rng.uniform(0, 0.03))  # the workers run ahead while this batch is unread
+                feats = feats.copy_out(torch.clone)
+            b["region_feats"] = feats
+            key = (epoch, tuple(b["keys"]))
+            assert key not in out
+            out[key] = b
+    if ring:
+        assert ds.ring_token in handover._OPEN  # the ring was used: its buffers are mapped here
+        assert 0 < len(handover._OPEN[ds.ring_token]) <= workers * ring
+    token = ds.ring_token
+    del dl, ds, dm
+    gc.collect()
+    assert token is None or token not in handover._OPEN  # forgotten with its loader
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        x, y = a[key], b[key]
+        assert set(x) == set(y)
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (key, k)
+            elif k == "rows":
+                assert all(torch.equal(x[k][j], y[k][j]) for j in x[k]), (key, k)
+            else:
+                assert x[k] == y[k], (key, k)
+
+
+@pytest.mark.parametrize("ring", [0, 1, 2])
+def test_worker_batches_equal_in_process_batches(shards, ring):
+    """Two workers, a consumer slower than the workers, 1 or 2 buffers per worker (so buffers are reused and
+    run out): every batch equals the one collated in this process, features included."""
+    root, collate = shards
+    ref = _batches(root, collate, 0, 0)
+    _same(_batches(root, collate, 2, ring, slow=True), ref)
+    train_ref = _batches(root, collate, 0, 0, stage="train")
+    got = _batches(root, collate, 2, ring, stage="train", slow=True)
+    # training order differs by worker count (each worker shuffles its own part): compare per sample
+    per_sample = {}
+    for (epoch, keys), b in train_ref.items():
+        for i, k in enumerate(keys):
+            per_sample[(epoch, k)] = b["region_feats"][i]
+    n = 0
+    for (epoch, keys), b in got.items():
+        for i, k in enumerate(keys):
+            f = per_sample.pop((epoch, k))
+            r = int(b["region_mask"][i].sum())
+            assert torch.equal(b["region_feats"][i, :r], f[:r]), (epoch, k)
+            assert not b["region_feats"][i, r:].any()
+            n += 1
+    assert n == 80 and not per_sample
+
+
+def test_no_ring_without_pinning(shards):
+    root, collate = shards
+    dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=True)
+    dm.collate = collate
+    dl = dm.loader("val", train=False)
+    assert dl.dataset.ring_buffers == (dm.prefetch_factor + 2 if torch.cuda.is_available() else 0)
+    assert dl.pin_memory == torch.cuda.is_available()
+    assert np.isclose(handover.INLINE_BYTES, 1 << 20)

@@ -1,0 +1,244 @@
+"""How a collated batch crosses from a loader worker to the main process, cheaply.
+
+By default torch hands every tensor of a worker's batch over as its own shared-memory segment: the worker
+copies the tensor into a fresh segment, and the main process, while unpickling, fetches the segment's file
+descriptor from the worker (a socket connection with an authentication round trip, answered by a thread of
+the *busy* worker, which must first get that worker's GIL), maps the segment, faults its pages in as it reads
+them, and unmaps it again. A collated pair batch holds ~18 tensors, so the main process -- which also drives
+the GPU -- paid ~18 such round trips and a fresh mapping of ~38 MB of features per batch of 256 images.
+Here:
+
+* **Small tensors travel by value.** Tensors of up to :data:`INLINE_BYTES` (token ids, masks, boxes, pair
+  indices) are pickled into the message itself and come out as ordinary tensors (``torch.from_numpy``).
+* **Features go through reused buffers.** The region features -- the one large tensor -- are written by the
+  collator straight into shared memory (:func:`batch_tensor`). When the batches are pinned for a GPU
+  (``reuse=True``, set by the DataModule), each worker keeps a small ring of shared buffers: a buffer's
+  segment crosses to the main process once, the main process keeps it mapped (:data:`_OPEN`), and later
+  batches name only (ring, worker, buffer). Pinning copies the features out of the buffer
+  (:meth:`RingFeatures.pin_memory`, called by the DataLoader's pin thread) and then marks the buffer free in
+  its header; a worker writes only into a free buffer, and when none is free (the main process is behind) it
+  allocates a new one, up to ``prefetch_factor + 2`` per worker, then falls back to a one-off segment. A
+  buffer is never written while the main process may still read it.
+* Without pinning (CPU training) the features tensor is the model's input, so it gets a fresh segment per
+  batch as before.
+
+The main process receives a plain ``dict`` of tensors, exactly what the collator built
+(``tests/test_handover.py``); the main-process cost per batch is a row of ``benchmarks/run.py``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+import weakref
+
+import numpy as np
+import torch
+
+#: tensors up to this size are pickled by value (one copy into the message) instead of one segment each
+INLINE_BYTES = 1 << 20
+_HEADER = 64  # bytes before a ring buffer's payload; int64 at 0: 1 while the main process may read it
+_NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                 torch.float32, torch.float64}
+
+# main process: ring token -> {(worker pid, buffer index): uint8 tensor over the whole buffer}
+_OPEN: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+_OPEN_LOCK = threading.Lock()
+# a loader worker: the ring it writes into (one per dataset, set by ShardStream in the worker)
+_ACTIVE: "Ring | None" = None
+_tls = threading.local()
+
+
+def _fence() -> None:
+    """A full memory barrier between the payload copy and the flag write (release then acquire of a held lock);
+    x86 keeps that order anyway, weaker memory models (ARM) need it."""
+    lock = getattr(_tls, "lock", None)
+    if lock is None:
+        lock = _tls.lock = threading.Lock()
+        lock.acquire()
+    lock.release()
+    lock.acquire()
+
+
+class Ring:
+    """A loader worker's reusable shared buffers for batch features (see the module docstring)."""
+
+    def __init__(self, token: str, max_buffers: int):
+        self.token, self.max_buffers = token, int(max_buffers)
+        self.pid = os.getpid()
+        self.buffers: list[torch.Tensor] = []  # uint8, header + payload
+        self.sent: set[int] = set()  # buffers whose segment the main process has been sent
+        self.retired: list[int] = []  # indices the main process should forget (next message says so)
+        self.by_ptr: dict[int, int] = {}  # payload data_ptr -> index
+        self.fallbacks = 0  # batches that got a one-off segment (no free buffer)
+
+    def _flag(self, i: int) -> torch.Tensor:
+        return self.buffers[i][:8].view(torch.int64)
+
+    def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` in a free buffer (now marked in use), or a one-off shared tensor."""
+        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        free = [i for i, b in enumerate(self.buffers) if b is not None and int(self._flag(i)[0]) == 0]
+        i = next((i for i in free if self.buffers[i].numel() - _HEADER >= nbytes), None)
+        if i is None and free and len([b for b in self.buffers if b is not None]) >= self.max_buffers:
+            i = free[0]  # too small: retire it for a bigger one
+            self.by_ptr.pop(self.buffers[i].data_ptr() + _HEADER, None)
+            self.buffers[i] = None
+            self.retired.append(i)
+            self.sent.discard(i)
+        if i is None or self.buffers[i] is None:
+            if len([b for b in self.buffers if b is not None]) >= self.max_buffers:
+                self.fallbacks += 1
+                return _shared(shape, dtype)
+            size = _HEADER + nbytes + nbytes // 4  # headroom for batches with more regions
+            buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size), 0, (size,))
+            if i is None:
+                i = len(self.buffers)
+                self.buffers.append(buf)
+            else:
+                self.buffers[i] = buf
+            self.by_ptr[buf.data_ptr() + _HEADER] = i
+        _fence()
+        self._flag(i)[0] = 1
+        _fence()
+        return self.buffers[i][_HEADER:_HEADER + nbytes].view(dtype).view(shape)
+
+    def ref(self, t: torch.Tensor) -> "_RingRef | None":
+        i = self.by_ptr.get(t.data_ptr())
+        if i is None or not t.is_contiguous():
+            return None
+        first = i not in self.sent
+        self.sent.add(i)
+        retired, self.retired = self.retired, []
+        return _RingRef(self.token, self.pid, i, self.buffers[i] if first else None, tuple(t.shape),
+                        str(t.dtype).removeprefix("torch."), retired)
+
+
+def _shared(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    n = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(n), 0, shape)
+
+
+def batch_tensor(shape: tuple, dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch's features: in a loader worker it lives in shared memory (a ring
+    buffer when the ring is on), so handing the batch over copies nothing; elsewhere an ordinary tensor."""
+    dt = dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+    if torch.utils.data.get_worker_info() is None or not int(np.prod(shape)):
+        return torch.empty(shape, dtype=dt)
+    if _ACTIVE is not None:
+        return _ACTIVE.tensor(tuple(shape), dt)
+    return _shared(tuple(shape), dt)
+
+
+def activate(token: str | None, max_buffers: int) -> Ring | None:
+    """In a loader worker: use the ring of ``token`` (None: no ring) for the batches made from now on."""
+    global _ACTIVE
+    if token is None:
+        _ACTIVE = None
+    elif _ACTIVE is None or _ACTIVE.token != token or _ACTIVE.pid != os.getpid():
+        _ACTIVE = Ring(token, max_buffers)
+    return _ACTIVE
+
+
+def forget(token: str) -> None:
+    """Main process: drop the buffers of a ring (its loader is gone), unmapping them."""
+    with _OPEN_LOCK:
+        _OPEN.pop(token, None)
+
+
+def new_token(owner) -> str:
+    """A ring token for ``owner`` (a dataset in the main process); its buffers are forgotten with it."""
+    token = uuid.uuid4().hex
+    weakref.finalize(owner, forget, token)
+    return token
+
+
+class RingFeatures:
+    """Main process: a batch's features inside a worker's ring buffer. The DataLoader's pin thread calls
+    :meth:`pin_memory`, which copies them out and frees the buffer; nothing else may hold this object."""
+
+    __slots__ = ("view", "flag")
+
+    def __init__(self, view: torch.Tensor, flag: torch.Tensor):
+        self.view, self.flag = view, flag
+
+    def copy_out(self, copy) -> torch.Tensor:
+        if self.flag is None:
+            raise RuntimeError("these ring features were already copied out (the buffer may hold another batch)")
+        out = copy(self.view)
+        _fence()
+        self.flag[0] = 0  # the worker may write the buffer again
+        self.view = self.flag = None
+        return out
+
+    def pin_memory(self, device=None) -> torch.Tensor:
+        return self.copy_out(torch.Tensor.pin_memory)
+
+    def __del__(self):
+        if self.flag is not None:  # dropped unread (e.g. a loader shut down mid-epoch): nobody reads it now
+            self.flag[0] = 0
+
+
+class _RingRef:
+    """What crosses for ring features: the buffer's segment the first time, its index afterwards."""
+
+    __slots__ = ("token", "pid", "index", "buffer", "shape", "dtype", "retired")
+
+    def __init__(self, token, pid, index, buffer, shape, dtype, retired):
+        self.token, self.pid, self.index, self.buffer = token, pid, index, buffer
+        self.shape, self.dtype, self.retired = shape, dtype, retired
+
+    def __reduce__(self):
+        return _open_ring_features, (self.token, self.pid, self.index, self.buffer, self.shape, self.dtype,
+                                     self.retired)
+
+
+def _open_ring_features(token, pid, index, buffer, shape, dtype, retired) -> RingFeatures:
+    with _OPEN_LOCK:
+        bufs = _OPEN.setdefault(token, {})
+        for i in retired:
+            bufs.pop((pid, i), None)
+        if buffer is not None:
+            bufs[(pid, index)] = buffer
+        buf = bufs.get((pid, index))
+    if buf is None:
+        raise RuntimeError(f"batch features name ring buffer {index} of loader worker {pid}, which this process "
+                           "was never sent (or has forgotten): a message from that worker was lost")
+    dt = getattr(torch, dtype)
+    n = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
+    return RingFeatures(buf[_HEADER:_HEADER + n].view(dt).view(shape), buf[:8].view(torch.int64))
+
+
+class _Inline:
+    """A small tensor that unpickles as a tensor built from its bytes."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.array = tensor.numpy()
+
+    def __reduce__(self):
+        return torch.from_numpy, (self.array,)
+
+
+def _pack(value):
+    if isinstance(value, torch.Tensor):
+        if _ACTIVE is not None and value.is_shared():
+            ref = _ACTIVE.ref(value)
+            if ref is not None:
+                return ref
+        if (value.device.type == "cpu" and value.dtype in _NUMPY_DTYPES and not value.requires_grad
+                and value.nbytes <= INLINE_BYTES and not value.is_shared()):
+            return _Inline(value)
+        return value
+    if type(value) is dict:
+        return {k: _pack(v) for k, v in value.items()}
+    return value
+
+
+class Handover(dict):
+    """A batch leaving a loader worker: pickles its small tensors by value and its features as a ring
+    reference, and unpickles as a plain ``dict``."""
+
+    def __reduce__(self):
+        return dict, ([(k, _pack(v)) for k, v in self.items()],)
