@@ -244,7 +244,8 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
                                         "config": model_config(Path(tempfile.mkdtemp()), 1, 64, 2)}), img_dim=2048)
     out = []
     for workers in args.workers:
-        dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=workers, shuffle_buffer=1000, pin_memory=False,
+        # pinned on a GPU, as training gets them (the pin thread copies features out of the workers' reused buffers)
+        dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=workers, shuffle_buffer=1000, pin_memory=None,
                              prefetch_factor=prefetch_for(workers, args.e2e_batch))
         dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
         loader = dm.loader("train", True)

@@ -12,7 +12,8 @@ Prints one table of ratios, all measured in this run on this machine:
 5. one loader worker on shards of the real width (36 regions x 2048-d fp16, ~12-word captions, 6 pairs):
    samples/s of read + decode + tokenise + collate (goal >= 1,500 on the 2-core CPU);
 6. the host work of a training step (a 12-layer model 24 wide: its kernels cost ~nothing) / a bare forward's: the
-   ratio a GPU shows when it finishes kernels faster than the host issues them;
+   ratio a GPU shows when it finishes kernels faster than the host issues them; and the same step inside
+   ``Trainer.fit`` (Lightning's loop, hooks, logging, batch transfer) / in a plain loop;
 7. the main process's CPU time per batch of those shards from 2 loader workers (receive, then copy the features
    out as the pin thread does): torch's default handover vs ours (value_pl.data.handover).
 
@@ -185,7 +186,42 @@ def host_cost(tmp: Path, reps: int, iters: int = 20) -> dict:
             opt.step()
 
         fns[prober] = step
-    return bench({k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()}, reps, warmup=1)
+    out = bench({k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()}, reps, warmup=1)
+    out["lightning"] = lightning_step(m, batch, iters, reps) * iters  # the attention module, as a Trainer runs it
+    return out
+
+
+def lightning_step(module, batch, iters: int, epochs: int) -> float:
+    """Seconds (this process's CPU time) per training step of ``Trainer.fit`` over ``iters`` in-memory batches per
+    epoch, min over epochs after the first: the step plus Lightning's loop, hooks, logging and batch transfer."""
+    import warnings
+
+    import pytorch_lightning as pl
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([batch] * iters)
+
+        def __len__(self):
+            return iters
+
+    class Clock(pl.Callback):
+        times: list = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t = CLOCK()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.times.append((CLOCK() - self.t) / iters)
+
+    clock = Clock()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, precision="bf16-mixed", accelerator="cpu", callbacks=[clock],
+                             limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=50)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Batches(), batch_size=None))
+    return min(clock.times[1:])
 
 
 def make_module(bb, labels, prober: str, layers=None):
@@ -463,6 +499,10 @@ def main(argv=None) -> list[dict]:
             rows.append({"measure": f"host work of a {prober} training step / bare forward (12 layers x 24 hidden, "
                                     "kernels ~free)", "value": f"{r:.2f}x ({50 * hc[prober]:.2f} / {50 * hc['bare']:.2f} ms)",
                          "goal": "-", "met": None, "ratio": r})
+        r = hc["lightning"] / hc["attention"]
+        rows.append({"measure": "  ... the attention step inside Trainer.fit / the same step in a plain loop",
+                     "value": f"{r:.2f}x ({50 * hc['lightning']:.2f} / {50 * hc['attention']:.2f} ms)", "goal": "-",
+                     "met": None, "ratio": r})
 
         # ---- the main process's share of the loader: receive a batch, copy its features out
         ms = handover_cost(tmp, bb, reps)

@@ -184,11 +184,12 @@ def test_worker_batches_equal_in_process_batches(shards, ring):
     assert n == 80 and not per_sample
 
 
-def test_no_ring_without_pinning(shards):
+def test_ring_only_for_pinned_training_batches(shards):
     root, collate = shards
     dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=True)
     dm.collate = collate
-    dl = dm.loader("val", train=False)
+    dl = dm.loader("train", train=True)
     assert dl.dataset.ring_buffers == (dm.prefetch_factor + 2 if torch.cuda.is_available() else 0)
     assert dl.pin_memory == torch.cuda.is_available()
+    assert dm.loader("val", train=False).dataset.ring_buffers == 0  # eval buffers would stay resident
     assert np.isclose(handover.INLINE_BYTES, 1 << 20)

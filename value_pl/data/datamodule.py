@@ -109,8 +109,9 @@ class ShardDataModule(pl.LightningDataModule):
         start = int(trainer.current_epoch) if (train and trainer is not None) else 0
         workers = self.num_workers if num_workers is None else int(num_workers)
         pin = self._pin() and torch.cuda.is_available()
-        # pinned batches: the pin thread copies features out of reused worker buffers (value_pl.data.handover)
-        ring = self.prefetch_factor + 2 if (pin and workers > 0 and self.reuse_buffers) else 0
+        # pinned training batches: the pin thread copies features out of reused worker buffers (value_pl.data.handover);
+        # eval loaders keep one-off segments, so their buffers do not stay resident in /dev/shm while training runs
+        ring = self.prefetch_factor + 2 if (pin and train and workers > 0 and self.reuse_buffers) else 0
         ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring)
         nb = len(ds)
         if workers > 1 and nb < workers:

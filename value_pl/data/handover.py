@@ -11,8 +11,8 @@ Here:
 * **Small tensors travel by value.** Tensors of up to :data:`INLINE_BYTES` (token ids, masks, boxes, pair
   indices) are pickled into the message itself and come out as ordinary tensors (``torch.from_numpy``).
 * **Features go through reused buffers.** The region features -- the one large tensor -- are written by the
-  collator straight into shared memory (:func:`batch_tensor`). When the batches are pinned for a GPU
-  (``reuse=True``, set by the DataModule), each worker keeps a small ring of shared buffers: a buffer's
+  collator straight into shared memory (:func:`batch_tensor`). When training batches are pinned for a GPU
+  (``ShardStream(ring_buffers=...)``, set by the DataModule), each worker keeps a small ring of shared buffers: a buffer's
   segment crosses to the main process once, the main process keeps it mapped (:data:`_OPEN`), and later
   batches name only (ring, worker, buffer). Pinning copies the features out of the buffer
   (:meth:`RingFeatures.pin_memory`, called by the DataLoader's pin thread) and then marks the buffer free in
@@ -20,7 +20,7 @@ Here:
   allocates a new one, up to ``prefetch_factor + 2`` per worker, then falls back to a one-off segment. A
   buffer is never written while the main process may still read it.
 * Without pinning (CPU training) the features tensor is the model's input, so it gets a fresh segment per
-  batch as before.
+  batch as before; so do evaluation batches (a ring per eval loader would stay resident in ``/dev/shm`` all run).
 
 The main process receives a plain ``dict`` of tensors, exactly what the collator built
 (``tests/test_handover.py``); the main-process cost per batch is a row of ``benchmarks/run.py``.
