@@ -251,14 +251,18 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
         loader = dm.loader("train", True)
         it = iter(loader)
         first = next(it)  # workers started
-        t, n = time.perf_counter(), 0
+        t, c, n, nb = time.perf_counter(), time.process_time(), 0, 0
         for b in it:
             n += len(b["keys"])
+            nb += 1
         dt = time.perf_counter() - t
+        main_ms = 1e3 * (time.process_time() - c) / max(nb, 1)  # this process (+ its pin thread), not the workers
         sps = n / dt
         out.append({"workers": workers, "samples_per_s": sps, "per_worker": sps / max(workers, 1),
-                    "epoch_samples": n + len(first["keys"])})
-        print(f"# loader, {workers} worker(s): {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker)", flush=True)
+                    "epoch_samples": n + len(first["keys"]), "main_process_ms_per_batch": main_ms,
+                    "pinned": bool(loader.pin_memory)})
+        print(f"# loader, {workers} worker(s): {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker), main "
+              f"process {main_ms:.1f} ms CPU per batch{' (pinned)' if loader.pin_memory else ''}", flush=True)
         del it, loader
     return out
 
