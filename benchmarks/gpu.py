@@ -157,6 +157,21 @@ class Utilisation:
         return sum(xs) / len(xs) if xs else float("nan")
 
 
+def online_step(m, batch: dict, ac: dict):
+    """One online probe training step of module ``m`` on ``batch``: frozen forward and heads under autocast
+    ``ac``, backward, and the optimizer training uses (fused Adam on CUDA)."""
+    opt = m.configure_optimizers()
+
+    def step():
+        with torch.autocast(**ac):
+            loss = m.loss(m.extract_inputs(batch), batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
     from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
@@ -178,15 +193,7 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
     for prober in ("layer_emb", "attention"):
         m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(C)]},
                         prober={"name": prober}, seed=0).to(dev)
-        opt = m.configure_optimizers()  # what training uses (fused Adam on CUDA)
-
-        def step(m=m, opt=opt):
-            with torch.autocast(**ac):
-                loss = m.loss(m.extract_inputs(batch), batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = online_step(m, batch, ac)
         rows.append((f"online training step, {prober} ({len(m.head_names)} heads)",
                      *measure(step, args.iters, args.warmup, dev), B))
         if args.profile and dev.type == "cuda":

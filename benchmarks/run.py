@@ -157,7 +157,7 @@ def host_cost(tmp: Path, reps: int, iters: int = 20) -> dict:
     """Seconds per call of the bare forward and of both probe training steps on a model so narrow (12 layers x
     24 hidden, 2 images, 32 tokens) that its kernels cost ~nothing: what remains is host work (Python, dispatch,
     autograd, optimizer) -- what bounds a step on a GPU that finishes kernels faster than they are issued."""
-    from gpu import synthetic_batch
+    from gpu import online_step, synthetic_batch
 
     from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
@@ -176,16 +176,7 @@ def host_cost(tmp: Path, reps: int, iters: int = 20) -> dict:
     fns = {"bare": bare}
     for prober in ("layer_emb", "attention"):
         m = make_module(bb, [str(i) for i in range(16)], prober)
-        opt = m.configure_optimizers()
-
-        def step(m=m, opt=opt):
-            with torch.autocast(**ac):
-                loss = m.loss(m.extract_inputs(batch), batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        fns[prober] = step
+        fns[prober] = online_step(m, batch, ac)
     out = bench({k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()}, reps, warmup=1)
     out["lightning"] = lightning_step(m, batch, iters, reps) * iters  # the attention module, as a Trainer runs it
     return out
