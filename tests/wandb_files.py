@@ -100,9 +100,16 @@ class OfflineRun:
 def _complete(f: Path, timeout: float) -> list:
     """The records of a finished run: W&B's service may still be writing the file when ``finish()`` returns,
     so wait (up to ``timeout`` s) for the run's ``exit`` record."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
-        recs = list(records(f))
+        try:
+            recs = list(records(f))
+        except DecodeError:  # a record still being written: read again
+            if time.monotonic() > deadline:
+                raise
+            recs = []
         if (recs and recs[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
             return recs
         time.sleep(0.2)

@@ -71,12 +71,18 @@ class Ring:
         self.retired: list[int] = []  # indices the main process should forget (next message says so)
         self.by_ptr: dict[int, int] = {}  # payload data_ptr -> index
         self.fallbacks = 0  # batches that got a one-off segment (no free buffer)
+        # tensor() runs in the worker's main thread, ref() in its queue's feeder thread (pickling)
+        self.lock = threading.Lock()
 
     def _flag(self, i: int) -> torch.Tensor:
         return self.buffers[i][:8].view(torch.int64)
 
     def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` in a free buffer (now marked in use), or a one-off shared tensor."""
+        with self.lock:
+            return self._tensor(shape, dtype)
+
+    def _tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
         free = [i for i, b in enumerate(self.buffers) if b is not None and int(self._flag(i)[0]) == 0]
         i = next((i for i in free if self.buffers[i].numel() - _HEADER >= nbytes), None)
@@ -104,12 +110,13 @@ class Ring:
         return self.buffers[i][_HEADER:_HEADER + nbytes].view(dtype).view(shape)
 
     def ref(self, t: torch.Tensor) -> "_RingRef | None":
-        i = self.by_ptr.get(t.data_ptr())
-        if i is None or not t.is_contiguous():
-            return None
-        first = i not in self.sent
-        self.sent.add(i)
-        retired, self.retired = self.retired, []
+        with self.lock:
+            i = self.by_ptr.get(t.data_ptr())
+            if i is None or not t.is_contiguous():
+                return None
+            first = i not in self.sent
+            self.sent.add(i)
+            retired, self.retired = self.retired, []
         return _RingRef(self.token, self.pid, i, self.buffers[i] if first else None, tuple(t.shape),
                         str(t.dtype).removeprefix("torch."), retired)
 

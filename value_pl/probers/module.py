@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -35,6 +36,8 @@ from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAtte
 from .metrics import Counters, HeadAccuracy
 
 log = logging.getLogger(__name__)
+# ProbeModule.transfer_batch_to_device is meant to serve the DataModule's batches too
+warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device` in `LightningModule`.*")
 
 #: checkpoint layout of the heads (stacked groups); older checkpoints are refused with a clear message
 HEADS_FORMAT = 2
