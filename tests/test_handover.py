@@ -7,6 +7,7 @@ main process has not copied it out yet, however slowly the main process consumes
 from __future__ import annotations
 
 import gc
+import warnings
 import pickle
 import random
 import time
@@ -193,3 +194,24 @@ def test_ring_only_for_pinned_training_batches(shards):
     assert dl.pin_memory == torch.cuda.is_available()
     assert dm.loader("val", train=False).dataset.ring_buffers == 0  # eval buffers would stay resident
     assert np.isclose(handover.INLINE_BYTES, 1 << 20)
+
+
+def test_a_loader_that_may_overfill_dev_shm_is_warned_about(shards, monkeypatch):
+    """Real-width batches in a container's default 64 MB /dev/shm: said at start, not a bus error later."""
+    from value_pl.data import datamodule
+
+    root, collate = shards
+    dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=False)
+    dm.collate = collate
+    regions = dm.split_entry("train")["max_regions"]
+    assert regions > 0  # recorded by the writer
+    per_batch = 4 * regions * dm.manifest["feature_dim"] * 2
+    monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": 10 ** 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dm.loader("train", train=True)
+    assert dm.check_shared_memory("train", 2, 4, collate, 0) == 2 * dm.prefetch_factor * per_batch
+    assert dm.check_shared_memory("train", 2, 4, collate, 6) == 2 * 6 * per_batch
+    monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": per_batch)
+    with pytest.warns(RuntimeWarning, match=r"/dev/shm .*bus error.*data.num_workers"):
+        dm.loader("train", train=True)

@@ -14,6 +14,7 @@ validation runs (``persistent_workers``), and hand over pinned batches when trai
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,15 @@ from .stream import ShardStream, count_samples, no_collate, worker_init
 log = logging.getLogger(__name__)
 # our len() is exact per rank (each worker reads its own part): Lightning's generic caution does not apply
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
+
+
+def shm_free(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory filesystem that loader workers hand batches over through (None: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -117,10 +127,39 @@ class ShardDataModule(pl.LightningDataModule):
         if workers > 1 and nb < workers:
             log.info("%s: split %s gives %d batch(es) per rank: %d of the %d loader worker(s) stay idle",
                      self.root, self.splits.get(stage, stage), nb, workers - nb, workers)
+        if workers > 0:
+            self.check_shared_memory(stage, workers, ds.batch_size, collate or self.collate, ring)
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
                                            pin_memory=pin, **kw)
+
+    def check_shared_memory(self, stage: str, workers: int, batch_size: int, collate, ring: int) -> int | None:
+        """Warn when the batches a loader may hold in ``/dev/shm`` (the fp16 region features of ``prefetch_factor``
+        batches per worker, or of its ``ring`` reused buffers) exceed its free space: a worker that runs out dies with
+        a bus error (a container's default /dev/shm is 64 MB). Returns the estimate in bytes (None: no features)."""
+        dim = 0 if getattr(collate, "text_only", False) else int(self.manifest.get("feature_dim") or 0)
+        regions = self.split_entry(stage).get("max_regions")
+        cap = getattr(getattr(collate, "encoder", None), "max_regions", None)
+        if regions is None:
+            regions = cap or 100  # shard sets written before max_regions was recorded: the collator's cap
+        elif cap:
+            regions = min(int(regions), int(cap))
+        per_batch = int(batch_size) * int(regions) * dim * 2
+        if not per_batch:
+            return None
+        held = max(self.prefetch_factor, ring)
+        need = workers * held * per_batch
+        free = shm_free()
+        if free is not None and need > free:
+            msg = (f"{self.root}: the {stage} loader may hold {need / 2**20:,.0f} MiB of batches in /dev/shm ({workers} "
+                   f"worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features) but /dev/shm "
+                   f"has {free / 2**20:,.0f} MiB free: a loader worker that runs out dies with a bus error. Lower "
+                   f"data.num_workers, data.prefetch_factor or the batch size, or give the container more shared "
+                   f"memory (docker run --shm-size=...)")
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return need
 
     def _cached_loader(self, stage: str, train: bool):
         """One loader per stage for the whole run: workers persist across epochs and validation runs."""

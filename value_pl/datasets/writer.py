@@ -60,7 +60,7 @@ class ShardSetWriter:
         metas: list[dict] = []
         written: list[str] = []
         per_shard: list[int] = []
-        max_words = 0
+        max_words = max_regions = 0
 
         def post(fname):
             written.append(Path(fname).name)
@@ -79,6 +79,7 @@ class ShardSetWriter:
                     raise ValueError(f"{split}/{key}: feature dim {feats.shape[1]} != {self.feature_dim}")
                 sw.write(encode_sample(key, meta, feats))
                 max_words = max(max_words, len(meta["words"]))
+                max_regions = max(max_regions, int(feats.shape[0]))
                 metas.append({"pairs": meta.get("pairs", {}), "sentence_labels": meta.get("sentence_labels", {})})
                 for task, ts in task_types(meta).items():
                     types.setdefault(task, set()).update(ts)
@@ -91,6 +92,7 @@ class ShardSetWriter:
         order = sorted(range(len(written)), key=lambda i: written[i])
         self.splits[split] = {"samples": n, "shards": [written[i] for i in order],
                               "shard_samples": [per_shard[i] for i in order], "max_words": max_words,
+                              "max_regions": max_regions,
                               "pairs": count_pairs(metas), "excluded": dict(sorted(self._split_excluded.items()))}
         self.control_types[split] = {t: len(v) for t, v in sorted(types.items())}
         return n
