@@ -7,18 +7,18 @@ main process has not copied it out yet, however slowly the main process consumes
 from __future__ import annotations
 
 import gc
-import warnings
 import pickle
 import random
 import time
+import warnings
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
 import torch
-
 from helpers_backbones import tiny_tokenizer
 from test_cache import small_demo
+
 from value_pl.data import handover
 from value_pl.data.collate import Collator, InputEncoder, TaskSpec
 from value_pl.data.datamodule import ShardDataModule

@@ -9,7 +9,6 @@ attention map is stored as ``(B, H, R, N_k)`` with the rows listed in ``Backbone
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -184,8 +183,8 @@ class RowRecorder:
     soon as both exist: neither the layer's full queries nor its keys are held past their projection, so what
     capture adds to a forward's peak memory is the kept rows (``benchmarks/run.py``)."""
 
-    def __init__(self, module: nn.Module, rows: RowSoftmax):
-        self.module, self.softmax = module, rows
+    def __init__(self, module: nn.Module, softmax: RowSoftmax):
+        self.module, self.softmax = module, softmax
         self.q = self.k = self.probs = None
         self.handles = []
 

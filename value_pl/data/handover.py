@@ -45,7 +45,7 @@ _NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, 
 _OPEN: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
 _OPEN_LOCK = threading.Lock()
 # a loader worker: the ring it writes into (one per dataset, set by ShardStream in the worker)
-_ACTIVE: "Ring | None" = None
+_ACTIVE: Ring | None = None
 _tls = threading.local()
 
 
@@ -109,7 +109,7 @@ class Ring:
         _fence()
         return self.buffers[i][_HEADER:_HEADER + nbytes].view(dtype).view(shape)
 
-    def ref(self, t: torch.Tensor) -> "_RingRef | None":
+    def ref(self, t: torch.Tensor) -> _RingRef | None:
         with self.lock:
             i = self.by_ptr.get(t.data_ptr())
             if i is None or not t.is_contiguous():
@@ -164,7 +164,7 @@ class RingFeatures:
     """Main process: a batch's features inside a worker's ring buffer. The DataLoader's pin thread calls
     :meth:`pin_memory`, which copies them out and frees the buffer; nothing else may hold this object."""
 
-    __slots__ = ("view", "flag")
+    __slots__ = ("flag", "view")
 
     def __init__(self, view: torch.Tensor, flag: torch.Tensor):
         self.view, self.flag = view, flag
@@ -189,7 +189,7 @@ class RingFeatures:
 class _RingRef:
     """What crosses for ring features: the buffer's segment the first time, its index afterwards."""
 
-    __slots__ = ("token", "pid", "index", "buffer", "shape", "dtype", "retired")
+    __slots__ = ("buffer", "dtype", "index", "pid", "retired", "shape", "token")
 
     def __init__(self, token, pid, index, buffer, shape, dtype, retired):
         self.token, self.pid, self.index, self.buffer = token, pid, index, buffer
