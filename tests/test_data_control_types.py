@@ -182,7 +182,8 @@ def test_vcd_negatives_are_never_near_duplicates_of_the_gold_box(supplied):
 
 
 def test_near_duplicates_counted_in_manifests(vg, f30k):
-    """IoU 1.0 and 0.95 copies of a gold box: never a negative; the manifests count the exclusions."""
+    """IoU 1.0 and 0.95 copies of a gold box: never a negative (nor a VRI negative with the box they copy); the
+    manifests count the exclusions."""
     root, man = f30k
     assert man["excluded"] == {"vcd_negative_overlaps_chain": 2}
     assert man["splits"]["test"]["excluded"] == {"vcd_negative_overlaps_chain": 2}
@@ -192,8 +193,9 @@ def test_near_duplicates_counted_in_manifests(vg, f30k):
     assert [lab for _, r, lab in m["pairs"]["vcd"] if r in dup] == []
     root, man = vg
     # cup (region matched at IoU 1.0) related to the table; detections at 0.90 and 0.95 of the cup, with the table
-    # region, in both orders: 4 candidate negatives that are the related pair
-    assert man["excluded"] == {"vri_negative_overlaps_related": 4}
+    # region, in both orders: 4 candidate negatives that are the related pair; and the three boxes of the cup among
+    # themselves, in both orders: 6 candidate negatives that are one object twice
+    assert man["excluded"] == {"vri_negative_overlaps_related": 4, "vri_negative_same_object": 6}
     (m,) = [x["meta"] for x in read_samples(root) if x["key"] == "vg_6_61"]
     from value_pl.datasets.regions import iou_matrix
 
@@ -201,7 +203,9 @@ def test_near_duplicates_counted_in_manifests(vg, f30k):
     table = m["regions"]["names"].index(["table"])
     assert len(cupish) == 3  # the matched detection and the near-duplicates at IoU 0.90 and 0.95
     as_related = {(c, table) for c in cupish} | {(table, c) for c in cupish}
-    assert not {(a, b) for a, b, lab in m["pairs"]["vri"] if lab == "unrelated"} & as_related
+    unrelated = {(a, b) for a, b, lab in m["pairs"]["vri"] if lab == "unrelated"}
+    assert unrelated and not unrelated & as_related
+    assert not {(a, b) for a, b in unrelated if a in cupish and b in cupish}  # never the cup and its duplicate
 
 
 @pytest.mark.skipif(not (SHARED / "region_graphs").exists(), reason="shared real-format fixtures absent")

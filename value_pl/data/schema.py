@@ -59,7 +59,8 @@ No pickle anywhere: only ``.json`` and ``.npy``.
 ``excluded`` counts candidate negatives the builders did not use because they are the gold object
 (``vcd_negative_overlaps_chain``: a region at IoU >= ``iou_threshold`` with a box of the phrase's own
 chain; ``vri_negative_overlaps_related``: a region pair that is, up to IoU >= ``iou_threshold``, a
-related pair).
+related pair; ``vri_negative_same_object``: two boxes of one object, a detection at IoU >= ``iou_threshold`` with
+the other region).
 
 Control-task types (Hewitt & Liang 2019: the type of an example is the identity of its items)
 ----------------------------------------------------------------------------------------------

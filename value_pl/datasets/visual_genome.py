@@ -34,7 +34,9 @@ Rules (VALUE Sec. 3.4):
   without any relation of the caption in either direction, sampled first among pairs of annotated
   regions, then among the rest (seeded by seed + sample key). A region pair that is, up to IoU >=
   ``iou_threshold`` with the gold boxes, a related pair (near-duplicate detections of a related
-  subject and object) is never a negative (counted: ``excluded.vri_negative_overlaps_related``).
+  subject and object) is never a negative (counted: ``excluded.vri_negative_overlaps_related``), nor is a
+  pair of two boxes of one object: a detection at IoU >= ``iou_threshold`` with the other region, unless both are
+  annotated objects (counted: ``excluded.vri_negative_same_object``).
   Phrases are empty (no VCD/VCC).
 * ``regions.names`` (what a region is; the control tasks' identity): the names of the objects the
   region carries -- ``names[0]`` (v1.4/``objects.json``) or ``name`` (region graphs), lower case,
@@ -61,7 +63,7 @@ import numpy as np
 from ..data.schema import SCHEMA_VERSION, region_names
 from .common import (BuildError, Issues, clean_box, close_readers, iter_json_array, open_region_features, progress,
                      read_features, regions_manifest, sample_rng, stable_score)
-from .regions import combine_regions
+from .regions import combine_regions, iou_matrix
 from .vg_graphs import (_aliases, _obj_box, _resolve_relations, _Split, load_image_data, load_v14_objects,
                         object_name, object_synsets, tokenize)
 from .writer import ShardSetWriter
@@ -281,6 +283,14 @@ def _samples(specs, det, sup, cfg, issues: Issues, seed, variant, bar, split):
         not_neg = rel_regions | excluded
         R = len(comb.boxes)
         ann = {r for r in range(R) if comb.source[r] == "annotated"}
+        # two boxes of one object (a detection at IoU >= iou_threshold with another region, not two annotated
+        # objects): "unrelated" would be learnable from the near-identical features alone
+        if R > 1:
+            iou = iou_matrix(np.asarray(comb.boxes, np.float64), np.asarray(comb.boxes, np.float64))
+            same = {(int(a), int(b)) for a, b in zip(*np.nonzero(iou >= cfg["iou_threshold"]))
+                    if a != b and not (a in ann and b in ann)} - not_neg
+            issues.exclude("vri_negative_same_object", len(same))
+            not_neg |= same
         tier1 = [(a, b) for a in range(R) for b in range(R) if a != b and (a, b) not in not_neg
                  and a in ann and b in ann]
         tier2 = [(a, b) for a in range(R) for b in range(R) if a != b and (a, b) not in not_neg
