@@ -34,6 +34,7 @@ def heads_of(ckpt):
 
 @pytest.mark.slow
 def test_cached_training_equals_online(tmp_path):
+    from value_pl.data.cache import unpack_cached
     from value_pl.driver.extract import extract_cache
     from value_pl.driver.setup import build_module, make_datamodule
     from value_pl.driver.train import train
@@ -71,8 +72,12 @@ def test_cached_training_equals_online(tmp_path):
     b32 = next(iter(dm32.val_dataloader()))
     b16 = next(iter(dm16.val_dataloader()))
     assert torch.equal(b32["labels"], b16["labels"])
+    # each batch crosses as one tensor of the cache's dtype (one shared segment from a loader worker)
+    assert b32["cached_flat"].dtype == torch.float32 and b16["cached_flat"].dtype == torch.float16
+    f32, f16 = unpack_cached(b32), unpack_cached(b16)
     for k in m32.head_names:
-        for x, y in zip(b32["cached_features"][k], b16["cached_features"][k]):
+        for x, y in zip(f32[k], f16[k]):
+            assert x.dtype == y.dtype == torch.float32
             torch.testing.assert_close(x, y, atol=2e-3, rtol=2e-3)
 
     # a cache for another backbone / task / layers is refused with a clear error

@@ -13,13 +13,15 @@ every source sample the inputs of every prober head for its pairs:
 
 Only ``.npy`` (``allow_pickle=False``) and JSON: no pickle. ``manifest.json`` keeps the source manifest's
 ``splits``/``labels`` (so :class:`~value_pl.data.datamodule.ShardDataModule` reads a cache like any shard set,
-with the same detshuffle / split_by_node / with_epoch pipeline) plus ``cache``: the identity of what was
+with the same exact sample ranges per rank and worker) plus ``cache``: the identity of what was
 extracted (backbone checksum, task, prober, heads, dtype, precision, relabelling).
 
-``train data.cache=CACHE`` then feeds ``{"cached_features": {head: tuple}, "labels": ...}`` batches to
-:class:`~value_pl.probers.module.ProbeModule` instead of running the backbone. Because the shards mirror the
-source and the sample shuffle is seeded, cached training sees the same batches as online training with the
-same seed. A cache whose backbone checksum, task, labels, relabelling or heads do not match the run is refused.
+``train data.cache=CACHE`` then feeds batches of ``{"cached_flat", "cached_layout", "labels", ...}`` to
+:class:`~value_pl.probers.module.ProbeModule` instead of running the backbone: every head input of the batch in one
+tensor of the cache's dtype (one shared-memory segment from a loader worker, fp16 by default: half the bytes of
+float32), which :func:`unpack_cached` views per head and converts to float32 on the device. Because the shards
+mirror the source and the sample shuffle is seeded, cached training sees the same batches as online training with
+the same seed. A cache whose backbone checksum, task, labels, relabelling or heads do not match the run is refused.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .handover import batch_tensor
 from .schema import load_manifest
 
 log = logging.getLogger(__name__)
@@ -112,12 +115,14 @@ def decode_record(sample: dict) -> dict:
 
 
 class CacheCollate:
-    """Cache records -> the batch :class:`ProbeModule` trains on (``cached_features`` instead of inputs)."""
+    """Cache records -> the batch :class:`ProbeModule` trains on: ``cached_flat`` (every head input of the batch,
+    in the cache's dtype, one tensor) and ``cached_layout`` [(head, input, offset, shape)] instead of model inputs."""
 
-    def __init__(self, cache_heads: list[str], head_shapes: dict, wanted: list[str]):
+    def __init__(self, cache_heads: list[str], head_shapes: dict, wanted: list[str], dtype: str = "float16"):
         self.index = {h: i for i, h in enumerate(cache_heads)}
         self.head_shapes = head_shapes
         self.wanted = list(wanted)
+        self.dtype = np.dtype(DTYPES.get(dtype, np.float32))
 
     @staticmethod
     def counts(records: list[dict], labels: np.ndarray) -> dict[str, int]:
@@ -130,25 +135,39 @@ class CacheCollate:
 
     def __call__(self, records: list[dict]) -> dict:
         labels = np.concatenate([r["labels"] for r in records]) if records else np.zeros(0, np.int64)
-        feats = {}
+        layout, parts, n = [], [], 0
         for h in self.wanted:
             i = self.index[h]
-            parts = []
             for j, shape in enumerate(self.head_shapes[h]):
                 arrs = [r["inputs"][(i, j)] for r in records if len(r["labels"])]
-                a = np.concatenate(arrs) if arrs else np.zeros((0, *shape), np.float32)
-                parts.append(torch.from_numpy(a.astype(np.float32, copy=False)))
-            feats[h] = tuple(parts)
-        return {"cached_features": feats, "labels": torch.from_numpy(labels.astype(np.int64)),
-                "counts": self.counts(records, labels),
-                "keys": [r["key"] for r in records]}
+                a = np.concatenate(arrs) if arrs else np.zeros((0, *shape), self.dtype)
+                layout.append((h, j, n, tuple(int(d) for d in a.shape)))
+                parts.append(a)
+                n += a.size
+        flat = batch_tensor((n,), self.dtype)  # in a loader worker: one shared segment (or a reused buffer)
+        out = flat.numpy()
+        for (_, _, off, _), a in zip(layout, parts):
+            out[off:off + a.size] = a.reshape(-1)
+        return {"cached_flat": flat, "cached_layout": layout, "labels": torch.from_numpy(labels.astype(np.int64)),
+                "counts": self.counts(records, labels), "keys": [r["key"] for r in records]}
+
+
+def unpack_cached(batch: dict) -> dict[str, tuple]:
+    """``{head: (input tensors)}`` in float32 from a :class:`CacheCollate` batch (views of ``cached_flat``, converted
+    where the batch is: on the device after the transfer)."""
+    flat = batch["cached_flat"]
+    out: dict[str, list] = {}
+    for h, j, off, shape in batch["cached_layout"]:
+        n = int(np.prod(shape))
+        out.setdefault(h, []).append(flat[off:off + n].view(shape).float())
+    return {h: tuple(v) for h, v in out.items()}
 
 
 def attach_cache(dm, module, cfg) -> None:
     """Point a :class:`ShardDataModule` opened on a cache at the cache collate (after checking identity)."""
     check_cache(dm.manifest, module, cfg, dm.root)
     c = dm.manifest["cache"]
-    dm.collate = CacheCollate(c["heads"], c["head_shapes"], module.head_names)
+    dm.collate = CacheCollate(c["heads"], c["head_shapes"], module.head_names, c.get("dtype", "float16"))
 
 
 def open_cache(root: str | Path) -> dict:

@@ -152,8 +152,8 @@ class ShardDataModule(pl.LightningDataModule):
         need = workers * held * per_batch
         free = shm_free()
         if free is not None and need > free:
-            msg = (f"{self.root}: the {stage} loader may hold {need / 2**20:,.0f} MiB of batches in /dev/shm ({workers} "
-                   f"worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features) but /dev/shm "
+            msg = (f"{self.root}: the {stage} loader may hold {need / 2**20:,.0f} MiB of batches in /dev/shm "
+                   f"({workers} worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features) but /dev/shm "
                    f"has {free / 2**20:,.0f} MiB free: a loader worker that runs out dies with a bus error. Lower "
                    f"data.num_workers, data.prefetch_factor or the batch size, or give the container more shared "
                    f"memory (docker run --shm-size=...)")

@@ -12,8 +12,8 @@ Here:
   indices) are pickled into the message itself and come out as ordinary tensors (``torch.from_numpy``).
 * **Features go through reused buffers.** The region features -- the one large tensor -- are written by the
   collator straight into shared memory (:func:`batch_tensor`). When training batches are pinned for a GPU
-  (``ShardStream(ring_buffers=...)``, set by the DataModule), each worker keeps a small ring of shared buffers: a buffer's
-  segment crosses to the main process once, the main process keeps it mapped (:data:`_OPEN`), and later
+  (``ShardStream(ring_buffers=...)``, set by the DataModule), each worker keeps a small ring of shared buffers: a
+  buffer's segment crosses to the main process once, the main process keeps it mapped (:data:`_OPEN`), and later
   batches name only (ring, worker, buffer). Pinning copies the features out of the buffer
   (:meth:`RingFeatures.pin_memory`, called by the DataLoader's pin thread) and then marks the buffer free in
   its header; a worker writes only into a free buffer, and when none is free (the main process is behind) it

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..backbones.capture import CaptureSpec
+from ..data.cache import unpack_cached
 from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
 from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAttention, StackedLayerEmb,
                     StackedSentence, seeded)
@@ -219,8 +220,8 @@ class ProbeModule(pl.LightningModule):
         return self.logits(self.extract(batch))
 
     def _inputs(self, batch) -> dict[str, tuple]:
-        if "cached_features" in batch:
-            return self.stack(batch["cached_features"])
+        if "cached_flat" in batch:  # a feature cache's batch (value_pl.data.cache)
+            return self.stack(unpack_cached(batch))
         return self.extract_inputs(batch)
 
     def loss(self, inputs: dict[str, tuple], y: torch.Tensor) -> torch.Tensor:
