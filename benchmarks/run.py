@@ -557,7 +557,8 @@ def main(argv=None) -> list[dict]:
         for prober in ("layer_emb", "attention"):
             r = hc[prober] / hc["bare"]
             ms = f"{50 * hc[prober]:.2f} / {50 * hc['bare']:.2f} ms"
-            rows.append({"measure": f"host work of a {prober} training step / bare forward (12 layers x 24 hidden, "
+            art = "an" if prober[0] in "aeiou" else "a"
+            rows.append({"measure": f"host work of {art} {prober} training step / bare forward (12 layers x 24 hidden, "
                                     "kernels ~free)", "value": f"{r:.2f}x ({ms})",
                          "goal": "-", "met": None, "ratio": r})
         r = hc["lightning"] / hc["attention"]
