@@ -57,13 +57,20 @@ def pair_embeddings(out: BackboneOutput, names: list[str], modality: str, b: Ten
 
 
 def pair_attention(out: BackboneOutput, names: list[str], batch: dict, q: str, k: str,
-                   rows: dict[str, Tensor] | None) -> Tensor:
-    """Max attention weight from side ``q``'s tokens to side ``k``'s, per map and head: ``(M, P, H)``."""
+                   rows: dict[str, Tensor] | None, stacked: dict | None = None) -> Tensor:
+    """Max attention weight from side ``q``'s tokens to side ``k``'s, per map and head: ``(M, P, H)``.
+    ``stacked`` (optional) keeps the stacked maps for a second call over the same maps (the other direction of
+    a single-stream model's self-attention)."""
     q_stream, k_stream = out.attn_streams[names[0]]
     if any(out.attn_streams[n] != (q_stream, k_stream) for n in names):
         raise ValueError(f"attention maps {names} do not share their query/key streams")
     mods = dict(zip("ab", batch["pair_modalities"]))
-    A = torch.stack([out.attn[n] for n in names])  # (M, B, H, Rq, Nk)
+    key = tuple(names)
+    A = stacked.get(key) if stacked is not None else None
+    if A is None:
+        A = torch.stack([out.attn[n] for n in names])  # (M, B, H, Rq, Nk)
+        if stacked is not None:
+            stacked[key] = A
     if q_stream in out.rows:  # rows captured: the collator's slot of each query token
         qi = batch[f"{q}_slot"] + row_offset(rows, out.streams[q_stream], mods[q])
     else:  # full maps
@@ -152,8 +159,9 @@ class PairPlan:
         ab = ba = None
         if self.maps_ab:
             rows = (spec.rows if spec is not None else None) or self.capture(batch).rows
-            ab = pair_attention(out, self.maps_ab, batch, "a", "b", rows)  # (M, P, H)
-            ba = pair_attention(out, self.maps_ba, batch, "b", "a", rows)
+            stacked: dict = {}
+            ab = pair_attention(out, self.maps_ab, batch, "a", "b", rows, stacked)  # (M, P, H)
+            ba = pair_attention(out, self.maps_ba, batch, "b", "a", rows, stacked)
         for g in self.groups:
             if g.kind == "emb":
                 res[g.name] = (pair_embeddings(out, g.emb[0], ma, b, batch["a_pos"], batch["a_valid"]).float(),
