@@ -215,3 +215,7 @@ def test_a_loader_that_may_overfill_dev_shm_is_warned_about(shards, monkeypatch)
     monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": per_batch)
     with pytest.warns(RuntimeWarning, match=r"/dev/shm .*bus error.*data.num_workers"):
         dm.loader("train", train=True)
+    # batches without region features (a feature cache's, text-only ones) are not estimated
+    from value_pl.data.cache import CacheCollate
+
+    assert dm.check_shared_memory("train", 2, 4, CacheCollate([], {}, []), 0) is None

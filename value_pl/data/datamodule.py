@@ -137,10 +137,15 @@ class ShardDataModule(pl.LightningDataModule):
     def check_shared_memory(self, stage: str, workers: int, batch_size: int, collate, ring: int) -> int | None:
         """Warn when the batches a loader may hold in ``/dev/shm`` (the fp16 region features of ``prefetch_factor``
         batches per worker, or of its ``ring`` reused buffers) exceed its free space: a worker that runs out dies with
-        a bus error (a container's default /dev/shm is 64 MB). Returns the estimate in bytes (None: no features)."""
-        dim = 0 if getattr(collate, "text_only", False) else int(self.manifest.get("feature_dim") or 0)
+        a bus error (a container's default /dev/shm is 64 MB). Returns the estimate in bytes (None: the loader's
+        batches carry no region features, e.g. a feature cache's or text-only ones)."""
+        inner = getattr(collate, "collate", collate)  # extraction wraps the backbone's collator
+        encoder = getattr(inner, "encoder", None)
+        if encoder is None or getattr(inner, "text_only", False):
+            return None
+        dim = int(self.manifest.get("feature_dim") or 0)
         regions = self.split_entry(stage).get("max_regions")
-        cap = getattr(getattr(collate, "encoder", None), "max_regions", None)
+        cap = getattr(encoder, "max_regions", None)
         if regions is None:
             regions = cap or 100  # shard sets written before max_regions was recorded: the collator's cap
         elif cap:
@@ -153,10 +158,10 @@ class ShardDataModule(pl.LightningDataModule):
         free = shm_free()
         if free is not None and need > free:
             msg = (f"{self.root}: the {stage} loader may hold {need / 2**20:,.0f} MiB of batches in /dev/shm "
-                   f"({workers} worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features) but /dev/shm "
-                   f"has {free / 2**20:,.0f} MiB free: a loader worker that runs out dies with a bus error. Lower "
-                   f"data.num_workers, data.prefetch_factor or the batch size, or give the container more shared "
-                   f"memory (docker run --shm-size=...)")
+                   f"({workers} worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features) "
+                   f"but /dev/shm has {free / 2**20:,.0f} MiB free: a loader worker that runs out dies with a bus "
+                   f"error. Lower data.num_workers, data.prefetch_factor or the batch size, or give the container "
+                   f"more shared memory (docker run --shm-size=...)")
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return need
