@@ -320,3 +320,30 @@ def read_samples(root) -> list[dict]:
 
 def tree_bytes(root) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------- real-format VG sample (../shared)
+SHARED_VG = Path("/work/shared/fixtures/visual_genome")
+
+
+def build_real_region_graphs(tmp_path: Path) -> tuple[Path, dict]:
+    """The real region_graphs.json sample (images 1-3) built into shards, with synthetic detections at the object
+    boxes (8-d features): (shard root, manifest). Needs ``SHARED_VG``; callers skip without it."""
+    from value_pl.datasets.common import iter_json_array
+
+    rg = SHARED_VG / "region_graphs" / "region_graphs_images_1-3.json"
+    image_data = SHARED_VG / "v1.2" / "image_data.json"
+    sizes = {im["image_id"]: (im["width"], im["height"]) for im in json.loads(image_data.read_text())}
+    recs = []
+    for im in iter_json_array(rg):
+        W, H = sizes[im["image_id"]]
+        bx = {o["object_id"]: [o["x"], o["y"], min(W, o["x"] + o["w"]), min(H, o["y"] + o["h"])]
+              for r in im["regions"] for o in r["objects"] if o["w"] > 0 and o["h"] > 0}
+        bl = np.array([bx[k] for k in sorted(bx)][:100], np.float32)
+        recs.append((im["image_id"], W, H, bl, np.ones((len(bl), D), np.float32)))
+    write_features(tmp_path / "f.tsv", "butd_tsv", recs)
+    out = tmp_path / "out"
+    man = build("vg", out, {"dataset.region_graphs": str(rg), "dataset.image_data": str(image_data),
+                            "dataset.features": str(tmp_path / "f.tsv"), "dataset.max_regions": 100,
+                            "dataset.splits": "{train: 1.0}"})
+    return out, man

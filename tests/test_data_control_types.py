@@ -12,6 +12,8 @@ from fixtures_data import (
     F30K_NEAR_DUPS,
     VG_NEAR_DUPS,
     build,
+    build_real_region_graphs,
+    SHARED_VG,
     read_samples,
     write_flickr30k,
     write_vg,
@@ -26,7 +28,6 @@ from value_pl.data.schema import (
 )
 from value_pl.protocols.control import ControlRelabel, check_types
 
-SHARED = Path("/work/shared/fixtures/visual_genome")
 
 
 @pytest.fixture(scope="module")
@@ -208,27 +209,11 @@ def test_near_duplicates_counted_in_manifests(vg, f30k):
     assert not {(a, b) for a, b in unrelated if a in cupish and b in cupish}  # never the cup and its duplicate
 
 
-@pytest.mark.skipif(not (SHARED / "region_graphs").exists(), reason="shared real-format fixtures absent")
+@pytest.mark.skipif(not (SHARED_VG / "region_graphs").exists(), reason="shared real-format fixtures absent")
 def test_real_region_graphs_control_types(tmp_path):
     """The real region_graphs.json sample (images 1-3): object names give many distinct VRC types."""
-    from value_pl.datasets.common import iter_json_array
-    from value_pl.datasets.regions import write_features
-
-    rg = SHARED / "region_graphs" / "region_graphs_images_1-3.json"
-    sizes = {im["image_id"]: (im["width"], im["height"]) for im in json.loads((SHARED / "v1.2" / "image_data.json").read_text())}
-    recs = []
-    for im in iter_json_array(rg):
-        W, H = sizes[im["image_id"]]
-        bx = {o["object_id"]: [o["x"], o["y"], min(W, o["x"] + o["w"]), min(H, o["y"] + o["h"])]
-              for r in im["regions"] for o in r["objects"] if o["w"] > 0 and o["h"] > 0}
-        bl = np.array([bx[k] for k in sorted(bx)][:100], np.float32)
-        recs.append((im["image_id"], W, H, bl, np.ones((len(bl), 8), np.float32)))
-    write_features(tmp_path / "f.tsv", "butd_tsv", recs)
-    man = build("vg", tmp_path / "out", {"dataset.region_graphs": str(rg),
-                                         "dataset.image_data": str(SHARED / "v1.2" / "image_data.json"),
-                                         "dataset.features": str(tmp_path / "f.tsv"), "dataset.max_regions": 100,
-                                         "dataset.splits": "{train: 1.0}"})
+    out, man = build_real_region_graphs(tmp_path)
     n_pairs = sum(man["splits"]["train"]["pairs"]["vrc"].values())
     assert man["control_types"]["train"]["vrc"] >= max(5, n_pairs // 3), (man["control_types"], n_pairs)
-    names = {n for x in read_samples(tmp_path / "out") for ns in x["meta"]["regions"]["names"] for n in ns}
+    names = {n for x in read_samples(out) for ns in x["meta"]["regions"]["names"] for n in ns}
     assert {"street", "shade", "man"} <= names

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_data import (VG_EXPECTED, VG_GRAPHS, VG_SKIPPED, build, read_samples, split_counts, tree_bytes,
-                           write_vg)
+from fixtures_data import (VG_EXPECTED, VG_GRAPHS, VG_SKIPPED, build, build_real_region_graphs, read_samples, SHARED_VG,
+                           split_counts, tree_bytes, write_vg)
 from value_pl.datasets.common import BuildError, iter_json_array
 from value_pl.datasets.regions import FORMATS
 from value_pl.datasets.vg_graphs import normalise_predicate
 
-SHARED = Path("/work/shared/fixtures/visual_genome")
 
 
 def test_normalise_predicate():
@@ -149,27 +148,10 @@ def test_v14_objects_file(tmp_path):
     assert man["skipped"]["relation_unresolved"] == 1 and man["splits"]["val"]["samples"] == 1
 
 
-@pytest.mark.skipif(not (SHARED / "region_graphs").exists(), reason="shared real-format fixtures absent")
+@pytest.mark.skipif(not (SHARED_VG / "region_graphs").exists(), reason="shared real-format fixtures absent")
 def test_real_region_graphs(tmp_path):
     """The real region_graphs.json sample (images 1-3) with synthetic detections at the object boxes."""
-    import numpy as np
-
-    from value_pl.datasets.regions import write_features
-
-    rg = SHARED / "region_graphs" / "region_graphs_images_1-3.json"
-    sizes = {im["image_id"]: (im["width"], im["height"]) for im in json.loads((SHARED / "v1.2" / "image_data.json").read_text())}
-    recs = []
-    for im in iter_json_array(rg):
-        W, H = sizes[im["image_id"]]
-        bx = {o["object_id"]: [o["x"], o["y"], min(W, o["x"] + o["w"]), min(H, o["y"] + o["h"])]
-              for r in im["regions"] for o in r["objects"] if o["w"] > 0 and o["h"] > 0}
-        bl = np.array([bx[k] for k in sorted(bx)][:100], np.float32)
-        recs.append((im["image_id"], W, H, bl, np.ones((len(bl), 8), np.float32)))
-    write_features(tmp_path / "f.tsv", "butd_tsv", recs)
-    man = build("vg", tmp_path / "out", {"dataset.region_graphs": str(rg),
-                                         "dataset.image_data": str(SHARED / "v1.2" / "image_data.json"),
-                                         "dataset.features": str(tmp_path / "f.tsv"), "dataset.max_regions": 100,
-                                         "dataset.splits": "{train: 1.0}"})
+    _, man = build_real_region_graphs(tmp_path)
     assert man["splits"]["train"]["samples"] > 0 and "on" in man["labels"]["vrc"]
     assert man["predicates"]["on"]["frequency"] >= 5  # 'ON' and 'on' merged by normalisation
 
