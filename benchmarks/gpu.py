@@ -4,7 +4,8 @@ Rows, all in one run on one card:
 
 1. in memory (synthetic batches: 24 text + 76 region tokens, 6 vrc pairs per image, 2048-d features): the bare
    sdpa forward, and one online probe training step (frozen forward + every layer's head + backward + Adam) for
-   ``layer_emb`` and ``attention``, each as a ratio to the bare forward (goals: <= 1.3x, <= 1.6x);
+   ``layer_emb`` and ``attention``, each as a ratio to the bare forward (goals: <= 1.3x, <= 1.6x); and the bare
+   forward with plain autocast (frozen Linear weights cast on every call, as without value_pl's cache);
 2. the loader alone on real-width shards (``python -m value_pl.datasets.demo`` sizes: 36 regions x 2048-d fp16 per
    image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker;
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
@@ -18,6 +19,7 @@ Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -173,6 +175,7 @@ def online_step(m, batch: dict, ac: dict):
 
 
 def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
+    from value_pl.backbones.autocast_cache import uncache_autocast_weights
     from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
     from value_pl.probers.module import ProbeModule
@@ -190,6 +193,16 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
             bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
 
     rows.append((f"bare sdpa forward (batch {B})", *measure(bare, args.iters, args.warmup, dev), B))
+    plain = copy.deepcopy(bb)
+    uncache_autocast_weights(plain)
+
+    def bare_plain():  # plain autocast: every frozen Linear's weight and bias cast to bf16 on every call
+        with torch.no_grad(), torch.autocast(**ac):
+            plain(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
+
+    rows.append((f"  bare forward, Linear weights cast on every call (plain autocast; batch {B})",
+                 *measure(bare_plain, args.iters, args.warmup, dev), B))
+    del plain
     for prober in ("layer_emb", "attention"):
         m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(C)]},
                         prober={"name": prober}, seed=0).to(dev)

@@ -13,7 +13,9 @@ Prints one table of ratios, all measured in this run on this machine:
    samples/s of read + decode + tokenise + collate (goal >= 1,500 on the 2-core CPU);
 6. the host work of a training step (a 12-layer model 24 wide: its kernels cost ~nothing) / a bare forward's: the
    ratio a GPU shows when it finishes kernels faster than the host issues them; and the same step inside
-   ``Trainer.fit`` (Lightning's loop, hooks, logging, batch transfer) / in a plain loop;
+   ``Trainer.fit`` (Lightning's loop, hooks, logging, batch transfer) / in a plain loop; the operators each issues;
+   and the bare forward with the frozen Linear weights cast for bf16 autocast once (value_pl's backbones) / on
+   every call (plain autocast);
 7. the main process's CPU time per batch of those shards from 2 loader workers (receive, then copy the features
    out as the pin thread does): torch's default handover vs ours (value_pl.data.handover); and the same for a
    feature cache's batches (one float32 tensor per head input vs one fp16 tensor per batch).
@@ -25,6 +27,7 @@ a ~15-token caption (~100 tokens per sequence), task vrc.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import multiprocessing as mp
@@ -155,12 +158,13 @@ def handover_cost(tmp: Path, bb, reps: int, batch: int = 128, workers: int = 2, 
     return out
 
 
-def host_cost(tmp: Path, reps: int, iters: int = 20) -> dict:
+def host_cost(tmp: Path, reps: int, iters: int = 20) -> tuple[dict, dict]:
     """Seconds per call of the bare forward and of both probe training steps on a model so narrow (12 layers x
     24 hidden, 2 images, 32 tokens) that its kernels cost ~nothing: what remains is host work (Python, dispatch,
     autograd, optimizer) -- what bounds a step on a GPU that finishes kernels faster than they are issued."""
     from gpu import online_step, synthetic_batch
 
+    from value_pl.backbones.autocast_cache import uncache_autocast_weights
     from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
 
@@ -175,13 +179,39 @@ def host_cost(tmp: Path, reps: int, iters: int = 20) -> dict:
         with torch.no_grad(), torch.autocast(**ac):
             bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
 
-    fns = {"bare": bare}
+    plain = copy.deepcopy(bb)
+    uncache_autocast_weights(plain)
+
+    def bare_plain():  # what autocast does without our cache: every Linear's weight and bias cast on every call
+        with torch.no_grad(), torch.autocast(**ac):
+            plain(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
+
+    fns = {"bare": bare, "bare_plain": bare_plain}
     for prober in ("layer_emb", "attention"):
         m = make_module(bb, [str(i) for i in range(16)], prober)
         fns[prober] = online_step(m, batch, ac)
+    ops = {k: count_ops(f) for k, f in fns.items()}
     out = bench({k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()}, reps, warmup=1)
     out["lightning"] = lightning_step(m, batch, iters, reps) * iters  # the attention module, as a Trainer runs it
-    return out
+    return out, ops
+
+
+def count_ops(fn) -> int:
+    """Operators (ATen calls through the dispatcher, views included) one call of ``fn`` issues, after a warm-up
+    call: each is host work, and on a GPU most launch a kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    fn()
+    with Count() as c:
+        fn()
+    return c.n
 
 
 def lightning_step(module, batch, iters: int, epochs: int) -> float:
@@ -553,14 +583,19 @@ def main(argv=None) -> list[dict]:
                      "ratio": per_worker})
 
         # ---- host work per step (a narrow model: kernels cost ~nothing)
-        hc = host_cost(tmp, max(reps, 5))
+        hc, ops = host_cost(tmp, max(reps, 5))
         for prober in ("layer_emb", "attention"):
             r = hc[prober] / hc["bare"]
-            ms = f"{50 * hc[prober]:.2f} / {50 * hc['bare']:.2f} ms"
+            ms = f"{50 * hc[prober]:.2f} / {50 * hc['bare']:.2f} ms; operators {ops[prober]} / {ops['bare']}"
             art = "an" if prober[0] in "aeiou" else "a"
             rows.append({"measure": f"host work of {art} {prober} training step / bare forward (12 layers x 24 hidden, "
                                     "kernels ~free)", "value": f"{r:.2f}x ({ms})",
                          "goal": "-", "met": None, "ratio": r})
+        r = hc["bare"] / hc["bare_plain"]
+        rows.append({"measure": "  ... bare forward under bf16 autocast, frozen Linear weights cast once (ours) / "
+                                "cast on every call (plain autocast)",
+                     "value": f"{r:.2f}x ({50 * hc['bare']:.2f} / {50 * hc['bare_plain']:.2f} ms; operators "
+                              f"{ops['bare']} / {ops['bare_plain']})", "goal": "-", "met": None, "ratio": r})
         r = hc["lightning"] / hc["attention"]
         rows.append({"measure": "  ... the attention step inside Trainer.fit / the same step in a plain loop",
                      "value": f"{r:.2f}x ({50 * hc['lightning']:.2f} / {50 * hc['attention']:.2f} ms)", "goal": "-",

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .autocast_cache import cache_autocast_weights
 from .base import BackboneOutput, SingleStreamBackbone, PairLayout, StreamInfo
 from .capture import CaptureSpec, rows_for_stream
 from .common import bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
@@ -131,6 +132,7 @@ def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
         report = load_into(m, sd, ckpt or path, ("model.embeddings.", "model.encoder."))
         source = f"pretrained {config.model_type} from {ckpt or path}"
     m.freeze()
+    cache_autocast_weights(m)  # bf16 copies of the frozen Linear weights made once, not per call
     m.load_report = report
     m.identity = {
         "family": "bert", "name": cfg.get("name", "bert"), "path": path,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.safe_load import load_torch
+from .autocast_cache import cache_autocast_weights
 from .capture import CaptureSpec, RowRecorder, RowSoftmax, additive_mask
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ def finish(m, cfg, src: Sources, seed: int, source: str, report: dict, **identit
     """Freeze a built backbone and record its identity (what prober checkpoints store).
 
     ``cfg.box_mode`` (``uniter7`` / ``xyxy4``) overrides the family's box encoding (a variant trained on
-    other boxes); :mod:`.checks` verifies it against the model's box input before the first batch."""
+    other boxes); :mod:`.checks` verifies it against the model's box input before the first batch. The Linear
+    weights' autocast copies are made once, not per call (:mod:`.autocast_cache`)."""
     m.freeze()
+    cache_autocast_weights(m)
     box_mode = cfg.get("box_mode")
     if box_mode:
         from ..data.collate import BOX_DIMS
