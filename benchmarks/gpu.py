@@ -5,7 +5,8 @@ Rows, all in one run on one card:
 1. in memory (synthetic batches: 24 text + 76 region tokens, 6 vrc pairs per image, 2048-d features): the bare
    sdpa forward, and one online probe training step (frozen forward + every layer's head + backward + Adam) for
    ``layer_emb`` and ``attention``, each as a ratio to the bare forward (goals: <= 1.3x, <= 1.6x); and the bare
-   forward with plain autocast (frozen Linear weights cast on every call, as without value_pl's cache);
+   forward with plain autocast (frozen Linear weights cast on every call, as without value_pl's cache); next to
+   each, the host's issue time per batch (close to the batch time: the host bounds the step);
 2. the loader alone on real-width shards (``python -m value_pl.datasets.demo`` sizes: 36 regions x 2048-d fp16 per
    image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker;
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
@@ -109,8 +110,10 @@ def synthetic_batch(B: int, T: int, R: int, dv: int, pairs: int, C: int, device,
     return out
 
 
-def measure(fn, iters: int, warmup: int, device) -> tuple[float, float]:
-    """(seconds per call, peak memory in GiB during the calls; CPU: nan)."""
+def measure(fn, iters: int, warmup: int, device) -> tuple[float, float, float]:
+    """(seconds per call, peak memory in GiB during the calls (CPU: nan), seconds per call the host took to issue
+    the calls). Issue time close to the call time means the host bounds the step (the GPU waits for launches);
+    much less means the GPU does (the host runs ahead until the launch queue is full)."""
     cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
@@ -120,11 +123,12 @@ def measure(fn, iters: int, warmup: int, device) -> tuple[float, float]:
     t = time.perf_counter()
     for _ in range(iters):
         fn()
+    issued = (time.perf_counter() - t) / iters
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / iters
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return dt, peak
+    return dt, peak, issued
 
 
 class Utilisation:
@@ -347,7 +351,7 @@ def e2e_bare(args, dev, tok: str, tmp: Path, root: Path) -> float:
         with torch.no_grad(), torch.autocast(**ac):
             bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
 
-    dt, _ = measure(bare, args.iters, args.warmup, dev)
+    dt, _, _ = measure(bare, args.iters, args.warmup, dev)
     print(f"# bare forward on a shard batch: {args.e2e_batch} x ({batch['input_ids'].shape[1]} text + "
           f"{batch['region_mask'].shape[1]} regions) tokens: {args.e2e_batch / dt:,.0f} samples/s", flush=True)
     return args.e2e_batch / dt
@@ -394,20 +398,19 @@ def main(argv=None) -> int:
         if "memory" not in args.skip:
             rows = in_memory_rows(args, dev, tok, tmp)
             base = rows[0][1]
-            print("\n| workload (in memory, batch %d, 100 tokens) | samples/s | ms / batch | x bare forward | peak GiB |"
-                  % args.batch)
-            print("|---|---:|---:|---:|---:|")
-            for name, dt, peak, B in rows:
-                print(f"| {name} | {B / dt:,.0f} | {1e3 * dt:.1f} | {dt / base:.2f} | {peak:.2f} |")
+            print("\n| workload (in memory, batch %d, 100 tokens) | samples/s | ms / batch | x bare forward | "
+                  "host issue ms / batch | peak GiB |" % args.batch)
+            print("|---|---:|---:|---:|---:|---:|")
+            for name, dt, peak, issued, B in rows:
+                print(f"| {name} | {B / dt:,.0f} | {1e3 * dt:.1f} | {dt / base:.2f} | {1e3 * issued:.1f} | {peak:.2f} |")
             report["in_memory"] = [{"workload": n, "samples_per_s": B / dt, "ms": 1e3 * dt, "x_bare": dt / base,
-                                    "peak_gib": p} for n, dt, p, B in rows]
+                                    "issue_ms": 1e3 * i, "peak_gib": p} for n, dt, p, i, B in rows]
             print(flush=True)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        if "loader" in args.skip and "e2e" in args.skip:
-            return 0
         root = tmp / "shards"
-        build_shards(root, args)
+        if "loader" not in args.skip or "e2e" not in args.skip:
+            build_shards(root, args)
         if "loader" not in args.skip:
             report["loader"] = loader_rows(root, tok, args)
         if "e2e" not in args.skip:

@@ -114,6 +114,16 @@ def test_changed_weights_are_recast():
         assert torch.equal(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
 
 
+def test_moving_the_module_drops_the_copies():
+    lin = nn.Linear(8, 4).requires_grad_(False)
+    lin.__class__ = AutocastCachedLinear
+    with torch.autocast(**BF16):
+        lin(torch.ones(2, 8))
+    assert lin._autocast_copy is not None
+    lin.to(torch.float64).to(torch.float32)
+    assert lin._autocast_copy is None
+
+
 def test_trainable_weights_keep_autocast_and_gradients():
     lin = nn.Linear(8, 4)
     lin.__class__ = AutocastCachedLinear

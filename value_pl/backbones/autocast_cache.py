@@ -34,6 +34,10 @@ class AutocastCachedLinear(nn.Linear):
             self._autocast_copy = c
         return F.linear(x, c[1], c[2])
 
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the copies would be stale, free them now
+        self._autocast_copy = None
+        return super()._apply(fn, recurse)
+
 
 def cache_autocast_weights(module: nn.Module) -> int:
     """Make every plain ``nn.Linear`` in ``module`` an :class:`AutocastCachedLinear` (same parameters, same keys;
