@@ -180,8 +180,6 @@ def online_step(m, batch: dict, ac: dict):
 
 
 def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
-    from value_pl.backbones.autocast_cache import uncache_autocast_weights
-    from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
     from value_pl.probers.module import ProbeModule
 
@@ -192,17 +190,8 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
     batch = synthetic_batch(B, T, R, 2048, 6, C, dev)
     ac = dict(device_type=dev.type, dtype=torch.bfloat16)
 
-    def bare():
-        with torch.no_grad(), torch.autocast(**ac):
-            bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
-
-    plain = copy.deepcopy(bb)
-    uncache_autocast_weights(plain)
-
-    def bare_plain():  # plain autocast: every frozen Linear's weight and bias cast to bf16 on every call
-        with torch.no_grad(), torch.autocast(**ac):
-            plain(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
-
+    bare = bare_forward(bb, batch, ac)
+    bare_plain = bare_forward(bb, batch, ac, plain_autocast=True)
     fns = {f"bare sdpa forward (batch {B})": bare,
            f"  bare forward, Linear weights cast on every call (plain autocast; batch {B})": bare_plain}
     steps = {}
@@ -223,15 +212,32 @@ def measure_rounds(fns: dict, rounds: int, iters: int, warmup: int, device) -> d
     the least time per call (and its issue time), and the highest peak memory. Interleaving and the minimum keep a
     shared machine's drift (clocks, other tenants) out of the ratios; one pass of each moved them by up to 40%."""
     best: dict[str, tuple] = {}
+    peaks: dict[str, float] = {}
     for r in range(rounds):
         for name, fn in fns.items():
             dt, peak, issued = measure(fn, iters, warmup if r == 0 else 1, device)
-            old = best.get(name)
-            if old is None or dt < old[0]:
-                best[name] = (dt, max(peak, old[1]) if old else peak, issued)
-            else:
-                best[name] = (old[0], max(peak, old[1]), old[2])
-    return best
+            peaks[name] = max(peaks.get(name, peak), peak)
+            if name not in best or dt < best[name][0]:
+                best[name] = (dt, issued)
+    return {n: (best[n][0], peaks[n], best[n][1]) for n in fns}
+
+
+def bare_forward(bb, batch: dict, ac: dict, plain_autocast: bool = False):
+    """A call of ``bb``'s bare forward (no capture, every layer) under autocast ``ac``. ``plain_autocast``: on a
+    copy of ``bb`` whose frozen Linear weights autocast casts on every call, as without value_pl's cache."""
+    from value_pl.backbones.autocast_cache import uncache_autocast_weights
+    from value_pl.backbones.capture import CaptureSpec
+
+    if plain_autocast:
+        bb = copy.deepcopy(bb)
+        uncache_autocast_weights(bb)
+    spec = CaptureSpec(hidden=[], attn=[], full_forward=True)
+
+    def call():
+        with torch.no_grad(), torch.autocast(**ac):
+            bb(batch, spec)
+
+    return call
 
 
 def profile_step(fn, name: str) -> None:
@@ -347,7 +353,6 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev) -> l
 
 def e2e_bare(args, dev, tok: str, tmp: Path, root: Path) -> float:
     """Bare forward samples/s on a real batch of the shards (batch ``e2e_batch``, same lengths as e2e)."""
-    from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
     from value_pl.data.collate import TaskSpec
     from value_pl.data.datamodule import ShardDataModule
@@ -359,12 +364,7 @@ def e2e_bare(args, dev, tok: str, tmp: Path, root: Path) -> float:
     dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
     batch = next(iter(dm.stream("train", True)))
     batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    ac = dict(device_type=dev.type, dtype=torch.bfloat16)
-
-    def bare():
-        with torch.no_grad(), torch.autocast(**ac):
-            bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
-
+    bare = bare_forward(bb, batch, dict(device_type=dev.type, dtype=torch.bfloat16))
     dt = measure_rounds({"bare": bare}, args.rounds, args.iters, args.warmup, dev)["bare"][0]
     print(f"# bare forward on a shard batch: {args.e2e_batch} x ({batch['input_ids'].shape[1]} text + "
           f"{batch['region_mask'].shape[1]} regions) tokens: {args.e2e_batch / dt:,.0f} samples/s", flush=True)

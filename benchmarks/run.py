@@ -27,7 +27,6 @@ a ~15-token caption (~100 tokens per sequence), task vrc.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import multiprocessing as mp
@@ -162,10 +161,8 @@ def host_cost(tmp: Path, reps: int, iters: int = 20) -> tuple[dict, dict]:
     """Seconds per call of the bare forward and of both probe training steps on a model so narrow (12 layers x
     24 hidden, 2 images, 32 tokens) that its kernels cost ~nothing: what remains is host work (Python, dispatch,
     autograd, optimizer) -- what bounds a step on a GPU that finishes kernels faster than they are issued."""
-    from gpu import online_step, synthetic_batch
+    from gpu import bare_forward, online_step, synthetic_batch
 
-    from value_pl.backbones.autocast_cache import uncache_autocast_weights
-    from value_pl.backbones.capture import CaptureSpec
     from value_pl.backbones.uniter import build_uniter
 
     p = tmp / "narrow.json"
@@ -174,18 +171,8 @@ def host_cost(tmp: Path, reps: int, iters: int = 20) -> tuple[dict, dict]:
                                         "tokenizer": "minilm", "seed": 0}), img_dim=64)
     batch = synthetic_batch(2, 12, 20, 64, 6, 16, torch.device("cpu"))
     ac = dict(device_type="cpu", dtype=torch.bfloat16)
-
-    def bare():
-        with torch.no_grad(), torch.autocast(**ac):
-            bb(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
-
-    plain = copy.deepcopy(bb)
-    uncache_autocast_weights(plain)
-
-    def bare_plain():  # what autocast does without our cache: every Linear's weight and bias cast on every call
-        with torch.no_grad(), torch.autocast(**ac):
-            plain(batch, CaptureSpec(hidden=[], attn=[], full_forward=True))
-
+    # bare_plain: what autocast does without our cache, every Linear's weight and bias cast on every call
+    bare, bare_plain = bare_forward(bb, batch, ac), bare_forward(bb, batch, ac, plain_autocast=True)
     fns = {"bare": bare, "bare_plain": bare_plain}
     for prober in ("layer_emb", "attention"):
         m = make_module(bb, [str(i) for i in range(16)], prober)

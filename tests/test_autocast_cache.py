@@ -99,9 +99,8 @@ def test_float32_outside_autocast_and_no_copies_made(bb):
 
 
 def test_changed_weights_are_recast():
-    lin = nn.Linear(8, 4)
-    lin.requires_grad_(False)
-    lin.__class__ = AutocastCachedLinear
+    lin = nn.Linear(8, 4).requires_grad_(False)
+    assert cache_autocast_weights(lin) == 1
     x = torch.randn(3, 8)
     with torch.autocast(**BF16):
         before = lin(x)
@@ -116,7 +115,7 @@ def test_changed_weights_are_recast():
 
 def test_moving_the_module_drops_the_copies():
     lin = nn.Linear(8, 4).requires_grad_(False)
-    lin.__class__ = AutocastCachedLinear
+    cache_autocast_weights(lin)
     with torch.autocast(**BF16):
         lin(torch.ones(2, 8))
     assert lin._autocast_copy is not None
@@ -126,7 +125,7 @@ def test_moving_the_module_drops_the_copies():
 
 def test_trainable_weights_keep_autocast_and_gradients():
     lin = nn.Linear(8, 4)
-    lin.__class__ = AutocastCachedLinear
+    cache_autocast_weights(lin)
     with torch.autocast(**BF16):
         lin(torch.randn(3, 8)).float().sum().backward()
     assert lin.weight.grad is not None and lin._autocast_copy is None
@@ -134,7 +133,7 @@ def test_trainable_weights_keep_autocast_and_gradients():
 
 def test_pickles_and_copies():
     lin = nn.Linear(8, 4).requires_grad_(False)
-    lin.__class__ = AutocastCachedLinear
+    cache_autocast_weights(lin)
     with torch.autocast(**BF16):
         y = lin(torch.ones(2, 8))
     for other in (pickle.loads(pickle.dumps(lin)), copy.deepcopy(lin)):
