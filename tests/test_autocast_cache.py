@@ -123,6 +123,21 @@ def test_moving_the_module_drops_the_copies():
     assert lin._autocast_copy is None
 
 
+def test_copies_made_in_inference_mode_serve_input_gradients():
+    lin = nn.Linear(8, 4).requires_grad_(False)
+    cache_autocast_weights(lin)
+    with torch.inference_mode(), torch.autocast(**BF16):
+        lin(torch.ones(2, 8))  # e.g. Lightning's validation sanity check runs first
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.autocast(**BF16):
+        lin(x).float().sum().backward()
+    ref = x.grad.clone()
+    x.grad = None
+    with torch.autocast(**BF16):
+        nn.functional.linear(x, lin.weight, lin.bias).float().sum().backward()
+    assert torch.equal(x.grad, ref)
+
+
 def test_trainable_weights_keep_autocast_and_gradients():
     lin = nn.Linear(8, 4)
     cache_autocast_weights(lin)

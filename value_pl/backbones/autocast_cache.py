@@ -29,7 +29,9 @@ class AutocastCachedLinear(nn.Linear):
         key = (dt, w.device, w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
         c = self._autocast_copy
         if c is None or c[0] != key:
-            with torch.no_grad():
+            # normal tensors also when first made under inference_mode (Lightning's validation sanity check): an
+            # inference tensor could not be saved for a later backward to the inputs (e.g. input saliency)
+            with torch.no_grad(), torch.inference_mode(False):
                 c = (key, w.to(dt), None if b is None else b.to(dt))
             self._autocast_copy = c
         return F.linear(x, c[1], c[2])
