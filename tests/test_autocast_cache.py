@@ -144,6 +144,14 @@ def test_trainable_weights_keep_autocast_and_gradients():
     with torch.autocast(**BF16):
         lin(torch.randn(3, 8)).float().sum().backward()
     assert lin.weight.grad is not None and lin._autocast_copy is None
+    lin.requires_grad_(False)  # frozen for a probe (ProbeCallback), trained again after: the copy does not stay
+    with torch.autocast(**BF16):
+        lin(torch.randn(3, 8))
+    assert lin._autocast_copy is not None
+    lin.requires_grad_(True)
+    with torch.autocast(**BF16):
+        lin(torch.randn(3, 8))
+    assert lin._autocast_copy is None
 
 
 def test_pickles_and_copies():

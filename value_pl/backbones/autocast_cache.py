@@ -24,6 +24,8 @@ class AutocastCachedLinear(nn.Linear):
         w, b = self.weight, self.bias
         dev = x.device.type
         if w.requires_grad or w.dtype != torch.float32 or not torch.is_autocast_enabled(dev):
+            if w.requires_grad and self._autocast_copy is not None:
+                self._autocast_copy = None  # being trained again (the probe callback's model): no stale copy kept
             return F.linear(x, w, b)
         dt = torch.get_autocast_dtype(dev)
         key = (dt, w.device, w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
