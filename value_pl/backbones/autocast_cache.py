@@ -6,7 +6,8 @@ autocast spends 148 of its ~700 operators (on a GPU: kernels, each with its host
 same bf16 copies. :class:`AutocastCachedLinear` keeps the copy per autocast dtype and reuses it while the weight is
 unchanged (same storage, same version counter): results are bit-for-bit those of plain autocast (the cast is the
 same rounding), outside autocast the float32 weights are used as before, and the checkpoint keys are untouched.
-It costs the low-precision copies' memory (half of the Linear weights' float32 size) once autocast has been used.
+It costs the low-precision copies' memory (half of the Linear weights' float32 size) once autocast has been used;
+moving the module (``.to()``) or training its weights again drops them.
 """
 from __future__ import annotations
 
