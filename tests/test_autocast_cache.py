@@ -138,6 +138,16 @@ def test_copies_made_in_inference_mode_serve_input_gradients():
     assert torch.equal(x.grad, ref)
 
 
+def test_weights_made_in_inference_mode_are_cast_per_call():  # they have no version counter to watch
+    with torch.inference_mode():
+        lin = nn.Linear(8, 4)
+        cache_autocast_weights(lin)
+        with torch.autocast(**BF16):
+            y = lin(torch.ones(2, 8))
+            assert torch.equal(y, nn.functional.linear(torch.ones(2, 8), lin.weight, lin.bias))
+    assert lin._autocast_copy is None
+
+
 def test_trainable_weights_keep_autocast_and_gradients():
     lin = nn.Linear(8, 4)
     cache_autocast_weights(lin)

@@ -24,7 +24,7 @@ class AutocastCachedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight, self.bias
         dev = x.device.type
-        if w.requires_grad or w.dtype != torch.float32 or not torch.is_autocast_enabled(dev):
+        if w.requires_grad or w.dtype != torch.float32 or not torch.is_autocast_enabled(dev) or w.is_inference():
             if w.requires_grad and self._autocast_copy is not None:
                 self._autocast_copy = None  # being trained again (the probe callback's model): no stale copy kept
             return F.linear(x, w, b)
