@@ -7,7 +7,8 @@ Rows, all in one run on one card:
    ``layer_emb`` and ``attention``, each as a ratio to the bare forward (goals: <= 1.3x, <= 1.6x); and the bare
    forward with plain autocast (frozen Linear weights cast on every call, as without value_pl's cache); next to
    each, the host's issue time per batch (close to the batch time: the host bounds the step); the workloads are
-   timed in interleaved rounds (``--rounds``, min per workload);
+   timed in interleaved rounds (``--rounds``, min per workload); and the host's issue time of each phase of the
+   two steps (frozen forward, prober inputs, heads + loss, backward, optimizer): where a host-bound step's time goes;
 2. the loader alone on real-width shards (``python -m value_pl.datasets.demo`` sizes: 36 regions x 2048-d fp16 per
    image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker;
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
@@ -179,7 +180,41 @@ def online_step(m, batch: dict, ac: dict):
     return step
 
 
-def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
+PHASES = ("frozen forward", "prober inputs", "heads + loss", "backward", "optimizer")
+
+
+def phase_issue_ms(m, batch: dict, ac: dict, iters: int, device) -> dict[str, float]:
+    """Host milliseconds per step that each phase of :func:`online_step` takes to *issue* (no synchronisation
+    inside the step), min over ``iters`` steps after 2 warm-up steps. On a GPU that waits for the host these are the
+    phases' host costs, and they say where a step's host time goes; a phase that waits for the device (a full
+    launch queue, an allocation) shows up inflated."""
+    opt = m.configure_optimizers()
+    best = dict.fromkeys(PHASES, float("inf"))
+    for i in range(iters + 2):
+        t = [time.perf_counter()]
+        with torch.autocast(**ac):
+            with torch.no_grad():
+                spec = m.plan.capture(batch)
+                out = m.backbone(batch, spec)
+                t.append(time.perf_counter())
+                inputs = m.plan.inputs(out, batch, spec)
+                t.append(time.perf_counter())
+            loss = m.loss(inputs, batch["labels"])
+            t.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            for k, name in enumerate(PHASES):
+                best[name] = min(best[name], 1e3 * (t[k + 1] - t[k]))
+    return best
+
+
+def in_memory_rows(args, dev, tok: str, tmp: Path) -> tuple[list[tuple], dict]:
     from value_pl.backbones.uniter import build_uniter
     from value_pl.probers.module import ProbeModule
 
@@ -194,17 +229,19 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> list[tuple]:
     bare_plain = bare_forward(bb, batch, ac, plain_autocast=True)
     fns = {f"bare sdpa forward (batch {B})": bare,
            f"  bare forward, Linear weights cast on every call (plain autocast; batch {B})": bare_plain}
-    steps = {}
+    steps, modules = {}, {}
     for prober in ("layer_emb", "attention"):
-        m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(C)]},
-                        prober={"name": prober}, seed=0).to(dev)
+        m = modules[prober] = ProbeModule(bb, task={"name": "vrc", "kind": "region_region",
+                                                    "labels": [str(i) for i in range(C)]},
+                                          prober={"name": prober}, seed=0).to(dev)
         steps[prober] = fns[f"online training step, {prober} ({len(m.head_names)} heads)"] = online_step(m, batch, ac)
     timed = measure_rounds(fns, args.rounds, args.iters, args.warmup, dev)
+    phases = {prober: phase_issue_ms(m, batch, ac, args.iters, dev) for prober, m in modules.items()}
     if args.profile and dev.type == "cuda":
         for prober, step in steps.items():
             profile_step(step, f"{prober} step")
         profile_step(bare, "bare forward")
-    return [(name, *timed[name], B) for name in fns]
+    return [(name, *timed[name], B) for name in fns], phases
 
 
 def measure_rounds(fns: dict, rounds: int, iters: int, warmup: int, device) -> dict[str, tuple]:
@@ -411,7 +448,7 @@ def main(argv=None) -> int:
         tmp = Path(td)
         tok = offline_tokenizer(tmp / "tokenizer")
         if "memory" not in args.skip:
-            rows = in_memory_rows(args, dev, tok, tmp)
+            rows, phases = in_memory_rows(args, dev, tok, tmp)
             base = rows[0][1]
             print("\n| workload (in memory, batch %d, 100 tokens) | samples/s | ms / batch | x bare forward | "
                   "host issue ms / batch | peak GiB |" % args.batch)
@@ -420,6 +457,11 @@ def main(argv=None) -> int:
                 print(f"| {name} | {B / dt:,.0f} | {1e3 * dt:.1f} | {dt / base:.2f} | {1e3 * issued:.1f} | {peak:.2f} |")
             report["in_memory"] = [{"workload": n, "samples_per_s": B / dt, "ms": 1e3 * dt, "x_bare": dt / base,
                                     "issue_ms": 1e3 * i, "peak_gib": p} for n, dt, p, i, B in rows]
+            print(f"\n| host issue ms per step, by phase (min of {args.iters} steps) | " + " | ".join(PHASES) + " |")
+            print("|---|" + "---:|" * len(PHASES))
+            for prober, ph in phases.items():
+                print(f"| {prober} | " + " | ".join(f"{ph[k]:.2f}" for k in PHASES) + " |")
+            report["phase_issue_ms"] = phases
             print(flush=True)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
