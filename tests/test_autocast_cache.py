@@ -36,8 +36,10 @@ def plain_twin(bb):
     return twin
 
 
-@pytest.fixture(scope="module", params=["uniter", "lxmert"])
+@pytest.fixture(scope="module", params=["uniter", "lxmert", "bert"])
 def bb(request, tmp_path_factory):
+    if request.param == "bert":  # the real pretrained MiniLM (the only real weights here): real magnitudes
+        return build_backbone(OmegaConf.create({"family": "bert", "path": "minilm"}))
     d = tmp_path_factory.mktemp("ac")
     tok = tiny_tokenizer(d)
     if request.param == "uniter":
