@@ -53,3 +53,80 @@ def test_probe_step_has_no_host_sync(tmp_path, task, prober):
             module._eval_step(batch, module.val_acc, "val")
     assert loss.requires_grad and module.val_acc.update_called
     assert w.seen == [], w.seen
+
+
+class _Window(SyncWatch):
+    """A :class:`SyncWatch` that records only while ``active``: the test opens it when a training batch starts and
+    closes it when the loop asks the loader for the next batch (the loader's own host work is not the device's)."""
+
+    active = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.active:
+            return func(*args, **(kwargs or {}))
+        n = len(self.seen)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self.seen) > n:
+            self.seen[-1] = f"step {self.step}: {self.seen[-1]}"
+        return out
+
+
+def test_the_training_loop_has_no_host_sync_between_logging_steps(tmp_path):
+    """The whole loop of ``python -m value_pl.train`` around a step -- Lightning's loop and optimizer closure under
+    ``bf16-mixed``, the batch transfer, the progress bar, the throughput monitor, the checkpoint callback and the
+    logger -- reads nothing back from the device, except on the steps where the logger writes ``train/loss``
+    (every ``log_every_n_steps``). Every operator of the steps in between would run on the GPU, so one read there
+    would make the host wait for the device on every step."""
+    import warnings
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from conftest import compose
+    from value_pl.driver.setup import make_logger, make_trainer
+    from value_pl.driver.throughput import ThroughputMonitor
+
+    module, batch = demo_batch(tmp_path, tiny_uniter(tmp_path), task="vrc", prober="attention")
+    # fused Adam is what training uses on CUDA (its step counts stay on the device); on CPU the default Adam reads
+    # them on the host, which on a GPU it does not
+    module.configure_optimizers = lambda: torch.optim.Adam(module.heads.parameters(), lr=1e-3, fused=True)
+    watch, steps, every = _Window(), 9, 4
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for _ in range(steps):
+                watch.active = False  # the loop is fetching the next batch
+                yield batch
+            watch.active = False
+
+        def __len__(self):
+            return steps
+
+    class Open(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
+            watch.step = trainer.global_step + 1
+            watch.active = True
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            watch.active = False  # the epoch's end logs and computes: once per epoch
+
+    cfg = compose(["trainer=gpu", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+                   f"trainer.log_every_n_steps={every}", "logger=csv"])
+    assert cfg.trainer.precision == "bf16-mixed"
+    trainer = make_trainer(cfg, tmp_path, make_logger(cfg, tmp_path),
+                           [Open(), ThroughputMonitor(verbose=False),
+                            ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)])
+    loader = torch.utils.data.DataLoader(Batches(), batch_size=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch:
+            trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == steps and watch.step == steps
+    by_step: dict[int, list[str]] = {}
+    for s in watch.seen:
+        by_step.setdefault(int(s.split(":")[0].split()[1]), []).append(s.split(": ", 1)[1])
+    logging = {s for s in range(1, steps + 1) if s % every == 0}
+    # the first step makes per-device constants once (the pair maps' index tensors): host-to-device copies
+    assert set(by_step.pop(1, [])) <= {"aten.lift_fresh.default"}, watch.seen
+    assert set(by_step) <= logging, watch.seen  # steps 2-3, 5-7 and 9: nothing
+    assert all("aten._local_scalar_dense.default" in by_step.get(s, []) for s in logging), watch.seen  # seen
