@@ -91,3 +91,28 @@ def test_tiny_dir_with_prefix_and_missing_key(tmp_path):
     t2 = build(path=str(tmp_path / "mlm"), tokenizer=tok, pretrained=False, seed=4)
     assert t1.weights_checksum() == t2.weights_checksum() != m.weights_checksum()
 
+
+
+def test_electra_with_a_narrower_embedding_is_projected_as_in_transformers(tmp_path):
+    """ELECTRA-small's embeddings (128-d) are projected to the hidden width (256) before the first layer; layer 0
+    is the projected embedding output, and every layer equals ElectraModel's (eager) hidden states."""
+    from transformers import ElectraConfig, ElectraModel
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    ref = ElectraModel(ElectraConfig(vocab_size=len(VOCAB), embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                     attn_implementation="eager")).eval()
+    ref.save_pretrained(str(tmp_path / "electra"))
+    m = build(path=str(tmp_path / "electra"), tokenizer=tok)
+    assert not m.load_report["ignored"] and not m.load_report.get("missing_optional")
+    torch.testing.assert_close(m.model.embeddings_project.weight, ref.embeddings_project.weight, rtol=0, atol=0)
+    batch = make_batch(m)
+    out = m(batch, CaptureSpec.everything())
+    with torch.no_grad():
+        hs = ref(input_ids=batch["input_ids"], attention_mask=batch["text_mask"],
+                 token_type_ids=torch.zeros_like(batch["input_ids"]), output_hidden_states=True).hidden_states
+    real = batch["text_mask"].bool()
+    assert len(hs) == 3 and out.hidden["hidden.joint.0"].shape[-1] == 32
+    for i, h in enumerate(hs):
+        torch.testing.assert_close(out.hidden[f"hidden.joint.{i}"][real], h[real], atol=1e-5, rtol=1e-5)

@@ -63,7 +63,7 @@ def test_weights_follow_the_sequential_trajectory_and_early_stop_keeps_best_stat
            {"nhid": 0, "dropout": 0.0, "l2": 1e-4}]
     opts = {**OPTS, "max_epoch": 24}
     units = [Unit(0, hp["nhid"], 0.0, hp["l2"], init_prober(D, C, hp, 3, "k").state_dict()) for hp in hps]
-    rule = StopRule("acc", opts["tenacity"], opts["epoch_size"], opts["max_epoch"])
+    rule = StopRule("acc", opts["tenacity"], opts["epoch_size"], opts["max_epoch"], senteval=True)
     out = train_units(TR[0], TR[1], VA[0], VA[1], units, C, rule=rule, seed=3, bank_by_nhid=by_nhid)
     passes = [r["passes"] for r in out]
     assert passes[0] < opts["max_epoch"] and max(passes[1:]) > passes[0], passes
@@ -73,6 +73,73 @@ def test_weights_follow_the_sequential_trajectory_and_early_stop_keeps_best_stat
         assert (r["score"], r["passes"]) == (acc, n)
         for k, v in clf.state_dict().items():
             torch.testing.assert_close(r["state"][k], v, atol=1e-5, rtol=1e-4)
+
+
+def senteval_fit(dev_accs, tenacity, epoch_size, max_epoch):
+    """SentEval's ``PyTorchClassifier.fit`` loop, transcribed line for line, on scripted dev accuracies: (best dev
+    accuracy, passes)."""
+    accs = iter(dev_accs)
+    nepoch, bestaccuracy, stop_train, early_stop_count = 0, -1, False, 0
+    while not stop_train and nepoch <= max_epoch:
+        nepoch += epoch_size  # trainepoch
+        accuracy = next(accs)
+        if accuracy > bestaccuracy:
+            bestaccuracy = accuracy
+        else:
+            if early_stop_count >= tenacity:
+                stop_train = True
+            early_stop_count += 1
+    return bestaccuracy, nepoch
+
+
+# dev curves: noisy with late gains (SentEval's counter is never reset: stops at the 3rd non-improving evaluation
+# overall, where a consecutive rule would train on), flat, improving to the end, improving then flat
+CURVES = [[0.50, 0.40, 0.55, 0.45, 0.60, 0.50, 0.65, 0.55, 0.70, 0.60, 0.75, 0.62, 0.80],
+          [0.3] * 13, [0.1 * k for k in range(1, 14)], [0.2, 0.3, 0.4, 0.4, 0.4, 0.4, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]]
+
+
+@pytest.mark.parametrize("curve", range(len(CURVES)))
+def test_sequential_fit_stops_as_senteval_does(curve, monkeypatch):
+    import value_pl.protocols.senteval as se
+
+    accs = iter(CURVES[curve])
+    monkeypatch.setattr(se, "accuracy", lambda *a, **k: next(accs))
+    hp = {"nhid": 0, "dropout": 0.0, "l2": 0.0}
+    _, best, passes = fit_senteval(init_prober(D, C, hp, 3, "k"), TR[0][0], TR[1], VA[0][0], VA[1], l2=0.0, seed=3,
+                                   tenacity=2, epoch_size=2, max_epoch=20)
+    assert (best, passes) == senteval_fit(CURVES[curve], 2, 2, 20)
+    if curve == 0:
+        assert passes == 12  # a reset-on-improvement rule with tenacity 2 would train all 22 passes
+    if curve == 2:
+        assert passes == 22  # every evaluation improves: SentEval trains while nepoch <= max_epoch
+
+
+@pytest.mark.parametrize("curve", range(len(CURVES)))
+def test_batched_units_stop_as_senteval_does(curve, monkeypatch):
+    """The batched grid's stopping rule (``StopRule(senteval=True)``) on the same scripted dev curves, two units of
+    one bank on two curves: each unit stops where SentEval's loop stops on its curve."""
+    curves = {0: CURVES[curve], 1: CURVES[(curve + 1) % len(CURVES)]}
+    calls = iter(range(100))
+
+    def score(self, x, y, metric, batch):
+        k = next(calls)
+        return [curves[u][k] for u in self.ids]
+
+    monkeypatch.setattr(_Bank, "score", score)
+    hp = {"nhid": 0, "dropout": 0.0, "l2": 0.0}
+    units = [Unit(0, 0, 0.0, 0.0, init_prober(D, C, hp, 3, "k").state_dict()) for _ in range(2)]
+    out = train_units(TR[0], TR[1], VA[0], VA[1], units, C, rule=StopRule("acc", 2, 2, 20, senteval=True), seed=3)
+    for u, r in enumerate(out):
+        # the bank is scored once per evaluation while a unit trains: at evaluation k unit u sees curves[u][k]
+        assert (r["score"], r["passes"]) == senteval_fit(curves[u], 2, 2, 20), (u, r["score"], r["passes"])
+
+
+def test_stop_rules():
+    plain, se = StopRule("acc", 2, 4, 200), StopRule("acc", 2, 4, 200, senteval=True)
+    assert plain.pass_cap() == 200 and se.pass_cap() == 204 and StopRule("acc", 5, 4, 10, senteval=True).pass_cap() == 12
+    assert plain.trains_on(196) and not plain.trains_on(200) and se.trains_on(200) and not se.trains_on(204)
+    assert plain.stops(0) == (False, 1) and plain.stops(1) == (True, 2)
+    assert se.stops(1) == (False, 2) and se.stops(2) == (True, 3)
 
 
 def test_banks_in_parallel_threads_give_the_same_result():

@@ -70,6 +70,9 @@ class BertBackbone(SingleStreamBackbone):
         hidden: dict[str, Tensor] = {}
         attn: dict[str, Tensor] = {}
         h = self.model.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+        project = getattr(self.model, "embeddings_project", None)  # ELECTRA with embedding_size != hidden_size
+        if project is not None:
+            h = project(h)
         if capture.wants_hidden("hidden.joint.0"):
             hidden["hidden.joint.0"] = h
         bert_stack(self.model.encoder.layer, h, tmask, "joint", 1, capture, rows, hidden, attn, self.num_heads, stop_early=True)
@@ -101,7 +104,7 @@ def map_base_keys(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
             continue  # a buffer older transformers saved; rebuilt here
         if prefix and k.startswith(prefix + "."):
             k = "model." + k[len(prefix) + 1:]
-        elif k.startswith(("embeddings.", "encoder.", "pooler.")):
+        elif k.startswith(("embeddings.", "embeddings_project.", "encoder.", "pooler.")):
             k = "model." + k
         out[k] = v
     return out
@@ -129,7 +132,7 @@ def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
         ckpt = resolve_path(cfg.get("checkpoint"))
         sd = rename_gamma_beta(load_state(ckpt)) if ckpt else hf_weights(path)
         sd = map_base_keys(sd, model.base_model_prefix)
-        report = load_into(m, sd, ckpt or path, ("model.embeddings.", "model.encoder."))
+        report = load_into(m, sd, ckpt or path, ("model.embeddings.", "model.embeddings_project.", "model.encoder."))
         source = f"pretrained {config.model_type} from {ckpt or path}"
     m.freeze()
     cache_autocast_weights(m)  # bf16 copies of the frozen Linear weights made once, not per call

@@ -59,16 +59,41 @@ class Unit:
 class StopRule:
     """When a unit is scored and when it stops.
 
-    SentEval: ``metric="acc"`` (dev accuracy), ``patience`` = tenacity, ``passes_per_eval`` = epoch_size,
-    ``max_passes`` = max_epoch. :func:`~value_pl.protocols.fitting.fit_head`: ``metric="loss"`` (dev
-    cross-entropy), one pass per evaluation, ``min_delta=1e-6``. A unit improves when its score (accuracy, or
-    minus the loss) exceeds its best by more than ``min_delta``.
+    A unit improves when its score (accuracy, or minus the loss) exceeds its best by more than ``min_delta``.
+
+    * ``senteval=False`` (:func:`~value_pl.protocols.fitting.fit_head`, MDL: ``metric="loss"``, one pass per
+      evaluation, ``min_delta=1e-6``): the usual early stopping -- a unit stops after ``patience`` consecutive
+      evaluations without improvement, and training ends after ``max_passes`` passes.
+    * ``senteval=True``: SentEval's ``PyTorchClassifier.fit`` exactly (``metric="acc"``, ``patience`` = tenacity,
+      ``passes_per_eval`` = epoch_size, ``max_passes`` = max_epoch). Its counter of evaluations without
+      improvement is never reset, and it is checked before it is incremented, so a unit stops at its
+      (tenacity + 1)-th non-improving evaluation counted over the whole fit; and it trains on while the passes
+      so far are <= max_epoch (``while not stop_train and self.nepoch <= self.max_epoch``), i.e. at most
+      ``(max_epoch // epoch_size + 1) * epoch_size`` passes (204 for SentEval's 200 and 4).
     """
     metric: str = "acc"
     patience: int = 5
     passes_per_eval: int = 4
     max_passes: int = 200
     min_delta: float = 0.0
+    senteval: bool = False
+
+    def pass_cap(self) -> int:
+        """The most passes a unit can train."""
+        per = max(1, int(self.passes_per_eval))
+        if self.senteval:
+            return (int(self.max_passes) // per + 1) * per
+        return math.ceil(self.max_passes / per) * per
+
+    def trains_on(self, done_passes: int) -> bool:
+        """Whether another round of ``passes_per_eval`` passes runs after ``done_passes``."""
+        return done_passes <= self.max_passes if self.senteval else done_passes < self.max_passes
+
+    def stops(self, bad: int) -> tuple[bool, int]:
+        """A non-improving evaluation, with ``bad`` of them counted before it: (stop now, the new count)."""
+        if self.senteval:  # check, then count: `if early_stop_count >= tenacity: stop; early_stop_count += 1`
+            return bad >= self.patience, bad + 1
+        return bad + 1 >= self.patience, bad + 1
 
 
 def unit_of(head: SentenceProber, layer: int, l2: float = 0.0) -> Unit:
@@ -309,7 +334,7 @@ def train_units(xs: list[Tensor], y: Tensor, xs_dev: list[Tensor] | None, y_dev:
     best_state: list = [None] * len(units)
     bad, passes = [0] * len(units), [0] * len(units)
     done_passes, per_eval, t = 0, max(1, int(rule.passes_per_eval)), 0
-    cap = math.ceil(rule.max_passes / per_eval) * per_eval
+    cap = rule.pass_cap()
     bar = _bar(progress, cap * len(units), desc)
     active = len(units)
 
@@ -324,7 +349,7 @@ def train_units(xs: list[Tensor], y: Tensor, xs_dev: list[Tensor] | None, y_dev:
     if pool is not None:  # banks in parallel, one core each: no per-op thread synchronisation
         torch.set_num_threads(1)
     try:
-        while banks and done_passes < rule.max_passes:
+        while banks and rule.trains_on(done_passes):
             for _ in range(per_eval):
                 perm = torch.randperm(n, generator=perm_gen).to(device)
                 onehot = F.one_hot(y[perm], C).t().float()  # (C, n)
@@ -350,15 +375,17 @@ def train_units(xs: list[Tensor], y: Tensor, xs_dev: list[Tensor] | None, y_dev:
                 for i, (u, s) in enumerate(zip(b.ids, sc)):
                     s = sign * s
                     if s > best[u] + rule.min_delta:
-                        best[u], bad[u] = s, 0
+                        best[u] = s
+                        if not rule.senteval:
+                            bad[u] = 0  # consecutive; SentEval's count runs over the whole fit
                         if best_state[u] is None:
                             best_state[u] = state_of(b.pv[i], units[u].nhid)
                         else:  # into the unit's own copy: no new memory per improvement
                             for dst, src in zip(best_state[u].values(), b.pv[i]):
                                 dst.copy_(src)
                     else:
-                        bad[u] += 1
-                        if bad[u] >= rule.patience:
+                        stop, bad[u] = rule.stops(bad[u])
+                        if stop:
                             stopped.setdefault(k, []).append(u)
                             passes[u] = done_passes
             if stopped:

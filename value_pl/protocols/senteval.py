@@ -41,13 +41,18 @@ DEFAULT_GRID = {"nhid": [50, 100, 200], "dropout": [0.0, 0.1, 0.2], "l2": [1e-5,
 
 def fit_senteval(clf, x, y, x_dev, y_dev, *, l2: float, lr: float = 1e-3, batch_size: int = 64, tenacity: int = 5,
                  epoch_size: int = 4, max_epoch: int = 200, seed: int = 1111, device="cpu"):
-    """SentEval's PyTorchClassifier.fit: returns (best-dev model, best dev accuracy, passes run)."""
+    """SentEval's PyTorchClassifier.fit: returns (best-dev model, best dev accuracy, passes run).
+
+    Its stopping rule as written there: every ``epoch_size`` passes the dev accuracy is taken; a non-improving
+    evaluation first checks, then increments a counter that is never reset (``if early_stop_count >= tenacity:
+    stop_train = True; early_stop_count += 1``), so the fit stops at the (tenacity + 1)-th non-improving
+    evaluation overall; and it trains on while ``nepoch <= max_epoch`` (up to 204 passes for 200 and 4)."""
     clf = clf.to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=l2)
     g = torch.Generator().manual_seed(int(seed))
     n = y.shape[0]
-    best_acc, best_state, bad, nepoch = -1.0, None, 0, 0
-    while nepoch < max_epoch:
+    best_acc, best_state, bad, nepoch, stop = -1.0, None, 0, 0, False
+    while not stop and nepoch <= max_epoch:
         clf.train()
         for _ in range(epoch_size):
             perm = torch.randperm(n, generator=g)
@@ -60,12 +65,12 @@ def fit_senteval(clf, x, y, x_dev, y_dev, *, l2: float, lr: float = 1e-3, batch_
         nepoch += epoch_size
         acc = accuracy(clf, (x_dev,), y_dev, device)
         if acc > best_acc:
-            best_acc, bad = acc, 0
+            best_acc = acc
             best_state = copy.deepcopy(clf.state_dict())
         else:
-            bad += 1
             if bad >= tenacity:
-                break
+                stop = True
+            bad += 1
     clf.load_state_dict(best_state)
     clf.eval()
     return clf, best_acc, nepoch
@@ -104,7 +109,7 @@ def probe_layer(x_tr, y_tr, x_va, y_va, x_te, y_te, C: int, grid: list[dict], op
 def senteval_rule(opts: dict) -> StopRule:
     """SentEval's stopping rule: dev accuracy every ``epoch_size`` passes, ``tenacity``, ``max_epoch`` passes."""
     return StopRule(metric="acc", patience=int(opts.get("tenacity", 5)), passes_per_eval=int(opts.get("epoch_size", 4)),
-                    max_passes=int(opts.get("max_epoch", 200)))
+                    max_passes=int(opts.get("max_epoch", 200)), senteval=True)
 
 
 def probe_layers(train: tuple[list, torch.Tensor], val: tuple[list, torch.Tensor], test: tuple[list, torch.Tensor],
