@@ -142,3 +142,52 @@ def test_table5_selects_the_layer_on_dev_not_test(tmp_path):
     (t5,) = report.build_tables(report.load_runs([tmp_path]), "table5")
     assert t5.text("BERT", "SentLen") == "60.00 ± 0.00 (L3)"
     assert "best dev accuracy" in t5.title and "dev (validation) accuracy" in t5.note
+
+
+def _run(tmp_path, name, seed=0, family="uniter", acc=0.75, **extra):
+    d = write_run(tmp_path, name, "vcc", "attention", family, seed, {"all_heads": acc})
+    res = json.loads((d / "results.json").read_text())
+    res.update(extra)
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+def test_shuffled_label_and_derived_data_runs_are_their_own_rows(tmp_path):
+    """A shuffled-label sanity run at the same seed neither replaces the real run in Table 3 nor is averaged with
+    it; SentEval-style tasks derived from captions are not SentEval's data and get their own row in Table 5."""
+    _run(tmp_path, "real", acc=0.75)
+    _run(tmp_path, "shuffled", acc=0.20, shuffle_labels=True)
+    for seed, (dataset, acc) in enumerate([("senteval", 0.96), ("derived_sentlen", 0.70)]):
+        d = write_run(tmp_path, f"bert-{dataset}", "sentlen", "senteval_mlp", "bert", seed, {"layer_03": acc})
+        res = json.loads((d / "results.json").read_text())
+        res["data"]["dataset"] = dataset
+        (d / "results.json").write_text(json.dumps(res))
+    runs = report.load_runs([tmp_path])
+    (t3,) = report.build_tables(runs, "table3")
+    assert t3.text("All attention heads", "VCC (SS)") == "75.00"
+    assert report.Runs(runs).stat("vcc", "attention", "SS shuffled labels", "all_heads").values == [0.20]
+    (t5,) = report.build_tables(runs, "table5")
+    assert t5.text("BERT", "SentLen") == "96.00 (L3)" and t5.text("BERT derived data", "SentLen") == "70.00 (L3)"
+
+
+def test_runs_that_would_overwrite_or_mix_models_are_refused(tmp_path):
+    a = _run(tmp_path / "a", "uniter-0", acc=0.75)
+    b = _run(tmp_path / "b", "uniter-0-again", acc=0.70)
+    with pytest.raises(ValueError, match=r"same configuration \(vcc / attention / SS\) with the same seed 0") as e:
+        report.Runs(report.load_runs([tmp_path]))
+    assert str(a / "results.json") in str(e.value) and str(b / "results.json") in str(e.value)
+    # VisualBERT is single-stream too: its seed 1 would be averaged with UNITER's seed 0
+    c = tmp_path / "c"
+    _run(c, "uniter", seed=0)
+    _run(c, "visualbert", seed=1, family="visualbert")
+    with pytest.raises(ValueError, match="different backbones share the model label 'SS'.*visualbert"):
+        report.Runs(report.load_runs([c]))
+    # two checkpoints of one model family (checksums differ)
+    d = tmp_path / "d"
+    for seed, checksum in enumerate(["aaa", "bbb"]):
+        r = _run(d, f"ckpt-{seed}", seed=seed)
+        res = json.loads((r / "results.json").read_text())
+        res["backbone"]["checksum"] = checksum
+        (r / "results.json").write_text(json.dumps(res))
+    with pytest.raises(ValueError, match="checksum aaa.*checksum bbb|checksum bbb.*checksum aaa"):
+        report.Runs(report.load_runs([d]))

@@ -8,7 +8,12 @@ control, MDL) and, within a group, by layer; the seeds of a group give **mean +/
 confidence interval** ``t_{0.975, n-1} * sd / sqrt(n)`` (sample sd; no interval for a single seed).
 
 Models: ``SS`` = single-stream (UNITER, VisualBERT), ``TS`` = two-stream (LXMERT), ``BERT`` = text-only
-BERT; ``untrained`` is appended for ``backbone.pretrained=false`` runs.
+BERT; ``untrained`` is appended for ``backbone.pretrained=false`` runs, ``shuffled labels`` for the
+``shuffle_labels=true`` sanity runs and ``derived data`` for SentEval-style tasks built from captions (not
+SentEval's files): these are their own rows, never averaged with the others, and the paper's SS/TS tables take
+only the plain labels. The seeds of a cell must be runs of one model: two runs of one configuration with the
+same seed, or runs of two backbones under one label (two UNITER checkpoints; UNITER and VisualBERT), are
+refused with both files named -- report each backbone's runs on their own.
 
 Layouts (``auto`` = all of them that have data):
 
@@ -18,8 +23,8 @@ Layouts (``auto`` = all of them that have data):
 * ``fig4``: (a) attention probers on VRI/VRC, matched and mismatched, SS/TS; (b, c) = table9 and table10.
 * ``table9`` / ``table10``: layer (with "Original visual emb." = the ``raw`` pseudo-layer) x
   VRI/VRC x matched/mismatched, for SS (table9) and TS (table10).
-* ``table5``: task x model, the best layer's test accuracy (by mean test accuracy over seeds, as the paper
-  reports the best layer) with the layer; ``table11``: layer x task x model.
+* ``table5``: task x model, the test accuracy of the layer with the best mean dev (validation) accuracy over
+  seeds, with the layer; ``table11``: layer x task x model.
 * ``selectivity``: accuracy, control-task accuracy and selectivity (paired by seed) per layer.
 * ``mdl``: online codelength and compression per layer (task and control runs).
 

@@ -115,10 +115,27 @@ class Table:
 
 # ------------------------------------------------------------------ loading
 def model_label(res: dict) -> str:
+    """``SS`` / ``TS`` / ``BERT``, then `` untrained`` (random-weight twin), `` shuffled labels`` (the sanity
+    baseline) and `` derived data`` (SentEval-style tasks derived from captions, not SentEval's files): runs that
+    differ in any of these are never averaged together, and only plain ``SS`` / ``TS`` fill the paper's tables."""
     b = res.get("backbone") or {}
     fam = b.get("family", "")
     m = {"lxmert": "TS", "bert": "BERT"}.get(fam, "SS")
-    return m if b.get("pretrained", True) else f"{m} untrained"
+    if not b.get("pretrained", True):
+        m += " untrained"
+    if res.get("shuffle_labels"):
+        m += " shuffled labels"
+    if str((res.get("data") or {}).get("dataset") or "").startswith("derived"):
+        m += " derived data"
+    return m
+
+
+def backbone_identity(res: dict) -> tuple:
+    """What makes two runs' backbones the same model: family, name, checkpoint and, for pretrained weights,
+    their checksum (random twins are rebuilt from their seed)."""
+    b = res.get("backbone") or {}
+    return (b.get("family"), b.get("name"), b.get("checkpoint") or b.get("path"),
+            b.get("checksum") if b.get("pretrained", True) else None)
 
 
 def find_results(paths) -> list[Path]:
@@ -142,6 +159,17 @@ def load_runs(paths) -> list[dict]:
     return runs
 
 
+def _ident_text(ident: tuple) -> str:
+    fam, name, ckpt, checksum = ident
+    return ", ".join(f"{k} {v}" for k, v in (("family", fam), ("name", name), ("checkpoint", ckpt),
+                                                ("checksum", checksum)) if v)
+
+
+def _key_text(k: tuple) -> str:
+    task, prober, model, mismatch, control, mdl = k
+    return " / ".join([task, prober, model] + ["mismatched"] * mismatch + ["control"] * control + ["MDL"] * mdl)
+
+
 def group_key(res: dict) -> tuple:
     d = res.get("data") or {}
     mismatch = bool(d.get("mismatch")) or "mismatch" in f"{d.get('root', '')} {d.get('dataset', '')}"
@@ -149,17 +177,39 @@ def group_key(res: dict) -> tuple:
 
 
 class Runs:
-    """Per (group key, layer name): {seed: row}."""
+    """Per (group key, layer name): {seed: row}.
+
+    The seeds of one cell are the runs of one configuration: two runs with the same group key, layer and seed,
+    or runs of different backbones under one model label (two UNITER checkpoints, or UNITER and VisualBERT, both
+    ``SS``), are refused with both files named -- averaging or overwriting them would publish a number of no
+    single model."""
 
     def __init__(self, runs: list[dict]):
         self.runs = runs
         self.by: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
         self.chance: dict[str, float] = {}
+        src: dict[tuple, str] = {}
+        models: dict[str, dict[tuple, str]] = defaultdict(dict)
         for r in runs:
             k = group_key(r)
+            where = r.get("_path", "?")
+            models[k[2]].setdefault(backbone_identity(r), where)
+            if len(models[k[2]]) > 1:
+                (a, pa), (b, pb) = list(models[k[2]].items())[:2]
+                raise ValueError(
+                    f"runs of different backbones share the model label {k[2]!r}: {pa} ({_ident_text(a)}) and {pb} "
+                    f"({_ident_text(b)}). A report averages the seeds of one model: report each backbone's runs "
+                    f"separately (compare checkpoints with python -m value_pl.compare)")
             self.chance[r["task"]] = r.get("chance", float("nan"))
+            seed = int(r.get("seed", 0))
             for row in r.get("layers", []):
-                self.by[k][row["name"]][int(r.get("seed", 0))] = row
+                cell = (k, row["name"], seed)
+                if cell in src:
+                    raise ValueError(f"{where} and {src[cell]}: two runs of the same configuration ({_key_text(k)}) "
+                                     f"with the same seed {seed} (layer {row['name']}); pass the directories of one "
+                                     f"of them")
+                src[cell] = where
+                self.by[k][row["name"]][seed] = row
 
     def stat(self, task, prober, model, layer, mismatch=False, control=False, mdl=False, field="test_acc") -> Stat | None:
         d = self.by.get((task, prober, model, mismatch, control, mdl), {}).get(layer)
