@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..data.datamodule import ShardDataModule
+from ..probers.metrics import majority_baseline
 from ..probers.module import ProbeModule
 from ..protocols.control import control_info
 
@@ -16,14 +17,13 @@ log = logging.getLogger("value_pl")
 
 
 def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extra: dict | None = None,
-                 rows: list[dict] | None = None, pairs_dropped=None) -> dict:
+                 rows: list[dict] | None = None, pairs_dropped=None, label_counts: dict | None = None) -> dict:
     """The ``results.json`` of a run; drivers that train heads outside Lightning (MDL, SentEval) pass their
-    own per-layer ``rows``."""
+    own per-layer ``rows`` and the per-label counts of the labels they trained and tested on
+    (``label_counts``: split -> counts in label order)."""
     rows = module.layer_rows() if rows is None else rows
     finite = [r for r in rows if _num(r.get("test_acc")) and _num(r.get("val_acc"))]
     best_by_val = max(finite, key=lambda r: r["val_acc"]) if finite else None
-    counts = dm.label_counts(module.task["name"], "test")
-    total = sum(counts.values())
     res = {
         "task": module.task["name"],
         "prober": module.prober_name,
@@ -38,7 +38,7 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
         "num_classes": len(module.labels),
         "labels": module.labels,
         "chance": 1.0 / len(module.labels),
-        "majority": (max(counts.values()) / total) if total else None,
+        "majority": majority(cfg, module, dm, label_counts),
         "layers": rows,
         "best": ({"layer": best_by_val["layer"], "name": best_by_val["name"], "test_acc": best_by_val["test_acc"],
                   "val_acc": best_by_val["val_acc"]} if best_by_val else None),
@@ -53,6 +53,22 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
     if extra:
         res.update(extra)
     return res
+
+
+def majority(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, label_counts: dict | None = None):
+    """The majority-class baseline: test accuracy of always predicting the most frequent training label.
+
+    From the labels the run actually trained and tested on (``label_counts``, else what the probe module counted),
+    so a control task's or shuffled-label run's baseline is that of its own labels; without those, from the
+    manifest's label counts for a run whose labels are the task's own, and ``None`` for a relabelled one."""
+    seen = label_counts if label_counts is not None else getattr(module, "label_counts", {})
+    if seen.get("train") and seen.get("test"):
+        return majority_baseline(seen["train"], seen["test"])
+    if cfg.get("control", False) or cfg.get("shuffle_labels", False):
+        return None
+    task = module.task["name"]
+    train, test = dm.label_counts(task, "train"), dm.label_counts(task, "test")
+    return majority_baseline([train.get(l, 0) for l in module.labels], [test.get(l, 0) for l in module.labels])
 
 
 def _num(x) -> bool:

@@ -1,4 +1,5 @@
-"""Per-split metrics of a probing run, exact under DDP: accuracy of every head at once, and the data counters.
+"""Per-split metrics of a probing run, exact under DDP: accuracy of every head at once, the data counters, and
+the labels the heads were trained and tested on.
 
 Both keep integer sums as torchmetrics states (reduced by summation over ranks), so a DDP run reports the
 same numbers as one process reading the same samples.
@@ -68,3 +69,31 @@ class Counters(Metric):
     def reset(self) -> None:
         super().reset()
         self._pending = dict.fromkeys(COUNTERS, 0)
+
+
+class LabelCounts(Metric):
+    """How often each of ``C`` labels occurred: ``update(labels (P,))`` on the device, one ``index_add_`` and no
+    host sync. These are the labels after any relabelling (control task, shuffled labels), i.e. the ones the
+    heads saw, so the majority baseline of :func:`majority_baseline` is that of the task actually trained."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(int(num_classes), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, labels: Tensor) -> None:
+        self.counts.index_add_(0, labels.reshape(-1), torch.ones_like(labels.reshape(-1)))
+
+    def compute(self) -> list[int]:
+        return [int(c) for c in self.counts.tolist()]
+
+
+def majority_baseline(train: list[int] | None, test: list[int] | None) -> float | None:
+    """Test accuracy of always predicting the most frequent *training* label (the first in label order on
+    ties): the majority-class baseline, with the class chosen without looking at the test set. ``None`` if
+    either split has no labels."""
+    if not train or not test or sum(train) == 0 or sum(test) == 0:
+        return None
+    k = max(range(len(train)), key=lambda i: (train[i], -i))
+    return test[k] / sum(test)

@@ -34,7 +34,7 @@ from ..data.cache import unpack_cached
 from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
 from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAttention, StackedLayerEmb,
                     StackedSentence, seeded)
-from .metrics import Counters, HeadAccuracy
+from .metrics import Counters, HeadAccuracy, LabelCounts
 
 log = logging.getLogger(__name__)
 # ProbeModule.transfer_batch_to_device is meant to serve the DataModule's batches too
@@ -146,6 +146,8 @@ class ProbeModule(pl.LightningModule):
         n = len(self.head_names)
         self.val_acc, self.test_acc = HeadAccuracy(n), HeadAccuracy(n)
         self.counts_train, self.counts_val, self.counts_test = Counters(), Counters(), Counters()
+        self.labels_train, self.labels_test = LabelCounts(C), LabelCounts(C)
+        self.label_counts: dict[str, list[int]] = {}  # per split, the last pass, summed over ranks
         self.seen: dict[str, list[dict]] = {"train": [], "val": [], "test": []}  # per epoch, summed over ranks
         self._loss_sum, self._loss_n = None, 0  # this epoch's training loss (device sum, samples)
         self.pairs_evaluated: dict[str, int] = {}
@@ -236,6 +238,7 @@ class ProbeModule(pl.LightningModule):
         self.counts_train.update(batch.get("counts", {}))
         inputs = self._inputs(batch)
         y = batch["labels"]
+        self.labels_train.update(y)
         if not inputs or y.numel() == 0:
             return sum(p.sum() * 0.0 for p in self.heads.parameters())
         loss = self.loss(inputs, y)
@@ -265,6 +268,8 @@ class ProbeModule(pl.LightningModule):
         getattr(self, f"counts_{stage}").update(batch.get("counts", {}))
         inputs = self._inputs(batch)
         y = batch["labels"]
+        if stage == "test":
+            self.labels_test.update(y)
         if not inputs or y.numel() == 0:
             return
         preds = torch.cat([lg.argmax(-1) for lg in self.group_logits(inputs).values()])  # (n heads, P)
@@ -292,8 +297,14 @@ class ProbeModule(pl.LightningModule):
         self.pairs_evaluated[stage] = c["pairs"]
         return c
 
+    def _count_labels(self, stage: str) -> None:
+        m = getattr(self, f"labels_{stage}")
+        self.label_counts[stage] = m.compute()  # every rank: the sum over ranks
+        m.reset()
+
     def on_train_epoch_end(self):
         self._count("train")
+        self._count_labels("train")
         if self._loss_n:
             self.log("loss", self._loss_sum / self._loss_n, prog_bar=True)
 
@@ -332,6 +343,7 @@ class ProbeModule(pl.LightningModule):
 
     def on_test_epoch_end(self):
         self._count("test")
+        self._count_labels("test")
         accs = self._compute(self.test_acc)
         self.test_results = accs
         for k, a in accs.items():
