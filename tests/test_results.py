@@ -85,3 +85,44 @@ def test_counters_add_on_the_host_until_computed():
     c.reset()
     c.update({})
     assert c.compute()["samples"] == 0
+
+
+@pytest.mark.slow
+def test_senteval_and_mdl_report_truncation_as_the_lightning_loop(tmp_path):
+    """SentEval and MDL read each split once outside Lightning: results.json still has per-split counts
+    (``truncated``, ``pairs_dropped``, ``pairs_evaluated``, ``samples_seen``), zeros as zeros, never ``null``, and the
+    same as a Lightning run of the same task on the same data."""
+    from tasks_helpers import FAST_DATA, one_thread, sentence_shards, tiny_backbones
+    from value_pl.data.datamodule import ShardDataModule
+    from value_pl.data.schema import decode_sample
+    from value_pl.driver.train import train
+
+    root = sentence_shards(tmp_path / "sent", n=(48, 16, 16))
+    limit = 8  # [CLS] + 6 words + [SEP]: every word of the tiny vocabulary is one piece
+    dm = ShardDataModule(root)
+    n, long = {}, {}
+    for split in ("train", "val", "test"):
+        lens = [len(decode_sample(s)["meta"]["words"]) for s in dm.stream(split, train=False, collate=list).raw()]
+        n[split], long[split] = len(lens), sum(L + 2 > limit for L in lens)
+        assert 0 < long[split] < n[split]
+    common = ["task=sentlen", f"data.root={root}", *tiny_backbones(tmp_path / "bb")["BERT"],
+              f"backbone.max_text_len={limit}", "logger=none", "progress=false", "trainer.enable_progress_bar=false",
+              "trainer.max_epochs=1", *FAST_DATA]
+    with one_thread():
+        runs = {
+            "senteval": train(compose([*common, "prober=senteval_lr", "prober.max_epoch=1", "prober.epoch_size=1",
+                                       f"run_dir={tmp_path / 'senteval'}"])),
+            "mdl": train(compose([*common, "prober=layer_emb", "mdl=true", "mdl_opts.max_epochs=1",
+                                  "mdl_opts.fractions=[0.5,1.0]", f"run_dir={tmp_path / 'mdl'}"])),
+            "lightning": train(compose([*common, "prober=layer_emb", f"run_dir={tmp_path / 'lightning'}"])),
+        }
+    for name, res in runs.items():
+        on_disk = json.loads((tmp_path / name / "results.json").read_text())
+        for r in (res, on_disk):
+            for split in ("train", "val", "test"):
+                assert r["truncated"][split] == {"texts": long[split], "phrases": 0, "regions": 0}, (name, split)
+            assert r["truncated"]["text_limit"] == limit
+            assert r["pairs_dropped"] == {"train": 0, "val": 0, "test": 0}, name
+            assert r["pairs_evaluated"] == {"val": n["val"], "test": n["test"]}, name
+            assert r["samples_seen"] == {s: [n[s]] for s in n}, name
+    assert "Truncated (per split, one pass): train: " in (tmp_path / "senteval" / "results.md").read_text()

@@ -72,6 +72,52 @@ def test_truncation_is_counted_and_phrases_lost_with_it(lxmert):
     assert b["a_span"].tolist() == [[1, 4]]  # "a young woman" after [CLS]
 
 
+def _piece_tokenizer(d) -> str:
+    """A BERT tokenizer whose "shirt" is three word pieces (sh ##ir ##t), every other word one piece."""
+    from transformers import BertTokenizer
+
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "man", "in", "yellow", "sh", "##ir", "##t", "rides",
+             "bike"]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.mark.parametrize("limit", [9, 10])
+def test_a_phrase_whose_last_word_is_cut_part_way_is_dropped_and_counted(tmp_path, limit):
+    """[CLS] a man in a yellow sh ##ir ##t rides a bike [SEP]: at 9 tokens "shirt" keeps sh ##ir, at 10 it is whole.
+    A word cut part-way has no span: "a yellow shirt" is dropped and counted, never probed as "a yellow sh ##ir"."""
+    from transformers import BertTokenizerFast
+
+    from value_pl.analysis.pairs import AnalysisCollator
+
+    tok = BertTokenizerFast.from_pretrained(_piece_tokenizer(tmp_path / "tok"))
+    words = "a man in a yellow shirt rides a bike".split()
+    enc = InputEncoder(tok, "uniter7", max_text_len=limit)
+    got = enc.encode_text([words])
+    assert got["truncated"].tolist() == [True] and got["input_ids"].shape[1] == limit
+    shirt = [-1, -1] if limit == 9 else [6, 9]
+    assert got["word_to_token"][0, 4:7].tolist() == [[5, 6], shirt, [-1, -1]]  # yellow, shirt, rides
+    meta = {"words": words, "image": {"id": "1", "width": 100, "height": 100},
+            "phrases": [{"span": [0, 2], "label": "people"}, {"span": [3, 6], "label": "clothing"},
+                        {"span": [7, 9], "label": "other"}],
+            "regions": {"boxes": [[0, 0, 10, 10], [5, 5, 50, 50]]},
+            "pairs": {"vcd": [[0, 0, "coref"], [1, 1, "coref"], [1, 0, "not_coref"], [2, 1, "coref"]]}}
+    s = {"key": "k", "meta": meta, "feats": np.zeros((2, 16), np.float16)}
+    b = Collator(enc, TaskSpec("vcd", "phrase_region", ["coref", "not_coref"]))([s])
+    c = b["counts"]
+    if limit == 9:  # "a yellow shirt" cut part-way, "a bike" wholly: both lost, with their 3 pairs
+        assert (c["phrases_dropped"], c["pairs_dropped"], c["pairs"]) == (2, 3, 1)
+        assert b["a_span"].tolist() == [[1, 3]]  # "a man" only
+    else:  # "shirt" ends at the cut: the phrase is whole
+        assert (c["phrases_dropped"], c["pairs_dropped"], c["pairs"]) == (1, 1, 3)
+        assert b["a_span"].tolist() == [[1, 3], [4, 9], [4, 9]]
+    a = AnalysisCollator(Collator(enc))([s])  # the analyses read the same word spans
+    assert a["coref_phrase"].tolist() == ([[1, 3]] if limit == 9 else [[1, 3], [4, 9]])
+    assert a["analysis_missing"]["coref: phrase truncated by max_text_len"] == (2 if limit == 9 else 1)
+
+
 @pytest.mark.parametrize("texts", [
     [SENT_22, SENT_28, ["Two", "young", "guys", "wasn", "'t", "there", "."]],
     [["A", "man", "in", "an", "orange", "hat", "starring", "at", "something", "."], ["x"], ["!!", "é", "naïve"]],

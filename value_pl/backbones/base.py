@@ -70,7 +70,7 @@ class BackboneOutput:
     attn_streams: dict[str, tuple[str, str]]  # map name -> (query stream, key stream)
     text_mask: Tensor  # (B, T) 1 for real text tokens (incl. [CLS]/[SEP])
     region_mask: Tensor  # (B, R) 1 for real regions
-    word_to_token: Tensor  # (B, W, 2) [start, end) text-token span of each input word, -1 pad
+    word_to_token: Tensor  # (B, W, 2) [start, end) text-token span of each input word, -1: pad or cut
     special_mask: Tensor  # (B, T) 1 for [CLS]/[SEP]
     rows: dict[str, Tensor] = field(default_factory=dict)  # stream -> (B, R) captured positions, -1 pad
     layer_names: dict[str, list[str]] = field(default_factory=dict)  # stream -> hidden names in order

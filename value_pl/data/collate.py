@@ -14,7 +14,8 @@ on the CPU, so the GPU step has no host synchronisation.
 
 Truncation is never silent: texts longer than ``max_text_len`` tokens (the backbone's position limit
 unless configured lower) and images with more than ``max_regions`` regions are counted per batch
-(``counts``), as are phrases whose tokens were all cut and the pairs dropped with them.
+(``counts``), as are phrases cut by truncation, wholly or partly (a word whose pieces run past the limit is cut:
+no phrase is probed on a shortened span), and the pairs dropped with them.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ class InputEncoder:
         return [cache[w] for w in words]
 
     def encode_text(self, word_lists: list[list[str]]) -> dict:
-        """Token ids, masks and each word's ``[start, end)`` token span (``-1``: cut by truncation)."""
+        """Token ids, masks and each word's ``[start, end)`` token span (``-1``: no pieces, or cut by truncation,
+        wholly or partly: a word whose pieces run past ``max_text_len`` has no span)."""
         pre, post = self.special
         B = len(word_lists)
         limit = self.max_text_len
@@ -118,8 +120,10 @@ class InputEncoder:
                 truncated[i] = True
                 flat = flat[:room]
                 cut = len(pre) + room
-                ends = np.minimum(ends, cut)
-                gone = starts >= cut
+                # a word is cut when any of its pieces is: wholly (starts at or after the cut) or partly (starts
+                # before it, ends after it). A partly cut word keeps its first pieces in the text but has no span,
+                # so a phrase ending in it is dropped (and counted), never probed on a shortened span.
+                gone = ends > cut
                 starts = np.where(gone, -1, starts)
                 ends = np.where(gone, -1, ends)
             empty = lens == 0  # a word with no pieces has no tokens

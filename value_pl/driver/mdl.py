@@ -29,13 +29,12 @@ def train_mdl(cfg) -> dict:
     fit = {"lr": float(o.get("lr", 1e-3)), "batch_size": int(o.get("batch_size", 64)),
            "max_epochs": 1 if quick else int(o.get("max_epochs", 20)), "patience": int(o.get("patience", 3))}
     max_train = o.get("max_train")
-    xs, ys, dropped = {}, {}, 0
+    xs, ys, counts = {}, {}, {}
     t_ex = time.time()
     for stage in ("train", "val", "test"):
-        f, y, d = extract_split(module, dm, stage, max_batches=quick,
-                                max_examples=int(max_train) if (stage == "train" and max_train) else None)
+        f, y, counts[stage] = extract_split(module, dm, stage, max_batches=quick,
+                                            max_examples=int(max_train) if (stage == "train" and max_train) else None)
         xs[stage], ys[stage] = f, y
-        dropped += d
     perm = torch.randperm(ys["train"].shape[0], generator=torch.Generator().manual_seed(int(cfg.seed)))
     y_tr = ys["train"][perm]
     C = len(spec.labels)
@@ -75,7 +74,8 @@ def train_mdl(cfg) -> dict:
                      "compression": code["compression"], "blocks": code["blocks"]})
         print(f"[value-pl] MDL {name}: {code['codelength_bits']:.1f} bits (uniform {code['uniform_bits']:.1f}), "
               f"compression {code['compression']:.2f}")
-    res = results_dict(cfg, module, dm, rows=rows, pairs_dropped=dropped, extra={
+    res = results_dict(cfg, module, dm, rows=rows, counts=counts, label_counts={
+        s: torch.bincount(ys[s], minlength=C).tolist() for s in ("train", "test")}, extra={
         "mdl": {"method": "online code (Voita & Titov 2020)", "fractions": list(fractions),
                 "num_examples": int(y_tr.shape[0]), **fit,
                 "layers": {r["name"]: {k: r[k] for k in ("codelength_bits", "uniform_bits", "compression")}

@@ -17,11 +17,16 @@ log = logging.getLogger("value_pl")
 
 
 def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extra: dict | None = None,
-                 rows: list[dict] | None = None, pairs_dropped=None, label_counts: dict | None = None) -> dict:
+                 rows: list[dict] | None = None, counts: dict[str, dict[str, int] | None] | None = None,
+                 label_counts: dict[str, list[int]] | None = None) -> dict:
     """The ``results.json`` of a run; drivers that train heads outside Lightning (MDL, SentEval) pass their
-    own per-layer ``rows`` and the per-label counts of the labels they trained and tested on
-    (``label_counts``: split -> counts in label order)."""
+    own per-layer ``rows``, ``counts``: per split, the collator's counters summed over the one pass that read
+    it (:func:`~value_pl.protocols.fitting.extract_split`; ``None``: split not read), reported as the Lightning
+    loop reports its last epoch's (``pairs_dropped``, ``pairs_evaluated``, ``samples_seen``, ``truncated``), and
+    ``label_counts``: per split, how often each label (in label order) occurred in what they trained and
+    tested on (for the majority baseline)."""
     rows = module.layer_rows() if rows is None else rows
+    seen = module.seen if counts is None else {s: ([c] if c is not None else []) for s, c in counts.items()}
     finite = [r for r in rows if _num(r.get("test_acc")) and _num(r.get("val_acc"))]
     best_by_val = max(finite, key=lambda r: r["val_acc"]) if finite else None
     res = {
@@ -43,12 +48,11 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
         "best": ({"layer": best_by_val["layer"], "name": best_by_val["name"], "test_acc": best_by_val["test_acc"],
                   "val_acc": best_by_val["val_acc"]} if best_by_val else None),
         # per split, one pass (the last epoch), summed over ranks; drivers outside Lightning pass their own
-        "pairs_dropped": ({s: (c[-1]["pairs_dropped"] if c else None) for s, c in module.seen.items()}
-                          if pairs_dropped is None else pairs_dropped),
+        "pairs_dropped": {s: (c[-1]["pairs_dropped"] if c else None) for s, c in seen.items()},
         # pairs in val/test metrics, summed over ranks (== the manifest's count: each sample exactly once)
-        "pairs_evaluated": {s: c[-1]["pairs"] for s, c in module.seen.items() if c and s != "train"},
-        "samples_seen": {s: [e["samples"] for e in c] for s, c in module.seen.items() if c},
-        "truncated": truncation(module),
+        "pairs_evaluated": {s: c[-1]["pairs"] for s, c in seen.items() if c and s != "train"},
+        "samples_seen": {s: [e["samples"] for e in c] for s, c in seen.items() if c},
+        "truncated": truncation(module, seen),
     }
     if extra:
         res.update(extra)
@@ -75,11 +79,12 @@ def _num(x) -> bool:
     return isinstance(x, (int, float)) and x == x
 
 
-def truncation(module: ProbeModule) -> dict:
+def truncation(module: ProbeModule, seen: dict[str, list[dict]] | None = None) -> dict:
     """Per split (one pass, summed over ranks): texts cut at the backbone's text limit, images with regions
-    beyond ``max_regions``, phrases lost to truncation. Zeros are reported; a split not read is ``None``."""
+    beyond ``max_regions``, phrases lost to truncation. Zeros are reported; a split not read is ``None``.
+    ``seen``: {split: [counters per pass]}, ``module.seen`` (the Lightning loop's epochs) unless given."""
     out = {}
-    for s, c in module.seen.items():
+    for s, c in (module.seen if seen is None else seen).items():
         e = c[-1] if c else None
         out[s] = ({"texts": e["texts_truncated"], "phrases": e["phrases_dropped"], "regions": e["regions_truncated"]}
                   if e else None)

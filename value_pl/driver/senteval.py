@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from omegaconf import OmegaConf
 
 from ..probers.module import layer_number
@@ -31,12 +33,10 @@ def train_senteval(cfg) -> dict:
     print(f"[value-pl] SentEval protocol: {len(grid)} configuration(s) x {len(keys)} layer(s), trained together "
           f"on {device.type}, {opts}")
     t_ex = time.time()
-    splits = {}
-    dropped = 0
+    splits, counts = {}, {}
     for stage in ("train", "val", "test"):
-        f, y, d = extract_split(module, dm, stage, max_batches=quick)
+        f, y, counts[stage] = extract_split(module, dm, stage, max_batches=quick)
         splits[stage] = ([f[k][0] for k in keys], y)
-        dropped += d
     t_probe = time.time()
     C = len(spec.labels)
     seed = int(prober.get("seed", 1111)) + int(cfg.seed)
@@ -51,7 +51,8 @@ def train_senteval(cfg) -> dict:
         print(f"[value-pl] {name}: dev {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} "
               f"(nhid {r['nhid']}, dropout {r['dropout']}, l2 {r['l2']}, {r['passes']} passes)")
     print(f"[value-pl] SentEval timing: features {timing['extract_s']} s, grid {timing['probe_s']} s")
-    res = results_dict(cfg, module, dm, rows=rows, pairs_dropped=dropped, extra={
+    res = results_dict(cfg, module, dm, rows=rows, counts=counts, label_counts={
+        s: torch.bincount(splits[s][1], minlength=C).tolist() for s in ("train", "test")}, extra={
         "protocol": {"name": "senteval", "representation": "mean over word tokens per layer",
                      "grid_size": len(grid), **opts, "seed": seed, "fast_dev_run": bool(quick),
                      "training": "all configurations of all layers batched (value_pl/protocols/batched.py)"},

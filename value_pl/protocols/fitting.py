@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.collate import COUNTERS
+
 log = logging.getLogger(__name__)
 
 
@@ -36,20 +38,25 @@ def fast_dev_batches(cfg) -> int | None:
 
 @torch.no_grad()
 def extract_split(module, dm, stage: str, max_batches: int | None = None, max_examples: int | None = None,
-                  dtype: torch.dtype = torch.float32) -> tuple[dict[str, tuple[Tensor, ...]], Tensor, int]:
+                  dtype: torch.dtype = torch.float32) -> tuple[dict[str, tuple[Tensor, ...]], Tensor, dict[str, int]]:
     """Every head's inputs and the labels over one split, read once in shard order.
 
-    Returns ``(features {head key: tuple of (N, ...) tensors on CPU}, labels (N,), pairs dropped)``.
+    Returns ``(features {head key: tuple of (N, ...) tensors on CPU}, labels (N,), counts)``; ``counts`` sums the
+    collator's counters (:data:`~value_pl.data.collate.COUNTERS`: samples, pairs, pairs dropped, texts truncated,
+    phrases dropped, images with regions cut) over the batches read, zeros included: what
+    :func:`~value_pl.driver.results.results_dict` reports per split.
     """
     loader = dm.loader(stage, train=False)  # every sample exactly once, in shard order
     feats: dict[str, list[list[Tensor]]] = {}
     labels: list[Tensor] = []
-    dropped, n = 0, 0
+    counts = dict.fromkeys(COUNTERS, 0)
+    n = 0
     dev = module.device
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        dropped += int(batch["counts"].get("pairs_dropped", 0))
+        for k in COUNTERS:  # also of a batch with no example: its pairs may all have been dropped
+            counts[k] += int(batch["counts"].get(k, 0))
         y = batch["labels"]
         if y.numel() == 0:
             continue
@@ -70,7 +77,7 @@ def extract_split(module, dm, stage: str, max_batches: int | None = None, max_ex
     if max_examples is not None:
         y = y[:max_examples]
         out = {k: tuple(t[:max_examples] for t in v) for k, v in out.items()}
-    return out, y, dropped
+    return out, y, counts
 
 
 def take(x: tuple[Tensor, ...], idx) -> tuple[Tensor, ...]:
