@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_data import (HAT, MAN, STREET, VG_EXPECTED, VG_GRAPHS, VG_SKIPPED, _r, _reg, build,
+from fixtures_data import (CUP, HAT, MAN, STREET, TABLE, VG_EXPECTED, VG_GRAPHS, VG_SKIPPED, _o, _r, _reg, build,
                            build_real_region_graphs, read_samples, SHARED_VG, split_counts, tree_bytes, write_vg,
                            write_vg_small)
 from value_pl.datasets.common import BuildError, iter_json_array
@@ -235,3 +235,43 @@ def test_real_region_graphs_no_related_negatives(tmp_path):
     assert _leaked_negatives(samples, graphs) == []
     assert man["excluded"]["vri_negative_related_in_image"] > 0
 
+
+# ------------------------------------------------------------- split_files: images in no split are not selected
+def _cup_on_table(iid: int, rid: int) -> dict:
+    return _reg(iid, rid, "cup on table", [CUP, TABLE], [_r(rid, "on", 13, 14)])
+
+
+def _pred(iid: int, rid: int, pred: str) -> dict:
+    a, b = _o(100 + rid, "box", 10, 10, 50, 50), _o(200 + rid, "shelf", 0, 100, 300, 150)
+    return _reg(iid, rid, f"box {pred} shelf", [a, b], [_r(rid, pred, a["object_id"], b["object_id"])])
+
+
+#: images 1 (train) and 2 (val): two "on" captions each (4 "on" relations in the splits). Image 3, in no split
+#: file: 3 more "on" and 6 "under" -- before the fix they were ranked and selected but never written.
+VG_SPLIT_GRAPHS = [
+    {"image_id": 1, "regions": [_cup_on_table(1, 11), _cup_on_table(1, 12)]},
+    {"image_id": 2, "regions": [_cup_on_table(2, 21), _cup_on_table(2, 22)]},
+    {"image_id": 3, "regions": [_pred(3, 30 + k, "on") for k in range(3)]
+                               + [_pred(3, 40 + k, "under") for k in range(6)]},
+]
+
+
+def test_split_files_select_only_images_in_a_split(tmp_path):
+    """With split_files, an image in no split counts as ``skipped.image_not_in_split`` in pass 1: its relations
+    neither rank predicates nor take places under max_pairs_per_predicate, so ``predicates[p].selected`` is what
+    the shards hold."""
+    sizes = {1: (400, 300), 2: (400, 300), 3: (400, 300)}
+    det = {i: [[51, 51, 89, 89], [1, 91, 299, 289], [300, 0, 399, 60], [10, 200, 60, 290]] for i in sizes}
+    ov = write_vg_small(tmp_path / "vg", VG_SPLIT_GRAPHS, sizes, {"train": [1], "val": [2], "test": []}, det,
+                        {"dataset.max_pairs_per_predicate": 3, "dataset.top_k": 2})
+    man = build("vg", tmp_path / "out", ov)
+    assert man["skipped"] == {"image_not_in_split": 1}
+    assert man["labels"]["vrc"] == ["on"] and man["num_predicates_seen"] == 1
+    assert man["predicates"] == {"on": {"frequency": 4, "selected": 3}}
+    written = sum(v["pairs"].get("vrc", {}).get("on", 0) for v in man["splits"].values())
+    assert written == man["predicates"]["on"]["selected"] == 3
+    assert {x["meta"]["image"]["id"] for x in read_samples(tmp_path / "out")} <= {"1", "2"}
+    # the cap above what the splits hold: all 4 written
+    man = build("vg", tmp_path / "out2", dict(ov, **{"dataset.max_pairs_per_predicate": 10}))
+    assert man["predicates"]["on"]["selected"] == 4
+    assert sum(v["pairs"].get("vrc", {}).get("on", 0) for v in man["splits"].values()) == 4

@@ -22,7 +22,10 @@ Rules (VALUE Sec. 3.4):
   (``aliases: basic`` = :data:`BASIC_ALIASES`, or a mapping; default none, as in the paper, which
   keeps e.g. ``holds`` and ``holding`` apart). Identical (predicate, subject, object) triples within
   one caption count once.
-* The K most frequent predicates (``top_k``, default 32; ties by name) over all images; per caption at
+* The K most frequent predicates (``top_k``, default 32; ties by name) over all images of the splits (with
+  ``split_files``, an image in no split file is skipped in pass 1, ``image_not_in_split``: it neither ranks
+  predicates nor takes a place under the caps, so ``predicates[p].selected`` is what the shards hold, less
+  the relations later counted as skips, e.g. ``relation_box_unmatched``); per caption at
   most ``max_same_predicate_per_caption`` (5) relations of one predicate; per predicate at most
   ``max_pairs_per_predicate`` (15,000) relations. Both caps keep the relations with the lowest
   seeded hash score (deterministic, order-independent random sampling). The chance levels (uniform
@@ -54,7 +57,8 @@ Rules (VALUE Sec. 3.4):
   another image of the same split: image groups are put in a seeded order and group ``g`` takes the
   captions of group ``g + 1`` (cyclically; caption ``j`` -> ``j mod n``). Provenance records the source.
 
-Skips (``strict=true`` raises instead, naming file and record): ``no_image_data`` (image),
+Skips (``strict=true`` raises instead, naming file and record): ``image_not_in_split`` (image; counted, never
+raised: the split files choose it), ``no_image_data`` (image),
 ``empty_caption`` (caption), ``relation_unresolved``, ``relation_self``, ``relation_empty_predicate``,
 ``box_outside_image``/``box_zero_area`` (per relation with such a box), ``relation_box_unmatched``,
 ``relation_same_region`` (subject and object on one detected region), ``no_features``/``nan_features``/
@@ -115,6 +119,9 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
             if iid in seen_images:
                 raise BuildError(f"{rg_path}: record {ii}: duplicate image id {iid} (first at record {seen_images[iid]})")
             seen_images[iid] = ii
+            if split_of(iid) is None:  # split_files that leave the image out: never written, so never selected
+                issues.count("image_not_in_split")
+                continue
             if iid not in sizes:
                 issues.bad("no_image_data", f"{rg_path}: record {ii}", f"image {iid} is not in {cfg['image_data']}")
                 continue
