@@ -225,6 +225,28 @@ def write_vg(root: Path, fmt: str = "butd_tsv", extra_detections: dict | None = 
     return ov
 
 
+def write_vg_small(root: Path, graphs: list[dict], sizes: dict, splits: dict, detections: dict,
+                   overrides: dict | None = None) -> dict:
+    """A small VG input set written from scratch: ``graphs`` (region_graphs.json records), ``sizes`` (image id ->
+    (W, H)), ``splits`` (split name -> image ids; an empty list writes an empty id file) and ``detections`` (image id
+    -> pixel boxes of the "detector", BUTD TSV). Returns the build overrides (no aliases; ``overrides`` added)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "region_graphs.json").write_text(json.dumps(graphs))
+    (root / "image_data.json").write_text(json.dumps([{"image_id": i, "width": w, "height": h}
+                                                      for i, (w, h) in sizes.items()]))
+    rng = np.random.default_rng(0)
+    write_features(root / "vg.tsv", "butd_tsv", [(i, *sizes[i], np.array(b, np.float32), _feats(rng, len(b)))
+                                                 for i, b in detections.items()])
+    ov = {"dataset.region_graphs": str(root / "region_graphs.json"),
+          "dataset.image_data": str(root / "image_data.json"), "dataset.features": str(root / "vg.tsv")}
+    for s, ids in splits.items():
+        p = root / f"{s}_ids.txt"
+        p.write_text("".join(f"{i}\n" for i in ids))
+        ov[f"+dataset.split_files.{s}"] = str(p)
+    return dict(ov, **(overrides or {}))
+
+
 # ------------------------------------------------------------------------------------ SentEval
 SENTEVAL = {
     "sentence_length.txt": [("tr", "0", "a b c d e"), ("tr", "1", "a b c d e f g h i"), ("tr", "0", "x y z w v"),

@@ -115,7 +115,9 @@ def test_fewer_than_two_types_is_refused(tmp_path):
                                    _dm(tmp_path / "out", man))
     with pytest.raises(ValueError, match=r"on x, split 'test': 1 distinct control type"):  # every split is checked
         check_types(load_manifest(tmp_path / "out"), "vrc", "x", ["test"])
-    assert check_types(man, "vri", "x", ["train"]) == {"train": 4}  # VRI: "thing" and "<unknown>" regions
+    # VRI: "thing" and "<unknown>" regions: thing|thing (related, and dog/grass/collar negatives), thing|<unknown>,
+    # <unknown>|thing (the seeded negatives of image 1, none of them a pair another caption of image 1 relates)
+    assert check_types(man, "vri", "x", ["train"]) == {"train": 3}
 
 
 def test_old_schema_is_refused_at_start(vg, tmp_path):
@@ -195,8 +197,12 @@ def test_near_duplicates_counted_in_manifests(vg, f30k):
     root, man = vg
     # cup (region matched at IoU 1.0) related to the table; detections at 0.90 and 0.95 of the cup, with the table
     # region, in both orders: 4 candidate negatives that are the related pair; and the three boxes of the cup among
-    # themselves, in both orders: 6 candidate negatives that are one object twice
-    assert man["excluded"] == {"vri_negative_overlaps_related": 4, "vri_negative_same_object": 6}
+    # themselves, in both orders: 6 candidate negatives that are one object twice; image 1, whose three captions
+    # relate man-hat (11, 13) and man-street (12): each caption's sample holds the other pair's regions, 2 x 3
+    # candidate negatives that another caption of the image relates
+    assert man["excluded"] == {"vri_negative_overlaps_related": 4, "vri_negative_same_object": 6,
+                               "vri_negative_related_in_image": 6}
+    assert man["splits"]["train"]["excluded"]["vri_negative_related_in_image"] == 6
     (m,) = [x["meta"] for x in read_samples(root) if x["key"] == "vg_6_61"]
     from value_pl.datasets.regions import iou_matrix
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_data import (VG_EXPECTED, VG_GRAPHS, VG_SKIPPED, build, build_real_region_graphs, read_samples, SHARED_VG,
-                           split_counts, tree_bytes, write_vg)
+from fixtures_data import (CUP, HAT, MAN, STREET, TABLE, VG_EXPECTED, VG_GRAPHS, VG_SKIPPED, _o, _r, _reg, build,
+                           build_real_region_graphs, read_samples, SHARED_VG, split_counts, tree_bytes, write_vg,
+                           write_vg_small)
 from value_pl.datasets.common import BuildError, iter_json_array
-from value_pl.datasets.regions import FORMATS
+from value_pl.datasets.regions import FORMATS, iou_matrix
 from value_pl.datasets.vg_graphs import normalise_predicate
 
 
@@ -155,3 +156,122 @@ def test_real_region_graphs(tmp_path):
     assert man["splits"]["train"]["samples"] > 0 and "on" in man["labels"]["vrc"]
     assert man["predicates"]["on"]["frequency"] >= 5  # 'ON' and 'on' merged by normalisation
 
+
+
+# ------------------------------------------------------- VRI negatives vs. relations of other captions of the image
+#: image 1: the caption "man wearing hat", the caption "man on street" and a region with an empty phrase whose
+#: relation "hat near street" is still an annotation of the image. Detections: one close to each object (1 px
+#: inside) and a kite-like box that no object is at, the only region that no relation of the image touches.
+VG_IMAGE_RELS = [{"image_id": 1, "regions": [
+    _reg(1, 11, "man wearing hat", [MAN, HAT], [_r(1, "wearing", 1, 2)]),
+    _reg(1, 12, "man on street", [MAN, STREET], [_r(2, "on", 1, 3)]),
+    _reg(1, 13, " ", [HAT, STREET], [_r(3, "near", 2, 3)]),  # empty_caption: no sample, its relation still counts
+]}]
+VG_IMAGE_RELS_DETECTIONS = {1: [[101, 101, 199, 399], [121, 91, 179, 119], [1, 401, 799, 599], [600, 20, 700, 80]]}
+KITE = [600.0, 20.0, 700.0, 80.0]
+
+
+def _image_relation_boxes(graphs: list[dict]) -> dict[str, list[tuple[list, list]]]:
+    """image id -> the (subject box, object box) of every relation of every region of the image (x1, y1, x2, y2)."""
+    out: dict[str, list] = {}
+    for im in graphs:
+        for reg in im["regions"]:
+            obj = {o["object_id"]: o for o in reg["objects"]}
+            for r in reg["relationships"]:
+                s, o = obj[r["subject_id"]], obj[r["object_id"]]
+                out.setdefault(str(im["image_id"]), []).append(
+                    tuple([q["x"], q["y"], q["x"] + q["w"], q["y"] + q["h"]] for q in (s, o)))
+    return out
+
+
+def _leaked_negatives(samples: list[dict], graphs: list[dict], thr: float = 0.5) -> list:
+    """VRI "unrelated" pairs whose regions are, up to IoU >= ``thr`` (either direction), a relation of the image."""
+    rels = _image_relation_boxes(graphs)
+    out = []
+    for x in samples:
+        m = x["meta"]
+        boxes = m["regions"]["boxes"]
+        for a, b, lab in m["pairs"]["vri"]:
+            if lab != "unrelated":
+                continue
+            for sb, ob in rels.get(m["image"]["id"], []):
+                iou = iou_matrix([boxes[a], boxes[b]], [sb, ob])
+                if (iou[0, 0] >= thr and iou[1, 1] >= thr) or (iou[0, 1] >= thr and iou[1, 0] >= thr):
+                    out.append((x["key"], a, b))
+    return out
+
+
+def test_vri_negatives_exclude_relations_of_other_captions(tmp_path):
+    """A region pair that another caption of the same image relates (man on street for the caption "man wearing
+    hat"), or a region with an empty phrase (hat near street), is never "unrelated"; counted as
+    ``excluded.vri_negative_related_in_image``."""
+    ov = write_vg_small(tmp_path / "vg", VG_IMAGE_RELS, {1: (800, 600)}, {"train": [1]}, VG_IMAGE_RELS_DETECTIONS)
+    man = build("vg", tmp_path / "out", ov)
+    samples = read_samples(tmp_path / "out")
+    assert sorted(x["key"] for x in samples) == ["vg_1_11", "vg_1_12"]
+    # each sample (4 regions): the other two relations of the image, both directions
+    assert man["excluded"]["vri_negative_related_in_image"] == 8
+    assert man["splits"]["train"]["excluded"]["vri_negative_related_in_image"] == 8
+    assert man["skipped"] == {"empty_caption": 1}
+    assert man["splits"]["train"]["pairs"]["vri"] == {"related": 2, "unrelated": 2}
+    assert _leaked_negatives(samples, VG_IMAGE_RELS) == []
+    for x in samples:  # only pairs with the kite are left as negatives
+        m = x["meta"]
+        neg = [(a, b) for a, b, lab in m["pairs"]["vri"] if lab == "unrelated"]
+        assert len(neg) == 1 and KITE in [m["regions"]["boxes"][r] for r in neg[0]], x["key"]
+    # with top_k=1 only "on" is a class; "wearing" and "near" still relate their pairs
+    man = build("vg", tmp_path / "out1", dict(ov, **{"dataset.top_k": 1}))
+    assert man["labels"]["vrc"] == ["on"] and man["excluded"]["vri_negative_related_in_image"] == 4
+    assert _leaked_negatives(read_samples(tmp_path / "out1"), VG_IMAGE_RELS) == []
+
+
+@pytest.mark.skipif(not (SHARED_VG / "region_graphs").exists(), reason="shared real-format fixtures absent")
+def test_real_region_graphs_no_related_negatives(tmp_path):
+    """On the real region graphs (images 1-3) no "unrelated" pair is a relation of another caption of the image."""
+    out, man = build_real_region_graphs(tmp_path)
+    graphs = json.loads((SHARED_VG / "region_graphs" / "region_graphs_images_1-3.json").read_text())
+    samples = read_samples(out)
+    assert sum(lab == "unrelated" for x in samples for _, _, lab in x["meta"]["pairs"]["vri"]) > 0
+    assert _leaked_negatives(samples, graphs) == []
+    assert man["excluded"]["vri_negative_related_in_image"] > 0
+
+
+# ------------------------------------------------------------- split_files: images in no split are not selected
+def _cup_on_table(iid: int, rid: int) -> dict:
+    return _reg(iid, rid, "cup on table", [CUP, TABLE], [_r(rid, "on", 13, 14)])
+
+
+def _pred(iid: int, rid: int, pred: str) -> dict:
+    a, b = _o(100 + rid, "box", 10, 10, 50, 50), _o(200 + rid, "shelf", 0, 100, 300, 150)
+    return _reg(iid, rid, f"box {pred} shelf", [a, b], [_r(rid, pred, a["object_id"], b["object_id"])])
+
+
+#: images 1 (train) and 2 (val): two "on" captions each (4 "on" relations in the splits). Image 3, in no split
+#: file: 3 more "on" and 6 "under" -- before the fix they were ranked and selected but never written.
+VG_SPLIT_GRAPHS = [
+    {"image_id": 1, "regions": [_cup_on_table(1, 11), _cup_on_table(1, 12)]},
+    {"image_id": 2, "regions": [_cup_on_table(2, 21), _cup_on_table(2, 22)]},
+    {"image_id": 3, "regions": [_pred(3, 30 + k, "on") for k in range(3)]
+                               + [_pred(3, 40 + k, "under") for k in range(6)]},
+]
+
+
+def test_split_files_select_only_images_in_a_split(tmp_path):
+    """With split_files, an image in no split counts as ``skipped.image_not_in_split`` in pass 1: its relations
+    neither rank predicates nor take places under max_pairs_per_predicate, so ``predicates[p].selected`` is what
+    the shards hold."""
+    sizes = {1: (400, 300), 2: (400, 300), 3: (400, 300)}
+    det = {i: [[51, 51, 89, 89], [1, 91, 299, 289], [300, 0, 399, 60], [10, 200, 60, 290]] for i in sizes}
+    ov = write_vg_small(tmp_path / "vg", VG_SPLIT_GRAPHS, sizes, {"train": [1], "val": [2], "test": []}, det,
+                        {"dataset.max_pairs_per_predicate": 3, "dataset.top_k": 2})
+    man = build("vg", tmp_path / "out", ov)
+    assert man["skipped"] == {"image_not_in_split": 1}
+    assert man["labels"]["vrc"] == ["on"] and man["num_predicates_seen"] == 1
+    assert man["predicates"] == {"on": {"frequency": 4, "selected": 3}}
+    written = sum(v["pairs"].get("vrc", {}).get("on", 0) for v in man["splits"].values())
+    assert written == man["predicates"]["on"]["selected"] == 3
+    assert {x["meta"]["image"]["id"] for x in read_samples(tmp_path / "out")} <= {"1", "2"}
+    # the cap above what the splits hold: all 4 written
+    man = build("vg", tmp_path / "out2", dict(ov, **{"dataset.max_pairs_per_predicate": 10}))
+    assert man["predicates"]["on"]["selected"] == 4
+    assert sum(v["pairs"].get("vrc", {}).get("on", 0) for v in man["splits"].values()) == 4

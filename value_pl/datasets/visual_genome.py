@@ -8,7 +8,8 @@ detected region features (:mod:`value_pl.datasets.regions`).
 **Memory.** The JSON files are streamed (:func:`value_pl.datasets.common.iter_json_array`; readers in :mod:`value_pl.datasets.vg_graphs`), one image at
 a time, in two passes over ``region_graphs.json``. Held in memory: ``image_data`` (~108k small
 records), one compact record per candidate relation (pass 1; ~1.5M for full VG, ~0.3 GB), the selected
-captions with their objects (pass 2; bounded by K x 15,000 relations, ~0.5-1 GB), and, only when
+captions with their objects and, once per image, the gold boxes of all the image's relations (pass 2; bounded
+by K x 15,000 relations, ~0.5-1 GB), and, only when
 ``objects`` is given, the v1.4 object boxes (~3.8M objects, ~1.5 GB). 4 GB of RAM is enough.
 
 Rules (VALUE Sec. 3.4):
@@ -21,7 +22,10 @@ Rules (VALUE Sec. 3.4):
   (``aliases: basic`` = :data:`BASIC_ALIASES`, or a mapping; default none, as in the paper, which
   keeps e.g. ``holds`` and ``holding`` apart). Identical (predicate, subject, object) triples within
   one caption count once.
-* The K most frequent predicates (``top_k``, default 32; ties by name) over all images; per caption at
+* The K most frequent predicates (``top_k``, default 32; ties by name) over all images of the splits (with
+  ``split_files``, an image in no split file is skipped in pass 1, ``image_not_in_split``: it neither ranks
+  predicates nor takes a place under the caps, so ``predicates[p].selected`` is what the shards hold, less
+  the relations later counted as skips, e.g. ``relation_box_unmatched``); per caption at
   most ``max_same_predicate_per_caption`` (5) relations of one predicate; per predicate at most
   ``max_pairs_per_predicate`` (15,000) relations. Both caps keep the relations with the lowest
   seeded hash score (deterministic, order-independent random sampling). The chance levels (uniform
@@ -36,7 +40,12 @@ Rules (VALUE Sec. 3.4):
   ``iou_threshold`` with the gold boxes, a related pair (near-duplicate detections of a related
   subject and object) is never a negative (counted: ``excluded.vri_negative_overlaps_related``), nor is a
   pair of two boxes of one object: a detection at IoU >= ``iou_threshold`` with the other region, unless both are
-  annotated objects (counted: ``excluded.vri_negative_same_object``).
+  annotated objects (counted: ``excluded.vri_negative_same_object``). Nor is a pair that another caption of the
+  same image relates: VG relations belong to one region graph, but a sample's regions hold objects and detections
+  of the whole image. Every relation of the image (all its region graphs, any predicate, also those of captions
+  with an empty phrase; resolved as above, to their gold boxes) is mapped to the sample's regions at IoU >=
+  ``iou_threshold`` with its subject and object boxes, and those region pairs, in both directions, are never
+  negatives (counted: ``excluded.vri_negative_related_in_image``).
   Phrases are empty (no VCD/VCC).
 * ``regions.names`` (what a region is; the control tasks' identity): the names of the objects the
   region carries -- ``names[0]`` (v1.4/``objects.json``) or ``name`` (region graphs), lower case,
@@ -48,7 +57,8 @@ Rules (VALUE Sec. 3.4):
   another image of the same split: image groups are put in a seeded order and group ``g`` takes the
   captions of group ``g + 1`` (cyclically; caption ``j`` -> ``j mod n``). Provenance records the source.
 
-Skips (``strict=true`` raises instead, naming file and record): ``no_image_data`` (image),
+Skips (``strict=true`` raises instead, naming file and record): ``image_not_in_split`` (image; counted, never
+raised: the split files choose it), ``no_image_data`` (image),
 ``empty_caption`` (caption), ``relation_unresolved``, ``relation_self``, ``relation_empty_predicate``,
 ``box_outside_image``/``box_zero_area`` (per relation with such a box), ``relation_box_unmatched``,
 ``relation_same_region`` (subject and object on one detected region), ``no_features``/``nan_features``/
@@ -109,6 +119,9 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
             if iid in seen_images:
                 raise BuildError(f"{rg_path}: record {ii}: duplicate image id {iid} (first at record {seen_images[iid]})")
             seen_images[iid] = ii
+            if split_of(iid) is None:  # split_files that leave the image out: never written, so never selected
+                issues.count("image_not_in_split")
+                continue
             if iid not in sizes:
                 issues.bad("no_image_data", f"{rg_path}: record {ii}", f"image {iid} is not in {cfg['image_data']}")
                 continue
@@ -159,6 +172,7 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
                 continue
             W, H = sizes[iid]
             mute = Issues(None, False)  # pass 1 counted these already
+            image_rels = _image_relations(regs, iid, v14, aliases, W, H)
             for rid, reg in regs:
                 if (iid, rid) not in selected:
                     continue
@@ -177,7 +191,8 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
                 related = {(str(s["object_id"]), str(o["object_id"])) for _, s, o, _ in rels}
                 specs[split].append({"key": f"vg_{iid}_{rid}", "image": iid, "region": rid, "W": W, "H": H,
                                      "words": tokenize(reg.get("phrase", "")), "objects": objs, "names": names,
-                                     "chosen": chosen, "related": related, "where": where})
+                                     "chosen": chosen, "related": related, "image_rels": image_rels,
+                                     "where": where})
         for s in specs:
             specs[s].sort(key=lambda d: (_num(d["image"]), _num(d["region"])))
         if variant == "mismatch":
@@ -213,6 +228,25 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
         close_readers(det, sup)
 
 
+def _image_relations(regs: list[tuple[str, dict]], iid: str, v14: dict | None, aliases, W: float,
+                     H: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every relation of one image -- of all its region graphs, whatever the predicate (top-K or not) and the
+    phrase (empty or not) -- as gold boxes: ``(boxes (M, 4), pairs (N, 2))``, ``pairs[i]`` the (subject, object)
+    rows of ``boxes``; distinct boxes and box pairs only. Relations that do not resolve or have a bad box are left
+    out (pass 1 counted them for the captions it reads)."""
+    mute = Issues(None, False)
+    index: dict[tuple, int] = {}
+    pairs: set[tuple[int, int]] = set()
+    for _rid, reg in regs:
+        if not reg.get("relationships"):
+            continue
+        for _p, s, o, _k in _resolve_relations(reg, iid, v14, aliases, mute, "", W, H):
+            ends = [index.setdefault(tuple(clean_box(_obj_box(obj), W, H)[0]), len(index)) for obj in (s, o)]
+            pairs.add((ends[0], ends[1]))
+    boxes = np.asarray(list(index), np.float64).reshape(-1, 4)
+    return boxes, np.asarray(sorted(pairs), np.int64).reshape(-1, 2)
+
+
 def _num(s: str):
     return (0, int(s), "") if str(s).isdigit() else (1, 0, str(s))
 
@@ -236,6 +270,23 @@ def _mismatch(lst: list[dict], seed: int, split: str, issues: Issues) -> None:
             src = donor[j % len(donor)]
             d["mismatch_from"] = src["key"]
             d["mismatch_words"] = src["words"]
+
+
+def _image_related(comb, image_rels: tuple[np.ndarray, np.ndarray], thr: float) -> set[tuple[int, int]]:
+    """Ordered region pairs (both directions) that are, up to IoU >= ``thr`` with the gold boxes, a relation of the
+    image (:func:`_image_relations`)."""
+    boxes, pairs = image_rels
+    if not len(pairs) or not comb.boxes:
+        return set()
+    near = iou_matrix(np.asarray(comb.boxes, np.float64), boxes) >= thr  # (R, M)
+    regions = [np.nonzero(near[:, j])[0] for j in range(len(boxes))]
+    out = set()
+    for i, j in pairs:
+        for a in regions[i]:
+            for b in regions[j]:
+                if a != b:
+                    out |= {(int(a), int(b)), (int(b), int(a))}
+    return out
 
 
 def _samples(specs, det, sup, cfg, issues: Issues, seed, variant, bar, split):
@@ -281,6 +332,11 @@ def _samples(specs, det, sup, cfg, issues: Issues, seed, variant, bar, split):
         excluded = as_related - rel_regions
         issues.exclude("vri_negative_overlaps_related", len(excluded))
         not_neg = rel_regions | excluded
+        # a relation of another caption of the image (VG relations belong to one region graph, a sample's regions
+        # are all the image's detections): the regions at IoU >= iou_threshold with its gold boxes are related too
+        in_image = _image_related(comb, d["image_rels"], cfg["iou_threshold"]) - not_neg
+        issues.exclude("vri_negative_related_in_image", len(in_image))
+        not_neg |= in_image
         R = len(comb.boxes)
         ann = {r for r in range(R) if comb.source[r] == "annotated"}
         # two boxes of one object (a detection at IoU >= iou_threshold with another region, not two annotated
