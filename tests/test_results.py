@@ -126,3 +126,45 @@ def test_senteval_and_mdl_report_truncation_as_the_lightning_loop(tmp_path):
             assert r["pairs_evaluated"] == {"val": n["val"], "test": n["test"]}, name
             assert r["samples_seen"] == {s: [n[s]] for s in n}, name
     assert "Truncated (per split, one pass): train: " in (tmp_path / "senteval" / "results.md").read_text()
+
+
+def test_majority_is_the_training_majority_class_scored_on_test():
+    from value_pl.probers.metrics import LabelCounts, majority_baseline
+
+    assert majority_baseline([700, 300], [300, 700]) == 0.3  # not 0.7: the class is chosen on train
+    assert majority_baseline([5, 5, 1], [1, 2, 7]) == 0.1  # ties: the first label
+    assert majority_baseline([0, 0], [1, 1]) is None and majority_baseline([1], None) is None
+    m = LabelCounts(4)
+    import torch
+
+    m.update(torch.tensor([0, 3, 3, 1]))
+    m.update(torch.tensor([], dtype=torch.long))
+    m.update(torch.tensor([3]))
+    assert m.compute() == [1, 1, 0, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relabel", ["none", "control=true", "shuffle_labels=true"])
+def test_majority_comes_from_the_labels_the_run_trained_and_tested_on(tmp_path, relabel):
+    """results.json's majority: the most frequent label of the training epoch, scored on the test labels, both as
+    the heads saw them -- after the control task's or the shuffled-label relabelling."""
+    from value_pl.driver.setup import prepare
+    from value_pl.driver.train import train
+    from value_pl.probers.metrics import majority_baseline
+
+    root = tmp_path / "demo"
+    small_demo(root, splits={"train": 24, "val": 8, "test": 12})
+    ov = ["task=vrc", "prober=layer_emb", f"data.root={root}", *tiny_backbone(tmp_path), "layers=[1]",
+          f"run_dir={tmp_path / 'run'}", *[f for f in FAST if "train_batches" not in f]]
+    ov += [] if relabel == "none" else [relabel]
+    res = train(compose(ov))
+    _, dm, module, _ = prepare(compose(ov))
+    counts = {}
+    for split in ("train", "test"):
+        c = [0] * len(module.labels)
+        for b in dm.loader(split, train=False):
+            for y in b["labels"].tolist():
+                c[y] += 1
+        counts[split] = c
+    assert sum(counts["test"]) == res["pairs_evaluated"]["test"] > 0
+    assert res["majority"] == majority_baseline(counts["train"], counts["test"])
