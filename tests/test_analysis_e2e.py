@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import compose, run_cli
@@ -68,3 +69,21 @@ def test_two_stream_all_and_refusals(tmp_path, demo_root, tiny_lxmert):
     assert "Not run" in (d / "modality.md").read_text()
     with pytest.raises(Unsupported, match="two-stream"):
         analyze(compose(["analysis=modality", *common, f"+run_dir={tmp_path / 'm'}"], "analyze"))
+
+
+@pytest.mark.slow
+def test_fusion_nmi_does_not_depend_on_the_batch_size(tmp_path, demo_root):
+    """Each sample's k-means restarts are seeded by (seed, sample key, layer): the same samples give the same
+    NMI per layer read 1, 3 or 8 at a time (before, a sample's partition changed with its batch-mates)."""
+    from value_pl.driver.analyze import analyze
+
+    nmis = []
+    for bs in (1, 3, 8):
+        d = tmp_path / f"bs{bs}"
+        analyze(compose([f"data.root={demo_root}", "analysis=fusion", "max_samples=8", f"batch_size={bs}",
+                         "progress=false", "logger=none", f"run_dir={d}"], config_name="analyze"))
+        res = json.loads((d / "fusion.json").read_text())
+        assert res["samples"] == 8
+        nmis.append([r["nmi"] for r in res["layers"]])
+    np.testing.assert_allclose(nmis[0], nmis[1], atol=1e-6)
+    np.testing.assert_allclose(nmis[0], nmis[2], atol=1e-6)

@@ -75,3 +75,21 @@ def test_nmi_per_sample_is_sklearn():
     got = nmi_per_sample(p, t, m)
     want = [sk_nmi(t[b][m[b]].numpy(), p[b][m[b]].numpy()) for b in range(30)]
     assert np.allclose(got, want, atol=1e-12)
+
+
+def test_row_seeds_make_a_samples_partition_independent_of_its_batch():
+    """With one generator per row (the run's seed, the sample's key, the layer) a sample gets the same restarts,
+    hence the same partition and inertia, alone or in any batch; with one generator per batch it need not."""
+    from value_pl.analysis.kmeans import row_seed
+
+    X, M, _ = _batch(7, (0.3, 0.4), B=12)  # barely separated clusters: the restarts matter
+    x, m = torch.tensor(X), torch.tensor(M)
+    keys = [f"img{i}" for i in range(12)]
+    seeds = [row_seed(5, k, 3) for k in keys]
+    full, inert = kmeans2(x, m, n_init=3, row_seeds=seeds)
+    for lo, hi in [(0, 1), (3, 7), (5, 12)]:
+        part, pi = kmeans2(x[lo:hi], m[lo:hi], n_init=3, row_seeds=seeds[lo:hi])
+        assert torch.equal(part, full[lo:hi]) and torch.allclose(pi, inert[lo:hi], rtol=1e-12)
+    assert len(set(seeds)) == 12 and row_seed(5, "img0", 3) != row_seed(5, "img0", 4) != row_seed(6, "img0", 4)
+    with pytest.raises(ValueError, match="2 row seeds for 12 rows"):
+        kmeans2(x, m, row_seeds=seeds[:2])

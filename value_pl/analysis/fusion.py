@@ -20,7 +20,7 @@ import torch
 
 from ..backbones.capture import CaptureSpec
 from .common import Analysis, Figure, fusion_layers, table1_label
-from .kmeans import kmeans2, nmi_per_sample
+from .kmeans import kmeans2, nmi_per_sample, row_seed
 
 
 def layer_tokens(out, ha: str, hb: str):
@@ -65,7 +65,9 @@ class Fusion(Analysis):
         x = torch.cat([t[keep] for t in xs], 0)  # (K*Bk, N, D): all layers of all kept samples at once
         lab = torch.cat([l[keep] for l in labs], 0)
         mask = lab >= 0
-        pred, _ = kmeans2(x, mask, n_init=self.n_init, max_iter=self.max_iter, seed=self.seed)
+        keys = [k for k, kept in zip(batch["keys"], keep.tolist()) if kept]
+        seeds = [row_seed(self.seed, key, l) for l, _, _ in self.layers for key in keys]  # a sample's own restarts
+        pred, _ = kmeans2(x, mask, n_init=self.n_init, max_iter=self.max_iter, seed=self.seed, row_seeds=seeds)
         nmi = nmi_per_sample(pred, lab, mask).reshape(K, -1)  # (K, Bk)
         self.sum += nmi.sum(1)
         self.sq += (nmi ** 2).sum(1)
@@ -152,7 +154,7 @@ class TSNE(Analysis):
             perp = float(min(30.0, max(2.0, (len(xi) - 1) / 3.0)))
             y = SKTSNE(n_components=2, perplexity=perp, init="pca", random_state=self.seed,
                          method="exact" if len(xi) < 500 else "barnes_hut").fit_transform(xi)
-            pred, _ = kmeans2(x[i : i + 1], m[None], seed=self.seed)
+            pred, _ = kmeans2(x[i : i + 1], m[None], row_seeds=[row_seed(self.seed, batch["keys"][i], l)])
             nmi = float(nmi_per_sample(pred, lab[i : i + 1], m[None])[0])
             self.points["layers"].append({"layer": int(l), "table1": table1_label(l), "xy": y.tolist(),
                                           "modality": li.tolist(), "nmi": nmi})

@@ -5,13 +5,16 @@
 follows scikit-learn's ``KMeans(n_clusters=2)``: the data of each sample are centred, every restart is
 seeded with k-means++ (restart 0 with the deterministic farthest-point pair), Lloyd iterations run until
 no label changes (or ``max_iter``), and the restart with the lowest inertia wins. The random numbers
-come from a fixed ``torch.Generator`` on the CPU, so results do not depend on the device.
+come from a fixed ``torch.Generator`` on the CPU, so results do not depend on the device; with ``row_seeds``
+each sample draws them from its own generator (:func:`row_seed`: the run's seed, the sample's key, the layer),
+so a sample's partition does not depend on the batch it was read in either.
 
 NMI is scikit-learn's :func:`~sklearn.metrics.normalized_mutual_info_score` (arithmetic mean
 normalisation, the same default as torchmetrics) per sample; nothing here re-implements it.
 """
 from __future__ import annotations
 
+import zlib
 from functools import lru_cache
 
 import numpy as np
@@ -36,14 +39,43 @@ def _pick(weights: Tensor, u: Tensor) -> Tensor:
     return idx.clamp(max=weights.shape[-1] - 1)
 
 
+def row_seed(seed: int, key: str, layer: int = 0) -> int:
+    """The seed of one sample's k-means restarts at one layer: the same in every batch and batch size."""
+    return zlib.crc32(f"{int(seed)}\x1f{key}\x1f{int(layer)}".encode("utf-8"))
+
+
+class _Uniforms:
+    """Uniform draws for a batch: from one generator seeded with ``seed``, or, with ``row_seeds``, row ``b`` from
+    its own generator (the same numbers for a sample whatever its batch)."""
+
+    def __init__(self, B: int, seed: int, row_seeds):
+        self.B = B
+        if row_seeds is None:
+            self.g, self.rows = torch.Generator(device="cpu").manual_seed(int(seed)), None
+        else:
+            if len(row_seeds) != B:
+                raise ValueError(f"kmeans2: {len(row_seeds)} row seeds for {B} rows")
+            self.g, self.rows = None, [torch.Generator(device="cpu").manual_seed(int(r)) for r in row_seeds]
+
+    def __call__(self, *shape: int) -> Tensor:
+        if self.rows is None:
+            return torch.rand(self.B, *shape, generator=self.g, dtype=torch.float64)
+        out = torch.empty(self.B, *shape, dtype=torch.float64)
+        for b, g in enumerate(self.rows):
+            out[b] = torch.rand(*shape, generator=g, dtype=torch.float64)
+        return out
+
+
 @torch.no_grad()
 def kmeans2(x: Tensor, mask: Tensor, n_init: int = 10, max_iter: int = 100, seed: int = 0,
-           local_trials: int = 4) -> tuple[Tensor, Tensor]:
+           local_trials: int = 4, row_seeds: list[int] | None = None) -> tuple[Tensor, Tensor]:
     """k-means with k=2 for every sample of a batch.
 
     x: (B, N, D) float; mask: (B, N) bool/0-1 (real tokens). Returns ``(labels, inertia)``: labels
     (B, N) long in {0, 1} (-1 at masked positions) of the best restart, inertia (B,) of that restart.
-    Samples with fewer than two real tokens get label 0 everywhere and inertia 0.
+    Samples with fewer than two real tokens get label 0 everywhere and inertia 0. ``row_seeds`` (B ints, e.g.
+    :func:`row_seed`): each row's restarts from its own generator, independent of the other rows; else one
+    generator seeded with ``seed`` for the batch.
     """
     if x.dim() != 3:
         raise ValueError(f"kmeans2 expects (B, N, D), got {tuple(x.shape)}")
@@ -58,8 +90,8 @@ def kmeans2(x: Tensor, mask: Tensor, n_init: int = 10, max_iter: int = 100, seed
     bidx = torch.arange(B, device=dev)
 
     # ---- initial centres: restart 0 farthest-point, restarts >= 1 k-means++ (fixed CPU generator)
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    u1 = torch.rand(B, I, generator=g, dtype=torch.float64).to(dev)
+    draw = _Uniforms(B, seed, row_seeds)
+    u1 = draw(I).to(dev)
     w_valid = mf[:, None, :].expand(B, I, N).double()
     first = _pick(w_valid, u1)  # (B, I) uniform over real tokens
     first[:, 0] = torch.where(m.any(1), (xx.masked_fill(~m, -1.0)).argmax(1), torch.zeros_like(first[:, 0]))
@@ -69,7 +101,7 @@ def kmeans2(x: Tensor, mask: Tensor, n_init: int = 10, max_iter: int = 100, seed
     # greedy k-means++ (as scikit-learn): several candidates for the second centre, keep the one that
     # lowers the potential most
     L = max(int(local_trials), 1)
-    u2 = torch.rand(B, I, L, generator=g, dtype=torch.float64).to(dev)
+    u2 = draw(I, L).to(dev)
     cand = _pick(d1.double()[:, :, None, :].expand(B, I, L, N), u2)  # (B, I, L)
     cx = x[bidx[:, None, None], cand]  # (B, I, L, D)
     dc = (xx[:, None, None, :] - 2.0 * torch.einsum("bnd,bild->biln", x, cx) + (cx * cx).sum(-1)[..., None]).clamp_min(0)
