@@ -230,7 +230,7 @@ def test_analysis_collator_pairs_partners_and_missing():
     from value_pl.data.collate import Collator, InputEncoder
 
     meta = {"words": "a man rides a red bike near a dog".split(), "image": {"width": 100, "height": 100},
-            "regions": {"boxes": [[0, 0, 10, 10]] * 4},
+            "regions": {"boxes": [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]]},
             "phrases": [{"span": [0, 2], "label": "people"}, {"span": [3, 6], "label": "vehicles"},
                         {"span": [7, 9], "label": "animals"}],
             "pairs": {"vcd": [[0, 0, "coref"], [1, 1, "coref"], [1, 2, "not_coref"], [2, 3, "coref"]],
@@ -249,3 +249,36 @@ def test_analysis_collator_pairs_partners_and_missing():
     assert b1["rel_type"] == ["riding"] and b1["rel_rand"].tolist() == [[2, 3]]
     for k in ("coref_rand_phrase", "coref_rand_region", "rel_rand"):
         assert torch.equal(b1[k], b2[k])  # deterministic by (seed, key)
+
+
+def test_random_regions_are_never_near_duplicates_of_the_pairs_own():
+    """Real detections come in overlapping sets: a second box on the man (IoU ~0.8 with his region) is the man, not
+    a random region. Rand. partners skip such boxes (counted), unless rand_iou=null."""
+    from value_pl.analysis.pairs import AnalysisCollator
+    from value_pl.backbones.common import load_tokenizer, minilm_path
+    from value_pl.data.collate import Collator, InputEncoder
+
+    boxes = [[0, 0, 40, 80], [2, 2, 40, 78],  # the man and a near-duplicate detection of him
+             [50, 0, 90, 30], [52, 1, 90, 30],  # the bike and its near-duplicate
+             [0, 85, 20, 99], [60, 60, 99, 99]]  # two unrelated regions
+    meta = {"words": "a man rides a bike".split(), "image": {"width": 100, "height": 100},
+            "regions": {"boxes": boxes},
+            "phrases": [{"span": [0, 2], "label": "people"}, {"span": [3, 5], "label": "vehicles"}],
+            "pairs": {"vcd": [[0, 0, "coref"], [1, 2, "coref"]], "vrc": [[0, 2, "riding"]]}}
+    enc = InputEncoder(load_tokenizer(minilm_path()), "uniter7", 64)
+    col, anyr = AnalysisCollator(Collator(enc), seed=0), AnalysisCollator(Collator(enc), seed=0, rand_iou=None)
+    drawn, drawn_any = set(), set()  # random regions drawn over 60 samples
+    for i in range(60):
+        s = {"key": f"k{i}", "meta": meta, "feats": np.zeros((6, 8), np.float16)}
+        b, a = col([s]), anyr([s])
+        man, bike = b["coref_rand_region"][:, 0].tolist()
+        assert man not in (0, 1) and bike not in (2, 3), (man, bike)
+        assert b["rel_rand"][0, 0].item() in (4, 5)  # neither the man, the bike nor a duplicate of either
+        drawn.update([man, bike, b["rel_rand"][0, 0].item()])
+        drawn_any.update(a["coref_rand_region"][:, 0].tolist() + a["rel_rand"][:, 0].tolist())
+        assert b["analysis_missing"] == {
+            "coref rand: near-duplicates of the pair's own regions (not drawn as the random region)": 2,
+            "relation rand: near-duplicates of the pair's own regions (not drawn as the random region)": 1}
+        assert a["analysis_missing"] == {}
+    assert drawn == {0, 1, 2, 3, 4, 5} and {4, 5} <= drawn_any  # other objects' regions remain partners
+    assert {1, 3} <= drawn_any  # without the rule the duplicates are drawn

@@ -65,7 +65,8 @@ class Fusion(Analysis):
         x = torch.cat([t[keep] for t in xs], 0)  # (K*Bk, N, D): all layers of all kept samples at once
         lab = torch.cat([l[keep] for l in labs], 0)
         mask = lab >= 0
-        keys = [k for k, kept in zip(batch["keys"], keep.tolist()) if kept]
+        names = batch.get("keys") or [f"#{batch.get('_offset', 0) + i}" for i in range(len(keep))]
+        keys = [k for k, kept in zip(names, keep.tolist()) if kept]
         seeds = [row_seed(self.seed, key, l) for l, _, _ in self.layers for key in keys]  # a sample's own restarts
         pred, _ = kmeans2(x, mask, n_init=self.n_init, max_iter=self.max_iter, seed=self.seed, row_seeds=seeds)
         nmi = nmi_per_sample(pred, lab, mask).reshape(K, -1)  # (K, Bk)

@@ -13,11 +13,15 @@ Added batch keys (all spans are ``[start, end)`` within the modality, as the Col
 ``rel_*`` -- one row per ``vrc`` pair: ``rel_b``, ``rel_s``/``rel_o`` (P, 2) subject/object regions,
     ``rel_type`` list of predicates, ``rel_rand`` (P, 2) a random region other than both (``-1``: none).
 ``analysis_missing`` -- ``{reason: count}`` of pairs or partners that could not be formed (a region cut
-    by ``max_regions``, a phrase truncated by ``max_text_len``, no other phrase/region); never dropped
-    silently.
+    by ``max_regions``, a phrase truncated by ``max_text_len``, no other phrase/region), and of the pairs whose
+    random region was drawn without the near-duplicates of their own regions; never dropped silently.
 
 Random partners are drawn from a generator seeded by ``(seed, crc32(sample key))``: the same on every
-run, independent of batching and of the order of the shards.
+run, independent of batching and of the order of the shards. A random *region* is never a near-duplicate of
+the pair's own regions (IoU >= ``rand_iou`` with the phrase's linked regions, or with the relation's subject
+or object): real detectors return several overlapping boxes of one object, and such a box is the same object,
+not a random one -- it would lift the Rand. baseline towards the real pair (the VCD builder keeps them out of
+its negatives for the same reason).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from ..data.collate import Collator
+from ..datasets.regions.combine import iou_matrix
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:
@@ -41,9 +46,10 @@ class AnalysisCollator:
     """Wraps a backbone collator (called with no task) and adds coreference and relation pairs."""
 
     def __init__(self, base: Collator, seed: int = 0, coref_task: str = "vcd", coref_label: str = "coref",
-                 relation_task: str = "vrc"):
+                 relation_task: str = "vrc", rand_iou: float | None = 0.5):
         self.base = base
         self.seed = int(seed)
+        self.rand_iou = None if rand_iou is None else float(rand_iou)
         self.coref_task, self.coref_label, self.relation_task = coref_task, coref_label, relation_task
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -61,6 +67,16 @@ class AnalysisCollator:
             m = s["meta"]
             rng = _rng(self.seed, s["key"])
             nr = int(nreg[b])
+            near = self._near(m, nr)
+
+            def random_region(own, why):  # a region other than the pair's own and their near-duplicates
+                cands = [j for j in range(nr) if j not in own]
+                if near is not None:
+                    kept = [j for j in cands if not any(near[j, o] for o in own)]
+                    if len(kept) < len(cands):
+                        miss(f"{why}: near-duplicates of the pair's own regions (not drawn as the random region)")
+                    cands = kept
+                return cands[int(rng.integers(len(cands)))] if cands else None
             phrases = m.get("phrases", [])
             spans = []
             for p in phrases:
@@ -95,9 +111,8 @@ class AnalysisCollator:
                 else:
                     crp.append((-1, -1))
                     miss("coref rand: no other phrase")
-                oregs = [j for j in range(nr) if j not in linked_to_phrase.get(a, ())]
-                if oregs:
-                    j = oregs[int(rng.integers(len(oregs)))]
+                j = random_region(linked_to_phrase.get(a, {r}), "coref rand")
+                if j is not None:
                     crr.append((j, j + 1))
                 else:
                     crr.append((-1, -1))
@@ -110,9 +125,8 @@ class AnalysisCollator:
                 rs.append((sb, sb + 1))
                 ro.append((ob, ob + 1))
                 rtype.append(str(lab))
-                oregs = [j for j in range(nr) if j not in (sb, ob)]
-                if oregs:
-                    j = oregs[int(rng.integers(len(oregs)))]
+                j = random_region({sb, ob}, "relation rand")
+                if j is not None:
                     rr.append((j, j + 1))
                 else:
                     rr.append((-1, -1))
@@ -125,3 +139,13 @@ class AnalysisCollator:
             analysis_missing=missing,
         )
         return batch
+
+    def _near(self, meta: dict, nr: int) -> np.ndarray | None:
+        """(nr, nr) bool: regions that overlap at IoU >= ``rand_iou`` (None: no threshold, or no boxes)."""
+        boxes = (meta.get("regions") or {}).get("boxes")
+        if self.rand_iou is None or boxes is None or nr == 0:
+            return None
+        bx = np.asarray(boxes, np.float64).reshape(-1, 4)[:nr]
+        if len(bx) < nr:
+            return None
+        return iou_matrix(bx, bx) >= self.rand_iou

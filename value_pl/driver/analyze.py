@@ -101,7 +101,7 @@ def analyze(cfg: DictConfig) -> dict:
     names = list(OmegaConf.to_container(cfg.analysis.run, resolve=True))
     analyses, skipped = build_analyses(names, backbone, cfg, strict=len(names) == 1)
     collate = AnalysisCollator(backbone.collator(), seed=int(cfg.seed),
-                               coref_label=cfg.get("coref_label", "coref"))
+                               coref_label=cfg.get("coref_label", "coref"), rand_iou=cfg.get("rand_iou", 0.5))
     limit = cfg.get("max_samples")
     total = dm.num_samples(split) if split in dm.manifest["splits"] else None
     if limit:
