@@ -210,6 +210,16 @@ def test_fusion_two_stream_takes_both_streams():
                               "nmi": pytest.approx(1.0), "std": pytest.approx(0.0, abs=1e-6)}]
     assert "| Layer (Table 1) | 0 |" in an.markdown(res) and "| = layer (results.json) | 1 |" in an.markdown(res)
     assert res["samples"] == 2 and res["missing"] == {"fusion: sample without regions": 1}
+    # t-SNE of the sample with no regions: drawn (text only), and said
+    from value_pl.analysis.fusion import TSNE
+
+    ts = TSNE(FakeTwo(), OmegaConf.create({"seed": 0, "tsne_sample": 2, "tsne_layers": [1]}))
+    batch = {"_offset": 0, "keys": ["a", "b", "c"]}
+    assert ts.capture(batch) is not None
+    ts.update(out, batch)
+    res = ts.result()
+    assert res["key"] == "c" and set(res["layers"][0]["modality"]) == {0}
+    assert res["missing"] == {"tsne: sample 2 has no regions (a text-only plot; choose another tsne_sample)": 1}
 
 
 def test_merge_captures():

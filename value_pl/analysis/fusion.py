@@ -148,6 +148,8 @@ class TSNE(Analysis):
 
         i = self.target - batch["_offset"]
         self.points = {"key": batch["keys"][i], "layers": []}
+        if not bool((out.region_mask[i] > 0).any()):
+            self.count(f"tsne: sample {self.target} has no regions (a text-only plot; choose another tsne_sample)")
         for l, ha, hb in self.layers:
             x, lab = layer_tokens(out, ha, hb)
             m = lab[i] >= 0
