@@ -292,3 +292,30 @@ def test_random_regions_are_never_near_duplicates_of_the_pairs_own():
         assert a["analysis_missing"] == {}
     assert drawn == {0, 1, 2, 3, 4, 5} and {4, 5} <= drawn_any  # other objects' regions remain partners
     assert {1, 3} <= drawn_any  # without the rule the duplicates are drawn
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_fusion_can_leave_cls_and_sep_out(special):
+    """[CLS]/[SEP] whose states sit with the regions split the text cluster (NMI < 1) unless
+    fusion.include_special=false takes them out of the clustering."""
+    from value_pl.backbones.base import StreamInfo
+
+    B, D = 2, 8
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(B, T, D, generator=g) * 0.1 + 5.0
+    regs = torch.randn(B, R, D, generator=g) * 0.1 - 5.0
+    text[:, 0] = text[:, T - 1] = -5.0  # [CLS] and [SEP] look like regions
+    special_mask = torch.zeros(B, T)
+    special_mask[:, 0] = special_mask[:, T - 1] = 1
+    out = BackboneOutput(hidden={"hidden.joint.1": torch.cat([text, regs], 1)}, attn={},
+                         streams={"joint": StreamInfo(T + R, text_offset=0, region_offset=T)}, attn_streams={},
+                         text_mask=torch.ones(B, T, dtype=torch.long), region_mask=torch.ones(B, R, dtype=torch.long),
+                         word_to_token=torch.zeros(B, 1, 2, dtype=torch.long), special_mask=special_mask)
+
+    an = Fusion(FakeSingle(L=1), OmegaConf.create({"seed": 0, "fusion": {"include_special": special}}))
+    an.layers = [(1, "hidden.joint.1", "hidden.joint.1")]
+    an.update(out, {"keys": ["a", "b"]})
+    res = an.result()
+    nmi = res["layers"][0]["nmi"]
+    assert (nmi < 0.9) if special else nmi == pytest.approx(1.0)
+    assert ("incl. [CLS]/[SEP]" in res["tokens"]) == special

@@ -3,7 +3,8 @@
 For every sample and layer, k-means (k=2) over the sample's token representations and the NMI between
 the two clusters and the modality labels (text / region), averaged over samples. Lower NMI = more
 fused. Tokens: every real text token *including* [CLS] and [SEP] (they are text-modality tokens of
-the input sequence) and every real region; padding never takes part. Single-stream: the embeddings
+the input sequence; ``fusion.include_special=false`` leaves them out) and every real region; padding never
+takes part. Single-stream: the embeddings
 (layer 0) and every layer; two-stream: the cross layers, both streams' tokens together.
 
 Numbering: ``layer`` in ``results`` is our index (0 = embedding output, k = the k-th layer, as in
@@ -23,13 +24,24 @@ from .common import Analysis, Figure, fusion_layers, table1_label
 from .kmeans import kmeans2, nmi_per_sample, row_seed
 
 
-def layer_tokens(out, ha: str, hb: str):
-    """(B, N, D) tokens and (B, N) modality labels (0 text, 1 region, -1 pad) of one layer."""
+def _labels(out, stream: str, special: bool):
+    lab = out.modality_mask(stream)
+    info = out.streams[stream]
+    if not special and info.text_offset is not None:  # [CLS]/[SEP] leave the clustering
+        T = out.special_mask.shape[1]
+        seg = lab[:, info.text_offset : info.text_offset + T]
+        seg[out.special_mask.bool() & (seg == 0)] = -1
+    return lab
+
+
+def layer_tokens(out, ha: str, hb: str, special: bool = True):
+    """(B, N, D) tokens and (B, N) modality labels (0 text, 1 region, -1 pad) of one layer; ``special=False``
+    labels [CLS]/[SEP] -1 too (out of the clustering)."""
     sa, sb = ha.split(".")[1], hb.split(".")[1]
     if ha == hb:
-        return out.hidden[ha].float(), out.modality_mask(sa)
+        return out.hidden[ha].float(), _labels(out, sa, special)
     return (torch.cat([out.hidden[ha].float(), out.hidden[hb].float()], 1),
-            torch.cat([out.modality_mask(sa), out.modality_mask(sb)], 1))
+            torch.cat([_labels(out, sa, special), _labels(out, sb, special)], 1))
 
 
 class Fusion(Analysis):
@@ -44,6 +56,7 @@ class Fusion(Analysis):
         km = cfg.get("kmeans", {}) or {}
         self.n_init, self.max_iter = int(km.get("n_init", 10)), int(km.get("max_iter", 100))
         self.seed = int(cfg.get("seed", 0))
+        self.special = bool((cfg.get("fusion", {}) or {}).get("include_special", True))
 
     def capture(self, batch):
         return CaptureSpec(hidden=sorted({h for _, a, b in self.layers for h in (a, b)}), attn=[])
@@ -51,7 +64,7 @@ class Fusion(Analysis):
     def update(self, out, batch):
         xs, labs = [], []
         for _, ha, hb in self.layers:
-            x, lab = layer_tokens(out, ha, hb)
+            x, lab = layer_tokens(out, ha, hb, self.special)
             xs.append(x)
             labs.append(lab)
         lab = labs[0]
@@ -83,7 +96,9 @@ class Fusion(Analysis):
                  "nmi": float(mean[i]) if self.n else math.nan,
                  "std": float(std[i]) if self.n else math.nan} for i, (l, a, b) in enumerate(self.layers)]
         return {"analysis": "fusion", "kind": self.backbone.kind, "samples": self.n, "layers": rows,
-                "tokens": "all real text tokens incl. [CLS]/[SEP], all real regions; padding excluded",
+                "tokens": ("all real text tokens incl. [CLS]/[SEP]" if self.special else
+                           "the real text tokens without [CLS]/[SEP] (fusion.include_special=false)")
+                + ", all real regions; padding excluded",
                 "kmeans": {"k": 2, "n_init": self.n_init, "max_iter": self.max_iter, "seed": self.seed},
                 "missing": dict(self.missing)}
 
@@ -135,6 +150,7 @@ class TSNE(Analysis):
         self.layers = [by[int(p)] for p in pick]
         self.target = int(cfg.get("tsne_sample", 0))
         self.seed = int(cfg.get("seed", 0))
+        self.special = bool((cfg.get("fusion", {}) or {}).get("include_special", True))
         self.points = None
 
     def capture(self, batch):
@@ -151,7 +167,7 @@ class TSNE(Analysis):
         if not bool((out.region_mask[i] > 0).any()):
             self.count(f"tsne: sample {self.target} has no regions (a text-only plot; choose another tsne_sample)")
         for l, ha, hb in self.layers:
-            x, lab = layer_tokens(out, ha, hb)
+            x, lab = layer_tokens(out, ha, hb, self.special)
             m = lab[i] >= 0
             xi, li = x[i][m].cpu().numpy().astype(np.float64), lab[i][m].cpu().numpy()
             perp = float(min(30.0, max(2.0, (len(xi) - 1) / 3.0)))
