@@ -85,6 +85,22 @@ def test_cached_training_equals_online(tmp_path):
         cfg = compose(common + [f"data.cache={cache}"] + bad)
         with pytest.raises(ValueError, match="does not match this run"):
             build_module(cfg, make_datamodule(cfg))
+    # ... or for other inputs to the same weights: texts cut elsewhere, other regions kept
+    for bad, what in ((["backbone.max_regions=2"], "max_regions=100 in the cache != 2"),
+                      (["backbone.max_text_len=8"], "text_limit=128 in the cache != 8")):
+        cfg = compose(common + [f"data.cache={cache}"] + bad)
+        with pytest.raises(ValueError, match=what):
+            build_module(cfg, make_datamodule(cfg))
+    # a cache written before the identity held those is refused, naming why
+    import json as _json
+
+    mpath = cache / "manifest.json"
+    man_old = _json.loads(mpath.read_text())
+    mpath.write_text(_json.dumps({**man_old, "version": 2}))
+    cfg = compose(common + [f"data.cache={cache}"])
+    with pytest.raises(ValueError, match="version 2, older .* Re-extract"):
+        build_module(cfg, make_datamodule(cfg))
+    mpath.write_text(_json.dumps(man_old))
     # a subset of the cached layers is fine
     cfg = compose(common + [f"data.cache={cache}", "layers=[1]"])
     build_module(cfg, make_datamodule(cfg))

@@ -39,16 +39,24 @@ from .schema import load_manifest
 log = logging.getLogger(__name__)
 
 FORMAT = "value-pl-feature-cache"
-VERSION = 2  # 2: info.json holds the batch counters
+VERSION = 3  # 2: info.json holds the batch counters; 3: the identity holds the backbone's input limits
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 # ------------------------------------------------------------------ identity
+#: what, besides the weights, shapes a backbone's features: the text limit (texts cut there), the regions kept and
+#: the box encoding
+INPUTS = ("text_limit", "max_regions", "box_mode")
+
+
 def cache_identity(module, cfg, dtype: str, precision: str) -> dict:
     ident = module.backbone.describe()
+    bb = module.backbone
     return {
-        "backbone": {k: ident.get(k) for k in ("family", "name", "checksum", "pretrained", "seed", "layers",
-                                                "hidden", "heads")},
+        "backbone": {**{k: ident.get(k) for k in ("family", "name", "checksum", "pretrained", "seed", "layers",
+                                                   "hidden", "heads")},
+                     "text_limit": int(bb.text_limit), "max_regions": getattr(bb, "max_regions", None),
+                     "box_mode": getattr(bb, "box_mode", None)},
         "task": {"name": module.task["name"], "kind": module.kind, "labels": list(module.labels)},
         "prober": module.prober_name,
         "heads": list(module.head_names),
@@ -65,12 +73,19 @@ def check_cache(manifest: dict, module, cfg, root: str | Path = "?") -> None:
     c = manifest.get("cache")
     if manifest.get("format") != FORMAT or not c:
         raise ValueError(f"{root} is not a feature cache (write one with python -m value_pl.extract)")
+    if int(manifest.get("version", 0)) < VERSION:
+        raise ValueError(f"feature cache {root} is version {manifest.get('version')}, older than this value-pl's "
+                         f"{VERSION}: it does not record the backbone's text limit, max_regions and box encoding, so "
+                         f"it cannot be checked against this run. Re-extract it with python -m value_pl.extract.")
     want = cache_identity(module, cfg, c.get("dtype", "float16"), c.get("precision", "32"))
     errs = []
     cb, wb = c["backbone"], want["backbone"]
     if cb.get("checksum") != wb.get("checksum"):
         errs.append(f"backbone {cb.get('name')} checksum {cb.get('checksum')} != the configured backbone "
                     f"{wb.get('name')} checksum {wb.get('checksum')}")
+    for k in INPUTS:  # features of texts cut elsewhere, of other regions or boxes are other features
+        if cb.get(k) != wb.get(k):
+            errs.append(f"backbone {k}={cb.get(k)} in the cache != {wb.get(k)} configured")
     if c["task"] != want["task"]:
         errs.append(f"task {c['task']['name']} ({len(c['task']['labels'])} labels) != {want['task']['name']} "
                     f"({len(want['task']['labels'])} labels)")
