@@ -76,6 +76,31 @@ def test_a_training_epoch_is_an_epoch(uneven, world, workers):
     assert sorted(shard_order(7, 5, 1, True)) == list(range(7))
 
 
+@pytest.mark.parametrize("world,workers,cap", [(2, 2, None), (3, 1, None), (2, 2, 1)])
+def test_with_one_training_shard_every_sample_is_read_within_a_few_epochs(tmp_path, world, workers, cap):
+    """One shard: the shard order cannot move what an epoch leaves over (13 % world samples, or all but
+    world x train_batches batches); the epoch's seeded offset does, so no sample is left out every epoch."""
+    root = tmp_path / "one"
+    small_demo(root, splits={"train": 13, "val": 2, "test": 2}, maxcount=100)
+    dm = ShardDataModule(root, batch_size=2, seed=3)
+    st = dm.stream("train", train=True, collate=list)
+    assert len(st.urls) == 1
+    seen, left_out = set(), []
+    for epoch in range(12):
+        got = {}
+        for r, w in itertools.product(range(world), range(workers)):
+            s = ShardStream(st.urls, st.counts, decode_sample, list, 2, True, seed=3, rank=r, world=world,
+                            cap_batches=cap)
+            got[(r, w)] = [x["key"] for x in s.samples(w, workers, epoch)]
+        per_rank = [sum(len(got[(r, w)]) for w in range(workers)) for r in range(world)]
+        flat = [k for v in got.values() for k in v]
+        assert len(set(flat)) == len(flat) and len(set(per_rank)) == 1  # disjoint, equal per rank
+        assert per_rank[0] == (13 // world if cap is None else min(13 // world, 2 * cap))
+        seen |= set(flat)
+        left_out.append(13 - len(flat))
+    assert len(seen) == 13 and max(left_out) > 0
+
+
 def test_batches_per_rank_are_equal_and_at_most_one_is_partial(uneven):
     root, _ = uneven
     for world, workers, bs in [(2, 3, 4), (3, 2, 5), (1, 4, 3)]:

@@ -208,6 +208,28 @@ def batches_per_rank(total: int, rank: int, world: int, batch_size: int, train: 
     return math.ceil((b - a) / batch_size)
 
 
+def rotated(start: int, stop: int, total: int, offset: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of a numbering of ``total`` samples shifted by ``offset`` (mod ``total``): one or two ranges."""
+    a, b = start + offset, stop + offset
+    if b <= total:
+        return [(a, b)] if a < b else []
+    if a >= total:
+        return [(a - total, b - total)]
+    return [(a, total), (0, b - total)]
+
+
+def train_offset(total: int, world: int, seed: int, epoch: int, cap: int | None = None) -> int:
+    """Where an epoch's training numbering starts. The ranks read ``world`` equal parts of it, and what is left
+    (``total % world`` samples, or more under ``data.train_batches``) is its end: without an offset that would be
+    the same samples every epoch whenever the shard order cannot change it (one shard, or a last shard that stays
+    last). A (seed, epoch)-seeded offset, the same on every rank, moves the leftover through all samples."""
+    per = total // max(world, 1)
+    used = world * (per if cap is None else min(per, cap))
+    if total <= 0 or used >= total:
+        return 0
+    return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0x0FF5E7]).integers(total))
+
+
 def pieces(order: list[int], counts: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
     """Global range [start, stop) of the numbering in ``order`` -> [(shard, local start, local stop)]."""
     out, pos = [], 0
@@ -287,10 +309,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         return order, slot_range(sum(ordered), self.rank, self.world, worker, workers, self.batch_size,
                                  self.train, self.cap)
 
+    def spans(self, rng: SlotRange, epoch: int) -> list[tuple[int, int]]:
+        """The ranges of the epoch's numbering a slot reads: training ones start at :func:`train_offset`."""
+        if not self.train:
+            return [(rng.start, rng.stop)]
+        off = train_offset(self.total, self.world, self.seed, epoch, self.cap)
+        return rotated(rng.start, rng.stop, self.total, off)
+
     def raw(self, worker: int = 0, workers: int = 1, epoch: int = 0) -> Iterator[dict]:
         """Undecoded samples (bytes per file) of this (rank, worker) for ``epoch``, in reading order."""
         order, rng = self.plan(worker, workers, epoch)
-        for shard, a, b in pieces(order, self.counts, rng.start, rng.stop):
+        for shard, a, b in (p for lo, hi in self.spans(rng, epoch) for p in pieces(order, self.counts, lo, hi)):
             n = 0
             for raw in iter_samples(self.urls[shard], a, b):
                 n += 1
