@@ -51,7 +51,7 @@ class ToyPretraining(pl.LightningModule):
 
     def __init__(self, img_dim: int, seed: int = 0, lr: float = 1e-3, mask_p: float = 0.3):
         super().__init__()
-        self.encoder = tiny_encoder(img_dim, seed).requires_grad_(True)  # value_pl freezes by default
+        self.encoder = tiny_encoder(img_dim, seed).unfreeze()  # trainable, dropout on in training
         self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(TINY["hidden_size"], img_dim))
         self.lr, self.mask_p = lr, mask_p
 

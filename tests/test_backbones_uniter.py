@@ -141,3 +141,25 @@ def test_train_fast_dev_run_untrained_twin(tmp_path, demo_root):
 def test_needs_weights_or_twin(tok):
     with pytest.raises(ValueError, match="backbone.checkpoint"):
         build(tokenizer=tok)
+
+
+def test_frozen_stays_in_eval_and_unfreeze_trains_with_dropout(bert_dir, tok):
+    """A built backbone is frozen: train() inside a module put in train mode leaves dropout off. unfreeze() (a
+    backbone your own pretraining trains) gives gradients and a working train(): dropout on, outputs vary."""
+    m = build(path=bert_dir, tokenizer=tok, pretrained=False, seed=1)
+    wrapper = torch.nn.ModuleDict({"bb": m}).train()
+    assert not any(x.training for x in m.modules()) and not any(p.requires_grad for p in m.parameters())
+    batch = make_batch(m)
+    spec = CaptureSpec(hidden=[f"hidden.joint.{m.num_layers}"], attn=[])
+    a, b = (m(batch, spec).hidden[f"hidden.joint.{m.num_layers}"] for _ in range(2))
+    assert torch.equal(a, b)  # no dropout
+    m.unfreeze()
+    wrapper.train()
+    assert all(x.training for x in m.modules()) and all(p.requires_grad for p in m.parameters())
+    a, b = (m(batch, spec).hidden[f"hidden.joint.{m.num_layers}"] for _ in range(2))
+    assert not torch.equal(a, b) and a.requires_grad  # dropout on, gradients flow
+    wrapper.eval()
+    assert not any(x.training for x in m.modules())
+    m.freeze()
+    wrapper.train()
+    assert not any(x.training for x in m.modules())

@@ -191,6 +191,7 @@ class Backbone(nn.Module):
     def __init__(self, tokenizer=None, max_text_len: int | None = None, max_regions: int = 100):
         super().__init__()
         self.identity: dict = {}
+        self._frozen = False  # freeze(): eval mode for good, no gradients (what probing wants)
         self.tokenizer = tokenizer
         self.max_text_len, self.max_regions = max_text_len, max_regions
 
@@ -257,13 +258,25 @@ class Backbone(nn.Module):
         return layer_title(name)
 
     def freeze(self) -> "Backbone":
+        """No gradients, and eval mode that ``train()`` does not undo (dropout off while probing, also inside a
+        module that is put in train mode). The builders return frozen backbones."""
+        self._frozen = True
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
         return self
 
+    def unfreeze(self) -> "Backbone":
+        """Trainable again (a backbone your own pretraining run trains, e.g. with
+        :class:`~value_pl.callbacks.ProbeCallback`): parameters require grad, and ``train()`` / ``eval()`` work as
+        for any module, so dropout is on in training."""
+        self._frozen = False
+        for p in self.parameters():
+            p.requires_grad_(True)
+        return self
+
     def train(self, mode: bool = True):  # a frozen backbone never leaves eval mode
-        return super().train(False)
+        return super().train(bool(mode) and not getattr(self, "_frozen", False))
 
 
 @dataclass
