@@ -71,3 +71,13 @@ def test_sentence_task_configs():
     g = compose(["prober=senteval_mlp"]).prober
     assert list(g.grid.nhid) == [50, 100, 200] and list(g.grid.dropout) == [0.0, 0.1, 0.2]
     assert list(g.grid.l2) == [1e-5, 1e-4, 1e-3, 1e-2] and g.batch_size == 64 and g.tenacity == 5
+
+
+def test_table6_seeds_are_also_the_twins_initialisation():
+    """Table 6's interval covers the random weights too: each seed builds another twin, and no checkpoint is named."""
+    for seed in (0, 2):
+        c = OmegaConf.to_container(compose(["experiment=table6", "backbone=lxmert_untrained", "task=vrc",
+                                            f"seed={seed}", "paths.backbones.lxmert.checkpoint=/x/model_LXRT.pth"]),
+                                   resolve=True)
+        assert c["backbone"]["pretrained"] is False and c["backbone"]["seed"] == seed
+        assert c["backbone"]["checkpoint"] is None
