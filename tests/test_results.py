@@ -168,3 +168,23 @@ def test_majority_comes_from_the_labels_the_run_trained_and_tested_on(tmp_path, 
         counts[split] = c
     assert sum(counts["test"]) == res["pairs_evaluated"]["test"] > 0
     assert res["majority"] == majority_baseline(counts["train"], counts["test"])
+
+
+@pytest.mark.slow
+def test_eval_of_a_control_prober_with_the_raw_baseline_relabels_and_loads_as_trained(tmp_path):
+    """python -m value_pl.eval restores from the checkpoint what its heads need (the raw-feature head) and the
+    labels they were trained on (the control task): the same test accuracies as the training run."""
+    from value_pl.driver.train import evaluate, train
+
+    root = tmp_path / "demo"
+    small_demo(root, splits={"train": 24, "val": 8, "test": 12})
+    res = train(compose(["task=vrc", "prober=layer_emb", f"data.root={root}", *tiny_backbone(tmp_path),
+                         "layers=[1]", "raw_baseline=true", "control=true", "control_seed=7",
+                         f"run_dir={tmp_path / 'run'}", *FAST]))
+    ev = evaluate(compose([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}", f"data.root={root}",
+                           *tiny_backbone(tmp_path), "logger=none", "trainer.enable_progress_bar=false",
+                           f"run_dir={tmp_path / 'eval'}"], config_name="eval"))
+    assert ev["control"] and ev["control"]["seed"] == 7 == res["control"]["seed"]
+    assert {r["name"] for r in ev["layers"]} == {r["name"] for r in res["layers"]} >= {"raw", "layer_01"}
+    acc = {r["name"]: r["test_acc"] for r in res["layers"]}
+    assert {r["name"]: r["test_acc"] for r in ev["layers"]} == pytest.approx(acc)

@@ -205,6 +205,9 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
                          optim=OmegaConf.to_container(cfg.optim, resolve=True), layers=layers, seed=cfg.seed,
                          backbone_cfg=OmegaConf.to_container(cfg.backbone, resolve=True),
                          raw_baseline=bool(cfg.get("raw_baseline", False)))
+    # how the labels were made (saved in prober checkpoints: python -m value_pl.eval relabels the same way)
+    module.labelling = {"control": bool(cfg.get("control", False)), "control_seed": cfg.get("control_seed"),
+                        "shuffle_labels": bool(cfg.get("shuffle_labels", False))}
     if dm.manifest.get("cache"):  # training/evaluating from a feature cache: no backbone forward
         from ..data.cache import attach_cache
 

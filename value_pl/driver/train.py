@@ -70,6 +70,11 @@ def evaluate(cfg: DictConfig) -> dict | None:
                                     "seed": hp.get("seed", cfg.seed)})
         if hp.get("layers") is not None:
             cfg = OmegaConf.merge(cfg, {"layers": hp["layers"]})
+        # the heads it has (raw region features) and the labels they were trained on (control task, shuffled)
+        cfg = OmegaConf.merge(cfg, {"raw_baseline": bool(hp.get("raw_baseline", False))})
+        labelling = (state.get("value_pl") or {}).get("labelling")
+        if labelling:
+            cfg = OmegaConf.merge(cfg, labelling)
     dm = make_datamodule(cfg)
     module, _ = build_module(cfg, dm)
     module.load_state_dict(state["state_dict"], strict=True)

@@ -375,7 +375,7 @@ class ProbeModule(pl.LightningModule):
         checkpoint["value_pl"] = {
             "heads_format": HEADS_FORMAT, "backbone_identity": self._backbone.describe(),
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_state": self.best_state,
-            "task": self.task, "labels": self.labels,
+            "task": self.task, "labels": self.labels, "labelling": getattr(self, "labelling", None),
         }
         # everything must load with torch.load(weights_only=True): plain containers, str, numbers, tensors
         checkpoint.pop(self.CHECKPOINT_HYPER_PARAMS_TYPE, None)  # a class (e.g. DictConfig): needs pickle
