@@ -113,3 +113,19 @@ def test_stacked_inputs_equal_the_per_layer_reference(backbone, demo_root, probe
         torch.testing.assert_close(x, fw.float())
         torch.testing.assert_close(y, bw.float())
     assert len(got) == len(m.head_names) and b.numel() > 16
+
+
+def test_a_layer_that_is_not_there_is_an_error_not_a_silent_drop(tmp_path):
+    """layers=[1, 12] on a 2-layer model, or a typo (all_head), must not train just the layers that match."""
+    from test_capture import tiny_uniter
+
+    bb = tiny_uniter(tmp_path)
+    task = {"name": "vrc", "kind": "region_region", "labels": ["a", "b"]}
+    for prober, layers, bad in (("layer_emb", ["layer_01", "layer_12"], "layer_12"),
+                                ("attention", ["layer_01", "all_head"], "all_head")):
+        with pytest.raises(ValueError, match=rf"\['{bad}'\] are not layers of this backbone .*available: "):
+            ProbeModule(bb, task=task, prober={"name": prober}, layers=layers)
+    ProbeModule(bb, task=task, prober={"name": "attention"}, layers=["layer_01", "all_heads"])  # known names
+    sent = {"name": "sentlen", "kind": "sentence", "labels": ["0", "1"]}
+    with pytest.raises(ValueError, match=r"\['layer_07'\] are not layers of this backbone for sentence"):
+        ProbeModule(bb, task=sent, prober={"name": "senteval_lr"}, layers=["layer_01", "layer_07"])

@@ -99,6 +99,13 @@ class PairPlan:
         def keep(l: LayerSpec) -> bool:
             return select is None or l.name in select
 
+        if select is not None:  # a name that is no layer of this backbone is a typo or another model's layer
+            known = [l.name for l in layout.layers] + ["raw"]
+            unknown = [n for n in select if n not in known]
+            if unknown:
+                raise ValueError(f"layers={list(select)}: {unknown} are not layers of this backbone for "
+                                 f"{pair_kind} tasks; available: {known}")
+
         emb = [l for l in layout.emb_layers() if keep(l)] if prober in ("layer_emb", "both") else []
         att = [l for l in layout.attn_layers() if keep(l)] if prober in ("attention", "both") else []
         # "original visual embedding": the detector's region features themselves, region-region tasks only

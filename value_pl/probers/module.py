@@ -108,6 +108,11 @@ class ProbeModule(pl.LightningModule):
         if self.kind == "sentence":
             names = backbone.sentence_layers()
             if layers is not None:
+                known = [f"layer_{layer_number(n):02d}" for n in names]
+                unknown = [x for x in layers if x not in known]
+                if unknown:
+                    raise ValueError(f"layers={list(layers)}: {unknown} are not layers of this backbone for sentence "
+                                     f"tasks; available: {known}")
                 names = [n for n in names if f"layer_{layer_number(n):02d}" in layers]
             self.sentence_names = names
             self.groups: list[HeadGroup] = sentence_groups(names)
