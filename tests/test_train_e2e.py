@@ -61,3 +61,14 @@ def test_resume_and_eval(tmp_path, demo_root):
     assert ev["task"] == "vcc" and [r["name"] for r in ev["layers"]] == ["layer_01"]
     assert ev["layers"][0]["test_acc"] == pytest.approx(tr["layers"][0]["test_acc"], abs=1e-6)
     assert ev["layers"][0]["val_acc"] == pytest.approx(tr["layers"][0]["val_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_fixed_run_dir_in_a_multirun_gets_one_directory_per_job(tmp_path, demo_root):
+    """`-m seed=0,1 run_dir=X`: each job writes X/<job num>, not the same X (one result would overwrite the other)."""
+    rd = tmp_path / "rd"
+    run_cli("value_pl.train", ["-m", "seed=0,1", f"run_dir={rd}", "prober=layer_emb", "task=vrc",
+                               f"data.root={demo_root}", "trainer.fast_dev_run=true", "layers=[1]", *FAST,
+                               f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path / "unused")
+    assert [json.loads((rd / str(j) / "results.json").read_text())["seed"] for j in (0, 1)] == [0, 1]
+    assert not (rd / "results.json").exists()

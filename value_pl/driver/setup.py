@@ -18,15 +18,25 @@ from ..probers.module import ProbeModule
 
 log = logging.getLogger("value_pl")
 
-def run_dir(cfg: DictConfig) -> Path:
-    d = cfg.get("run_dir")
-    if not d:
-        try:
-            from hydra.core.hydra_config import HydraConfig
+def _hydra():
+    try:
+        from hydra.core.hydra_config import HydraConfig
 
-            d = HydraConfig.get().runtime.output_dir
-        except Exception:  # noqa: BLE001 - outside Hydra
-            d = "runs/manual"
+        return HydraConfig.get()
+    except Exception:  # noqa: BLE001 - outside Hydra
+        return None
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``run_dir`` if set, else Hydra's output directory. In a multirun a fixed ``run_dir`` gets the job's number
+    appended (``<run_dir>/<job num>``): every job would otherwise write the same results over the others."""
+    d = cfg.get("run_dir")
+    hc = _hydra()
+    if not d:
+        d = hc.runtime.output_dir if hc is not None else "runs/manual"
+    elif hc is not None and "MULTIRUN" in str(hc.mode):
+        d = str(Path(d) / str(hc.job.num))
+        log.warning("run_dir=%s in a multirun: job %s writes to %s", cfg.get("run_dir"), hc.job.num, d)
     p = Path(d)
     p.mkdir(parents=True, exist_ok=True)
     return p
