@@ -108,6 +108,7 @@ def test_control_run_without_task_run_says_so(sweep, tmp_path, capsys):
 def test_senteval_and_mdl_runs_log_to_wandb(tmp_path):
     """The drivers that train heads outside Lightning log one W&B run each, as a Lightning run does."""
     from tasks_helpers import FAST_DATA, one_thread, sentence_shards, tiny_backbones
+
     from value_pl.driver.train import train
 
     root = sentence_shards(tmp_path / "sent", n=(48, 16, 16))
