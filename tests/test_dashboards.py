@@ -1,6 +1,8 @@
 """What W&B shows, read back from the offline run files (``tests/wandb_files.py``; no account, no network).
 
 * a probing run: per-step curves and one "accuracy by layer" chart (val, test, chance, majority);
+* a SentEval run and an MDL run (drivers outside Lightning): the same results table (with the selected
+  configuration / the codelengths), chart and summary;
 * a control-task run: control accuracy and, with the matching task run beside it, selectivity; without it,
   control accuracy and a note saying selectivity is not available;
 * ``python -m value_pl.compare``: every metric against the checkpoint's training step, one line chart per
@@ -101,6 +103,41 @@ def test_control_run_without_task_run_says_so(sweep, tmp_path, capsys):
     assert set(series(chart)) == {"control val", "control test", "chance", "majority"}
     assert "no matching task run" in chart["title"]
     assert run.summary["selectivity/available"] is False and "not available" in run.summary["selectivity/note"]
+
+
+def test_senteval_and_mdl_runs_log_to_wandb(tmp_path):
+    """The drivers that train heads outside Lightning log one W&B run each, as a Lightning run does."""
+    from tasks_helpers import FAST_DATA, one_thread, sentence_shards, tiny_backbones
+
+    from value_pl.driver.train import train
+
+    root = sentence_shards(tmp_path / "sent", n=(48, 16, 16))
+    common = ["task=sentlen", f"data.root={root}", *tiny_backbones(tmp_path / "bb")["BERT"], "logger=wandb",
+              "progress=false", "trainer.enable_progress_bar=false", *FAST_DATA]
+    jobs = {"senteval": ["prober=senteval_lr", "prober.max_epoch=1", "prober.epoch_size=1"],
+            "mdl": ["prober=layer_emb", "mdl=true", "mdl_opts.max_epochs=1", "mdl_opts.fractions=[0.5,1.0]"]}
+    with one_thread():
+        out = {k: train(compose([*common, *o, f"run_dir={tmp_path / k}"])) for k, o in jobs.items()}
+    for kind, res in out.items():
+        rdir = tmp_path / kind
+        assert json.loads((rdir / "results.json").read_text())["task"] == "sentlen"
+        (run,) = offline_runs(rdir)
+        names = [r["name"] for r in res["layers"]]
+        assert names == ["layer_00", "layer_01", "layer_02"]
+        assert run.column("results", "name") == names
+        assert close(run.column("results", "test_acc"), [r["test_acc"] for r in res["layers"]])
+        lines = series(run.chart("accuracy_by_layer"))
+        assert set(lines) == {"val", "test", "chance", "majority"}
+        assert close(lines["val"], [r["val_acc"] for r in res["layers"]])
+        assert run.summary["best/layer"] == res["best"]["name"] and run.summary["control"] is False
+        assert math.isclose(run.summary["test_acc/layer_01"], res["layers"][1]["test_acc"])
+        assert run.config["task"]["name"] == "sentlen"
+    se = offline_runs(tmp_path / "senteval")[0]
+    assert se.column("results", "nhid") == [0, 0, 0] and se.column("results", "passes") == \
+        [r["passes"] for r in out["senteval"]["layers"]]
+    md = offline_runs(tmp_path / "mdl")[0]
+    assert close(md.column("results", "codelength_bits"), [r["codelength_bits"] for r in out["mdl"]["layers"]])
+    assert math.isclose(md.summary["mdl/compression/layer_02"], out["mdl"]["layers"][2]["compression"])
 
 
 def test_compare_charts_metrics_against_the_step(tmp_path):

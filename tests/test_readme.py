@@ -134,3 +134,53 @@ def test_layout_page_lists_every_module():
     have = {str(py.relative_to(REPO)) for py in (REPO / "value_pl").rglob("*.py") if py.name != "__init__.py"}
     have.add("value_pl/__init__.py")
     assert listed == have
+
+
+def _sweep_dirs() -> dict[str, str]:
+    """experiment name -> the directory its multirun writes below (``hydra.sweep.dir`` up to the timestamp)."""
+    import yaml
+
+    out = {}
+    for f in sorted((REPO / "configs" / "experiment").glob("*.yaml")):
+        d = ((yaml.safe_load(f.read_text()) or {}).get("hydra") or {}).get("sweep", {}).get("dir")
+        if d:
+            out[f.stem] = d.split("/${", 1)[0]
+    return out
+
+
+def _check_reports(where: str, experiments: set[str], text: str, sweeps: dict[str, str]) -> list[str]:
+    from value_pl.report import LAYOUTS
+
+    cmds = re.findall(r"python -m value_pl\.report ((?:multirun/\w+ ?)+)(?:--layout ([\w,]+))?", text)
+    made = {sweeps[e] for e in experiments if e in sweeps}
+    for dirs, layout in cmds:
+        for d in dirs.split():
+            assert d in made, f"{where}: report on {d}, which no experiment it names ({sorted(experiments)}) creates"
+        assert set(layout.split(",")) <= set(LAYOUTS), f"{where}: --layout {layout}"
+    # the shorthand beside a command: "(fig4 runs: `multirun/fig4 --layout table9`)"
+    for d, layout in re.findall(r"`(multirun/\w+) --layout ([\w,]+)`", text):
+        assert d in made and set(layout.split(",")) <= set(LAYOUTS), f"{where}: {d} --layout {layout}"
+    return [d for dirs, _ in cmds for d in dirs.split()]
+
+
+def test_report_commands_point_at_directories_their_experiments_create():
+    """docs/reproducing.md's table and the experiment configs' comments: every ``python -m value_pl.report
+    multirun/X`` reports a directory that an experiment named beside it writes (its ``hydra.sweep.dir``)."""
+    sweeps = _sweep_dirs()
+    assert sweeps["table3"] == "multirun/table3" and sweeps["table8"] == "multirun/table8"
+    rows = [l for l in _text(REPO / "docs" / "reproducing.md").splitlines()
+            if l.startswith("|") and "value_pl.report" in l]
+    assert len(rows) >= 10
+    for row in rows:
+        _, paper, _, command, report, _ = row.split("|")
+        _check_reports(f"reproducing.md {paper.strip()}", set(re.findall(r"experiment=(\w+)", command)), report,
+                       sweeps)
+    from value_pl.report import LAYOUTS
+
+    for f in sorted((REPO / "configs" / "experiment").glob("*.yaml")):
+        comments = "\n".join(l for l in f.read_text().splitlines() if l.startswith("#"))
+        named = set(re.findall(r"experiment=(\w+)", comments))
+        reported = _check_reports(f"configs/experiment/{f.name}", named, comments, sweeps)
+        if f.stem in LAYOUTS:  # each table's config says how to report it
+            assert re.search(rf"--layout (\w+,)*{f.stem}\b", comments), f.name
+            assert reported, f.name

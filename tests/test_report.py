@@ -95,13 +95,31 @@ def test_layouts(runs, tmp_path):
 def test_cli_writes_markdown_and_csv(runs, tmp_path):
     out = tmp_path / "rep"
     assert report_main([str(runs), "--layout", "table3,table9,table5", "--out", str(out)]) == 0
-    md = (out / "report.md").read_text()
+    md = (out / "report-table3-table9-table5.md").read_text()
     assert "Table 3" in md and "| Layer 5 |" in md and "± " in md
     rows = list(csv.DictReader(open(out / "table3.csv")))
     r = next(x for x in rows if x["row"] == "Layer 1" and x["column"] == "VCD (SS)")
     assert float(r["mean"]) == pytest.approx(60.0) and float(r["ci95"]) == pytest.approx(24.84, abs=0.01)
     assert r["n"] == "3" and r["values"] == "50 60 70"
     assert (out / "table9.csv").exists() and (out / "table5.csv").exists()
+
+
+def test_reports_of_two_layouts_on_one_directory_both_stay(runs, capsys):
+    """``--layout table3`` then ``--layout table8`` on one directory (default --out): two markdown files, each
+    with its table; ``auto`` writes report.md (what the sweep callback writes) and leaves them be."""
+    assert report.report_name("auto") == "report.md" and report.report_name("table3,table8") == "report-table3-table8.md"
+    assert report_main([str(runs), "--layout", "table3"]) == 0
+    assert report_main([str(runs), "--layout", "table8"]) == 0
+    out = runs / "report"
+    t3, t8 = (out / "report-table3.md").read_text(), (out / "report-table8.md").read_text()
+    assert "Table 3" in t3 and "Table 8" not in t3 and "| Layer 7 |" not in t3
+    assert "Table 8" in t8 and "Table 3" not in t8 and "| Layer 7 |" in t8
+    assert f"wrote {out / 'report-table8.md'}" in capsys.readouterr().out
+    assert not (out / "report.md").exists()
+    assert report_main([str(runs)]) == 0
+    assert {p.name for p in out.glob("*.md")} == {"report.md", "report-table3.md", "report-table8.md"}
+    assert "Table 3" in (out / "report.md").read_text() and (out / "report-table3.md").read_text() == t3
+    assert (out / "table3.csv").exists() and (out / "table8.csv").exists()
 
 
 def test_wandb_tables(runs, tmp_path, monkeypatch):

@@ -14,13 +14,17 @@ from ..probers.module import layer_number
 from ..protocols.batched import train_units, unit_of
 from ..protocols.fitting import accuracy, extract_split, fast_dev_batches, fit_head, pick_device, take
 from ..protocols.mdl import PAPER_FRACTIONS, mdl_rule, online_codelength, online_codelength_batched
-from .results import json_safe, results_dict, results_markdown
-from .setup import prepare
+from .results import json_safe, log_results_table, results_dict, results_markdown
+from .setup import close_logger, make_logger, prepare
+
+#: the per-layer codelengths: extra columns of the logged results table
+CODE_COLUMNS = ("codelength_bits", "uniform_bits", "compression")
 
 
 def train_mdl(cfg) -> dict:
     t0 = time.time()
     rdir, dm, module, spec = prepare(cfg)
+    logger = make_logger(cfg, rdir)  # one process (no Lightning trainer): W&B/CSV as a Lightning run logs them
     device = pick_device(cfg)
     module.to(device)
     o = OmegaConf.to_container(cfg.get("mdl_opts") or {}, resolve=True)
@@ -90,4 +94,7 @@ def train_mdl(cfg) -> dict:
                   for r in rows)
     (rdir / "results.md").write_text(md)
     print(md)
+    log_results_table(logger, res, rdir, columns=CODE_COLUMNS,
+                      summary={f"mdl/{c}/{r['name']}": r[c] for r in rows for c in CODE_COLUMNS})
+    close_logger(logger, cfg)
     return res

@@ -215,16 +215,21 @@ def _wandb_run(logger):
     return logger.experiment if isinstance(logger, WandbLogger) else None
 
 
-def log_results_table(logger, res: dict, rdir: Path | None = None) -> None:
+def log_results_table(logger, res: dict, rdir: Path | None = None, columns: tuple[str, ...] = (),
+                      summary: dict | None = None) -> None:
     """After a run: the per-layer results table, the "accuracy by layer" chart (W&B: a line-series panel
     ``accuracy_by_layer`` and its data ``accuracy_by_layer_data``) and the run summary (best layer, chance,
-    majority, per-layer test accuracy, selectivity for control runs). A dashboard never fails a run."""
+    majority, per-layer test accuracy, selectivity for control runs). A dashboard never fails a run.
+
+    ``columns``: more per-layer keys of ``res["layers"]`` for the results table (the SentEval driver's selected
+    configuration, the MDL driver's codelengths); ``summary``: more items for the run summary."""
     if not logger:
         return
     try:
-        cols = ["layer", "name", "val_acc", "test_acc"]
+        cols = ["layer", "name", "val_acc", "test_acc", *[c for c in columns if c not in ("layer", "name", "val_acc",
+                                                                                         "test_acc")]]
         if hasattr(logger, "log_table"):
-            logger.log_table(key="results", columns=cols, data=[[r[c] for c in cols] for r in res["layers"]])
+            logger.log_table(key="results", columns=cols, data=[[r.get(c) for c in cols] for r in res["layers"]])
         chart = layer_chart(res, rdir)
         if chart["summary"].get("selectivity/available") is False:
             print(f"[value-pl] {chart['summary']['selectivity/note']}")
@@ -242,6 +247,6 @@ def log_results_table(logger, res: dict, rdir: Path | None = None) -> None:
                 columns=["layer", "name", *keys],
                 data=[[x, n, *[chart["series"][k][i] for k in keys]]
                       for i, (x, n) in enumerate(zip(chart["xs"], chart["names"]))])})
-        run.summary.update({k: v for k, v in chart["summary"].items() if v is not None})
+        run.summary.update({k: v for k, v in {**chart["summary"], **(summary or {})}.items() if v is not None})
     except Exception as e:  # noqa: BLE001 - a dashboard must never fail a run
         log.warning("could not log results table: %s", e)

@@ -11,13 +11,17 @@ from omegaconf import OmegaConf
 from ..probers.module import layer_number
 from ..protocols.fitting import extract_split, fast_dev_batches, pick_device
 from ..protocols.senteval import grid_of, probe_layers
-from .results import results_dict, write_results
-from .setup import prepare
+from .results import log_results_table, results_dict, write_results
+from .setup import close_logger, make_logger, prepare
+
+#: the per-layer configuration SentEval's grid selected on dev accuracy: extra columns of the logged results table
+SELECTED = ("nhid", "dropout", "l2", "passes")
 
 
 def train_senteval(cfg) -> dict:
     t0 = time.time()
     rdir, dm, module, spec = prepare(cfg)
+    logger = make_logger(cfg, rdir)  # one process (no Lightning trainer): W&B/CSV as a Lightning run logs them
     device = pick_device(cfg)
     module.to(device)
     prober = OmegaConf.to_container(cfg.prober, resolve=True)
@@ -60,4 +64,6 @@ def train_senteval(cfg) -> dict:
         "seconds": round(time.time() - t0, 1),
     })
     write_results(rdir, res)
+    log_results_table(logger, res, rdir, columns=SELECTED)
+    close_logger(logger, cfg)
     return res

@@ -2,6 +2,9 @@
 
     python -m value_pl.report RUN_DIRS... [--layout auto|table3|table5|...] [--out DIR] [--wandb]
 
+Writes ``<out>/report.md`` (``--layout auto``) or ``<out>/report-<layouts>.md`` (``--layout table3,table8`` ->
+``report-table3-table8.md``, so one directory keeps the reports of several layouts) and ``<out>/<table>.csv``.
+
 Every ``results.json`` under the given directories (searched recursively, e.g. a Hydra multirun
 directory) is one run. Runs are grouped by (task, prober, model, pretrained, matched/mismatched shards,
 control, MDL) and, within a group, by layer; the seeds of a group give **mean +/- the half-width of a 95%
@@ -39,12 +42,22 @@ from .collect import LAYOUTS, Runs, Stat, Table, find_results, layer_title, load
 from .layouts import build_tables
 
 __all__ = ["LAYOUTS", "Runs", "Stat", "Table", "build_tables", "find_results", "layer_title", "load_runs",
-           "log_wandb", "model_label", "summary_cells", "t975", "write_tables"]
+           "log_wandb", "model_label", "report_name", "summary_cells", "t975", "write_tables"]
 
 
-def write_tables(tables: list[Table], out: Path, n_runs: int) -> Path:
+def report_name(layout: str = "auto") -> str:
+    """The markdown file of a report: ``report.md`` for ``auto`` (what a sweep writes), else named after the
+    layouts (``table3`` -> ``report-table3.md``, ``table3,table8`` -> ``report-table3-table8.md``), so reports of
+    several layouts on one directory sit side by side."""
+    names = list(dict.fromkeys(n for n in str(layout or "auto").split(",") if n))
+    return "report.md" if names in ([], ["auto"]) else f"report-{'-'.join(names)}.md"
+
+
+def write_tables(tables: list[Table], out: Path, n_runs: int, layout: str = "auto") -> Path:
+    """The report's markdown (:func:`report_name`) and one CSV per table (``<table>.csv``) in ``out``."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# value-pl report ({n_runs} runs)", "",
+    md = [f"# value-pl report ({n_runs} runs)" + ("" if layout in (None, "", "auto") else f", layout {layout}"), "",
           "mean ± half-width of the 95% t confidence interval over seeds (no interval for one seed); accuracies in %.", ""]
     for t in tables:
         md.append(t.markdown())
@@ -52,7 +65,7 @@ def write_tables(tables: list[Table], out: Path, n_runs: int) -> Path:
             w = csv.DictWriter(f, fieldnames=["table", "row", "column", "mean", "ci95", "n", "text", "values"])
             w.writeheader()
             w.writerows(t.long_rows())
-    p = out / "report.md"
+    p = out / report_name(layout)
     p.write_text("\n".join(md))
     return p
 

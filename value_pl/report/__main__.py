@@ -12,7 +12,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m value_pl.report", description=REPORT_DOC.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (searched recursively for results.json)")
     ap.add_argument("--layout", default="auto", help=f"auto or comma-separated of: {', '.join(LAYOUTS)}")
-    ap.add_argument("--out", default=None, help="output directory (default: the first run directory / report)")
+    ap.add_argument("--out", default=None,
+                    help="output directory (default: the first run directory / report); the markdown is report.md for "
+                         "--layout auto, else report-<layouts>.md (e.g. report-table3-table8.md)")
     ap.add_argument("--wandb", action="store_true", help="also log the tables as W&B tables (WANDB_MODE honoured)")
     ap.add_argument("--project", default="value-pl")
     ap.add_argument("--group", default=None,
@@ -25,7 +27,7 @@ def main(argv=None) -> int:
         return 1
     tables = build_tables(runs, a.layout)
     out = Path(a.out) if a.out else Path(a.runs[0]) / "report"
-    p = write_tables(tables, out, len(runs))
+    p = write_tables(tables, out, len(runs), layout=a.layout)
     print(p.read_text())
     print(f"[value-pl] wrote {p} and {len(tables)} CSV file(s) to {out}")
     if a.wandb:
