@@ -222,3 +222,45 @@ def test_discover_steps_from_directories_and_no_mixed_positions(tmp_path, capsys
     capsys.readouterr()
     assert _names(discover([str(plain / "b.pt"), str(plain / "a.pt")])) == [("b.pt", 0, "index"), ("a.pt", 1, "index")]
     assert "list positions" in capsys.readouterr().out
+
+
+def test_compare_cache_key_keeps_base_path_config_and_tokenizer(tmp_path, checkpoints, demo_root, monkeypatch):
+    """For .pt checkpoints backbone.path (architecture config, tokenizer) and backbone.config stay in the
+    cache key, with their files' contents: another base directory, or an edited config at the same path,
+    is measured again instead of reusing stale rows; another name for the same bytes is still cached."""
+    import shutil
+
+    import value_pl.compare.driver as D
+    from value_pl.compare import compare
+
+    calls = []
+
+    def fake_suite(backbone, suite, data):
+        calls.append(backbone.config.layer_norm_eps)
+        return {"metrics": {"fusion/nmi/mean": float(backbone.config.layer_norm_eps)}, "skipped": {},
+                "forwards": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(D, "run_suite", fake_suite)
+    bases = {}
+    for name, eps in (("base_a", 1e-12), ("base_b", 1e-5)):
+        bases[name] = tmp_path / name
+        bases[name].mkdir()
+        (bases[name] / "config.json").write_text(json.dumps(dict(TINY, layer_norm_eps=eps)))
+
+    def run(base, ckpt=checkpoints / "ckpt_step30.pt"):
+        res = compare(compose([f"checkpoints={ckpt}", "backbone=uniter", "backbone.config=null",
+                               f"backbone.path={base}", "backbone.tokenizer=minilm", "backbone.img_dim=64",
+                               f"data.root={demo_root}", f"out={tmp_path / 'run'}", "logger=none", "plots=false",
+                               *SMALL_SUITE], "compare"))
+        return res["built"], res["rows"][0]["metrics"]["fusion/nmi/mean"]
+
+    assert run(bases["base_a"]) == (1, 1e-12)
+    assert run(bases["base_b"]) == (1, 1e-5)  # another base: measured, not base_a's row
+    assert run(bases["base_b"]) == (0, 1e-5)  # same again: cached
+    (bases["base_b"] / "config.json").write_text(json.dumps(dict(TINY, layer_norm_eps=1e-6)))
+    assert run(bases["base_b"]) == (1, 1e-6)  # same path, edited config: measured
+    copy = tmp_path / "copies" / "renamed_step30.pt"
+    copy.parent.mkdir()
+    shutil.copy(checkpoints / "ckpt_step30.pt", copy)
+    assert run(bases["base_b"], copy) == (0, 1e-6)  # the checkpoint's own path is not in the key, its bytes are
+    assert calls == [1e-12, 1e-5, 1e-6]
