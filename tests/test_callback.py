@@ -157,3 +157,41 @@ def test_callback_every_n_epochs_and_example(toy, tmp_path, monkeypatch):
     summary = ex.main(["--shards", str(data.root), "--steps", "2", "--every", "2", "--out", str(tmp_path / "ex")])
     assert summary["steps"] == [2]
     assert "probe/fusion/nmi/mean" in (tmp_path / "ex" / "csv" / "metrics.csv").read_text()
+
+
+def test_callback_resume_with_accumulation_does_not_repeat_a_step(toy, tmp_path):
+    """accumulate_grad_batches=2, a probe and a checkpoint every 2 steps: a run resumed from the step-2
+    checkpoint probes step 4 only. Its first batches still have global_step 2 (no optimizer step yet):
+    the callback fires on optimizer steps only, and the checkpoint holds the last probed step (so that
+    at_start=True does not probe step 2 again either)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from value_pl.callbacks import ProbeCallback, attr_adapter
+
+    def run(max_steps, out, ckpt=None, at_start=False):
+        pl.seed_everything(0, verbose=False)
+        model = ex.ToyPretraining(img_dim=int(data.manifest["feature_dim"]), seed=0)
+        cb = ProbeCallback(adapter=attr_adapter("encoder"), data=data, suite=SUITE, every_n_steps=2,
+                           at_start=at_start, on_error="raise")
+        logger = ListLogger()
+        mc = ModelCheckpoint(dirpath=str(out), every_n_train_steps=2, save_top_k=-1)
+        trainer = pl.Trainer(max_steps=max_steps, accumulate_grad_batches=2, logger=logger, callbacks=[cb, mc],
+                             accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, ex.toy_loader(data, model.encoder.collator(), n=48, batch_size=4), ckpt_path=ckpt)
+        logged = [s for s, m in logger.rows if "probe/fusion/nmi/mean" in m]
+        return [s for s, _ in cb.history], logged, cb
+
+    ex, data = toy
+    hist, logged, cb = run(2, tmp_path / "first")
+    assert hist == logged == [2]
+    ckpt = tmp_path / "first" / "epoch=0-step=2.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    state = saved["callbacks"].pop(cb.state_key, None)
+    # without the callback's saved state (a checkpoint from before it had one): optimizer steps only
+    torch.save(saved, tmp_path / "stateless.ckpt")
+    hist, logged, _ = run(4, tmp_path / "resumed", tmp_path / "stateless.ckpt")
+    assert hist == logged == [4]
+    assert state == {"last_step": 2}
+    # with it: at_start=True on resume does not probe the checkpoint's step again
+    hist, logged, _ = run(4, tmp_path / "resumed2", ckpt, at_start=True)
+    assert hist == logged == [4]

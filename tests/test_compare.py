@@ -143,3 +143,124 @@ def test_compare_hf_dirs_lxmert_and_bert(tmp_path):
                            "suite.tasks=[bshift]", "suite.analyses=[]", f"out={tmp_path / 'bert_run'}", *small], "compare"))
     assert [r["step"] for r in res["rows"]] == [10, 20]
     assert all("bshift/acc/best" in r["metrics"] and "bshift/acc/layer_02" in r["metrics"] for r in res["rows"])
+
+
+def _names(cks):
+    return [(Path(c.path).name, c.step, c.step_source) for c in cks]
+
+
+def test_discover_symlinks_compared_once_under_the_stepped_name(tmp_path, capsys):
+    """A ``latest.pt`` / ``last.ckpt`` symlink next to the checkpoints it points at: compared once, under the
+    name that carries the step (not at list position 0 ahead of the others), and the dropped name is said."""
+    import os
+
+    from value_pl.compare.checkpoints import discover
+
+    d = tmp_path / "links"
+    d.mkdir()
+    for s in (1000, 2000):
+        torch.save({"w": torch.zeros(1) + s}, d / f"model_step{s}.pt")
+    os.symlink("model_step2000.pt", d / "latest.pt")  # sorts first in the glob
+    assert _names(discover(str(d / "*.pt"))) == [("model_step1000.pt", 1000, "name"), ("model_step2000.pt", 2000, "name")]
+    out = capsys.readouterr().out
+    assert "latest.pt" in out and "dropped" in out and "model_step2000.pt (step 2000)" in out
+    # the link alone (its target not listed): the step comes from the target's name
+    assert _names(discover([str(d / "latest.pt"), str(d / "model_step1000.pt")])) == [
+        ("model_step1000.pt", 1000, "name"), ("latest.pt", 2000, "link_target")]
+    # Lightning save_last="link": best.ckpt -> the step=1800 file, with the step stored in the file too
+    lt = tmp_path / "lightning"
+    lt.mkdir()
+    for e, s in ((0, 900), (1, 1800)):
+        torch.save({"global_step": s, "state_dict": {}}, lt / f"epoch={e}-step={s}.ckpt")
+    os.symlink("epoch=1-step=1800.ckpt", lt / "best.ckpt")
+    os.symlink(str(lt / "epoch=1-step=1800.ckpt"), lt / "last.ckpt")
+    assert _names(discover(str(lt / "*.ckpt"))) == [("epoch=0-step=900.ckpt", 900, "name"),
+                                                     ("epoch=1-step=1800.ckpt", 1800, "name")]
+    assert "best.ckpt" in capsys.readouterr().out
+    # explicit steps: one per name, or one per distinct file
+    assert [c.step for c in discover(str(d / "*.pt"), steps=[7, 1, 7])] == [1, 7]
+    assert [c.step for c in discover(str(d / "*.pt"), steps=[7, 1])] == [1, 7]
+    with pytest.raises(ValueError, match="two steps"):
+        discover(str(d / "*.pt"), steps=[5, 1, 7])
+
+
+def test_discover_steps_from_directories_and_no_mixed_positions(tmp_path, capsys):
+    """HF layouts take the step from the directory (not the string order of the paths); a checkpoint with
+    no step among checkpoints with steps is an error that points at steps=[...]; with no step anywhere
+    the list positions are used and said."""
+    from value_pl.compare.checkpoints import discover
+
+    hf = tmp_path / "hf"
+    for s in (500, 1000, 1500):
+        (hf / f"checkpoint-{s}").mkdir(parents=True)
+        torch.save({"w": torch.zeros(1) + s}, hf / f"checkpoint-{s}" / "pytorch_model.bin")
+    cks = discover(str(hf / "*" / "pytorch_model.bin"))
+    assert [(Path(c.path).parent.name, c.step, c.step_source) for c in cks] == [
+        ("checkpoint-500", 500, "dir_name"), ("checkpoint-1000", 1000, "dir_name"), ("checkpoint-1500", 1500, "dir_name")]
+    # the grandparent: run/global_step300/export/model.bin
+    for s in (300, 60):
+        (tmp_path / "gp" / f"global_step{s}" / "export").mkdir(parents=True)
+        torch.save({}, tmp_path / "gp" / f"global_step{s}" / "export" / "model.bin")
+    assert [c.step for c in discover(str(tmp_path / "gp" / "*" / "export" / "model.bin"))] == [60, 300]
+
+    mixed = tmp_path / "run_step3" / "ckpts"  # a directory name shared by several checkpoints gives no step
+    mixed.mkdir(parents=True)
+    for s in (1000, 2000):
+        torch.save({"w": torch.zeros(1)}, mixed / f"uniter_step{s}.pt")
+    torch.save({"w": torch.zeros(1)}, mixed / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt.*steps=\[") as e:
+        discover(str(mixed / "*.pt"))
+    assert "uniter_step1000.pt" not in str(e.value).split("while")[0]
+    cks = discover(str(mixed / "*.pt"), steps=[3000, 1000, 2000])
+    assert _names(cks) == [("uniter_step1000.pt", 1000, "override"), ("uniter_step2000.pt", 2000, "override"),
+                           ("last.pt", 3000, "override")]
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for n in ("b.pt", "a.pt"):
+        torch.save({}, plain / n)
+    capsys.readouterr()
+    assert _names(discover([str(plain / "b.pt"), str(plain / "a.pt")])) == [("b.pt", 0, "index"), ("a.pt", 1, "index")]
+    assert "list positions" in capsys.readouterr().out
+
+
+def test_compare_cache_key_keeps_base_path_config_and_tokenizer(tmp_path, checkpoints, demo_root, monkeypatch):
+    """For .pt checkpoints backbone.path (architecture config, tokenizer) and backbone.config stay in the
+    cache key, with their files' contents: another base directory, or an edited config at the same path,
+    is measured again instead of reusing stale rows; another name for the same bytes is still cached."""
+    import shutil
+
+    import value_pl.compare.driver as D
+    from value_pl.compare import compare
+
+    calls = []
+
+    def fake_suite(backbone, suite, data):
+        calls.append(backbone.config.layer_norm_eps)
+        return {"metrics": {"fusion/nmi/mean": float(backbone.config.layer_norm_eps)}, "skipped": {},
+                "forwards": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(D, "run_suite", fake_suite)
+    bases = {}
+    for name, eps in (("base_a", 1e-12), ("base_b", 1e-5)):
+        bases[name] = tmp_path / name
+        bases[name].mkdir()
+        (bases[name] / "config.json").write_text(json.dumps(dict(TINY, layer_norm_eps=eps)))
+
+    def run(base, ckpt=checkpoints / "ckpt_step30.pt"):
+        res = compare(compose([f"checkpoints={ckpt}", "backbone=uniter", "backbone.config=null",
+                               f"backbone.path={base}", "backbone.tokenizer=minilm", "backbone.img_dim=64",
+                               f"data.root={demo_root}", f"out={tmp_path / 'run'}", "logger=none", "plots=false",
+                               *SMALL_SUITE], "compare"))
+        return res["built"], res["rows"][0]["metrics"]["fusion/nmi/mean"]
+
+    assert run(bases["base_a"]) == (1, 1e-12)
+    assert run(bases["base_b"]) == (1, 1e-5)  # another base: measured, not base_a's row
+    assert run(bases["base_b"]) == (0, 1e-5)  # same again: cached
+    (bases["base_b"] / "config.json").write_text(json.dumps(dict(TINY, layer_norm_eps=1e-6)))
+    assert run(bases["base_b"]) == (1, 1e-6)  # same path, edited config: measured
+    copy = tmp_path / "copies" / "renamed_step30.pt"
+    copy.parent.mkdir()
+    shutil.copy(checkpoints / "ckpt_step30.pt", copy)
+    assert run(bases["base_b"], copy) == (0, 1e-6)  # the checkpoint's own path is not in the key, its bytes are
+    assert calls == [1e-12, 1e-5, 1e-6]

@@ -121,7 +121,8 @@ class ProbeCallback(pl.Callback):
         self.on_error = on_error
         self.history: list[tuple[int, dict]] = []
         self.seconds: list[float] = []  # wall time of each suite run
-        self._last_step: int | None = None
+        self._last_step: int | None = None  # the last step probed (saved in checkpoints: see state_dict)
+        self._batch_start_step: int | None = None
 
     # --------------------------------------------------------------------- data
     @property
@@ -135,11 +136,35 @@ class ProbeCallback(pl.Callback):
         if self.at_start:
             self._maybe_run(trainer, pl_module)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._batch_start_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         n = self.every_n_steps
-        step = trainer.global_step
-        if n and step > 0 and step % n == 0:  # after the optimizer step; once per step under accumulation
+        step, start = trainer.global_step, self._batch_start_step
+        self._batch_start_step = None
+        if not n or step <= 0:
+            return
+        # only on a batch whose optimizer step reached a multiple of n: under gradient accumulation the
+        # other batches leave global_step where it was (also the first batches after a resume, whose
+        # global_step is the checkpoint's, probed before it was saved)
+        if (step % n == 0) if start is None else (start // n < step // n):
             self._maybe_run(trainer, pl_module)
+
+    # ------------------------------------------------- state saved in checkpoints
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, every_n_steps=self.every_n_steps,
+                                        every_n_epochs=self.every_n_epochs,
+                                        adapter=getattr(self.adapter, "__name__", type(self.adapter).__name__))
+
+    def state_dict(self) -> dict:
+        """The last step probed: a run resumed from a checkpoint does not probe that step again."""
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        last = state_dict.get("last_step")
+        self._last_step = None if last is None else int(last)
 
     def on_train_epoch_end(self, trainer, pl_module):
         n = self.every_n_epochs

@@ -25,7 +25,7 @@ IGNORED_IN_DIR = {"trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_sta
 class Checkpoint:
     path: str
     step: int | None
-    step_source: str  # name | checkpoint | trainer_state | override | index
+    step_source: str  # name | link_target | dir_name | checkpoint | trainer_state | override | index
     is_dir: bool
 
     @property
@@ -85,7 +85,9 @@ def step_from_dir(path: str) -> int | None:
 
 
 def expand(spec) -> list[str]:
-    """A glob, a comma-separated string, or a list of paths/globs -> existing paths (each glob sorted)."""
+    """A glob, a comma-separated string, or a list of paths/globs -> existing paths (each glob sorted), in the
+    order given. Names that point at the same file (a symlink such as ``latest.pt`` or Lightning's
+    ``last.ckpt``, a path listed twice) are all kept: :func:`discover` chooses which name to compare."""
     if spec is None:
         return []
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
@@ -99,38 +101,153 @@ def expand(spec) -> list[str]:
             if not hits:
                 raise FileNotFoundError(f"checkpoints: nothing matches {part!r}")
             out.extend(hits)
-    seen, uniq = set(), []
-    for p in out:
-        r = str(Path(p).resolve())
-        if r not in seen:
-            seen.add(r)
-            uniq.append(p)
-    return uniq
+    return out
+
+
+#: how far a step source is trusted when several names point at one file (lower = kept)
+_TRUST = {"override": 0, "name": 0, "link_target": 1, "dir_name": 1, "checkpoint": 2, "trainer_state": 2,
+          "number": 3, "index": 4}
+
+
+def _dir_owners(paths: list[str]) -> dict[str, set[str]]:
+    """directory -> the distinct checkpoint files (resolved) under it, one or two levels down."""
+    owners: dict[str, set[str]] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        for q in (os.path.abspath(p), real):
+            parent = os.path.dirname(q)
+            for d in (parent, os.path.dirname(parent)):
+                owners.setdefault(d, set()).add(real)
+    return owners
+
+
+def _find_step(p: str, owners: dict[str, set[str]]) -> tuple[int | None, str]:
+    """The step of one checkpoint name and where it came from (see :func:`discover`)."""
+    step = step_from_name(p)
+    if step is not None:
+        return step, "name"
+    real = os.path.realpath(p)
+    if Path(real).name != Path(p).name:  # a symlink: its target's name (latest.pt -> model_step2000.pt)
+        step = step_from_name(real)
+        if step is not None:
+            return step, "link_target"
+    given, resolved = os.path.abspath(p), real
+
+    def dir_step(level: int) -> int | None:
+        # a directory's name counts only when this checkpoint is the only one under it
+        # (run/checkpoint-500/pytorch_model.bin; not exp_step3/ckpts/{last.pt,step1000.pt})
+        for q in dict.fromkeys((given, resolved)):
+            d = q
+            for _ in range(level):
+                d = os.path.dirname(d)
+            if len(owners.get(d, ())) == 1:
+                s = step_from_name(d)
+                if s is not None:
+                    return s
+        return None
+
+    if Path(p).is_dir():
+        step = step_from_dir(p)
+        if step is not None:
+            return step, "trainer_state"
+    else:
+        step = step_from_file(p)
+        if step is not None:
+            return step, "checkpoint"
+    step = dir_step(1)
+    if step is not None:
+        return step, "dir_name"
+    parent = os.path.dirname(given)
+    if not Path(p).is_dir() and len(owners.get(parent, ())) == 1:
+        step = step_from_dir(parent)  # HF layout: checkpoint-500/trainer_state.json next to the weights
+        if step is not None:
+            return step, "trainer_state"
+    step = dir_step(2)
+    if step is not None:
+        return step, "dir_name"
+    step = step_from_any_number(p)
+    if step is not None:
+        return step, "number"
+    return None, "index"
+
+
+def _say(msg: str) -> None:
+    print(f"[value-pl] checkpoints: {msg}", flush=True)
 
 
 def discover(spec, steps=None) -> list[Checkpoint]:
-    """Checkpoints ordered by training step (``steps``: explicit steps, in the order of ``spec``)."""
-    paths = expand(spec)
-    if not paths:
+    """Checkpoints ordered by training step.
+
+    The step of each name comes from, in order: the name (``step1000``, ``checkpoint-5000`` ...); a
+    symlink's target name; the step stored in the checkpoint (``global_step`` of a torch dict, a
+    directory's ``trainer_state.json``); the parent directory's name (``checkpoint-500/pytorch_model.bin``)
+    or its ``trainer_state.json``; the grandparent directory's name; the last number in the name. A directory's name is only used for a checkpoint that
+    is alone under that directory. Names that point at the same file (``latest.pt``, ``last.ckpt``
+    symlinks) are compared once, under the name that carries the step; the dropped names are printed.
+    A checkpoint with no step at all, among checkpoints with steps, is an error (set ``steps``); when no
+    checkpoint has a step, the steps are the list positions (printed).
+
+    ``steps``: explicit steps in the order of ``spec``, one per name, or one per distinct file.
+    """
+    names = expand(spec)
+    if not names:
         raise FileNotFoundError("checkpoints=... matched no file or directory")
+    groups: dict[str, list[int]] = {}  # resolved file -> indices into names, in the order given
+    for i, p in enumerate(names):
+        groups.setdefault(os.path.realpath(p), []).append(i)
+    found: list[tuple[int | None, str]]
     if steps is not None:
         steps = [int(s) for s in steps]
-        if len(steps) != len(paths):
-            raise ValueError(f"steps has {len(steps)} entries for {len(paths)} checkpoints ({paths})")
-    out = []
-    for i, p in enumerate(paths):
-        is_dir = Path(p).is_dir()
-        if steps is not None:
-            step, src = steps[i], "override"
+        if len(steps) == len(names):
+            found = [(s, "override") for s in steps]
+        elif len(steps) == len(groups):
+            per_file = dict(zip(groups, steps))
+            found = [(per_file[os.path.realpath(p)], "override") for p in names]
         else:
-            step, src = step_from_name(p), "name"
-            if step is None:
-                step, src = (step_from_dir(p), "trainer_state") if is_dir else (step_from_file(p), "checkpoint")
-            if step is None:
-                step, src = step_from_any_number(p), "name"
-            if step is None:
-                step, src = i, "index"
-        out.append(Checkpoint(p, step, src, is_dir))
+            n = (f"{len(names)} names, {len(groups)} distinct files" if len(groups) != len(names)
+                 else f"{len(names)} checkpoints")
+            raise ValueError(f"steps has {len(steps)} entries for {n} ({names})")
+    else:
+        owners = _dir_owners(names)
+        found = [_find_step(p, owners) for p in names]
+
+    kept: list[int] = []
+    for real, idx in groups.items():
+        # prefer the name whose step is best founded, then the real file over a symlink, then the first given
+        best = min(idx, key=lambda i: (_TRUST[found[i][1]], os.path.islink(names[i]), i))
+        kept.append(best)
+        others = [i for i in idx if i != best]
+        if not others:
+            continue
+        clash = sorted({found[i][0] for i in idx if found[i][1] in ("override", "name") and found[i][0] is not None})
+        if steps is not None and len(clash) > 1:
+            raise ValueError(f"steps gives one file two steps {clash}: {', '.join(names[i] for i in idx)} are "
+                             f"the same file ({real})")
+        step = found[best][0]
+        _say(f"one file, several names: kept {names[best]}{f' (step {step})' if step is not None else ''}, "
+             f"dropped {', '.join(names[i] + (' (listed again)' if names[i] == names[best] else '') for i in others)}"
+             + (f" (the names disagree on the step: {clash})" if len(clash) > 1 else ""))
+    kept.sort()
+
+    missing = [i for i in kept if found[i][0] is None]
+    if missing and len(missing) < len(kept):
+        order = ", ".join(Path(names[i]).name for i in kept)
+        raise ValueError(
+            "checkpoints: no training step found for "
+            + ", ".join(names[i] for i in missing)
+            + " (not in the name, its directory's name or the file), while the other checkpoints have steps; "
+            f"their list position would be mixed with real steps. Set every step with steps=[...], one per "
+            f"checkpoint in this order: {order} -- or leave these out of checkpoints=...")
+    if missing:
+        _say("no training step in any name, directory or file: the steps are the list positions "
+             f"0..{len(kept) - 1} in the order given ({', '.join(Path(names[i]).name for i in kept)}); "
+             "set steps=[...] for the real ones")
+    out = []
+    for pos, i in enumerate(kept):
+        step, src = found[i]
+        if step is None:
+            step = pos
+        out.append(Checkpoint(names[i], step, "name" if src == "number" else src, Path(names[i]).is_dir()))
     out.sort(key=lambda c: (c.step, c.path))
     return out
 

@@ -26,14 +26,23 @@ from .checkpoints import checksum, discover
 
 log = logging.getLogger("value_pl")
 
-#: backbone.* fields that name the weights: the checkpoint under comparison replaces them
-WEIGHT_FIELDS = ("checkpoint", "path")
+#: backbone.* fields that name files: apart from the one the checkpoint under comparison replaces, they stay in the
+#: cache key, with the content of what they point at
+FILE_FIELDS = ("path", "checkpoint", "config", "tokenizer")
+#: files up to this size are hashed by content in the cache key; larger ones (weights next to a tokenizer) by size
+CONTENT_HASH_LIMIT = 32 << 20
 
 
-def backbone_cfg_for(cfg: DictConfig, ck) -> DictConfig:
+def weights_key(cfg: DictConfig, ck) -> str:
+    """The backbone.* field a checkpoint replaces: ``checkpoint`` (files) or ``path`` (directories)."""
     key = cfg.get("checkpoint_key", "auto")
     if key in (None, "auto"):
         key = "path" if ck.is_dir else "checkpoint"
+    return str(key)
+
+
+def backbone_cfg_for(cfg: DictConfig, ck) -> DictConfig:
+    key = weights_key(cfg, ck)
     b = OmegaConf.to_container(cfg.backbone, resolve=True)
     if key == "path" and b.get("family") != "bert":
         b["checkpoint"] = None  # a directory is the whole model
@@ -42,11 +51,39 @@ def backbone_cfg_for(cfg: DictConfig, ck) -> DictConfig:
     return OmegaConf.create(b)
 
 
-def cache_identity(cfg: DictConfig, suite: dict, data_ident: dict) -> str:
-    b = OmegaConf.to_container(cfg.backbone, resolve=True)
-    for k in WEIGHT_FIELDS:
-        b.pop(k, None)
+def file_identity(value) -> dict | str | None:
+    """What a backbone.* file field points at, for the cache key: a file's sha256, or a directory's top-level
+    files (name -> sha256; files over :data:`CONTENT_HASH_LIMIT`, such as weights, by size). None when unset
+    or missing (the build then fails or does not use it); the field's own value stays in the key as well."""
+    from ..backbones.common import resolve_path
+    from ..data.hashing import sha256_file
+    from .checkpoints import IGNORED_IN_DIR
+
+    try:
+        p = resolve_path(value)
+    except Exception:  # noqa: BLE001 - e.g. "minilm" without its package: the build reports it
+        return None
+    if not p or not Path(p).exists():
+        return None
+    p = Path(p)
+
+    def one(f: Path) -> str:
+        size = f.stat().st_size
+        return sha256_file(f) if size <= CONTENT_HASH_LIMIT else f"size={size}"
+
+    if p.is_file():
+        return one(p)
+    return {f.name: one(f) for f in sorted(p.iterdir()) if f.is_file() and f.name not in IGNORED_IN_DIR}
+
+
+def cache_identity(cfg: DictConfig, suite: dict, data_ident: dict, ck) -> str:
+    """The suite/backbone/data half of a checkpoint's cache key. Only the field the checkpoint replaces
+    (:func:`weights_key`: its bytes are the other half of the key) is left out; the other file fields
+    (``path`` of a .pt comparison, ``config``, ``tokenizer`` ...) stay, with the content they point at."""
+    b = OmegaConf.to_container(backbone_cfg_for(cfg, ck), resolve=True)
+    b.pop(weights_key(cfg, ck), None)
     b.pop("name", None)
+    b["contents"] = {k: file_identity(b.get(k)) for k in FILE_FIELDS if b.get(k) not in (None, "", "null")}
     return suite_hash(suite, {"backbone": b, "data": data_ident})
 
 
@@ -192,7 +229,8 @@ def compare(cfg: DictConfig) -> dict:
     specs = cfg.checkpoints
     specs = OmegaConf.to_container(specs) if OmegaConf.is_config(specs) else specs
     cks = discover(specs, steps)
-    sid = cache_identity(cfg, suite, data_identity(cfg))
+    data_ident = data_identity(cfg)
+    sids: dict[str, str] = {}  # the key half depends on which field the checkpoint replaces
     device = pick_device(cfg.get("device"))
     data = None
     rows = []
@@ -200,6 +238,10 @@ def compare(cfg: DictConfig) -> dict:
     bar = progress(cks, enabled=bool(cfg.get("progress", True)), unit="ckpt", desc="compare")
     for ck in bar:
         csum = checksum(ck.path)
+        wkey = weights_key(cfg, ck)
+        if wkey not in sids:
+            sids[wkey] = cache_identity(cfg, suite, data_ident, ck)
+        sid = sids[wkey]
         cfile = cache / f"{csum[:32]}-{sid[:32]}.json"
         if cfile.exists():
             row = json.loads(cfile.read_text())
@@ -233,7 +275,7 @@ def compare(cfg: DictConfig) -> dict:
     rows.sort(key=lambda r: (r["step"], r["checkpoint"]))
     b = OmegaConf.to_container(cfg.backbone, resolve=True)
     res = {"backbone": {"family": b.get("family"), "name": b.get("name")}, "suite": suite,
-           "data": data_identity(cfg), "rows": rows, "built": built, "cache": str(cache)}
+           "data": data_ident, "rows": rows, "built": built, "cache": str(cache)}
     if cfg.get("plots", True):
         res["plots"] = plots(rows, rdir / "plots")
     res["seconds"] = round(time.time() - t0, 2)
