@@ -184,3 +184,19 @@ def test_multirun_logs_into_one_group_with_the_report(tmp_path, demo_root):
     assert math.isclose(rep.summary["table3/Layer 1/VCD (SS)"], 100 * emb["layers"][0]["test_acc"])
     assert {"Random guess", "Layer 1"} <= set(rep.column("report/table3", "row"))
     assert (sweep / "report" / "report.md").exists() and f"W&B group {group}" in p.stdout
+
+
+def test_sweep_report_with_no_runs_says_so(tmp_path, caplog):
+    """A sweep whose jobs wrote no results.json under its directory (failed, or run_dir elsewhere) is said, not
+    passed over in silence."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from value_pl.callbacks import SweepReport
+
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}, "logger": {"name": "none"}})
+    (tmp_path / "sweep").mkdir()
+    with caplog.at_level(logging.WARNING, logger="value_pl"):
+        assert SweepReport().report(cfg) is None
+    assert "no results.json under" in caplog.text and "run_dir" in caplog.text

@@ -235,6 +235,9 @@ class SweepReport(HydraCallback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         runs = load_runs([sweep_dir]) if sweep_dir.is_dir() else []
         if not runs:
+            log.warning("sweep report: no results.json under %s, nothing to report (did the jobs fail, or write "
+                        "elsewhere with run_dir=...? python -m value_pl.report <dirs> reports any directories)",
+                        sweep_dir)
             return None
         tables = build_tables(runs, self.layout)
         path = write_tables(tables, sweep_dir / "report", len(runs))
