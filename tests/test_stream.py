@@ -135,6 +135,67 @@ def test_manifest_counts_that_lie_are_an_error(uneven):
         list(st.samples())
 
 
+# ------------------------------------------------------------------ bad features: an error naming shard and sample
+def rewrite_first_npy(src, dst, change):
+    """Copy shard ``src`` to ``dst`` with the first sample's ``.npy`` replaced by ``change(array)``; -> its key."""
+    import io
+
+    import numpy as np
+
+    with tarfile.open(src) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    key = None
+    with tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as t:
+        for m, data in members:
+            if key is None and m.name.endswith(".npy"):
+                key = m.name[:-4]
+                buf = io.BytesIO()
+                np.save(buf, change(np.load(io.BytesIO(data))))
+                data = buf.getvalue()
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    return key
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda a: a[:1], r"1 feature row\(s\) for \d+ box\(es\)"),  # was silently broadcast into every region
+    (lambda a: a[:2], r"2 feature row\(s\) for \d+ box\(es\)"),  # was a bare numpy broadcast error
+    (lambda a: a[:, :1], r"features of width 1, but manifest.json says feature_dim=\d+"),  # was broadcast
+    (lambda a: a[:, :-1], r"features of width \d+, but manifest.json says feature_dim=\d+"),
+    (lambda a: a.astype("float32"), "features must be float16, got float32"),  # was cast silently
+    (lambda a: a.reshape(-1), r"features must be a 2-d array"),
+])
+def test_features_that_do_not_fit_the_boxes_name_the_shard_and_sample(tmp_path, uneven, change, problem):
+    import shutil
+
+    root, man = uneven
+    bad = tmp_path / "demo"
+    shutil.copytree(root, bad)
+    shard = man["splits"]["val"]["shards"][0]
+    key = rewrite_first_npy(root / shard, bad / shard, change)
+    dm = ShardDataModule(bad, eval_batch_size=4)
+    with pytest.raises(SchemaError, match=rf"{shard}: sample {key}: {problem}"):
+        list(dm.stream("val", train=False, collate=list).samples())
+
+
+def test_the_collator_never_broadcasts_features(tmp_path, uneven):
+    """Without a known feature_dim (an old manifest, decode_sample called alone) a width-1 sample still stops at the
+    collator, naming it, instead of being broadcast over the batch's feature width."""
+    from value_pl.backbones.common import load_tokenizer, minilm_path
+    from value_pl.data.collate import Collator, InputEncoder
+
+    root, man = uneven
+    shard = man["splits"]["val"]["shards"][0]
+    key = rewrite_first_npy(root / shard, tmp_path / shard, lambda a: a[:, :1])
+    st = ShardStream([str(tmp_path / shard)], [5], decode_sample, list, 5, False)  # feature_dim unknown
+    samples = list(st.samples())
+    assert samples[0]["key"] == key and samples[0]["feats"].shape[1] == 1
+    collate = Collator(InputEncoder(load_tokenizer(minilm_path()), "uniter7", 64))
+    with pytest.raises(SchemaError, match=rf"{shard}: sample {key}: features of shape \(\d+, 1\)"):
+        collate(samples)
+    collate(samples[1:])  # the others are fine
+
+
 # --------------------------------------------------------------- corrupt pax headers: an error, never a hang
 def _pax_tar(path, size_value=None):
     """A 2-sample pax tar; ``size_value``: the first member's pax ``size`` record (its true size is 10000)."""
