@@ -104,3 +104,64 @@ def test_cached_training_equals_online(tmp_path):
     # a subset of the cached layers is fine
     cfg = compose(common + [f"data.cache={cache}", "layers=[1]"])
     build_module(cfg, make_datamodule(cfg))
+
+
+# ------------------------------------------------- damaged cache records: errors name the shard, record and member
+def _cache_record(key="img_7", pairs=3, dim=4):
+    import numpy as np
+
+    from value_pl.data.cache import _npy
+
+    rng = np.random.default_rng(0)
+    return {"__key__": key, "labels.npy": _npy(np.arange(pairs, dtype=np.int64)),
+            "h000_0.npy": _npy(rng.standard_normal((pairs, dim)).astype(np.float16)),
+            "h000_1.npy": _npy(rng.standard_normal((pairs, dim)).astype(np.float16)),
+            "info.json": json.dumps({"counts": {"pairs_dropped": 1}}).encode()}
+
+
+@pytest.mark.parametrize("member", ["labels.npy", "h000_0.npy", "info.json"])
+def test_a_damaged_cache_record_names_the_file_record_and_member(tmp_path, member):
+    import io
+    import tarfile
+
+    from value_pl.data.cache import decode_record
+    from value_pl.data.schema import SchemaError
+    from value_pl.data.stream import iter_samples
+
+    rec = _cache_record()
+    url = tmp_path / "val-000000.tar"
+    with tarfile.open(url, "w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in rec.items():
+            if name.startswith("__"):
+                continue
+            if name == member:
+                data = data[:-7]  # a damaged record (the bytes of an interrupted copy)
+            ti = tarfile.TarInfo(f"{rec['__key__']}.{name}")
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    (raw,) = iter_samples(str(url))
+    with pytest.raises(SchemaError, match=rf"^{url}: cache record img_7: {member}: "):
+        decode_record(raw)
+
+
+def test_cache_collate_names_a_missing_or_misshapen_input():
+    import numpy as np
+
+    from value_pl.data.cache import CacheCollate, decode_record
+    from value_pl.data.schema import SchemaError
+
+    col = CacheCollate(["emb:0"], {"emb:0": [[4], [4]]}, ["emb:0"])
+    good = decode_record({**_cache_record("a"), "__url__": "c/train-000001.tar"})
+    good["source"] = ("c/train-000001.tar", 0)  # what ShardStream adds to a decoded record
+    out = col([good])
+    assert out["cached_layout"] == [("emb:0", 0, 0, (3, 4)), ("emb:0", 1, 12, (3, 4))]
+    missing = decode_record({k: v for k, v in _cache_record("b").items() if k != "h000_1.npy"})
+    missing["source"] = ("c/train-000001.tar", 1)
+    with pytest.raises(SchemaError, match=r"^c/train-000001.tar: cache record b: h000_1.npy: missing"):
+        col([good, missing])
+    short = decode_record(_cache_record("c"))
+    short["source"] = ("c/train-000001.tar", 2)
+    short["inputs"][(0, 0)] = np.zeros((2, 4), np.float16)  # 2 rows for 3 pair labels
+    with pytest.raises(SchemaError, match=r"^c/train-000001.tar: cache record c: h000_0.npy: shape \(2, 4\), "
+                                          r"expected \(3, 4\)"):
+        col([good, short])

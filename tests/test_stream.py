@@ -158,3 +158,156 @@ def test_manifest_counts_that_lie_are_an_error(uneven):
     st.total = 14
     with pytest.raises(SchemaError, match="rebuild"):
         list(st.samples())
+
+
+# ------------------------------------------------------------------ bad features: an error naming shard and sample
+def rewrite_first_npy(src, dst, change):
+    """Copy shard ``src`` to ``dst`` with the first sample's ``.npy`` replaced by ``change(array)``; -> its key."""
+    import io
+
+    import numpy as np
+
+    with tarfile.open(src) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    key = None
+    with tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as t:
+        for m, data in members:
+            if key is None and m.name.endswith(".npy"):
+                key = m.name[:-4]
+                buf = io.BytesIO()
+                np.save(buf, change(np.load(io.BytesIO(data))))
+                data = buf.getvalue()
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    return key
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda a: a[:1], r"1 feature row\(s\) for \d+ box\(es\)"),  # was silently broadcast into every region
+    (lambda a: a[:2], r"2 feature row\(s\) for \d+ box\(es\)"),  # was a bare numpy broadcast error
+    (lambda a: a[:, :1], r"features of width 1, but manifest.json says feature_dim=\d+"),  # was broadcast
+    (lambda a: a[:, :-1], r"features of width \d+, but manifest.json says feature_dim=\d+"),
+    (lambda a: a.astype("float32"), "features must be float16, got float32"),  # was cast silently
+    (lambda a: a.reshape(-1), r"features must be a 2-d array"),
+])
+def test_features_that_do_not_fit_the_boxes_name_the_shard_and_sample(tmp_path, uneven, change, problem):
+    import shutil
+
+    root, man = uneven
+    bad = tmp_path / "demo"
+    shutil.copytree(root, bad)
+    shard = man["splits"]["val"]["shards"][0]
+    key = rewrite_first_npy(root / shard, bad / shard, change)
+    dm = ShardDataModule(bad, eval_batch_size=4)
+    with pytest.raises(SchemaError, match=rf"{shard}: sample {key}: {problem}"):
+        list(dm.stream("val", train=False, collate=list).samples())
+
+
+def test_the_collator_never_broadcasts_features(tmp_path, uneven):
+    """Without a known feature_dim (an old manifest, decode_sample called alone) a width-1 sample still stops at the
+    collator, naming it, instead of being broadcast over the batch's feature width."""
+    from value_pl.backbones.common import load_tokenizer, minilm_path
+    from value_pl.data.collate import Collator, InputEncoder
+
+    root, man = uneven
+    shard = man["splits"]["val"]["shards"][0]
+    key = rewrite_first_npy(root / shard, tmp_path / shard, lambda a: a[:, :1])
+    st = ShardStream([str(tmp_path / shard)], [5], decode_sample, list, 5, False)  # feature_dim unknown
+    samples = list(st.samples())
+    assert samples[0]["key"] == key and samples[0]["feats"].shape[1] == 1
+    collate = Collator(InputEncoder(load_tokenizer(minilm_path()), "uniter7", 64))
+    with pytest.raises(SchemaError, match=rf"{shard}: sample {key}: features of shape \(\d+, 1\)"):
+        collate(samples)
+    collate(samples[1:])  # the others are fine
+
+
+# --------------------------------------------------------------- corrupt pax headers: an error, never a hang
+def _pax_tar(path, size_value=None):
+    """A 2-sample pax tar; ``size_value``: the first member's pax ``size`` record (its true size is 10000)."""
+    import io
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        for k in ("a", "b"):
+            for ext in ("json", "npy"):
+                data = b"x" * (10000 if size_value and k == "a" and ext == "json" else 10)
+                ti = tarfile.TarInfo(f"{k}.{ext}")
+                ti.size, ti.pax_headers = len(data), {"comment": "hello"}
+                if size_value and k == "a" and ext == "json":
+                    ti.pax_headers = {"comment": "hello", "size": str(len(data))}
+                t.addfile(ti, io.BytesIO(data))
+    raw = bytearray(path.read_bytes())
+    if size_value:
+        i = raw.index(b"size=10000\n") + 5
+        raw[i:i + 5] = size_value
+    return raw
+
+
+def _read_in_child(fn, arg, q):
+    try:
+        q.put(("ok", repr(fn(arg))))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        q.put((type(e).__name__, str(e)))
+
+
+def read_or_hang(fn, arg, timeout=30.0):
+    """``fn(arg)`` in a forked child: ('ok', repr) or (exception type, message); a child still reading after
+    ``timeout`` seconds is killed and the test fails (the bug was an endless loop)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_read_in_child, args=(fn, str(arg) if not isinstance(arg, bytes) else arg, q), daemon=True)
+    p.start()
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail(f"{fn.__name__}({arg!r}) still running after {timeout} s (endless loop)")
+    return q.get(timeout=5)
+
+
+def _all_samples(path):
+    return [s["__key__"] for s in iter_samples(path)]
+
+
+@pytest.mark.parametrize("length,problem", [
+    (b"00", "declares length 0"),    # was an endless loop (i += 0)
+    (b"03", "declares length 3"),    # no room for key=value after its own length field
+    (b"99", "declares length 99"),   # past the header data: was read as one record, silently
+    (b"1x", "no decimal length"),
+    (b" 0", "no decimal length"),
+])
+def test_a_corrupt_pax_record_length_is_an_error_not_a_hang(tmp_path, length, problem):
+    raw = _pax_tar(tmp_path / "ok.tar")
+    assert read_or_hang(count_samples, tmp_path / "ok.tar") == ("ok", "2")
+    i = raw.index(b" comment=hello\n")  # "17 comment=hello\n": replace the length digits
+    assert raw[i - 2:i] == b"17"
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(raw[:i - 2] + length + raw[i:]))
+    for fn in (count_samples, _all_samples):
+        kind, msg = read_or_hang(fn, bad)
+        assert kind == "SchemaError", (fn.__name__, kind, msg)
+        assert f"{bad}: corrupt pax header at byte 0" in msg and problem in msg, msg
+
+
+def test_a_pax_record_of_length_zero_at_the_start():
+    """The smallest endless loops: header data ``b"0 ..."`` (length 0 at byte 0), in a child process."""
+    from value_pl.data.stream import _pax
+
+    for data in (b"0 \n", b"00 path=x\n", b"10 path=x\n0 size=42\n"):
+        kind, msg = read_or_hang(_pax, data, timeout=10.0)
+        assert kind == "ValueError" and "declares length 0" in msg, (data, kind, msg)
+    assert _pax(b"10 path=x\n11 size=42\n") == {"path": "x", "size": "42"}
+
+
+@pytest.mark.parametrize("value,problem", [
+    (b"1000Z", "size='1000Z' is not a byte count"),  # was a bare ValueError naming no file
+    (b"-1600", "size='-1600' is not a byte count"),  # seeks back onto the pax header: was an endless loop
+    (b"99999", "truncated tar member at byte 1024 (99999 bytes declared)"),
+])
+def test_a_bad_pax_size_names_the_file(tmp_path, value, problem):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(_pax_tar(bad, value)))
+    for fn in (count_samples, _all_samples):
+        kind, msg = read_or_hang(fn, bad)
+        assert kind == "SchemaError" and msg.startswith(f"{bad}: ") and problem in msg, (fn.__name__, kind, msg)

@@ -26,6 +26,7 @@ are restored (:func:`preserved`), and the backbone is never moved between device
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -173,7 +174,8 @@ class SuiteData:
             if split not in manifest["splits"]:
                 raise KeyError(f"{root}/manifest.json has no split {split!r} (has {list(manifest['splits'])})")
             urls = [str(root / s) for s in manifest["splits"][split]["shards"]]
-            pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(decode_sample))
+            decode = functools.partial(decode_sample, feature_dim=manifest.get("feature_dim"))
+            pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(decode))
             out = []
             for s in pipe:
                 out.append(s)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .handover import batch_tensor
-from .schema import load_manifest
+from .schema import SchemaError, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +110,27 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def decode_record(sample: dict) -> dict:
-    """Raw cache record -> ``{"key", "labels", "inputs": {(head, j): array}, "counts"}``."""
+    """Raw cache record -> ``{"key", "labels", "inputs": {(head, j): array}, "counts"}``; a damaged member is a
+    :class:`~value_pl.data.schema.SchemaError` naming the shard, the record and the member."""
     key = sample.get("__key__", "?")
+    url = sample.get("__url__", "?")
     out = {"key": key, "inputs": {}, "counts": {}}
     for name, raw in sample.items():
         if name.startswith("__"):
             continue
-        if name == "labels.npy":
-            out["labels"] = np.load(io.BytesIO(raw), allow_pickle=False)
-        elif name == "info.json":
-            info = json.loads(raw)
-            out["counts"] = info.get("counts") or {"pairs_dropped": int(info.get("pairs_dropped", 0))}
-        elif name.startswith("h") and name.endswith(".npy"):
-            h, j = name[1:-4].split("_")
-            out["inputs"][(int(h), int(j))] = np.load(io.BytesIO(raw), allow_pickle=False)
+        try:
+            if name == "labels.npy":
+                out["labels"] = np.load(io.BytesIO(raw), allow_pickle=False)
+            elif name == "info.json":
+                info = json.loads(raw)
+                out["counts"] = info.get("counts") or {"pairs_dropped": int(info.get("pairs_dropped", 0))}
+            elif name.startswith("h") and name.endswith(".npy"):
+                h, j = name[1:-4].split("_")
+                out["inputs"][(int(h), int(j))] = np.load(io.BytesIO(raw), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file, record and member
+            raise SchemaError(f"{url}: cache record {key}: {name}: {type(e).__name__}: {e}") from e
     if "labels" not in out:
-        raise ValueError(f"{sample.get('__url__', '?')}: cache record {key} lacks labels.npy")
+        raise SchemaError(f"{url}: cache record {key} lacks labels.npy")
     return out
 
 
@@ -148,13 +153,30 @@ class CacheCollate:
                     out[k] = out.get(k, 0) + int(v)
         return out
 
+    @staticmethod
+    def _input(record: dict, head: int, j: int, shape: tuple) -> np.ndarray:
+        """The record's input ``j`` of head ``head``: ``(pairs, *shape)`` (never a bare KeyError or a shape error of
+        the concatenation)."""
+        a = record["inputs"].get((head, j))
+        if a is not None and a.shape[1:] == shape and a.shape[0] == len(record["labels"]):
+            return a
+        url = (record.get("source") or ("?",))[0]
+        if a is None:
+            what = (f"missing (the record holds {['h%03d_%d.npy' % k for k in sorted(record['inputs'])][:6]})")
+        else:
+            what = (f"shape {a.shape}, expected {(len(record['labels']), *shape)} ({len(record['labels'])} pair "
+                    f"label(s), manifest.json's head_shapes)")
+        raise SchemaError(f"{url}: cache record {record['key']}: h{head:03d}_{j}.npy: {what}; re-extract the cache "
+                          f"with python -m value_pl.extract")
+
     def __call__(self, records: list[dict]) -> dict:
         labels = np.concatenate([r["labels"] for r in records]) if records else np.zeros(0, np.int64)
         layout, parts, n = [], [], 0
         for h in self.wanted:
             i = self.index[h]
             for j, shape in enumerate(self.head_shapes[h]):
-                arrs = [r["inputs"][(i, j)] for r in records if len(r["labels"])]
+                shape = tuple(int(d) for d in shape)
+                arrs = [self._input(r, i, j, shape) for r in records if len(r["labels"])]
                 a = np.concatenate(arrs) if arrs else np.zeros((0, *shape), self.dtype)
                 layout.append((h, j, n, tuple(int(d) for d in a.shape)))
                 parts.append(a)

@@ -221,9 +221,13 @@ class Collator:
                 feats[b] = 0
                 continue
             m = s["meta"]
-            if _non_finite(s["feats"][:n]):  # checked while the sample is in cache
+            f = s["feats"]
+            if f.ndim != 2 or f.shape[0] < n or f.shape[1] != dv:  # never broadcast one row (or column) to many
+                raise SchemaError(f"{s.get('source', ['?'])[0]}: sample {s['key']}: features of shape {f.shape} for "
+                                  f"{nbox[b]} box(es), batch feature width {dv}")
+            if _non_finite(f[:n]):  # checked while the sample is in cache
                 raise SchemaError(f"{s.get('source', ['?'])[0]}: sample {s['key']}: non-finite region features")
-            feats[b, :n] = s["feats"][:n]
+            feats[b, :n] = f[:n]
             feats[b, n:] = 0
             img = m["image"]
             boxes[b, :n] = encode_boxes(m["regions"]["boxes"][:n], img["width"], img["height"], enc.box_mode)

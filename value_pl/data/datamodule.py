@@ -13,6 +13,7 @@ validation runs (``persistent_workers``), and hand over pinned batches when trai
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -55,7 +56,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_batches = train_batches
         self.collate = None  # set by the caller: the backbone's collator for the task
         self.transform = transform  # optional per-sample map (after decode), e.g. the mismatch variant
-        self.decode = decode or decode_sample  # the feature cache (value_pl.data.cache) decodes its own records
+        # the feature cache (value_pl.data.cache) decodes its own records; shards: features checked against feature_dim
+        self.decode = decode or functools.partial(decode_sample, feature_dim=self.manifest.get("feature_dim"))
         self.pin_memory = pin_memory  # None: when a CUDA device is used
         self.prefetch_factor = int(prefetch_factor)
         self.reuse_buffers = bool(reuse_buffers)

@@ -242,8 +242,27 @@ def npy_array(buf: bytes) -> np.ndarray:
     return np.load(io.BytesIO(buf), allow_pickle=False)
 
 
-def decode_sample(sample: dict) -> dict:
-    """Raw WebDataset sample (bytes) -> ``{"key", "meta", "feats"}``; errors name the key/shard."""
+def _feature_problem(feats: np.ndarray, boxes, feature_dim: int | None) -> str:
+    """What is wrong with a sample's features (the slow path of :func:`decode_sample`'s check)."""
+    if boxes is None:
+        return "regions must be an object (with boxes, names, ...)"
+    if type(boxes) is not list:
+        return f"regions.boxes must be a list of boxes, got {type(boxes).__name__}"
+    if feats.ndim != 2:
+        return f"features must be a 2-d array (regions x feature_dim), got shape {feats.shape}"
+    if feats.shape[0] != len(boxes):
+        return f"{feats.shape[0]} feature row(s) for {len(boxes)} box(es)"
+    if feats.dtype != np.float16:
+        return f"features must be float16, got {feats.dtype}"
+    return f"features of width {feats.shape[1]}, but manifest.json says feature_dim={feature_dim}"
+
+
+def decode_sample(sample: dict, feature_dim: int | None = None) -> dict:
+    """Raw WebDataset sample (bytes) -> ``{"key", "meta", "feats"}``; errors name the key/shard.
+
+    The full :func:`validate_sample` is the writers' check; here only what the collator relies on, at the cost of a
+    few comparisons: a 2-d float16 array with one row per box, of width ``feature_dim`` (the manifest's, when known;
+    an empty ``(0, 0)`` array is accepted for a sample without regions, as the writers do)."""
     key = sample.get("__key__", "?")
     url = sample.get("__url__", "?")
     try:
@@ -253,9 +272,17 @@ def decode_sample(sample: dict) -> dict:
         raise SchemaError(f"{url}: sample {key} lacks its .{e.args[0]} file") from None
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise SchemaError(f"{url}: sample {key} could not be decoded: {e}") from e
+    if type(meta) is not dict:
+        raise SchemaError(f"{url}: sample {key}: .json holds a {type(meta).__name__}, not an object")
     if meta.get("schema") != SCHEMA_VERSION:
         raise SchemaError(f"{url}: sample {key} has shard schema {meta.get('schema')!r}, this version reads schema "
                           f"{SCHEMA_VERSION}; {REBUILD_HINT}")
+    reg = meta.get("regions")
+    boxes = [] if reg is None else reg.get("boxes", []) if type(reg) is dict else None
+    shape = feats.shape
+    if (len(shape) != 2 or type(boxes) is not list or shape[0] != len(boxes) or feats.dtype != np.float16
+            or (feature_dim and shape[1] != feature_dim and (shape[0] or shape[1]))):
+        raise SchemaError(f"{url}: sample {key}: {_feature_problem(feats, boxes, feature_dim)}")
     return {"key": key, "meta": meta, "feats": feats}
 
 

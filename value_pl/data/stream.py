@@ -50,11 +50,23 @@ def _octal(field: bytes, path: str, offset: int) -> int:
 
 
 def _pax(data: bytes) -> dict[str, str]:
+    """pax extended header records ``"<length> <key>=<value>\\n"``; ``ValueError`` (saying which record and what is
+    wrong) for a record whose length does not cover its own length field or runs past the data: a length of 0 would
+    otherwise never advance."""
     out, i = {}, 0
     while i < len(data):
-        sp = data.index(b" ", i)
-        n = int(data[i:sp])
-        k, _, v = data[sp + 1:i + n - 1].partition(b"=")
+        sp = data.find(b" ", i, i + 21)
+        digits = data[i:sp] if sp > i else b""
+        if not digits.isdigit():
+            raise ValueError(f"record at byte {i} of the header data has no decimal length: {data[i:i + 20]!r}")
+        n = int(digits)
+        if n <= sp + 1 - i or i + n > len(data):
+            raise ValueError(f"record at byte {i} of the header data declares length {n}, outside "
+                             f"{sp + 2 - i}..{len(data) - i}")
+        rec = data[sp + 1:i + n]
+        if rec[-1:] != b"\n" or b"=" not in rec:
+            raise ValueError(f"record at byte {i} of the header data is not 'key=value\\n': {rec[:40]!r}")
+        k, _, v = rec[:-1].partition(b"=")
         out[k.decode()] = v.decode("utf-8", "replace")
         i += n
     return out
@@ -92,8 +104,8 @@ def iter_members(path: str, read: Callable[[str], bool] = lambda name: True):
                 if kind == b"x":
                     try:
                         pax = _pax(raw)
-                    except (ValueError, UnicodeDecodeError):
-                        raise SchemaError(f"{path}: corrupt pax header at byte {off}") from None
+                    except (ValueError, UnicodeDecodeError) as e:
+                        raise SchemaError(f"{path}: corrupt pax header at byte {off} ({e})") from None
                 else:
                     long_name = raw.rstrip(b"\0").decode("utf-8", "replace")
                 off = nxt
@@ -106,8 +118,14 @@ def iter_members(path: str, read: Callable[[str], bool] = lambda name: True):
                     if prefix and h[257:262] == b"ustar":
                         name = prefix + "/" + name
                 if "size" in pax:
+                    # digits only: a negative size would seek backwards (and could loop over the same headers)
+                    if not (pax["size"].isascii() and pax["size"].isdigit()):
+                        raise SchemaError(f"{path}: corrupt pax header before byte {off} (size={pax['size']!r} is "
+                                          f"not a byte count)")
                     size = int(pax["size"])
                     nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
+                    if data_off + size > size_total:
+                        raise SchemaError(f"{path}: truncated tar member at byte {off} ({size} bytes declared)")
                 data = None
                 if read(name):
                     f.seek(data_off)
