@@ -291,6 +291,12 @@ def test_random_regions_are_never_near_duplicates_of_the_pairs_own():
             "relation rand: near-duplicates of the pair's own regions (not drawn as the random region)": 1}
         assert a["analysis_missing"] == {}
     assert drawn == {0, 1, 2, 3, 4, 5} and {4, 5} <= drawn_any  # other objects' regions remain partners
+    # a phrase linked to a region that max_regions cuts: its other region's duplicates are still passed over
+    meta2 = dict(meta, pairs={"vcd": [[0, 0, "coref"], [0, 5, "coref"]], "vrc": []})
+    enc4 = InputEncoder(load_tokenizer(minilm_path()), "uniter7", 64, max_regions=4)
+    b = AnalysisCollator(Collator(enc4), seed=0)([{"key": "k", "meta": meta2, "feats": np.zeros((6, 8), np.float16)}])
+    assert b["coref_rand_region"][:, 0].tolist() in ([2], [3])
+    assert b["analysis_missing"]["coref: region absent (or cut by max_regions)"] == 1
     assert {1, 3} <= drawn_any  # without the rule the duplicates are drawn
 
 

@@ -72,7 +72,7 @@ class AnalysisCollator:
             def random_region(own, why):  # a region other than the pair's own and their near-duplicates
                 cands = [j for j in range(nr) if j not in own]
                 if near is not None:
-                    kept = [j for j in cands if not any(near[j, o] for o in own)]
+                    kept = [j for j in cands if not any(near[j, o] for o in own if o < nr)]  # own: maybe cut
                     if len(kept) < len(cands):
                         miss(f"{why}: near-duplicates of the pair's own regions (not drawn as the random region)")
                     cands = kept
