@@ -129,6 +129,10 @@ def test_callback_logs_at_steps_and_leaves_training_untouched(toy):
     sd0, sd1 = m0.state_dict(), m1.state_dict()
     assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
     assert any(p.requires_grad for p in m1.encoder.parameters())  # the suite's freeze() was undone
+    # ... and so is its frozen state: the user's unfrozen backbone still trains with dropout after a probe
+    assert m1.encoder._frozen is False
+    m1.train()
+    assert all(x.training for x in m1.encoder.modules())
     # the user's losses are identical too
     l0 = [m["train/loss"] for _, m in log0.rows if "train/loss" in m]
     l1 = [m["train/loss"] for _, m in log1.rows if "train/loss" in m]

@@ -95,22 +95,30 @@ def suite_hash(cfg: dict, extra: dict | None = None) -> str:
 # ------------------------------------------------------------------------------------------- state
 @contextlib.contextmanager
 def preserved(*modules: nn.Module):
-    """Restore every submodule's ``training`` flag and every parameter's ``requires_grad`` on exit."""
+    """Restore every submodule's ``training`` flag, a backbone's frozen state (probing freezes it; a backbone the
+    user trains is unfrozen) and every parameter's ``requires_grad`` on exit."""
     mods, params = {}, {}
     for m in modules:
         if m is None:
             continue
         for sub in m.modules():
-            mods[id(sub)] = (sub, sub.training)
+            mods[id(sub)] = (sub, sub.training, sub.__dict__.get("_frozen", _ABSENT))
         for p in m.parameters():
             params[id(p)] = (p, p.requires_grad)
     try:
         yield
     finally:
-        for sub, flag in mods.values():
+        for sub, flag, frozen in mods.values():
             sub.training = flag  # set the flag itself: Module.train() may be overridden (frozen backbones)
+            if frozen is _ABSENT:
+                sub.__dict__.pop("_frozen", None)
+            else:
+                sub._frozen = frozen
         for p, flag in params.values():
             p.requires_grad_(flag)
+
+
+_ABSENT = object()
 
 
 @contextlib.contextmanager
