@@ -264,3 +264,31 @@ def test_compare_cache_key_keeps_base_path_config_and_tokenizer(tmp_path, checkp
     shutil.copy(checkpoints / "ckpt_step30.pt", copy)
     assert run(bases["base_b"], copy) == (0, 1e-6)  # the checkpoint's own path is not in the key, its bytes are
     assert calls == [1e-12, 1e-5, 1e-6]
+
+
+def test_suite_layers_are_taken_per_task_layout(tmp_path, demo_root):
+    """One suite `layers` list for every task: LXMERT's phrase-region layout has no layer_00 (its layers are the
+    cross layers), the region-region one has; each task probes the listed layers it has. A name no layout has
+    is an error."""
+    import json as _json
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from value_pl.backbones import build_backbone
+    from value_pl.compare.suite import _probe_module
+
+    man = _json.loads((demo_root / "manifest.json").read_text())
+    (tmp_path / "config.json").write_text(_json.dumps({
+        "vocab_size": 30522, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "l_layers": 2,
+        "r_layers": 2, "x_layers": 3, "visual_feat_dim": man["feature_dim"], "visual_pos_dim": 4,
+        "max_position_embeddings": 128}))
+    bb = build_backbone(OmegaConf.create({"family": "lxmert", "name": "tiny", "pretrained": False, "seed": 0,
+                                          "config": str(tmp_path / "config.json"), "tokenizer": "minilm"}),
+                        img_dim=man["feature_dim"])
+    data = SimpleNamespace(manifest=man, root=demo_root)
+    cfg = {"layers": [0, 2], "lr": 1e-3}
+    assert _probe_module(bb, "vcc", cfg, data).head_names == ["emb:layer_02"]
+    assert _probe_module(bb, "vrc", cfg, data).head_names == ["emb:layer_00", "emb:layer_02"]
+    with pytest.raises(ValueError, match=r"\['layer_42'\] are no layers of this backbone"):
+        _probe_module(bb, "vrc", {"layers": [2, 42], "lr": 1e-3}, data)

@@ -250,6 +250,18 @@ def _task_labels(data: SuiteData, task: str) -> list[str]:
     return list(labels)
 
 
+def _layer_names(backbone, kind: str) -> list[str]:
+    """The names ``layers=`` may use for ``kind`` tasks on ``backbone`` (none where it has no such tasks)."""
+    from ..probers.module import layer_number
+
+    try:
+        if kind == "sentence":
+            return [f"layer_{layer_number(n):02d}" for n in backbone.sentence_layers()]
+        return [l.name for l in backbone.pair_layout(kind).layers] + ["raw"]
+    except (ValueError, NotImplementedError):
+        return []
+
+
 def _probe_module(backbone, task: str, cfg: dict, data: SuiteData):
     from ..data.schema import pair_kind
     from ..probers.module import ProbeModule
@@ -262,6 +274,16 @@ def _probe_module(backbone, task: str, cfg: dict, data: SuiteData):
     kind = pair_kind(task)
     if kind not in ("phrase_region", "region_region", "sentence"):
         raise ValueError(f"the suite cannot probe {task!r} (a {kind} task)")
+    if layers is not None:  # one list for every task: each probes the listed layers its layout has
+        everywhere = {k: _layer_names(backbone, k) for k in ("phrase_region", "region_region", "sentence")}
+        unknown = [n for n in layers if not any(n in v for v in everywhere.values())]
+        if unknown:
+            raise ValueError(f"suite layers={layers}: {unknown} are no layers of this backbone; available: "
+                             f"{sorted(set().union(*everywhere.values()))}")
+        layers = [n for n in layers if n in everywhere[kind]]
+        if not layers:
+            raise ValueError(f"none of the suite's layers={cfg.get('layers')} is a layer of {task} ({kind}) on this "
+                             f"backbone; it has {everywhere[kind]}")
     # pair tasks: Eq. 4 heads (rank ``rank``); sentence tasks (text-only BERT checkpoints): logistic regression
     prober = {"name": cfg.get("prober", "layer_emb"), "rank": cfg.get("rank"), "bias": False, "nhid": 0}
     return ProbeModule(backbone, task={"name": task, "kind": kind, "labels": _task_labels(data, task)},
