@@ -292,3 +292,23 @@ def test_suite_layers_are_taken_per_task_layout(tmp_path, demo_root):
     assert _probe_module(bb, "vrc", cfg, data).head_names == ["emb:layer_00", "emb:layer_02"]
     with pytest.raises(ValueError, match=r"\['layer_42'\] are no layers of this backbone"):
         _probe_module(bb, "vrc", {"layers": [2, 42], "lr": 1e-3}, data)
+
+
+def test_steps_per_file_follow_the_order_the_error_asks_for(tmp_path):
+    """A symlink that sorts before its target (best.pt -> u_step2000.pt) must not swap the steps a user gives in
+    the order the "no training step" error lists the files."""
+    import os
+
+    import torch
+
+    from value_pl.compare.checkpoints import discover
+
+    for n in ("u_step1000.pt", "u_step2000.pt", "last.pt"):
+        torch.save({"w": torch.zeros(1)}, tmp_path / n)
+    os.symlink("u_step2000.pt", tmp_path / "best.pt")
+    with pytest.raises(ValueError, match="in this order: ") as e:
+        discover(str(tmp_path / "*.pt"))
+    order = str(e.value).split("in this order: ")[1].split(" -- ")[0].split(", ")
+    want = {"last.pt": 3000, "u_step1000.pt": 1000, "u_step2000.pt": 2000}
+    got = discover(str(tmp_path / "*.pt"), steps=[want[n] for n in order])
+    assert {Path(c.path).name: c.step for c in got} == want

@@ -227,7 +227,9 @@ def discover(spec, steps=None) -> list[Checkpoint]:
         _say(f"one file, several names: kept {names[best]}{f' (step {step})' if step is not None else ''}, "
              f"dropped {', '.join(names[i] + (' (listed again)' if names[i] == names[best] else '') for i in others)}"
              + (f" (the names disagree on the step: {clash})" if len(clash) > 1 else ""))
-    kept.sort()
+    # one file order everywhere -- a file's first appearance in the list: steps given per file, the order the
+    # error below asks for them in, and list positions all follow it (a symlink that sorts before its target
+    # puts the target there)
 
     missing = [i for i in kept if found[i][0] is None]
     if missing and len(missing) < len(kept):
