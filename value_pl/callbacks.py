@@ -44,7 +44,8 @@ import pytorch_lightning as pl
 import torch
 from hydra.experimental.callback import Callback as HydraCallback
 
-from .compare.suite import SuiteData, preserved, run_suite, suite_config
+from .compare.state import preserved
+from .compare.suite import SuiteData, run_suite, suite_config
 
 log = logging.getLogger("value_pl")
 

@@ -21,11 +21,10 @@ Metric names (flat, ``/``-separated, as W&B keys):
 ``<task>/acc/best`` (test accuracy of the head best by validation), ``<task>/val/best``.
 
 The suite leaves the backbone as it found it: training flags and ``requires_grad`` of every module
-are restored (:func:`preserved`), and the backbone is never moved between devices.
+are restored (:func:`~value_pl.compare.state.preserved`), and the backbone is never moved between devices.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from ..backbones.capture import CaptureSpec
+from .state import cpu_threads, preserved
 
 log = logging.getLogger("value_pl")
 
@@ -93,51 +93,6 @@ def suite_hash(cfg: dict, extra: dict | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- state
-@contextlib.contextmanager
-def preserved(*modules: nn.Module):
-    """Restore every submodule's ``training`` flag, a backbone's frozen state (probing freezes it; a backbone the
-    user trains is unfrozen) and every parameter's ``requires_grad`` on exit."""
-    mods, params = {}, {}
-    for m in modules:
-        if m is None:
-            continue
-        for sub in m.modules():
-            mods[id(sub)] = (sub, sub.training, sub.__dict__.get("_frozen", _ABSENT))
-        for p in m.parameters():
-            params[id(p)] = (p, p.requires_grad)
-    try:
-        yield
-    finally:
-        for sub, flag, frozen in mods.values():
-            sub.training = flag  # set the flag itself: Module.train() may be overridden (frozen backbones)
-            if frozen is _ABSENT:
-                sub.__dict__.pop("_frozen", None)
-            else:
-                sub._frozen = frozen
-        for p, flag in params.values():
-            p.requires_grad_(flag)
-
-
-_ABSENT = object()
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None, device: torch.device):
-    """Run with ``n`` intra-op CPU threads (restored after). Most of the suite's ops are small (heads,
-    k-means): on a busy machine several OpenMP threads cost up to ~100x one thread on them, and the whole
-    quick suite ran 3-4x faster on one thread than on two (2-core machine, load ~3); on an idle machine one
-    thread costs ~25% (docs/compare.md, "Time per checkpoint")."""
-    if not n or device.type != "cpu":
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def _device(backbone: nn.Module) -> torch.device:
     p = next(backbone.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
