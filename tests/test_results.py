@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import compose
@@ -134,13 +135,15 @@ def test_majority_is_the_training_majority_class_scored_on_test():
     assert majority_baseline([700, 300], [300, 700]) == 0.3  # not 0.7: the class is chosen on train
     assert majority_baseline([5, 5, 1], [1, 2, 7]) == 0.1  # ties: the first label
     assert majority_baseline([0, 0], [1, 1]) is None and majority_baseline([1], None) is None
-    m = LabelCounts(4)
-    import torch
+    from value_pl.data.collate import label_histogram
 
-    m.update(torch.tensor([0, 3, 3, 1]))
-    m.update(torch.tensor([], dtype=torch.long))
-    m.update(torch.tensor([3]))
+    m = LabelCounts(4)
+    for labels in ([0, 3, 3, 1], [], [3]):  # histograms as the collator counts them (trailing zeros left out)
+        m.update(label_histogram(np.asarray(labels)))
+    assert m.counts.tolist() == [0, 0, 0, 0]  # added on the host until computed: no device op per step
     assert m.compute() == [1, 1, 0, 3]
+    m.reset()
+    assert m.compute() == [0, 0, 0, 0]
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .collate import label_histogram
 from .handover import batch_tensor
 from .schema import SchemaError, load_manifest
 
@@ -186,7 +187,8 @@ class CacheCollate:
         for (_, _, off, _), a in zip(layout, parts):
             out[off:off + a.size] = a.reshape(-1)
         return {"cached_flat": flat, "cached_layout": layout, "labels": torch.from_numpy(labels.astype(np.int64)),
-                "counts": self.counts(records, labels), "keys": [r["key"] for r in records]}
+                "label_counts": label_histogram(labels), "counts": self.counts(records, labels),
+                "keys": [r["key"] for r in records]}
 
 
 def unpack_cached(batch: dict) -> dict[str, tuple]:

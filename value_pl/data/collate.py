@@ -181,6 +181,12 @@ def _padded(rows: list[list[int]], fill: int = -1, min_width: int = 1) -> np.nda
     return out
 
 
+def label_histogram(labels: np.ndarray) -> list[int]:
+    """``out[i]``: how many of ``labels`` are ``i`` (counted here, in the loader worker: the probe module adds these
+    on the host for its majority baseline, with no device op in the step)."""
+    return np.bincount(labels.astype(np.int64, copy=False)).tolist() if labels.size else []
+
+
 class Collator:
     """List of decoded samples -> batch dict of tensors.
 
@@ -244,6 +250,8 @@ class Collator:
                 counts["pairs"] = B
             elif self.task.kind in ("phrase_region", "region_region"):
                 batch.update(self._pairs(samples, batch["word_to_token"].numpy(), nreg, truncated, counts))
+            if "labels" in batch:
+                batch["label_counts"] = label_histogram(batch["labels"].numpy())
         return batch
 
     def _label(self, key: str, lab: str, j: int, context: dict | None = None) -> int:

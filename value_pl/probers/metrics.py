@@ -72,21 +72,41 @@ class Counters(Metric):
 
 
 class LabelCounts(Metric):
-    """How often each of ``C`` labels occurred: ``update(labels (P,))`` on the device, one ``index_add_`` and no
-    host sync. These are the labels after any relabelling (control task, shuffled labels), i.e. the ones the
-    heads saw, so the majority baseline of :func:`majority_baseline` is that of the task actually trained."""
+    """How often each of ``C`` labels occurred. ``update`` takes a batch's label histogram, which the collator
+    counted in the loader worker (``batch["label_counts"]``), and adds it on the host, as :class:`Counters` does:
+    no device op in the step. These are the labels after any relabelling (control task, shuffled labels), i.e. the
+    ones the heads saw, so the majority baseline of :func:`majority_baseline` is that of the task actually
+    trained."""
 
     full_state_update = False
 
     def __init__(self, num_classes: int):
         super().__init__()
-        self.add_state("counts", default=torch.zeros(int(num_classes), dtype=torch.long), dist_reduce_fx="sum")
+        self.num_classes = int(num_classes)
+        self.add_state("counts", default=torch.zeros(self.num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self._pending = [0] * self.num_classes
 
-    def update(self, labels: Tensor) -> None:
-        self.counts.index_add_(0, labels.reshape(-1), torch.ones_like(labels.reshape(-1)))
+    def update(self, histogram) -> None:
+        """``histogram[i]``: how many labels ``i`` the batch has (shorter than ``C`` when the last ones are absent)."""
+        for i, n in enumerate(histogram):
+            self._pending[i] += int(n)
+
+    def _flush(self) -> None:
+        if any(self._pending):
+            self.counts = self.counts + torch.tensor(self._pending, dtype=torch.long, device=self.counts.device)
+        self._pending = [0] * self.num_classes
+
+    def sync(self, *args, **kwargs):
+        self._flush()  # this rank's host sums join the reduction over ranks
+        return super().sync(*args, **kwargs)
 
     def compute(self) -> list[int]:
+        self._flush()
         return [int(c) for c in self.counts.tolist()]
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending = [0] * self.num_classes
 
 
 def majority_baseline(train: list[int] | None, test: list[int] | None) -> float | None:

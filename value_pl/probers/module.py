@@ -243,7 +243,7 @@ class ProbeModule(pl.LightningModule):
         self.counts_train.update(batch.get("counts", {}))
         inputs = self._inputs(batch)
         y = batch["labels"]
-        self.labels_train.update(y)
+        self.labels_train.update(batch.get("label_counts", ()))
         if not inputs or y.numel() == 0:
             return sum(p.sum() * 0.0 for p in self.heads.parameters())
         loss = self.loss(inputs, y)
@@ -274,7 +274,7 @@ class ProbeModule(pl.LightningModule):
         inputs = self._inputs(batch)
         y = batch["labels"]
         if stage == "test":
-            self.labels_test.update(y)
+            self.labels_test.update(batch.get("label_counts", ()))
         if not inputs or y.numel() == 0:
             return
         preds = torch.cat([lg.argmax(-1) for lg in self.group_logits(inputs).values()])  # (n heads, P)
