@@ -215,6 +215,18 @@ def test_a_loader_that_may_overfill_dev_shm_is_warned_about(shards, monkeypatch)
     monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": per_batch)
     with pytest.warns(RuntimeWarning, match=r"/dev/shm .*bus error.*data.num_workers"):
         dm.loader("train", train=True)
+    # validation runs while the training workers decode the next epoch: both loaders' batches count
+    monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": 3 * dm.prefetch_factor * per_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dm.loader("train", train=True)  # 2 workers x prefetch: fits
+        dm.loader("val", train=False, batch_size=4, num_workers=1)  # alone it would fit too
+    with pytest.warns(RuntimeWarning, match=r"plus .* MiB of the training loader's next epoch.*epoch_ahead=false"):
+        dm.loader("val", train=False, batch_size=4)  # 2 + 2 workers' batches do not
+    dm.epoch_ahead = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dm.loader("val", train=False, batch_size=4)
     # batches without region features (a feature cache's, text-only ones) are not estimated
     from value_pl.data.cache import CacheCollate
 

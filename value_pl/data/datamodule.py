@@ -9,7 +9,10 @@ takes a contiguous part of the split's samples (training: the shards in a seeded
   the same number of batches, and at most one batch per rank is partial.
 
 Loader workers collate (tokenise, encode boxes, build pair indices) in parallel, stay alive across epochs and
-validation runs (``persistent_workers``), and hand over pinned batches when training on a GPU.
+validation runs (``persistent_workers``), and hand over pinned batches when training on a GPU. The training
+loader starts its next epoch as soon as the current one has been read (:class:`EpochAheadLoader`): the workers
+fill their queues during the last step and the validation run, so an epoch does not begin by waiting for its
+first batch to be decoded.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, shuffle_buffer: int = 256,
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
-                 prefetch_factor: int = 4, reuse_buffers: bool = True):
+                 prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool = True):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -61,7 +64,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory  # None: when a CUDA device is used
         self.prefetch_factor = int(prefetch_factor)
         self.reuse_buffers = bool(reuse_buffers)
+        self.epoch_ahead = bool(epoch_ahead)
         self._counts: dict[str, list[int]] = {}
+        self._train_shm = 0  # bytes the training loader may hold in /dev/shm (check_shared_memory)
         self._loaders: dict[tuple, torch.utils.data.DataLoader] = {}
 
     # ---------------------------------------------------------------- helpers
@@ -130,17 +135,36 @@ class ShardDataModule(pl.LightningDataModule):
             log.info("%s: split %s gives %d batch(es) per rank: %d of the %d loader worker(s) stay idle",
                      self.root, self.splits.get(stage, stage), nb, workers - nb, workers)
         if workers > 0:
-            self.check_shared_memory(stage, workers, ds.batch_size, collate or self.collate, ring)
+            # validation runs while the training workers decode the next epoch (epoch_ahead): both in /dev/shm
+            alongside = self._train_shm if (not train and self.epoch_ahead) else 0
+            need = self.check_shared_memory(stage, workers, ds.batch_size, collate or self.collate, ring, alongside)
+            if train:
+                self._train_shm = need or 0
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
+        if train and workers > 0 and self.epoch_ahead:
+            return EpochAheadLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
+                                    pin_memory=pin, another_epoch=self._another_epoch, **kw)
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
                                            pin_memory=pin, **kw)
 
-    def check_shared_memory(self, stage: str, workers: int, batch_size: int, collate, ring: int) -> int | None:
+    def _another_epoch(self) -> bool:
+        """Whether the trainer will read the training loader again after the epoch it is in (no trainer: yes)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return True
+        if trainer.should_stop:
+            return False
+        max_epochs = trainer.max_epochs
+        return max_epochs is None or max_epochs < 0 or int(trainer.current_epoch) + 1 < int(max_epochs)
+
+    def check_shared_memory(self, stage: str, workers: int, batch_size: int, collate, ring: int,
+                            alongside: int = 0) -> int | None:
         """Warn when the batches a loader may hold in ``/dev/shm`` (the fp16 region features of ``prefetch_factor``
-        batches per worker, or of its ``ring`` reused buffers) exceed its free space: a worker that runs out dies with
-        a bus error (a container's default /dev/shm is 64 MB). Returns the estimate in bytes (None: the loader's
-        batches carry no region features, e.g. a feature cache's or text-only ones)."""
+        batches per worker, or of its ``ring`` reused buffers), plus ``alongside`` bytes that another loader holds at
+        the same time, exceed its free space: a worker that runs out dies with a bus error (a container's default
+        /dev/shm is 64 MB). Returns this loader's estimate in bytes (None: its batches carry no region features,
+        e.g. a feature cache's or text-only ones)."""
         inner = getattr(collate, "collate", collate)  # extraction wraps the backbone's collator
         encoder = getattr(inner, "encoder", None)
         if encoder is None or getattr(inner, "text_only", False):
@@ -158,11 +182,13 @@ class ShardDataModule(pl.LightningDataModule):
         held = max(self.prefetch_factor, ring)
         need = workers * held * per_batch
         free = shm_free()
-        if free is not None and need > free:
+        if free is not None and need + alongside > free:
+            also = (f" plus {alongside / 2**20:,.0f} MiB of the training loader's next epoch, which its workers decode "
+                    f"during validation (data.epoch_ahead=false stops that)" if alongside else "")
             msg = (f"{self.root}: the {stage} loader may hold {need / 2**20:,.0f} MiB of batches in /dev/shm "
-                   f"({workers} worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features) "
-                   f"but /dev/shm has {free / 2**20:,.0f} MiB free: a loader worker that runs out dies with a bus "
-                   f"error. Lower data.num_workers, data.prefetch_factor or the batch size, or give the container "
+                   f"({workers} worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features)"
+                   f"{also} but /dev/shm has {free / 2**20:,.0f} MiB free: a loader worker that runs out dies with a "
+                   f"bus error. Lower data.num_workers, data.prefetch_factor or the batch size, or give the container "
                    f"more shared memory (docker run --shm-size=...)")
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -189,3 +215,60 @@ class ShardDataModule(pl.LightningDataModule):
 
     def label_counts(self, task: str, stage: str = "train") -> dict[str, int]:
         return self.split_entry(stage)["pairs"].get(task, {})
+
+
+class EpochAheadLoader(torch.utils.data.DataLoader):
+    """A DataLoader with persistent workers that starts the next epoch as soon as the current one is read.
+
+    Torch resumes persistent workers only when the next ``iter()`` is called, so every epoch began with the whole
+    pipeline empty: the first batch waited for a worker to read and collate ``batch_size`` samples (on the CPU more
+    than half of an epoch's waiting for data; docs/performance.md). Here the epoch's iterator, when it hands out
+    its last batch (``len(loader)`` -- exact per rank, and all Lightning reads), calls ``iter()`` at once if
+    ``another_epoch()`` says training goes on, and the next ``iter()`` returns that iterator: the workers decode
+    the next epoch while the last step and the validation run go on.
+
+    The batches are the ones a plain ``iter()`` would give: the same resume of the same workers, only earlier
+    (each worker's stream counts its own epochs). An epoch left before its end (``limit_train_batches``,
+    ``max_steps``) is not started ahead; one started but never read (training stopped) goes with the workers.
+    """
+
+    def __init__(self, *args, another_epoch=lambda: True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._another_epoch = another_epoch
+        self._started = None  # the next epoch's iterator, started ahead
+
+    def __iter__(self):
+        it, self._started = self._started, None
+        return _AheadIterator(self, it if it is not None else super().__iter__())
+
+    def _start_next(self) -> None:
+        if self._started is None and self._another_epoch():
+            self._started = super().__iter__()
+
+
+class _AheadIterator:
+    """One epoch of an :class:`EpochAheadLoader`: ``len(loader)`` batches, then the next epoch is started."""
+
+    def __init__(self, loader: EpochAheadLoader, it):
+        self.loader, self.it = loader, it
+        self.left = len(loader)
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __next__(self):
+        if self.left <= 0:  # the workers may already serve the next epoch: never read it through this iterator
+            raise StopIteration
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.left = 0
+            self.loader._start_next()
+            raise
+        self.left -= 1
+        if self.left == 0:
+            self.loader._start_next()
+        return batch

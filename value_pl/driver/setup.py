@@ -70,7 +70,8 @@ def make_datamodule(cfg: DictConfig) -> ShardDataModule:
                            train_batches=d.get("train_batches"), eval_batch_size=d.get("eval_batch_size"),
                            decode=decode, pin_memory=d.get("pin_memory"),
                            prefetch_factor=int(d.get("prefetch_factor") or 4),
-                           reuse_buffers=bool(d.get("reuse_buffers", True)))
+                           reuse_buffers=bool(d.get("reuse_buffers", True)),
+                           epoch_ahead=bool(d.get("epoch_ahead", True)))
 
 
 def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:

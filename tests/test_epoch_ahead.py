@@ -1,0 +1,149 @@
+"""The training loader starts its next epoch while the current one ends (value_pl.data.datamodule.EpochAheadLoader).
+
+Without it every epoch began with an empty pipeline: the first batch waited for a worker to read and collate a whole
+batch (on the CPU benchmark more than half of an epoch's waiting for data). Started ahead, an epoch must still be
+exactly the epoch a plain loader reads: the same batches in the same order, every sample once.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from test_cache import small_demo
+from value_pl.data.datamodule import EpochAheadLoader, ShardDataModule
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ahead") / "demo"
+    small_demo(root, splits={"train": 30, "val": 6, "test": 6}, maxcount=7)  # 5 shards, the last one short
+    return root
+
+
+def sample_keys(batch):
+    return [s["key"] for s in batch]
+
+
+class MarkBatches:
+    """A collate that also leaves a file per batch it makes: what the workers did, seen from outside them."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, batch):
+        (self.folder / f"{time.monotonic_ns()}-{batch[0]['key']}").touch()
+        return sample_keys(batch)
+
+
+def module(root, ahead: bool, workers: int = 2, **kw) -> ShardDataModule:
+    dm = ShardDataModule(root, batch_size=4, num_workers=workers, seed=3, prefetch_factor=2, epoch_ahead=ahead, **kw)
+    dm.collate = sample_keys
+    return dm
+
+
+def epochs(loader, n: int, stop_after: dict | None = None) -> list[list[list[str]]]:
+    out = []
+    for e in range(n):
+        got = []
+        for i, b in enumerate(loader):
+            got.append(b)
+            if stop_after and stop_after.get(e) == i + 1:
+                break
+        out.append(got)
+    return out
+
+
+def test_epochs_started_ahead_are_the_epochs_a_plain_loader_reads(uneven):
+    plain = module(uneven, ahead=False).train_dataloader()
+    ahead = module(uneven, ahead=True).train_dataloader()
+    assert isinstance(ahead, EpochAheadLoader) and not isinstance(plain, EpochAheadLoader)
+    a, b = epochs(plain, 4), epochs(ahead, 4)
+    assert a == b
+    for ep in b:  # each epoch: every sample once, 8 batches (30 samples, batch 4: the last one partial)
+        flat = [k for batch in ep for k in batch]
+        assert len(ep) == len(ahead) == 8 and len(flat) == len(set(flat)) == 30
+    assert a[0] != a[1]  # the epochs differ (seeded per epoch), so equality above is not trivially true
+    # an epoch left early (limit_train_batches, max_steps) is not started ahead; the next one is still exact
+    plain2 = module(uneven, ahead=False).train_dataloader()
+    ahead2 = module(uneven, ahead=True).train_dataloader()
+    assert epochs(plain2, 3, {0: 2}) == epochs(ahead2, 3, {0: 2})
+
+
+def test_the_next_epoch_is_decoded_before_it_is_asked_for(uneven, tmp_path):
+    def run(ahead: bool, folder: Path, wait_s: float):
+        folder.mkdir()
+        dm = module(uneven, ahead=ahead, workers=2)
+        dm.collate = MarkBatches(folder)
+        loader = dm.train_dataloader()
+        assert len(list(loader)) == 8
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and len(list(folder.iterdir())) <= 8:
+            time.sleep(0.05)
+        return loader, len(list(folder.iterdir())) - 8
+
+    loader, ahead_made = run(True, tmp_path / "ahead", 30)
+    assert ahead_made > 0  # the workers work on epoch 1 although nobody has called iter() again
+    assert len(list(loader)) == 8
+    _, plain_made = run(False, tmp_path / "plain", 3)
+    assert plain_made == 0  # a plain loader's workers wait for the next iter() (watched for 3 s)
+
+
+def test_no_epoch_is_started_after_the_last_one(uneven):
+    dm = module(uneven, ahead=True)
+    loader = dm.train_dataloader()
+    dm.trainer = SimpleNamespace(should_stop=False, max_epochs=2, current_epoch=0)
+    list(loader)
+    assert loader._started is not None
+    dm.trainer.current_epoch = 1  # the last epoch of max_epochs=2
+    list(loader)
+    assert loader._started is None
+    dm.trainer = SimpleNamespace(should_stop=True, max_epochs=10, current_epoch=1)  # early stopping
+    list(loader)
+    assert loader._started is None
+    dm.trainer = SimpleNamespace(should_stop=False, max_epochs=-1, current_epoch=50)  # max_steps only
+    list(loader)
+    assert loader._started is not None
+
+
+class KeysModule(pl.LightningModule):
+    """Records the sample keys of every training batch per epoch, and whether the next epoch had been started
+    when the epoch ended."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[str]] = {}
+        self.started_at_end: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.setdefault(self.current_epoch, []).extend(batch)
+        return (self.w ** 2).sum() + 1.0
+
+    def on_train_epoch_end(self):
+        loader = self.trainer.train_dataloader
+        self.started_at_end.append(getattr(loader, "_started", None) is not None)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_inside_trainer_fit_every_epoch_is_exact(uneven, tmp_path, ahead):
+    """Lightning reads ``len(loader)`` batches and never asks for one more: the epoch must be started ahead on its
+    last batch, and each epoch must still see every sample once, the same as without starting ahead."""
+    dm = module(uneven, ahead=ahead)
+    m = KeysModule()
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(m, train_dataloaders=dm.train_dataloader())
+    ref = epochs(module(uneven, ahead=False).train_dataloader(), 3)
+    assert [m.seen[e] for e in range(3)] == [[k for b in ep for k in b] for ep in ref]
+    assert all(len(set(m.seen[e])) == 30 for e in range(3))
+    # fit() without a datamodule: no trainer to ask, so the last epoch's successor is started too (and discarded)
+    assert m.started_at_end == ([True, True, True] if ahead else [False, False, False])
