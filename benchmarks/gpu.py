@@ -359,12 +359,14 @@ def prefetch_for(workers: int, batch: int) -> int:
     return int(max(1, min(4, shm // 2 // (per_batch * max(workers, 1)))))
 
 
-def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev) -> list[dict]:
+def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out: list | None = None,
+             done=lambda: None) -> list[dict]:
+    """End-to-end runs, one per prober, appended to ``out`` as each ends (then ``done()`` is called)."""
     from hydra import compose, initialize_config_dir
 
     from value_pl.driver.train import train
 
-    out = []
+    out = [] if out is None else out
     for prober in args.e2e_probers:
         run = tmp / f"run-{prober}"
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
@@ -381,10 +383,12 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev) -> l
         tp = res["throughput"]["train"]
         busy = util.mean(tp["start"], tp["end"])  # the last training epoch (validation excluded)
         out.append({"prober": prober, **tp, "gpu_util_pct": busy, "samples_seen": res["samples_seen"]["train"],
+                    "epochs": res["throughput"].get("epochs"),
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
         print(f"# e2e {prober}: {tp['samples_per_s']:,.0f} samples/s (last epoch), waiting for data "
               f"{100 * tp['data_wait_frac']:.0f}%, GPU busy {busy:.0f}% (NVML, last training epoch), "
               f"samples per epoch {res['samples_seen']['train']}", flush=True)
+        done()
     return out
 
 
@@ -443,6 +447,11 @@ def main(argv=None) -> int:
           f"prefetch {prefetch_for(args.workers[0], args.e2e_batch)} batches per worker")
     print(f"# model: random UNITER {args.layers} layers x {args.hidden} hidden x {args.heads} heads", flush=True)
     report = {"device": gpu, "torch": torch.__version__, "cpus": os.cpu_count()}
+
+    def save() -> None:  # after every part: a run cut short by gpu.sh's time limit keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+
     util = Utilisation()
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -462,6 +471,7 @@ def main(argv=None) -> int:
             for prober, ph in phases.items():
                 print(f"| {prober} | " + " | ".join(f"{ph[k]:.2f}" for k in PHASES) + " |")
             report["phase_issue_ms"] = phases
+            save()
             print(flush=True)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -470,10 +480,11 @@ def main(argv=None) -> int:
             build_shards(root, args)
         if "loader" not in args.skip:
             report["loader"] = loader_rows(root, tok, args)
+            save()
         if "e2e" not in args.skip:
             bare = e2e_bare(args, dev, tok, tmp, root)
-            e2e = e2e_rows(root, tok, tmp, args, util, dev)
-            report["e2e"] = {"bare_samples_per_s": bare, "runs": e2e}
+            report["e2e"] = {"bare_samples_per_s": bare, "runs": []}
+            e2e = e2e_rows(root, tok, tmp, args, util, dev, out=report["e2e"]["runs"], done=save)
             print(f"\n| end to end (batch {args.e2e_batch}, {args.workers[0]} workers) | samples/s | x bare forward | "
                   "waiting for data | GPU busy | samples per epoch |")
             print("|---|---:|---:|---:|---:|---|")
@@ -482,8 +493,7 @@ def main(argv=None) -> int:
                 print(f"| train {r['prober']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / bare:.2f} | "
                       f"{100 * r['data_wait_frac']:.0f}% | {r['gpu_util_pct']:.0f}% | {r['samples_seen']} |")
     util.stop.set()
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    save()
     return 0
 
 

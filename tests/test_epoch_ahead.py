@@ -74,6 +74,19 @@ def test_epochs_started_ahead_are_the_epochs_a_plain_loader_reads(uneven):
     assert epochs(plain2, 3, {0: 2}) == epochs(ahead2, 3, {0: 2})
 
 
+def test_an_epoch_started_ahead_whose_workers_were_shut_down_is_not_read(uneven):
+    """Lightning's teardown shuts a loader's workers down and drops its iterator (CombinedLoader.reset); an epoch
+    started ahead before that (training stopped early) must give way to fresh workers, as a plain loader does."""
+    got = []
+    for ahead in (False, True):
+        loader = module(uneven, ahead=ahead).train_dataloader()
+        first = list(loader)
+        loader._iterator._shutdown_workers()
+        loader._iterator = None
+        got.append((first, list(loader)))
+    assert got[0] == got[1]
+
+
 def test_the_next_epoch_is_decoded_before_it_is_asked_for(uneven, tmp_path):
     def run(ahead: bool, folder: Path, wait_s: float):
         folder.mkdir()

@@ -239,6 +239,8 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
 
     def __iter__(self):
         it, self._started = self._started, None
+        if it is not None and it is not self._iterator:
+            it = None  # its workers were shut down since (Lightning's teardown resets a loader's iterator)
         return _AheadIterator(self, it if it is not None else super().__iter__())
 
     def _start_next(self) -> None:
