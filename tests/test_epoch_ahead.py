@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from test_cache import small_demo
-from value_pl.data.datamodule import EpochAheadLoader, ShardDataModule
+from value_pl.data.datamodule import EpochAheadLoader, ShardDataModule, validates_after_epoch
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,9 @@ def test_the_next_epoch_is_decoded_before_it_is_asked_for(uneven, tmp_path):
 
     loader, ahead_made = run(True, tmp_path / "ahead", 30)
     assert ahead_made > 0  # the workers work on epoch 1 although nobody has called iter() again
+    time.sleep(2)
+    # started light: one batch per worker (not prefetch_factor = 2), leaving the CPU to a validation run
+    assert len(list((tmp_path / "ahead").iterdir())) - 8 == 2
     assert len(list(loader)) == 8
     _, plain_made = run(False, tmp_path / "plain", 3)
     assert plain_made == 0  # a plain loader's workers wait for the next iter() (watched for 3 s)
@@ -123,40 +126,91 @@ def test_no_epoch_is_started_after_the_last_one(uneven):
     assert loader._started is not None
 
 
-class KeysModule(pl.LightningModule):
-    """Records the sample keys of every training batch per epoch, and whether the next epoch had been started
-    when the epoch ended."""
+def test_validation_is_started_only_when_it_follows_the_epoch():
+    def tr(**kw):
+        base = dict(enable_validation=True, sanity_checking=False, check_val_every_n_epoch=1, current_epoch=0,
+                    val_check_batch=8, num_training_batches=8)
+        return SimpleNamespace(**{**base, **kw})
 
-    def __init__(self):
+    assert validates_after_epoch(tr())
+    assert validates_after_epoch(tr(val_check_batch=float("inf")))
+    assert validates_after_epoch(tr(val_check_batch=4))  # twice an epoch, the second time at its end
+    assert not validates_after_epoch(tr(val_check_batch=3))  # the last check before the end
+    assert not validates_after_epoch(tr(enable_validation=False))  # limit_val_batches=0, no validation_step
+    assert not validates_after_epoch(tr(check_val_every_n_epoch=2))  # epoch 0 of every 2
+    assert validates_after_epoch(tr(check_val_every_n_epoch=2, current_epoch=1))
+    assert not validates_after_epoch(tr(check_val_every_n_epoch=None))  # every n batches across epochs: not said
+    assert not validates_after_epoch(tr(sanity_checking=True))
+
+
+class KeysModule(pl.LightningModule):
+    """Records the sample keys of every training and validation batch per epoch, and whether the next training
+    epoch and the validation run had been started when the epoch's last training step ran."""
+
+    def __init__(self, dm: ShardDataModule | None = None):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
+        self.dm = dm
         self.seen: dict[int, list[str]] = {}
-        self.started_at_end: list[bool] = []
+        self.val_seen: dict[int, list[str]] = {}
+        self.started_at_end: list[tuple[bool, bool]] = []
 
     def training_step(self, batch, batch_idx):
         self.seen.setdefault(self.current_epoch, []).extend(batch)
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            train = self.trainer.train_dataloader
+            val = self.dm._loaders.get(("val", False, id(self.dm.collate))) if self.dm is not None else None
+            self.started_at_end.append((getattr(train, "_started", None) is not None,
+                                        getattr(val, "_started", None) is not None))
         return (self.w ** 2).sum() + 1.0
 
-    def on_train_epoch_end(self):
-        loader = self.trainer.train_dataloader
-        self.started_at_end.append(getattr(loader, "_started", None) is not None)
+    def validation_step(self, batch, batch_idx):
+        self.val_seen.setdefault(self.current_epoch, []).extend(batch)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def fit(dm, m, tmp_path, **kw):
+    trainer = pl.Trainer(**{**dict(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                   default_root_dir=str(tmp_path)), **kw})
+    trainer.fit(m, datamodule=dm)
+    return trainer
+
+
 @pytest.mark.parametrize("ahead", [False, True])
 def test_inside_trainer_fit_every_epoch_is_exact(uneven, tmp_path, ahead):
-    """Lightning reads ``len(loader)`` batches and never asks for one more: the epoch must be started ahead on its
-    last batch, and each epoch must still see every sample once, the same as without starting ahead."""
-    dm = module(uneven, ahead=ahead)
-    m = KeysModule()
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, default_root_dir=str(tmp_path))
-    trainer.fit(m, train_dataloaders=dm.train_dataloader())
+    """Lightning reads ``len(loader)`` batches and never asks for one more: the next epoch and the validation run
+    must be started on the last batch, and every epoch and validation run must still read each sample once, the same
+    as without starting ahead."""
+    dm = module(uneven, ahead=ahead, eval_batch_size=4)
+    m = KeysModule(dm)
+    fit(dm, m, tmp_path)
     ref = epochs(module(uneven, ahead=False).train_dataloader(), 3)
     assert [m.seen[e] for e in range(3)] == [[k for b in ep for k in b] for ep in ref]
     assert all(len(set(m.seen[e])) == 30 for e in range(3))
-    # fit() without a datamodule: no trainer to ask, so the last epoch's successor is started too (and discarded)
-    assert m.started_at_end == ([True, True, True] if ahead else [False, False, False])
+    val = sorted(f"demo_val_{i:05d}" for i in range(6))
+    assert [sorted(m.val_seen[e]) for e in range(3)] == [val] * 3
+    # the last epoch starts no successor (max_epochs); every epoch's validation run is started ahead
+    assert m.started_at_end == ([(True, True), (True, True), (False, True)] if ahead else [(False, False)] * 3)
+
+
+def test_no_validation_run_is_started_where_none_follows(uneven, tmp_path):
+    dm = module(uneven, ahead=True, eval_batch_size=4)
+    m = KeysModule(dm)
+    fit(dm, m, tmp_path, check_val_every_n_epoch=2)
+    assert [v for _, v in m.started_at_end] == [False, True, False]
+    assert sorted(m.val_seen) == [1]
+
+
+def test_fit_without_the_datamodule_starts_the_training_epochs_only(uneven, tmp_path):
+    """fit() given the loader alone: no trainer to ask, so the last epoch's successor is started too (and dropped)."""
+    dm = module(uneven, ahead=True)
+    m = KeysModule()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(m, train_dataloaders=dm.train_dataloader())
+    assert m.started_at_end == [(True, False), (True, False)]
+    assert ("val", False, id(dm.collate)) not in dm._loaders

@@ -9,10 +9,10 @@ takes a contiguous part of the split's samples (training: the shards in a seeded
   the same number of batches, and at most one batch per rank is partial.
 
 Loader workers collate (tokenise, encode boxes, build pair indices) in parallel, stay alive across epochs and
-validation runs (``persistent_workers``), and hand over pinned batches when training on a GPU. The training
-loader starts its next epoch as soon as the current one has been read (:class:`EpochAheadLoader`): the workers
-fill their queues during the last step and the validation run, so an epoch does not begin by waiting for its
-first batch to be decoded.
+validation runs (``persistent_workers``), and hand over pinned batches when training on a GPU. When the training
+loader hands out an epoch's last batch it starts its next epoch, and the validation loader's run that follows
+(:class:`EpochAheadLoader`): their workers fill their queues during the last step (and the validation run), so
+neither begins by waiting for its first batch to be decoded.
 """
 from __future__ import annotations
 
@@ -142,11 +142,25 @@ class ShardDataModule(pl.LightningDataModule):
                 self._train_shm = need or 0
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
-        if train and workers > 0 and self.epoch_ahead:
+        if workers > 0 and self.epoch_ahead and (train or stage == "val"):
+            # training: the next epoch starts when this one is read, and so does the validation run that follows;
+            # validation: started by the training loader only
+            ahead = {"another_epoch": self._another_epoch, "then": self._validation_ahead} if train else \
+                {"another_epoch": lambda: False}
             return EpochAheadLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
-                                    pin_memory=pin, another_epoch=self._another_epoch, **kw)
+                                    pin_memory=pin, **ahead, **kw)
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
                                            pin_memory=pin, **kw)
+
+    def _validation_ahead(self) -> None:
+        """When the training loader has handed out an epoch's last batch: start the validation loader's workers on
+        the validation run that follows the epoch, if the trainer runs one then (and reads this module's loaders)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or getattr(trainer, "datamodule", None) is not self or not validates_after_epoch(trainer):
+            return
+        loader = self._cached_loader("val", False)
+        if isinstance(loader, EpochAheadLoader):
+            loader.start_ahead()
 
     def _another_epoch(self) -> bool:
         """Whether the trainer will read the training loader again after the epoch it is in (no trainer: yes)."""
@@ -217,35 +231,83 @@ class ShardDataModule(pl.LightningDataModule):
         return self.split_entry(stage)["pairs"].get(task, {})
 
 
+def validates_after_epoch(trainer) -> bool:
+    """Whether Lightning runs validation at the end of the training epoch it is in (its own test, from public
+    attributes: validation enabled, this epoch a ``check_val_every_n_epoch`` one, the last batch a
+    ``val_check_batch`` one). False where unsure, e.g. validation every n batches across epochs."""
+    if not getattr(trainer, "enable_validation", False) or getattr(trainer, "sanity_checking", False):
+        return False
+    every = getattr(trainer, "check_val_every_n_epoch", None)
+    if every is None or (int(trainer.current_epoch) + 1) % int(every):
+        return False
+    check, batches = getattr(trainer, "val_check_batch", None), getattr(trainer, "num_training_batches", None)
+    if check is None or batches is None:
+        return False
+    return check == float("inf") or (batches != float("inf") and int(batches) % int(check) == 0)
+
+
 class EpochAheadLoader(torch.utils.data.DataLoader):
-    """A DataLoader with persistent workers that starts the next epoch as soon as the current one is read.
+    """A DataLoader with persistent workers that starts its next epoch before it is asked for.
 
     Torch resumes persistent workers only when the next ``iter()`` is called, so every epoch began with the whole
     pipeline empty: the first batch waited for a worker to read and collate ``batch_size`` samples (on the CPU more
     than half of an epoch's waiting for data; docs/performance.md). Here the epoch's iterator, when it hands out
-    its last batch (``len(loader)`` -- exact per rank, and all Lightning reads), calls ``iter()`` at once if
-    ``another_epoch()`` says training goes on, and the next ``iter()`` returns that iterator: the workers decode
-    the next epoch while the last step and the validation run go on.
+    its last batch (``len(loader)`` -- exact per rank, and all Lightning reads), calls ``then()`` (the training
+    loader: start the validation run that follows) and then ``iter()`` if ``another_epoch()`` says training goes
+    on; the next ``iter()`` returns the iterator started ahead: the workers decode the next epoch while the last
+    step and the validation run go on. A loader whose ``another_epoch`` is never true (validation) is started
+    by another through :meth:`start_ahead`.
 
     The batches are the ones a plain ``iter()`` would give: the same resume of the same workers, only earlier
     (each worker's stream counts its own epochs). An epoch left before its end (``limit_train_batches``,
     ``max_steps``) is not started ahead; one started but never read (training stopped) goes with the workers.
     """
 
-    def __init__(self, *args, another_epoch=lambda: True, **kwargs):
+    def __init__(self, *args, another_epoch=lambda: True, then=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._another_epoch = another_epoch
+        self._then = then
         self._started = None  # the next epoch's iterator, started ahead
+        self._top_up = 0  # batches to ask the workers for when it is iterated (started light)
+        self._current = None  # the epoch being read
 
     def __iter__(self):
         it, self._started = self._started, None
         if it is not None and it is not self._iterator:
             it = None  # its workers were shut down since (Lightning's teardown resets a loader's iterator)
-        return _AheadIterator(self, it if it is not None else super().__iter__())
+        if it is not None:
+            for _ in range(self._top_up):  # an epoch started light: now the loader's full prefetch
+                it._try_put_index()
+        self._top_up = 0
+        self._current = _AheadIterator(self, it if it is not None else super().__iter__())
+        return self._current
 
-    def _start_next(self) -> None:
-        if self._started is None and self._another_epoch():
+    def start_ahead(self, light: bool = False) -> None:
+        """Start the next epoch now (no-op if started). An epoch still being read ends here: what it has not read
+        is dropped, as a plain ``iter()`` drops it. ``light``: each worker is asked for one batch until the epoch is
+        iterated, not ``prefetch_factor``: enough to hide the epoch's start, while leaving the CPU to a validation
+        run that comes first (batches and their order are the same: the round robin over the workers is)."""
+        if self._started is not None:
+            return
+        if self._current is not None:
+            self._current.left = 0  # never read the next epoch through it
+        it = self._iterator
+        full = getattr(it, "_prefetch_factor", None)
+        if not light or not isinstance(full, int) or not hasattr(it, "_try_put_index"):
             self._started = super().__iter__()
+            return
+        it._prefetch_factor = 1
+        try:
+            self._started = super().__iter__()
+        finally:
+            it._prefetch_factor = full
+        self._top_up = (full - 1) * self.num_workers
+
+    def _epoch_read(self) -> None:
+        if self._then is not None:  # first: what follows this epoch (validation) is read first
+            self._then()
+        if self._another_epoch():
+            self.start_ahead(light=True)
 
 
 class _AheadIterator:
@@ -268,9 +330,9 @@ class _AheadIterator:
             batch = next(self.it)
         except StopIteration:
             self.left = 0
-            self.loader._start_next()
+            self.loader._epoch_read()
             raise
         self.left -= 1
         if self.left == 0:
-            self.loader._start_next()
+            self.loader._epoch_read()
         return batch
