@@ -101,9 +101,13 @@ def test_the_next_epoch_is_decoded_before_it_is_asked_for(uneven, tmp_path):
 
     loader, ahead_made = run(True, tmp_path / "ahead", 30)
     assert ahead_made > 0  # the workers work on epoch 1 although nobody has called iter() again
-    time.sleep(2)
+    made = lambda: len(list((tmp_path / "ahead").iterdir())) - 8  # noqa: E731
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and made() < 2:
+        time.sleep(0.05)
+    time.sleep(1)
     # started light: one batch per worker (not prefetch_factor = 2), leaving the CPU to a validation run
-    assert len(list((tmp_path / "ahead").iterdir())) - 8 == 2
+    assert made() == 2
     assert len(list(loader)) == 8
     _, plain_made = run(False, tmp_path / "plain", 3)
     assert plain_made == 0  # a plain loader's workers wait for the next iter() (watched for 3 s)

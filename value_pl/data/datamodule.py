@@ -268,15 +268,16 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
         self._another_epoch = another_epoch
         self._then = then
         self._started = None  # the next epoch's iterator, started ahead
-        self._top_up = 0  # batches to ask the workers for when it is iterated (started light)
+        self._top_up = 0  # started light: the requests to have made when it is iterated
         self._current = None  # the epoch being read
 
     def __iter__(self):
         it, self._started = self._started, None
         if it is not None and it is not self._iterator:
             it = None  # its workers were shut down since (Lightning's teardown resets a loader's iterator)
-        if it is not None:
-            for _ in range(self._top_up):  # an epoch started light: now the loader's full prefetch
+        if it is not None and self._top_up:  # an epoch started light: now the loader's full prefetch, counted from
+            # what was asked for (nothing has been read from it yet), not from what the light start meant to ask
+            for _ in range(max(0, self._top_up - int(getattr(it, "_tasks_outstanding", self._top_up)))):
                 it._try_put_index()
         self._top_up = 0
         self._current = _AheadIterator(self, it if it is not None else super().__iter__())
@@ -301,7 +302,7 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
             self._started = super().__iter__()
         finally:
             it._prefetch_factor = full
-        self._top_up = (full - 1) * self.num_workers
+        self._top_up = full * self.num_workers  # the requests a plain start would have made
 
     def _epoch_read(self) -> None:
         if self._then is not None:  # first: what follows this epoch (validation) is read first
