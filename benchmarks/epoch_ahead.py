@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     print("\n| loaders | training epoch: first batch wait | all batches wait | validation run: first batch wait "
           "| epoch + validation | samples/s |")
     print("|---|---:|---:|---:|---:|---:|")
-    for ahead, name in ((False, "plain (an epoch starts at `iter()`)"), (True, "`data.epoch_ahead` (default)")):
+    for ahead, name in ((False, "plain (an epoch starts at `iter()`)"), (True, "`data.epoch_ahead=true` (the default on a GPU)")):
         med = {k: statistics.median(e[k] for e in res[ahead]) for k in res[ahead][0]}
         print(f"| {name} | {1e3 * med['first_wait_s']:.0f} ms | {1e3 * med['wait_s']:.0f} ms | "
               f"{1e3 * med['val_first_wait_s']:.0f} ms | {med['cycle_s']:.2f} s | {med['samples_per_s']:,.0f} |")

@@ -367,25 +367,27 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     from value_pl.driver.train import train
 
     out = [] if out is None else out
-    for prober in args.e2e_probers:
-        run = tmp / f"run-{prober}"
+    runs = [(p, True) for p in args.e2e_probers] + [(p, False) for p in args.e2e_plain]
+    for prober, ahead in runs:
+        run = tmp / f"run-{prober}-{'ahead' if ahead else 'plain'}"
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
               f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={args.workers[0]}", "logger=none",
               f"data.prefetch_factor={prefetch_for(args.workers[0], 2 * args.e2e_batch)}",
               f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", f"run_dir={run}",
               "trainer=gpu" if dev.type == "cuda" else "trainer=cpu", "backbone=uniter_untrained",
               f"backbone.config={model_config(tmp, args.layers, args.hidden, args.heads)}", f"backbone.tokenizer={tok}",
-              "backbone.img_dim=2048"]
+              "backbone.img_dim=2048", f"data.epoch_ahead={str(ahead).lower()}"]
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
             cfg = compose(config_name="train", overrides=ov)
         util.window()
         res = train(cfg)
         tp = res["throughput"]["train"]
         busy = util.mean(tp["start"], tp["end"])  # the last training epoch (validation excluded)
-        out.append({"prober": prober, **tp, "gpu_util_pct": busy, "samples_seen": res["samples_seen"]["train"],
+        name = prober if ahead else f"{prober}, data.epoch_ahead=false"
+        out.append({"prober": name, **tp, "gpu_util_pct": busy, "samples_seen": res["samples_seen"]["train"],
                     "epochs": res["throughput"].get("epochs"),
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
-        print(f"# e2e {prober}: {tp['samples_per_s']:,.0f} samples/s (last epoch), waiting for data "
+        print(f"# e2e {name}: {tp['samples_per_s']:,.0f} samples/s (last epoch), waiting for data "
               f"{100 * tp['data_wait_frac']:.0f}%, GPU busy {busy:.0f}% (NVML, last training epoch), "
               f"samples per epoch {res['samples_seen']['train']}", flush=True)
         done()
@@ -429,6 +431,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[15, 4], help="loader workers; the first is used e2e")
     ap.add_argument("--e2e-probers", nargs="+", default=["layer_emb", "attention"])
+    ap.add_argument("--e2e-plain", nargs="*", default=[],
+                    help="probers to run end to end also with data.epoch_ahead=false (after the others; ~20 s each)")
     ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: memory loader e2e")
     ap.add_argument("--profile", action="store_true", help="profile one step of each (host vs device time)")
     ap.add_argument("--json", default=None)

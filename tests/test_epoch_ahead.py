@@ -130,6 +130,21 @@ def test_no_epoch_is_started_after_the_last_one(uneven):
     assert loader._started is not None
 
 
+def test_by_default_only_a_model_on_an_accelerator_gets_epochs_started_ahead(uneven):
+    """Decoding earlier keeps a GPU fed; with the model on the CPU it only moves CPU time around."""
+    dm = ShardDataModule(uneven, batch_size=4, num_workers=2)
+    dm.collate = sample_keys
+    assert dm.epoch_ahead is None and not dm._ahead()  # no trainer
+    for device, on in (("cpu", False), ("cuda", True), ("mps", True)):
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), current_epoch=0)
+        assert dm._ahead() is on
+        assert isinstance(dm.loader("train", True), EpochAheadLoader) is on
+    dm.epoch_ahead = False
+    assert not dm._ahead()
+    dm.epoch_ahead, dm.trainer = True, None
+    assert dm._ahead()
+
+
 def test_validation_is_started_only_when_it_follows_the_epoch():
     def tr(**kw):
         base = dict(enable_validation=True, sanity_checking=False, check_val_every_n_epoch=1, current_epoch=0,
@@ -148,8 +163,9 @@ def test_validation_is_started_only_when_it_follows_the_epoch():
 
 
 class KeysModule(pl.LightningModule):
-    """Records the sample keys of every training and validation batch per epoch, and whether the next training
-    epoch and the validation run had been started when the epoch's last training step ran."""
+    """Records the sample keys of every training and validation batch per epoch, whether the next training epoch
+    and the validation run had been started when the epoch's last training step ran, and whether the next training
+    epoch had been started when the validation run's first step ran."""
 
     def __init__(self, dm: ShardDataModule | None = None):
         super().__init__()
@@ -158,6 +174,7 @@ class KeysModule(pl.LightningModule):
         self.seen: dict[int, list[str]] = {}
         self.val_seen: dict[int, list[str]] = {}
         self.started_at_end: list[tuple[bool, bool]] = []
+        self.train_started_in_validation: list[bool] = []
 
     def training_step(self, batch, batch_idx):
         self.seen.setdefault(self.current_epoch, []).extend(batch)
@@ -170,6 +187,8 @@ class KeysModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self.val_seen.setdefault(self.current_epoch, []).extend(batch)
+        if batch_idx == 0:
+            self.train_started_in_validation.append(getattr(self.trainer.train_dataloader, "_started", None) is not None)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -196,15 +215,20 @@ def test_inside_trainer_fit_every_epoch_is_exact(uneven, tmp_path, ahead):
     assert all(len(set(m.seen[e])) == 30 for e in range(3))
     val = sorted(f"demo_val_{i:05d}" for i in range(6))
     assert [sorted(m.val_seen[e]) for e in range(3)] == [val] * 3
-    # the last epoch starts no successor (max_epochs); every epoch's validation run is started ahead
-    assert m.started_at_end == ([(True, True), (True, True), (False, True)] if ahead else [(False, False)] * 3)
+    # every epoch's validation run is started with its last batch, and the next epoch with the validation run's first
+    # batch (so that the two do not compete for the CPU); the last epoch starts no successor (max_epochs)
+    assert m.started_at_end == ([(False, True)] * 3 if ahead else [(False, False)] * 3)
+    assert m.train_started_in_validation == ([True, True, False] if ahead else [False] * 3)
 
 
 def test_no_validation_run_is_started_where_none_follows(uneven, tmp_path):
     dm = module(uneven, ahead=True, eval_batch_size=4)
     m = KeysModule(dm)
     fit(dm, m, tmp_path, check_val_every_n_epoch=2)
-    assert [v for _, v in m.started_at_end] == [False, True, False]
+    # no validation after epochs 0 and 2: epoch 1 is started with epoch 0's last batch; after epoch 1 (validated)
+    # the validation run starts, and epoch 2 with its first batch
+    assert m.started_at_end == [(True, False), (False, True), (False, False)]
+    assert m.train_started_in_validation == [True]
     assert sorted(m.val_seen) == [1]
 
 

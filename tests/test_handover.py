@@ -201,7 +201,7 @@ def test_a_loader_that_may_overfill_dev_shm_is_warned_about(shards, monkeypatch)
     from value_pl.data import datamodule
 
     root, collate = shards
-    dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=False)
+    dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=False, epoch_ahead=True)
     dm.collate = collate
     regions = dm.split_entry("train")["max_regions"]
     assert regions > 0  # recorded by the writer

@@ -9,10 +9,10 @@ takes a contiguous part of the split's samples (training: the shards in a seeded
   the same number of batches, and at most one batch per rank is partial.
 
 Loader workers collate (tokenise, encode boxes, build pair indices) in parallel, stay alive across epochs and
-validation runs (``persistent_workers``), and hand over pinned batches when training on a GPU. When the training
-loader hands out an epoch's last batch it starts its next epoch, and the validation loader's run that follows
-(:class:`EpochAheadLoader`): their workers fill their queues during the last step (and the validation run), so
-neither begins by waiting for its first batch to be decoded.
+validation runs (``persistent_workers``), and hand over pinned batches when training on a GPU. There (by default),
+when the training loader hands out an epoch's last batch, the validation run that follows is started, and its first
+batch starts the next training epoch (:class:`EpochAheadLoader`): neither begins by waiting for its first batch to
+be decoded.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, shuffle_buffer: int = 256,
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
-                 prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool = True):
+                 prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool | None = None):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -64,9 +64,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory  # None: when a CUDA device is used
         self.prefetch_factor = int(prefetch_factor)
         self.reuse_buffers = bool(reuse_buffers)
-        self.epoch_ahead = bool(epoch_ahead)
+        self.epoch_ahead = epoch_ahead  # None: when the model runs on an accelerator (:meth:`_ahead`)
         self._counts: dict[str, list[int]] = {}
         self._train_shm = 0  # bytes the training loader may hold in /dev/shm (check_shared_memory)
+        self._train_waits = False  # the next training epoch starts with the validation run's first batch
         self._loaders: dict[tuple, torch.utils.data.DataLoader] = {}
 
     # ---------------------------------------------------------------- helpers
@@ -136,31 +137,55 @@ class ShardDataModule(pl.LightningDataModule):
                      self.root, self.splits.get(stage, stage), nb, workers - nb, workers)
         if workers > 0:
             # validation runs while the training workers decode the next epoch (epoch_ahead): both in /dev/shm
-            alongside = self._train_shm if (not train and self.epoch_ahead) else 0
+            alongside = self._train_shm if (not train and self._ahead()) else 0
             need = self.check_shared_memory(stage, workers, ds.batch_size, collate or self.collate, ring, alongside)
             if train:
                 self._train_shm = need or 0
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
-        if workers > 0 and self.epoch_ahead and (train or stage == "val"):
+        if workers > 0 and self._ahead() and (train or stage == "val"):
             # training: the next epoch starts when this one is read, and so does the validation run that follows;
             # validation: started by the training loader only
             ahead = {"another_epoch": self._another_epoch, "then": self._validation_ahead} if train else \
-                {"another_epoch": lambda: False}
+                {"another_epoch": lambda: False, "on_first": self._training_ahead}
             return EpochAheadLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
                                     pin_memory=pin, **ahead, **kw)
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
                                            pin_memory=pin, **kw)
 
-    def _validation_ahead(self) -> None:
+    def _ahead(self) -> bool:
+        """Whether loaders start epochs and validation runs ahead (``epoch_ahead``; None: when the trainer's model
+        runs on an accelerator). That keeps a GPU fed at an epoch's start; when the model itself runs on the CPU,
+        decoding earlier only moves CPU time around (and into the last training step's), so it stays off there."""
+        if self.epoch_ahead is not None:
+            return bool(self.epoch_ahead)
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and getattr(trainer.strategy.root_device, "type", "cpu") != "cpu"
+
+    def _validation_ahead(self) -> bool:
         """When the training loader has handed out an epoch's last batch: start the validation loader's workers on
-        the validation run that follows the epoch, if the trainer runs one then (and reads this module's loaders)."""
+        the validation run that follows the epoch, if the trainer runs one then (and reads this module's loaders).
+        True if started: the training loader's next epoch then waits for the run's first batch
+        (:meth:`_training_ahead`), so that the two do not compete for the CPU while that batch is decoded."""
         trainer = getattr(self, "trainer", None)
         if trainer is None or getattr(trainer, "datamodule", None) is not self or not validates_after_epoch(trainer):
-            return
+            return False
         loader = self._cached_loader("val", False)
-        if isinstance(loader, EpochAheadLoader):
-            loader.start_ahead()
+        if not isinstance(loader, EpochAheadLoader):
+            return False
+        loader.start_ahead()
+        self._train_waits = True
+        return True
+
+    def _training_ahead(self) -> None:
+        """When the validation loader hands out a run's first batch: start the training loader's next epoch, light,
+        if it waits for that (see :meth:`_validation_ahead`)."""
+        if not getattr(self, "_train_waits", False):
+            return
+        self._train_waits = False
+        loader = self._loaders.get(("train", True, id(self.collate)))
+        if isinstance(loader, EpochAheadLoader) and self._another_epoch():
+            loader.start_ahead(light=True)
 
     def _another_epoch(self) -> bool:
         """Whether the trainer will read the training loader again after the epoch it is in (no trainer: yes)."""
@@ -252,21 +277,22 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
     Torch resumes persistent workers only when the next ``iter()`` is called, so every epoch began with the whole
     pipeline empty: the first batch waited for a worker to read and collate ``batch_size`` samples (on the CPU more
     than half of an epoch's waiting for data; docs/performance.md). Here the epoch's iterator, when it hands out
-    its last batch (``len(loader)`` -- exact per rank, and all Lightning reads), calls ``then()`` (the training
-    loader: start the validation run that follows) and then ``iter()`` if ``another_epoch()`` says training goes
-    on; the next ``iter()`` returns the iterator started ahead: the workers decode the next epoch while the last
-    step and the validation run go on. A loader whose ``another_epoch`` is never true (validation) is started
-    by another through :meth:`start_ahead`.
+    its last batch (``len(loader)`` -- exact per rank, and all Lightning reads), calls ``then()`` and, unless that
+    returns True, ``iter()`` if ``another_epoch()`` says training goes on; the next ``iter()`` returns the iterator
+    started ahead. The training loader's ``then()`` starts the validation run that follows, whose first batch
+    (``on_first()``) starts the training loader's next epoch: the validation workers decode during the last
+    training step, the training workers during the validation run. A loader whose ``another_epoch`` is never
+    true (validation) is started by another through :meth:`start_ahead`.
 
     The batches are the ones a plain ``iter()`` would give: the same resume of the same workers, only earlier
     (each worker's stream counts its own epochs). An epoch left before its end (``limit_train_batches``,
     ``max_steps``) is not started ahead; one started but never read (training stopped) goes with the workers.
     """
 
-    def __init__(self, *args, another_epoch=lambda: True, then=None, **kwargs):
+    def __init__(self, *args, another_epoch=lambda: True, then=None, on_first=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._another_epoch = another_epoch
-        self._then = then
+        self._then, self._on_first = then, on_first
         self._started = None  # the next epoch's iterator, started ahead
         self._top_up = 0  # started light: the requests to have made when it is iterated
         self._current = None  # the epoch being read
@@ -305,10 +331,14 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
         self._top_up = full * self.num_workers  # the requests a plain start would have made
 
     def _epoch_read(self) -> None:
-        if self._then is not None:  # first: what follows this epoch (validation) is read first
-            self._then()
+        if self._then is not None and self._then():  # what follows this epoch (validation) starts the next one
+            return
         if self._another_epoch():
             self.start_ahead(light=True)
+
+    def _first_read(self) -> None:
+        if self._on_first is not None:
+            self._on_first()
 
 
 class _AheadIterator:
@@ -333,7 +363,10 @@ class _AheadIterator:
             self.left = 0
             self.loader._epoch_read()
             raise
+        first = self.left == len(self.loader)
         self.left -= 1
+        if first:
+            self.loader._first_read()
         if self.left == 0:
             self.loader._epoch_read()
         return batch
