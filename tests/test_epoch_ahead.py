@@ -145,6 +145,24 @@ def test_by_default_only_a_model_on_an_accelerator_gets_epochs_started_ahead(une
     assert dm._ahead()
 
 
+def test_a_validation_run_inside_an_epoch_never_cuts_it_short(uneven):
+    """The next epoch waits for the validation run after the epoch; if that run did not come (Lightning decided
+    otherwise) and the next epoch began plainly, a validation run inside that epoch must not start another."""
+    dm = module(uneven, ahead=True)
+    loader = dm.train_dataloader()
+    loader._then = lambda: True  # "a validation run follows and will start the next epoch"
+    first = list(loader)
+    assert loader._deferred and loader._started is None
+    it = iter(loader)  # ... but it never came: the next epoch starts plainly
+    got = [next(it) for _ in range(3)]
+    dm._training_ahead()  # a validation run inside the epoch hands out its first batch
+    assert loader._started is None
+    got += list(it)
+    ref = epochs(module(uneven, ahead=False).train_dataloader(), 2)
+    assert [first, got] == ref
+    loader._then = None
+
+
 def test_validation_is_started_only_when_it_follows_the_epoch():
     def tr(**kw):
         base = dict(enable_validation=True, sanity_checking=False, check_val_every_n_epoch=1, current_epoch=0,

@@ -67,7 +67,6 @@ class ShardDataModule(pl.LightningDataModule):
         self.epoch_ahead = epoch_ahead  # None: when the model runs on an accelerator (:meth:`_ahead`)
         self._counts: dict[str, list[int]] = {}
         self._train_shm = 0  # bytes the training loader may hold in /dev/shm (check_shared_memory)
-        self._train_waits = False  # the next training epoch starts with the validation run's first batch
         self._loaders: dict[tuple, torch.utils.data.DataLoader] = {}
 
     # ---------------------------------------------------------------- helpers
@@ -174,18 +173,14 @@ class ShardDataModule(pl.LightningDataModule):
         if not isinstance(loader, EpochAheadLoader):
             return False
         loader.start_ahead()
-        self._train_waits = True
         return True
 
     def _training_ahead(self) -> None:
         """When the validation loader hands out a run's first batch: start the training loader's next epoch, light,
-        if it waits for that (see :meth:`_validation_ahead`)."""
-        if not getattr(self, "_train_waits", False):
-            return
-        self._train_waits = False
+        if it waits for that (:meth:`EpochAheadLoader.start_deferred`, see :meth:`_validation_ahead`)."""
         loader = self._loaders.get(("train", True, id(self.collate)))
-        if isinstance(loader, EpochAheadLoader) and self._another_epoch():
-            loader.start_ahead(light=True)
+        if isinstance(loader, EpochAheadLoader):
+            loader.start_deferred()
 
     def _another_epoch(self) -> bool:
         """Whether the trainer will read the training loader again after the epoch it is in (no trainer: yes)."""
@@ -295,9 +290,19 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
         self._then, self._on_first = then, on_first
         self._started = None  # the next epoch's iterator, started ahead
         self._top_up = 0  # started light: the requests to have made when it is iterated
+        self._deferred = False  # the next epoch is to be started by start_deferred()
         self._current = None  # the epoch being read
 
+    def start_deferred(self) -> None:
+        """Start the next epoch (light) if its start was left to what follows the last one (``then()`` returned
+        True) and nothing has iterated this loader since: never inside an epoch, which would cut it short."""
+        if self._deferred and (self._current is None or self._current.left <= 0):
+            self._deferred = False
+            if self._another_epoch():
+                self.start_ahead(light=True)
+
     def __iter__(self):
+        self._deferred = False
         it, self._started = self._started, None
         if it is not None and it is not self._iterator:
             it = None  # its workers were shut down since (Lightning's teardown resets a loader's iterator)
@@ -332,6 +337,7 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
 
     def _epoch_read(self) -> None:
         if self._then is not None and self._then():  # what follows this epoch (validation) starts the next one
+            self._deferred = True
             return
         if self._another_epoch():
             self.start_ahead(light=True)
