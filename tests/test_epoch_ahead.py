@@ -128,6 +128,22 @@ def test_no_epoch_is_started_after_the_last_one(uneven):
     dm.trainer = SimpleNamespace(should_stop=False, max_epochs=-1, current_epoch=50)  # max_steps only
     list(loader)
     assert loader._started is not None
+    # should_stop before min_epochs: Lightning trains on
+    dm.trainer = SimpleNamespace(should_stop=True, max_epochs=10, current_epoch=1, min_epochs=5)
+    list(loader)
+    assert loader._started is not None
+
+
+def test_teardown_stops_the_workers_of_a_run_started_ahead(uneven):
+    dm = module(uneven, ahead=True)
+    loader = dm.train_dataloader()
+    list(loader)
+    workers = list(loader._started._workers)
+    assert workers and all(w.is_alive() for w in workers)
+    dm.on_exception(RuntimeError("a failed run"))  # what Lightning calls on the way out of a failed fit
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers) and loader._started is None and not dm._loaders
 
 
 def test_by_default_only_a_model_on_an_accelerator_gets_epochs_started_ahead(uneven):
@@ -150,7 +166,8 @@ def test_a_validation_run_inside_an_epoch_never_cuts_it_short(uneven):
     otherwise) and the next epoch began plainly, a validation run inside that epoch must not start another."""
     dm = module(uneven, ahead=True)
     loader = dm.train_dataloader()
-    loader._then = lambda: True  # "a validation run follows and will start the next epoch"
+    # "a validation run follows and will start the next epoch"
+    loader._then = lambda train_loader: setattr(dm, "_deferred_train", train_loader) or True
     first = list(loader)
     assert loader._deferred and loader._started is None
     it = iter(loader)  # ... but it never came: the next epoch starts plainly

@@ -216,13 +216,15 @@ def test_a_loader_that_may_overfill_dev_shm_is_warned_about(shards, monkeypatch)
     with pytest.warns(RuntimeWarning, match=r"/dev/shm .*bus error.*data.num_workers"):
         dm.loader("train", train=True)
     # validation runs while the training workers decode the next epoch: both loaders' batches count
-    monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": 3 * dm.prefetch_factor * per_batch)
+    # (the training loader holds one batch per worker of its next epoch, started light, while validation runs)
+    monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": (2 * dm.prefetch_factor + 1) * per_batch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         dm.loader("train", train=True)  # 2 workers x prefetch: fits
-        dm.loader("val", train=False, batch_size=4, num_workers=1)  # alone it would fit too
-    with pytest.warns(RuntimeWarning, match=r"plus .* MiB of the training loader's next epoch.*epoch_ahead=false"):
-        dm.loader("val", train=False, batch_size=4)  # 2 + 2 workers' batches do not
+        dm.loader("val", train=False, batch_size=4, num_workers=1)  # with the training loader's 2 batches: fits
+        dm.loader("test", train=False, batch_size=4)  # tested after training: alone
+    with pytest.warns(RuntimeWarning, match=r"plus .* MiB that the training loader holds meanwhile"):
+        dm.loader("val", train=False, batch_size=4)  # 2 x prefetch + 2 batches do not
     dm.epoch_ahead = False
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

@@ -67,6 +67,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.epoch_ahead = epoch_ahead  # None: when the model runs on an accelerator (:meth:`_ahead`)
         self._counts: dict[str, list[int]] = {}
         self._train_shm = 0  # bytes the training loader may hold in /dev/shm (check_shared_memory)
+        self._deferred_train = None  # the training loader whose next epoch the validation run's first batch starts
         self._loaders: dict[tuple, torch.utils.data.DataLoader] = {}
 
     # ---------------------------------------------------------------- helpers
@@ -136,10 +137,10 @@ class ShardDataModule(pl.LightningDataModule):
                      self.root, self.splits.get(stage, stage), nb, workers - nb, workers)
         if workers > 0:
             # validation runs while the training workers decode the next epoch (epoch_ahead): both in /dev/shm
-            alongside = self._train_shm if (not train and self._ahead()) else 0
+            alongside = self._train_shm if (stage == "val" and not train and self._ahead()) else 0
             need = self.check_shared_memory(stage, workers, ds.batch_size, collate or self.collate, ring, alongside)
-            if train:
-                self._train_shm = need or 0
+            if train:  # held during validation: its reused buffers, or one batch per worker of the next epoch
+                self._train_shm = (need // max(self.prefetch_factor, ring)) * (ring or 1) if need else 0
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
         if workers > 0 and self._ahead() and (train or stage == "val"):
@@ -161,25 +162,28 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer is not None and getattr(trainer.strategy.root_device, "type", "cpu") != "cpu"
 
-    def _validation_ahead(self) -> bool:
+    def _validation_ahead(self, train_loader: "EpochAheadLoader") -> bool:
         """When the training loader has handed out an epoch's last batch: start the validation loader's workers on
         the validation run that follows the epoch, if the trainer runs one then (and reads this module's loaders).
         True if started: the training loader's next epoch then waits for the run's first batch
         (:meth:`_training_ahead`), so that the two do not compete for the CPU while that batch is decoded."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or getattr(trainer, "datamodule", None) is not self or not validates_after_epoch(trainer):
+        if trainer is None or getattr(trainer, "datamodule", None) is not self or not validates_after_epoch(trainer) \
+                or getattr(trainer, "overfit_batches", 0):  # overfit_batches: Lightning reads rebuilt loaders
             return False
         loader = self._cached_loader("val", False)
-        if not isinstance(loader, EpochAheadLoader):
+        current = getattr(trainer, "val_dataloaders", None)
+        if not isinstance(loader, EpochAheadLoader) or (current is not None and current is not loader):
             return False
         loader.start_ahead()
+        self._deferred_train = train_loader
         return True
 
     def _training_ahead(self) -> None:
         """When the validation loader hands out a run's first batch: start the training loader's next epoch, light,
         if it waits for that (:meth:`EpochAheadLoader.start_deferred`, see :meth:`_validation_ahead`)."""
-        loader = self._loaders.get(("train", True, id(self.collate)))
-        if isinstance(loader, EpochAheadLoader):
+        loader, self._deferred_train = self._deferred_train, None
+        if loader is not None:
             loader.start_deferred()
 
     def _another_epoch(self) -> bool:
@@ -187,10 +191,11 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return True
-        if trainer.should_stop:
-            return False
+        nxt = int(trainer.current_epoch) + 1
+        if trainer.should_stop and nxt >= int(getattr(trainer, "min_epochs", None) or 0):
+            return False  # (Lightning trains on despite should_stop until min_epochs)
         max_epochs = trainer.max_epochs
-        return max_epochs is None or max_epochs < 0 or int(trainer.current_epoch) + 1 < int(max_epochs)
+        return max_epochs is None or max_epochs < 0 or nxt < int(max_epochs)
 
     def check_shared_memory(self, stage: str, workers: int, batch_size: int, collate, ring: int,
                             alongside: int = 0) -> int | None:
@@ -217,8 +222,8 @@ class ShardDataModule(pl.LightningDataModule):
         need = workers * held * per_batch
         free = shm_free()
         if free is not None and need + alongside > free:
-            also = (f" plus {alongside / 2**20:,.0f} MiB of the training loader's next epoch, which its workers decode "
-                    f"during validation (data.epoch_ahead=false stops that)" if alongside else "")
+            also = (f" plus {alongside / 2**20:,.0f} MiB that the training loader holds meanwhile (its reused buffers, "
+                    f"or the first batches of its next epoch, which start during validation)" if alongside else "")
             msg = (f"{self.root}: the {stage} loader may hold {need / 2**20:,.0f} MiB of batches in /dev/shm "
                    f"({workers} worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features)"
                    f"{also} but /dev/shm has {free / 2**20:,.0f} MiB free: a loader worker that runs out dies with a "
@@ -245,7 +250,14 @@ class ShardDataModule(pl.LightningDataModule):
         return self._cached_loader("test", False)
 
     def teardown(self, stage: str) -> None:
+        for loader in self._loaders.values():
+            if isinstance(loader, EpochAheadLoader):
+                loader.shutdown()  # a run started ahead that nobody will read
         self._loaders.clear()
+        self._train_shm = 0
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.teardown("exception")  # Lightning calls only this on the way out of a failed run
 
     def label_counts(self, task: str, stage: str = "train") -> dict[str, int]:
         return self.split_entry(stage)["pairs"].get(task, {})
@@ -293,6 +305,14 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
         self._deferred = False  # the next epoch is to be started by start_deferred()
         self._current = None  # the epoch being read
 
+    def shutdown(self) -> None:
+        """Stop the workers (a run started ahead included); a later ``iter()`` starts fresh ones."""
+        it = self._iterator
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._iterator = self._started = self._current = None
+        self._deferred, self._top_up = False, 0
+
     def start_deferred(self) -> None:
         """Start the next epoch (light) if its start was left to what follows the last one (``then()`` returned
         True) and nothing has iterated this loader since: never inside an epoch, which would cut it short."""
@@ -336,7 +356,7 @@ class EpochAheadLoader(torch.utils.data.DataLoader):
         self._top_up = full * self.num_workers  # the requests a plain start would have made
 
     def _epoch_read(self) -> None:
-        if self._then is not None and self._then():  # what follows this epoch (validation) starts the next one
+        if self._then is not None and self._then(self):  # what follows this epoch (validation) starts the next one
             self._deferred = True
             return
         if self._another_epoch():
