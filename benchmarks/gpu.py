@@ -376,7 +376,7 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
               f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", f"run_dir={run}",
               "trainer=gpu" if dev.type == "cuda" else "trainer=cpu", "backbone=uniter_untrained",
               f"backbone.config={model_config(tmp, args.layers, args.hidden, args.heads)}", f"backbone.tokenizer={tok}",
-              "backbone.img_dim=2048", f"data.epoch_ahead={str(ahead).lower()}"]
+              "backbone.img_dim=2048"] + ([] if ahead else ["data.epoch_ahead=false"])  # default: on on a GPU
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
             cfg = compose(config_name="train", overrides=ov)
         util.window()
