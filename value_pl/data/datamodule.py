@@ -144,8 +144,8 @@ class ShardDataModule(pl.LightningDataModule):
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
         if workers > 0 and self._ahead() and (train or stage == "val"):
-            # training: the next epoch starts when this one is read, and so does the validation run that follows;
-            # validation: started by the training loader only
+            # training: an epoch's last batch starts the validation run that follows (then), else the next epoch;
+            # validation: started by the training loader, and its first batch starts the next training epoch
             ahead = {"another_epoch": self._another_epoch, "then": self._validation_ahead} if train else \
                 {"another_epoch": lambda: False, "on_first": self._training_ahead}
             return EpochAheadLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
