@@ -372,13 +372,13 @@ class _AheadIterator:
 
     def __init__(self, loader: EpochAheadLoader, it):
         self.loader, self.it = loader, it
-        self.left = len(loader)
+        self.n = self.left = len(loader)
 
     def __iter__(self):
         return self
 
     def __len__(self):
-        return len(self.loader)
+        return self.n
 
     def __next__(self):
         if self.left <= 0:  # the workers may already serve the next epoch: never read it through this iterator
@@ -389,7 +389,7 @@ class _AheadIterator:
             self.left = 0
             self.loader._epoch_read()
             raise
-        first = self.left == len(self.loader)
+        first = self.left == self.n
         self.left -= 1
         if first:
             self.loader._first_read()
