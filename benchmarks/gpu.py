@@ -9,12 +9,14 @@ Rows, all in one run on one card:
    each, the host's issue time per batch (close to the batch time: the host bounds the step); the workloads are
    timed in interleaved rounds (``--rounds``, min per workload); and the host's issue time of each phase of the
    two steps (frozen forward, prober inputs, heads + loss, backward, optimizer): where a host-bound step's time goes;
+   each also with the frozen forward replayed from CUDA graphs (``cuda_graphs.enabled=true``; ``--no-graphs`` leaves
+   these rows out);
 2. the loader alone on real-width shards (``python -m value_pl.datasets.demo`` sizes: 36 regions x 2048-d fp16 per
    image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker;
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
    runs) on those shards, batch 256: samples/s of the last training epoch, the share of time waiting for data,
    and the GPU's utilisation (NVML, sampled every 0.1 s over the training epochs), against the bare forward at
-   the same batch size and sequence length (goal >= 0.7x).
+   the same batch size and sequence length (goal >= 0.7x); then again with CUDA graphs (``--e2e-graphs``).
 
 Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
 ``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
@@ -194,8 +196,7 @@ def phase_issue_ms(m, batch: dict, ac: dict, iters: int, device) -> dict[str, fl
         t = [time.perf_counter()]
         with torch.autocast(**ac):
             with torch.no_grad():
-                spec = m.plan.capture(batch)
-                out = m.backbone(batch, spec)
+                out, spec = m._forward(batch, m.plan.capture(batch))  # CUDA graphs where the module uses them
                 t.append(time.perf_counter())
                 inputs = m.plan.inputs(out, batch, spec)
                 t.append(time.perf_counter())
@@ -229,17 +230,26 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> tuple[list[tuple], dict]:
     bare_plain = bare_forward(bb, batch, ac, plain_autocast=True)
     fns = {f"bare sdpa forward (batch {B})": bare,
            f"  bare forward, Linear weights cast on every call (plain autocast; batch {B})": bare_plain}
-    steps, modules = {}, {}
+    steps, modules, graphed = {}, {}, {}
+    if args.graphs:
+        fns[f"  bare forward, CUDA graphs (batch {B})"] = bare_forward(bb, batch, ac, graphs=graphed)
     for prober in ("layer_emb", "attention"):
-        m = modules[prober] = ProbeModule(bb, task={"name": "vrc", "kind": "region_region",
-                                                    "labels": [str(i) for i in range(C)]},
-                                          prober={"name": prober}, seed=0).to(dev)
-        steps[prober] = fns[f"online training step, {prober} ({len(m.head_names)} heads)"] = online_step(m, batch, ac)
+        for graphs in (False, True) if args.graphs else (False,):
+            m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(C)]},
+                            prober={"name": prober}, seed=0).to(dev)
+            name = prober + (", CUDA graphs" if graphs else "")
+            if graphs:
+                m.use_cuda_graphs(True)
+                graphed[name] = m.graphs
+            modules[name] = m
+            steps[name] = fns[f"online training step, {name} ({len(m.head_names)} heads)"] = online_step(m, batch, ac)
     timed = measure_rounds(fns, args.rounds, args.iters, args.warmup, dev)
-    phases = {prober: phase_issue_ms(m, batch, ac, args.iters, dev) for prober, m in modules.items()}
+    phases = {name: phase_issue_ms(m, batch, ac, args.iters, dev) for name, m in modules.items()}
+    for name, g in graphed.items():
+        print(f"# cuda graphs, {name}: {g.stats()}", flush=True)
     if args.profile and dev.type == "cuda":
-        for prober, step in steps.items():
-            profile_step(step, f"{prober} step")
+        for name, step in steps.items():
+            profile_step(step, f"{name} step")
         profile_step(bare, "bare forward")
     return [(name, *timed[name], B) for name in fns], phases
 
@@ -259,20 +269,25 @@ def measure_rounds(fns: dict, rounds: int, iters: int, warmup: int, device) -> d
     return {n: (best[n][0], peaks[n], best[n][1]) for n in fns}
 
 
-def bare_forward(bb, batch: dict, ac: dict, plain_autocast: bool = False):
+def bare_forward(bb, batch: dict, ac: dict, plain_autocast: bool = False, graphs: dict | None = None):
     """A call of ``bb``'s bare forward (no capture, every layer) under autocast ``ac``. ``plain_autocast``: on a
-    copy of ``bb`` whose frozen Linear weights autocast casts on every call, as without value_pl's cache."""
+    copy of ``bb`` whose frozen Linear weights autocast casts on every call, as without value_pl's cache.
+    ``graphs`` (a dict): replayed from CUDA graphs, the wrapper put into ``graphs["bare forward"]``."""
     from value_pl.backbones.autocast_cache import uncache_autocast_weights
     from value_pl.backbones.capture import CaptureSpec
+    from value_pl.backbones.graphs import GraphedForward
 
     if plain_autocast:
         bb = copy.deepcopy(bb)
         uncache_autocast_weights(bb)
     spec = CaptureSpec(hidden=[], attn=[], full_forward=True)
+    fwd = bb
+    if graphs is not None:
+        fwd = graphs["bare forward"] = GraphedForward(bb)
 
     def call():
         with torch.no_grad(), torch.autocast(**ac):
-            bb(batch, spec)
+            fwd(batch, spec)
 
     return call
 
@@ -367,9 +382,10 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     from value_pl.driver.train import train
 
     out = [] if out is None else out
-    runs = [(p, True) for p in args.e2e_probers] + [(p, False) for p in args.e2e_plain]
-    for prober, ahead in runs:
-        run = tmp / f"run-{prober}-{'ahead' if ahead else 'plain'}"
+    runs = ([(p, True, False) for p in args.e2e_probers] + [(p, True, True) for p in args.e2e_graphs]
+            + [(p, False, False) for p in args.e2e_plain])
+    for prober, ahead, graphs in runs:
+        run = tmp / f"run-{prober}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
               f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={args.workers[0]}", "logger=none",
               f"data.prefetch_factor={prefetch_for(args.workers[0], 2 * args.e2e_batch)}",
@@ -377,19 +393,22 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
               "trainer=gpu" if dev.type == "cuda" else "trainer=cpu", "backbone=uniter_untrained",
               f"backbone.config={model_config(tmp, args.layers, args.hidden, args.heads)}", f"backbone.tokenizer={tok}",
               "backbone.img_dim=2048"] + ([] if ahead else ["data.epoch_ahead=false"])  # default: on on a GPU
+        ov += ["cuda_graphs.enabled=true"] if graphs else []
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
             cfg = compose(config_name="train", overrides=ov)
         util.window()
         res = train(cfg)
         tp = res["throughput"]["train"]
         busy = util.mean(tp["start"], tp["end"])  # the last training epoch (validation excluded)
-        name = prober if ahead else f"{prober}, data.epoch_ahead=false"
+        name = prober + ("" if ahead else ", data.epoch_ahead=false") + (", CUDA graphs" if graphs else "")
         out.append({"prober": name, **tp, "gpu_util_pct": busy, "samples_seen": res["samples_seen"]["train"],
+                    "cuda_graphs": res["throughput"].get("cuda_graphs"),
                     "epochs": res["throughput"].get("epochs"),
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
         print(f"# e2e {name}: {tp['samples_per_s']:,.0f} samples/s (last epoch), waiting for data "
               f"{100 * tp['data_wait_frac']:.0f}%, GPU busy {busy:.0f}% (NVML, last training epoch), "
-              f"samples per epoch {res['samples_seen']['train']}", flush=True)
+              f"samples per epoch {res['samples_seen']['train']}"
+              + (f", cuda graphs {res['throughput']['cuda_graphs']}" if graphs else ""), flush=True)
         done()
     return out
 
@@ -407,11 +426,15 @@ def e2e_bare(args, dev, tok: str, tmp: Path, root: Path) -> float:
     dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
     batch = next(iter(dm.stream("train", True)))
     batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    bare = bare_forward(bb, batch, dict(device_type=dev.type, dtype=torch.bfloat16))
-    dt = measure_rounds({"bare": bare}, args.rounds, args.iters, args.warmup, dev)["bare"][0]
+    ac = dict(device_type=dev.type, dtype=torch.bfloat16)
+    fns = {"bare": bare_forward(bb, batch, ac)}
+    if args.graphs:
+        fns["graphs"] = bare_forward(bb, batch, ac, graphs={})
+    timed = measure_rounds(fns, args.rounds, args.iters, args.warmup, dev)
     print(f"# bare forward on a shard batch: {args.e2e_batch} x ({batch['input_ids'].shape[1]} text + "
-          f"{batch['region_mask'].shape[1]} regions) tokens: {args.e2e_batch / dt:,.0f} samples/s", flush=True)
-    return args.e2e_batch / dt
+          f"{batch['region_mask'].shape[1]} regions) tokens: {args.e2e_batch / timed['bare'][0]:,.0f} samples/s"
+          + (f"; with CUDA graphs {args.e2e_batch / timed['graphs'][0]:,.0f}" if "graphs" in timed else ""), flush=True)
+    return {k: args.e2e_batch / v[0] for k, v in timed.items()}
 
 
 def main(argv=None) -> int:
@@ -433,6 +456,10 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-probers", nargs="+", default=["layer_emb", "attention"])
     ap.add_argument("--e2e-plain", nargs="*", default=[],
                     help="probers to run end to end also with data.epoch_ahead=false (after the others; ~20 s each)")
+    ap.add_argument("--e2e-graphs", nargs="*", default=["layer_emb", "attention"],
+                    help="probers to run end to end also with cuda_graphs.enabled=true (after the plain ones)")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false",
+                    help="leave out the in-memory rows with CUDA graphs")
     ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: memory loader e2e")
     ap.add_argument("--profile", action="store_true", help="profile one step of each (host vs device time)")
     ap.add_argument("--json", default=None)
@@ -486,13 +513,17 @@ def main(argv=None) -> int:
             report["loader"] = loader_rows(root, tok, args)
             save()
         if "e2e" not in args.skip:
-            bare = e2e_bare(args, dev, tok, tmp, root)
-            report["e2e"] = {"bare_samples_per_s": bare, "runs": []}
+            bares = e2e_bare(args, dev, tok, tmp, root)
+            bare = bares["bare"]
+            report["e2e"] = {"bare_samples_per_s": bare, "bare_graphs_samples_per_s": bares.get("graphs"), "runs": []}
             e2e = e2e_rows(root, tok, tmp, args, util, dev, out=report["e2e"]["runs"], done=save)
             print(f"\n| end to end (batch {args.e2e_batch}, {args.workers[0]} workers) | samples/s | x bare forward | "
                   "waiting for data | GPU busy | samples per epoch |")
             print("|---|---:|---:|---:|---:|---|")
             print(f"| bare forward on shard batches | {bare:,.0f} | 1.00 | - | - | - |")
+            if "graphs" in bares:
+                print(f"| bare forward on shard batches, CUDA graphs | {bares['graphs']:,.0f} | "
+                      f"{bares['graphs'] / bare:.2f} | - | - | - |")
             for r in e2e:
                 print(f"| train {r['prober']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / bare:.2f} | "
                       f"{100 * r['data_wait_frac']:.0f}% | {r['gpu_util_pct']:.0f}% | {r['samples_seen']} |")

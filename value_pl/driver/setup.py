@@ -219,6 +219,10 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
     # how the labels were made (saved in prober checkpoints: python -m value_pl.eval relabels the same way)
     module.labelling = {"control": bool(cfg.get("control", False)), "control_seed": cfg.get("control_seed"),
                         "shuffle_labels": bool(cfg.get("shuffle_labels", False))}
+    graphs = cfg.get("cuda_graphs") or {}
+    if graphs.get("enabled", False):
+        module.use_cuda_graphs(True, max_graphs=int(graphs.get("max_graphs", 8)),
+                               multiples=OmegaConf.to_container(graphs.get("multiples") or {}, resolve=True))
     if dm.manifest.get("cache"):  # training/evaluating from a feature cache: no backbone forward
         from ..data.cache import attach_cache
 

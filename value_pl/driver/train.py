@@ -41,8 +41,13 @@ def train(cfg: DictConfig) -> dict | None:
     trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=not unsafe_allowed())
     trainer.test(module, datamodule=dm, verbose=False)
     res = None
+    throughput = speed.summary()
+    if module.graphs is not None:  # this rank's graphs: how many, how many calls they served, what ran eagerly
+        throughput["cuda_graphs"] = module.graphs.stats()
+        if is_rank_zero(trainer):
+            print(f"[value-pl] cuda graphs: {throughput['cuda_graphs']}")
     if is_rank_zero(trainer):
-        res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1), "throughput": speed.summary(),
+        res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1), "throughput": throughput,
                                              "checkpoints": {"last": str(rdir / "checkpoints" / "last.ckpt"),
                                                              "best": ckpt_cb.best_model_path or None}})
         write_results(rdir, res)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..backbones.capture import CaptureSpec
+from ..backbones.graphs import GraphedForward
 from ..data.cache import unpack_cached
 from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
 from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAttention, StackedLayerEmb,
@@ -161,6 +162,7 @@ class ProbeModule(pl.LightningModule):
         self.best_state: dict[str, dict] = {}
         self.test_results: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
+        self.graphs: GraphedForward | None = None  # use_cuda_graphs()
 
     # ------------------------------------------------------------------ names
     @property
@@ -184,17 +186,29 @@ class ProbeModule(pl.LightningModule):
         if p is not None and p.device != self.device:
             self._backbone.to(self.device)
 
+    def use_cuda_graphs(self, enabled: bool = True, **options) -> None:
+        """Replay the frozen forward from CUDA graphs on a GPU (:mod:`value_pl.backbones.graphs`; ``options``:
+        ``multiples``, ``max_graphs``, ``engine``). Off: the plain forward. The probers' numbers are the same up to
+        the rounding of kernels that see padded lengths (``tests/test_graphs.py``)."""
+        self.graphs = GraphedForward(self._backbone, **options) if enabled else None
+
+    def _forward(self, batch: dict, spec: CaptureSpec) -> tuple:
+        """The frozen forward and the capture request its output answers (the graphs' answers padded rows)."""
+        if self.graphs is not None:
+            return self.graphs(batch, spec)
+        return self._backbone(batch, spec), spec
+
     @torch.no_grad()
     def extract_inputs(self, batch: dict) -> dict[str, tuple]:
         """Frozen forward -> {group: stacked inputs ``(n, P, ...)``}; ``{}`` for a batch without examples."""
         self._to_device()
         if self.kind == "sentence":
-            out = self._backbone(batch, CaptureSpec(hidden=self.sentence_names, attn=[]))
+            out, _ = self._forward(batch, CaptureSpec(hidden=self.sentence_names, attn=[]))
             return {"sent": (sentence_inputs(out, self.sentence_names),)}
         if batch["labels"].numel() == 0:
             return {}
-        spec = self.plan.capture(batch)
-        return self.plan.inputs(self._backbone(batch, spec), batch, spec)
+        out, spec = self._forward(batch, self.plan.capture(batch))
+        return self.plan.inputs(out, batch, spec)
 
     def per_head(self, inputs: dict[str, tuple]) -> dict[str, tuple]:
         return {k: tuple(t[i] for t in inputs[g.name]) for g in self.groups if g.name in inputs
