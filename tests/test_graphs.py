@@ -183,6 +183,29 @@ def test_changed_weights_drop_the_graphs(tmp_path):
     assert g.stats()["graphs"] == 1 and g.stats()["replays"] == 2  # recorded again, not replayed stale
 
 
+class Stale(Rerun):
+    """A recorder whose replays leave the outputs as the recording computed them (a graph reading stale memory)."""
+
+    def capture(self, fn):
+        out, _ = super().capture(fn)
+        return out, lambda: None
+
+
+def test_a_replay_that_differs_from_the_plain_forward_turns_graphs_off(backbones, caplog):
+    bb = backbones["uniter"]
+    first, second = make_batch(bb, dv=DV, seed=0), make_batch(bb, dv=DV, seed=1)
+    spec = CaptureSpec(hidden=["hidden.joint.2"], attn=[])
+    g = GraphedForward(bb, engine=Stale())
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        g(first, spec)  # the recording itself is right
+        out, s = g(second, spec)  # its replay is checked too: stale, so refused
+        g(second, spec)
+    st = g.stats()
+    assert st["eager"] == {"verification failed": 1, "disabled": 1} and st["graphs"] == 0
+    assert "hidden[hidden.joint.2]: max abs difference" in st["disabled"] and "differs" in caplog.text
+    torch.testing.assert_close(out.hidden["hidden.joint.2"], bb(second, spec).hidden["hidden.joint.2"])
+
+
 def test_inference_mode_has_its_own_graphs(backbones):
     """Lightning validates under inference mode: buffers made there cannot be refilled in a training step."""
     bb = backbones["uniter"]

@@ -21,6 +21,9 @@ A graph replays fixed shapes on fixed memory. :class:`GraphedForward` therefore
   static memory: the next call overwrites them, so consume (or copy) them first;
 * rebuilds its graphs when the backbone's weights change (another device, weights loaded or trained): a graph
   reads the memory it was recorded with.
+* checks the recording and the first refilled replay of every graph against the plain forward on the same
+  (padded) inputs (``verify``, 2 calls per graph); a difference turns graphs off with a warning naming the output
+  that differs, and the run goes on eagerly: a graph that reads the wrong memory cannot change a result.
 
 A capture that fails (an operator that cannot be recorded) logs a warning with the error once and turns the
 wrapper off: the run goes on eagerly. ``engine`` is the recorder: :class:`CudaGraphs` on CUDA; tests on a CPU use
@@ -56,25 +59,47 @@ def bucket(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def output_tensors(obj) -> list[Tensor]:
-    """Every tensor of a forward's output, in a fixed order (dataclass fields, dict items, list/tuple items)."""
-    out: list[Tensor] = []
+def named_tensors(obj, prefix: str = "") -> list[tuple[str, Tensor]]:
+    """Every tensor of a forward's output with its path (``hidden[hidden.joint.3]``), in a fixed order (dataclass
+    fields, dict items, list/tuple items)."""
+    out: list[tuple[str, Tensor]] = []
 
-    def walk(x):
+    def walk(x, name):
         if isinstance(x, Tensor):
-            out.append(x)
+            out.append((name, x))
         elif is_dataclass(x) and not isinstance(x, type):
             for f in fields(x):
-                walk(getattr(x, f.name))
+                walk(getattr(x, f.name), f"{name}.{f.name}" if name else f.name)
         elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
+            for k, v in x.items():
+                walk(v, f"{name}[{k}]")
         elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
+            for i, v in enumerate(x):
+                walk(v, f"{name}[{i}]")
 
-    walk(obj)
+    walk(obj, prefix)
     return out
+
+
+def output_tensors(obj) -> list[Tensor]:
+    """Every tensor of a forward's output, in :func:`named_tensors`' order."""
+    return [t for _, t in named_tensors(obj)]
+
+
+def mismatch(got, ref, rtol: float = 1e-2, atol: float = 1e-2) -> str | None:
+    """Where two outputs of the same structure differ (floats beyond ``rtol``/``atol``, anything else at all):
+    a description of the first difference, or None."""
+    a, b = named_tensors(got), named_tensors(ref)
+    if [(n, t.shape) for n, t in a] != [(n, t.shape) for n, t in b]:
+        return "the outputs differ in structure or shapes"
+    for (name, x), (_, y) in zip(a, b):
+        if x.is_floating_point():
+            x, y = x.float(), y.float()
+            if not torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True).all():
+                return f"{name}: max abs difference {(x - y).abs().nan_to_num(float('inf')).max().item():.3g}"
+        elif not torch.equal(x, y):
+            return f"{name}: values differ"
+    return None
 
 
 class CudaGraphs:
@@ -136,8 +161,9 @@ class GraphedForward:
 
     Call it as ``out, spec = graphed(batch, spec)`` with the batch on the backbone's device."""
 
-    def __init__(self, backbone, multiples: dict | None = None, max_graphs: int = 8, engine=None):
+    def __init__(self, backbone, multiples: dict | None = None, max_graphs: int = 8, verify: int = 2, engine=None):
         self.backbone = backbone
+        self.verify = int(verify)
         unknown = sorted(set(multiples or {}) - set(DEFAULT_MULTIPLES))
         if unknown:
             raise ValueError(f"cuda_graphs.multiples: unknown {unknown}; known: {sorted(DEFAULT_MULTIPLES)}")
@@ -153,6 +179,8 @@ class GraphedForward:
 
     # ----------------------------------------------------------------- state
     def stats(self) -> dict:
+        """``graphs`` recorded now, ``replays`` (calls answered by a graph), ``eager`` (calls run plainly, by reason),
+        ``disabled`` (why graphs were turned off, or None)."""
         return {"graphs": len(self.graphs), "replays": self.replays, "eager": dict(self.eager),
                 "disabled": self.disabled}
 
@@ -222,6 +250,13 @@ class GraphedForward:
         else:
             self._fill(entry, batch, spec)
             entry.replay()
+        if entry.calls < self.verify:  # the recording and the first refilled replay, against the plain forward
+            bad = mismatch(entry.out, self.backbone(entry.inputs, entry.spec))
+            if bad is not None:
+                self.disabled = f"a replay differs from the plain forward on the same inputs: {bad}"
+                self.reset()
+                log.warning("cuda graphs: %s; running the frozen forward eagerly", self.disabled)
+                return self._eager("verification failed", batch, spec)
         entry.calls += 1
         self.replays += 1
         return replace(entry.out, **{k: batch[k] for k in PASS_THROUGH if k in batch}), entry.spec

@@ -221,7 +221,7 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
                         "shuffle_labels": bool(cfg.get("shuffle_labels", False))}
     graphs = cfg.get("cuda_graphs") or {}
     if graphs.get("enabled", False):
-        module.use_cuda_graphs(True, max_graphs=int(graphs.get("max_graphs", 8)),
+        module.use_cuda_graphs(True, max_graphs=int(graphs.get("max_graphs", 8)), verify=int(graphs.get("verify", 2)),
                                multiples=OmegaConf.to_container(graphs.get("multiples") or {}, resolve=True))
     if dm.manifest.get("cache"):  # training/evaluating from a feature cache: no backbone forward
         from ..data.cache import attach_cache
