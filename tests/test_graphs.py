@@ -181,12 +181,19 @@ def test_changed_weights_drop_the_graphs(tmp_path):
         next(bb.parameters()).add_(1.0)  # in place: the version counter moves
         g(batch, spec)
     assert g.stats()["graphs"] == 1 and g.stats()["replays"] == 2  # recorded again, not replayed stale
+    with torch.no_grad():  # a parameter replaced by a new object (load_state_dict(assign=True))
+        sd = {k: v.clone() for k, v in bb.state_dict().items()}
+        bb.load_state_dict(sd, assign=True)
+        for p in bb.parameters():
+            p.requires_grad_(False)
+        g(batch, spec)
+    assert g.stats()["graphs"] == 1 and g.stats()["replays"] == 3 and g._params[0] is next(bb.parameters())
 
 
 class Stale(Rerun):
     """A recorder whose replays leave the outputs as the recording computed them (a graph reading stale memory)."""
 
-    def capture(self, fn):
+    def capture(self, fn, device=None):
         out, _ = super().capture(fn)
         return out, lambda: None
 
@@ -206,8 +213,9 @@ def test_a_replay_that_differs_from_the_plain_forward_turns_graphs_off(backbones
     torch.testing.assert_close(out.hidden["hidden.joint.2"], bb(second, spec).hidden["hidden.joint.2"])
 
 
-def test_inference_mode_has_its_own_graphs(backbones):
-    """Lightning validates under inference mode: buffers made there cannot be refilled in a training step."""
+def test_one_graph_serves_inference_mode_and_training(backbones):
+    """Lightning validates under inference mode: a graph first recorded there is refilled in a training step (its
+    buffers and outputs are normal tensors), and the other way round."""
     bb = backbones["uniter"]
     batch = make_batch(bb, dv=DV)
     spec = CaptureSpec(hidden=["hidden.joint.1"], attn=[])
@@ -216,12 +224,37 @@ def test_inference_mode_has_its_own_graphs(backbones):
         g(batch, spec)
     with torch.no_grad():
         out, _ = g(batch, spec)
-    assert g.stats()["graphs"] == 2 and not out.hidden["hidden.joint.1"].is_inference()
+    with torch.inference_mode():
+        g(batch, spec)
+    assert g.stats()["graphs"] == 1 and g.stats()["replays"] == 3 and not out.hidden["hidden.joint.1"].is_inference()
+
+
+def test_the_text_bucket_stays_within_the_position_embeddings(backbones):
+    """Padding must not ask for a position the model does not have (a device-side assert on a GPU)."""
+    bb = backbones["uniter"]  # 64 positions
+    g = GraphedForward(bb, multiples={"text": 48})
+    assert g._length("text", 20) == 48 and g._length("text", 50) == 64 and g._length("text", 64) == 64
+    assert g._length("regions", 50) == 52  # regions have no position table (multiple 4)
+
+
+def test_the_autocast_copies_a_graph_reads_stay_alive(backbones):
+    """A module's cast weights may be dropped or replaced after the recording (``.to()``, another autocast dtype):
+    the graph keeps the copies it read."""
+    bb = backbones["uniter"]
+    batch = make_batch(bb, dv=DV)
+    spec = CaptureSpec(hidden=["hidden.joint.1"], attn=[])
+    g = GraphedForward(bb, engine=Rerun())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        g(batch, spec)
+    (entry,) = g.graphs.values()
+    linears = [m for m in bb.modules() if getattr(m, "_autocast_copy", None) is not None]
+    assert linears and len(entry.keep) == len(linears)
+    assert all(any(k is m._autocast_copy for k in entry.keep) for m in linears)
 
 
 def test_a_capture_that_fails_turns_graphs_off(backbones, caplog):
     class Broken:
-        def capture(self, fn):
+        def capture(self, fn, device=None):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     bb = backbones["uniter"]

@@ -12,15 +12,18 @@ A graph replays fixed shapes on fixed memory. :class:`GraphedForward` therefore
   ``-1``; the real positions' outputs are what the unpadded forward computes, up to the rounding of kernels that
   see a longer sequence (``tests/test_graphs.py``). ``word_to_token``, which a forward only hands on, is the
   batch's own;
-* keeps one graph per distinct padded shape and capture request (and autocast dtype), up to ``max_graphs``; a
+* keeps one graph per distinct padded shape and capture request (and autocast dtype; one graph serves inference
+  mode and training alike: its buffers are normal tensors), up to ``max_graphs``; a
   batch past that, a forward with grad enabled, or a backbone that is not frozen runs eagerly (counted in
   :meth:`GraphedForward.stats`);
 * returns the :class:`~value_pl.backbones.base.BackboneOutput` over the *padded* inputs, with the
   :class:`~value_pl.backbones.capture.CaptureSpec` whose rows are the padded ones: consumers that read only these
   two (the probers, :mod:`value_pl.probers.features`) need nothing else. The output's tensors are the graph's
   static memory: the next call overwrites them, so consume (or copy) them first;
-* rebuilds its graphs when the backbone's weights change (another device, weights loaded or trained): a graph
-  reads the memory it was recorded with.
+* rebuilds its graphs when the backbone's weights change (another device, weights loaded, trained or replaced):
+  a graph reads the memory it was recorded with; it also keeps the autocast weight copies it read
+  (:mod:`.autocast_cache`) alive;
+* never pads text past the backbone's position embeddings (``position_limit``);
 * checks the recording and the first refilled replay of every graph against the plain forward on the same
   (padded) inputs (``verify``, 2 calls per graph); a difference turns graphs off with a warning naming the output
   that differs, and the run goes on eagerly: a graph that reads the wrong memory cannot change a result.
@@ -102,6 +105,20 @@ def mismatch(got, ref, rtol: float = 1e-2, atol: float = 1e-2) -> str | None:
     return None
 
 
+_REGISTRATIONS = [0]  # parameters registered on any module since the first GraphedForward (a global hook counts)
+_HOOK = None
+
+
+def _count_registration(module, name, param):
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> None:
+    global _HOOK
+    if _HOOK is None:
+        _HOOK = torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
 class CudaGraphs:
     """Records ``fn`` as a CUDA graph (after warm-up calls on a side stream, as torch's CUDA-graph recipe asks:
     lazy initialisation, the autocast weight copies and cuBLAS workspaces happen outside the capture). All graphs
@@ -112,19 +129,27 @@ class CudaGraphs:
         self.warmup = warmup
         self.pool = None
 
-    def capture(self, fn):
+    def capture(self, fn, device=None):
+        with torch.cuda.device(device):
+            return self._capture(fn)
+
+    def _capture(self, fn):
+        current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
+        current.wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the loader's pin-memory thread may call CUDA during a capture (pinning the next batch)
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = fn()
+        try:
+            # thread_local: the loader's pin-memory thread may call CUDA during a capture (pinning the next batch)
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = fn()
+        finally:  # a failed capture leaves the capture stream current (torch.cuda.graph.__exit__ raises first)
+            torch.cuda.set_stream(current)
         graph.replay()  # the capture only recorded: this computes the first batch's outputs
         return out, graph.replay
 
@@ -133,7 +158,7 @@ class Rerun:
     """What a graph means, without a GPU: ``replay`` reruns ``fn`` on the static inputs and copies the results into
     the first call's output tensors, so callers see the same objects refilled, as with a graph."""
 
-    def capture(self, fn):
+    def capture(self, fn, device=None):
         out = fn()
         static = output_tensors(out)
 
@@ -148,12 +173,13 @@ class Rerun:
 
 
 class _Entry:
-    __slots__ = ("inputs", "rows", "spec", "out", "replay", "calls")
+    __slots__ = ("inputs", "rows", "spec", "out", "replay", "calls", "keep")
 
     def __init__(self, inputs, rows, spec):
         self.inputs, self.rows, self.spec = inputs, rows, spec
         self.out = self.replay = None
         self.calls = 0
+        self.keep = ()  # the autocast weight copies the recording read: alive as long as the graph
 
 
 class GraphedForward:
@@ -176,6 +202,8 @@ class GraphedForward:
         self.disabled: str | None = None
         self._weights: tuple | None = None
         self._params: list | None = None
+        self._registrations = -1
+        _watch_registrations()
 
     # ----------------------------------------------------------------- state
     def stats(self) -> dict:
@@ -199,9 +227,13 @@ class GraphedForward:
         return None
 
     def _weights_key(self) -> tuple:
-        if self._params is None:  # the Parameter objects stay; .to() and load_state_dict change their memory/version
+        """What the graphs' weights are: every parameter's memory and version (moved, loaded or trained in place),
+        and the parameters themselves (replaced, e.g. ``load_state_dict(assign=True)``: any parameter registered
+        anywhere since the last call makes the list be read again)."""
+        if self._params is None or self._registrations != _REGISTRATIONS[0]:
             self._params = list(self.backbone.parameters())
-        return tuple((p.data_ptr(), p._version) for p in self._params)
+            self._registrations = _REGISTRATIONS[0]
+        return tuple((id(p), p.data_ptr(), p._version) for p in self._params)
 
     def _eager(self, why: str, batch: dict, spec: CaptureSpec):
         self.eager[why] += 1
@@ -226,10 +258,8 @@ class GraphedForward:
             self._weights = weights
         shapes = self._shapes(batch, spec)
         ac = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-        # inference mode in the key: buffers made under it (Lightning's validation) cannot be refilled outside it
         key = (shapes, None if spec.hidden is None else tuple(spec.hidden),
-               None if spec.attn is None else tuple(spec.attn), spec.full_forward, ac, str(dev),
-               torch.is_inference_mode_enabled())
+               None if spec.attn is None else tuple(spec.attn), spec.full_forward, ac, str(dev))
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
@@ -239,7 +269,12 @@ class GraphedForward:
             entry = self._static(batch, spec, shapes, dev)
             self._fill(entry, batch, spec)
             try:
-                entry.out, entry.replay = engine.capture(lambda: self.backbone(entry.inputs, entry.spec))
+                # normal tensors, also under inference mode: one graph serves training and validation alike
+                with torch.inference_mode(False), torch.no_grad():
+                    entry.out, entry.replay = engine.capture(lambda: self.backbone(entry.inputs, entry.spec), dev)
+                # a module's cast copies can be dropped or replaced (.to(), another autocast dtype): keep the read ones
+                entry.keep = tuple(getattr(m, "_autocast_copy", None) for m in self.backbone.modules()
+                                   if getattr(m, "_autocast_copy", None) is not None)
             except Exception as e:  # noqa: BLE001 -- an unrecordable forward is slower, not wrong
                 self.disabled = f"{type(e).__name__}: {e}"
                 self.reset()
@@ -262,15 +297,26 @@ class GraphedForward:
         return replace(entry.out, **{k: batch[k] for k in PASS_THROUGH if k in batch}), entry.spec
 
     # -------------------------------------------------------------- buffers
+    def _length(self, group: str, n: int) -> int:
+        b = bucket(n, self.multiples[group])
+        if group == "text" and b > n:  # never past the position embeddings (a padded position must exist)
+            limit = getattr(self.backbone, "position_limit", None)
+            if isinstance(limit, int):
+                b = max(n, min(b, limit))
+        return b
+
     def _shapes(self, batch: dict, spec: CaptureSpec) -> tuple:
-        m = self.multiples
-        ins = tuple((k, (x.shape[0], bucket(x.shape[1], m[INPUTS[k][0]]), *x.shape[2:]), x.dtype)
+        ins = tuple((k, (x.shape[0], self._length(INPUTS[k][0], x.shape[1]), *x.shape[2:]), x.dtype)
                     for k, x in ((k, batch.get(k)) for k in INPUTS) if isinstance(x, Tensor))
         rows = None if spec.rows is None else tuple(
-            (mod, (r.shape[0], bucket(r.shape[1], m["rows"])), r.dtype) for mod, r in spec.rows.items())
+            (mod, (r.shape[0], self._length("rows", r.shape[1])), r.dtype) for mod, r in spec.rows.items())
         return ins, rows
 
     def _static(self, batch: dict, spec: CaptureSpec, shapes: tuple, dev) -> _Entry:
+        with torch.inference_mode(False):  # refilled in place under either mode (Lightning validates in inference mode)
+            return self._buffers(batch, spec, shapes, dev)
+
+    def _buffers(self, batch: dict, spec: CaptureSpec, shapes: tuple, dev) -> _Entry:
         ins, rows = shapes
         inputs = {k: torch.empty(shape, dtype=dt, device=dev) for k, shape, dt in ins}
         # the recording sees the batch's own pass-through tensors; every answer carries its batch's
