@@ -10,7 +10,8 @@ Rows, all in one run on one card:
    timed in interleaved rounds (``--rounds``, min per workload); and the host's issue time of each phase of the
    two steps (frozen forward, prober inputs, heads + loss, backward, optimizer): where a host-bound step's time goes;
    each also with the frozen forward replayed from CUDA graphs (``cuda_graphs.enabled=true``; ``--no-graphs`` leaves
-   these rows out);
+   these rows out), after a check of the graphs against the plain forward (two shapes alternating, fresh data, every
+   call compared: ``graphs_check`` in the JSON, ``disabled`` None when they agree);
 2. the loader alone on real-width shards (``python -m value_pl.datasets.demo`` sizes: 36 regions x 2048-d fp16 per
    image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker;
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
@@ -215,6 +216,26 @@ def phase_issue_ms(m, batch: dict, ac: dict, iters: int, device) -> dict[str, fl
     return best
 
 
+def graphs_check(bb, args, dev) -> dict:
+    """CUDA graphs against the plain forward before anything is timed: batches of two shapes, alternating, fresh
+    data every call, every call checked by the wrapper's ``verify`` on the same inputs, for each prober's capture."""
+    from value_pl.backbones.graphs import GraphedForward
+    from value_pl.probers.module import ProbeModule
+
+    out = {}
+    for prober in ("layer_emb", "attention"):
+        plan = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(16)]},
+                           prober={"name": prober}).plan
+        g = GraphedForward(bb, verify=1000)
+        for i, T in enumerate((24, 37, 24, 37, 24, 37)):
+            batch = synthetic_batch(args.batch, T, 76, 2048, 6, 16, dev, seed=100 + i)
+            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16):
+                g(batch, plan.capture(batch))
+        out[prober] = g.stats()
+        print(f"# cuda graphs check, {prober} capture: {out[prober]}", flush=True)
+    return out
+
+
 def in_memory_rows(args, dev, tok: str, tmp: Path) -> tuple[list[tuple], dict]:
     from value_pl.backbones.uniter import build_uniter
     from value_pl.probers.module import ProbeModule
@@ -225,6 +246,8 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> tuple[list[tuple], dict]:
     B, T, R, C = args.batch, 24, 76, 16
     batch = synthetic_batch(B, T, R, 2048, 6, C, dev)
     ac = dict(device_type=dev.type, dtype=torch.bfloat16)
+    if args.graphs:
+        args.graphs_check = graphs_check(bb, args, dev)
 
     bare = bare_forward(bb, batch, ac)
     bare_plain = bare_forward(bb, batch, ac, plain_autocast=True)
@@ -502,6 +525,7 @@ def main(argv=None) -> int:
             for prober, ph in phases.items():
                 print(f"| {prober} | " + " | ".join(f"{ph[k]:.2f}" for k in PHASES) + " |")
             report["phase_issue_ms"] = phases
+            report["graphs_check"] = getattr(args, "graphs_check", None)
             save()
             print(flush=True)
             if dev.type == "cuda":
