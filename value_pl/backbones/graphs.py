@@ -13,9 +13,8 @@ A graph replays fixed shapes on fixed memory. :class:`GraphedForward` therefore
   see a longer sequence (``tests/test_graphs.py``). ``word_to_token``, which a forward only hands on, is the
   batch's own;
 * keeps one graph per distinct padded shape and capture request (and autocast dtype; one graph serves inference
-  mode and training alike: its buffers are normal tensors), up to ``max_graphs``; a
-  batch past that, a forward with grad enabled, or a backbone that is not frozen runs eagerly (counted in
-  :meth:`GraphedForward.stats`);
+  mode and training alike: its buffers are normal tensors), up to ``max_graphs``; a batch past that, a forward
+  with grad enabled, or a backbone that is not frozen runs eagerly (counted in :meth:`GraphedForward.stats`);
 * returns the :class:`~value_pl.backbones.base.BackboneOutput` over the *padded* inputs, with the
   :class:`~value_pl.backbones.capture.CaptureSpec` whose rows are the padded ones: consumers that read only these
   two (the probers, :mod:`value_pl.probers.features`) need nothing else. The output's tensors are the graph's
@@ -26,7 +25,8 @@ A graph replays fixed shapes on fixed memory. :class:`GraphedForward` therefore
 * never pads text past the backbone's position embeddings (``position_limit``);
 * checks the recording and the first refilled replay of every graph against the plain forward on the same
   (padded) inputs (``verify``, 2 calls per graph); a difference turns graphs off with a warning naming the output
-  that differs, and the run goes on eagerly: a graph that reads the wrong memory cannot change a result.
+  that differs, and the run goes on eagerly: a graph that reads the wrong memory is caught before its first two
+  answers are used (``tests/test_graphs.py`` replays two shapes alternately with every call checked, on a GPU).
 
 A capture that fails (an operator that cannot be recorded) logs a warning with the error once and turns the
 wrapper off: the run goes on eagerly. ``engine`` is the recorder: :class:`CudaGraphs` on CUDA; tests on a CPU use
