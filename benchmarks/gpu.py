@@ -220,12 +220,11 @@ def graphs_check(bb, args, dev) -> dict:
     """CUDA graphs against the plain forward before anything is timed: batches of two shapes, alternating, fresh
     data every call, every call checked by the wrapper's ``verify`` on the same inputs, for each prober's capture."""
     from value_pl.backbones.graphs import GraphedForward
-    from value_pl.probers.module import ProbeModule
+    from value_pl.probers.features import PairPlan
 
     out = {}
     for prober in ("layer_emb", "attention"):
-        plan = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": [str(i) for i in range(16)]},
-                           prober={"name": prober}).plan
+        plan = PairPlan.make(bb.pair_layout("region_region"), "region_region", prober, None)
         g = GraphedForward(bb, verify=1000)
         for i, T in enumerate((24, 37, 24, 37, 24, 37)):
             batch = synthetic_batch(args.batch, T, 76, 2048, 6, 16, dev, seed=100 + i)
@@ -236,7 +235,7 @@ def graphs_check(bb, args, dev) -> dict:
     return out
 
 
-def in_memory_rows(args, dev, tok: str, tmp: Path) -> tuple[list[tuple], dict]:
+def in_memory_rows(args, dev, tok: str, tmp: Path) -> tuple[list[tuple], dict, dict | None]:
     from value_pl.backbones.uniter import build_uniter
     from value_pl.probers.module import ProbeModule
 
@@ -246,8 +245,7 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> tuple[list[tuple], dict]:
     B, T, R, C = args.batch, 24, 76, 16
     batch = synthetic_batch(B, T, R, 2048, 6, C, dev)
     ac = dict(device_type=dev.type, dtype=torch.bfloat16)
-    if args.graphs:
-        args.graphs_check = graphs_check(bb, args, dev)
+    checked = graphs_check(bb, args, dev) if args.graphs else None
 
     bare = bare_forward(bb, batch, ac)
     bare_plain = bare_forward(bb, batch, ac, plain_autocast=True)
@@ -274,7 +272,7 @@ def in_memory_rows(args, dev, tok: str, tmp: Path) -> tuple[list[tuple], dict]:
         for name, step in steps.items():
             profile_step(step, f"{name} step")
         profile_step(bare, "bare forward")
-    return [(name, *timed[name], B) for name in fns], phases
+    return [(name, *timed[name], B) for name in fns], phases, checked
 
 
 def measure_rounds(fns: dict, rounds: int, iters: int, warmup: int, device) -> dict[str, tuple]:
@@ -511,7 +509,7 @@ def main(argv=None) -> int:
         tmp = Path(td)
         tok = offline_tokenizer(tmp / "tokenizer")
         if "memory" not in args.skip:
-            rows, phases = in_memory_rows(args, dev, tok, tmp)
+            rows, phases, checked = in_memory_rows(args, dev, tok, tmp)
             base = rows[0][1]
             print("\n| workload (in memory, batch %d, 100 tokens) | samples/s | ms / batch | x bare forward | "
                   "host issue ms / batch | peak GiB |" % args.batch)
@@ -525,7 +523,7 @@ def main(argv=None) -> int:
             for prober, ph in phases.items():
                 print(f"| {prober} | " + " | ".join(f"{ph[k]:.2f}" for k in PHASES) + " |")
             report["phase_issue_ms"] = phases
-            report["graphs_check"] = getattr(args, "graphs_check", None)
+            report["graphs_check"] = checked
             save()
             print(flush=True)
             if dev.type == "cuda":
