@@ -153,6 +153,24 @@ def test_replays_refill_the_static_buffers(backbones):
     assert g.stats()["graphs"] == 2
 
 
+def test_verified_replays_read_nothing_back_on_the_host(backbones):
+    """Once a graph is verified, a call refills its buffers and replays it without reading a value back on the host
+    (the same watch as the probe step's): on a GPU the host goes on issuing the heads while the graph runs."""
+    bb = backbones["uniter"]
+    g = GraphedForward(bb, multiples={"text": 32, "regions": 8, "rows": 8}, engine=Rerun())
+    long = make_batch(bb, n_regions=(5, 3, 0), dv=DV, seed=0)
+    short = make_batch(bb, n_regions=(2, 1, 0), dv=DV, seed=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for batch in (long, long, short):  # recorded, verified twice (a padded batch among them)
+            g(batch, CaptureSpec(hidden=None, attn=None, rows=row_request(batch)))
+        specs = [CaptureSpec(hidden=None, attn=None, rows=row_request(b)) for b in (short, long)]  # in a run: from the collated batch
+        with SyncWatch() as w:
+            for batch, spec in zip((short, long), specs):
+                g(batch, spec)
+    assert g.stats()["replays"] == 5 and g.stats()["graphs"] == 1 and g.stats()["eager"] == {}
+    assert w.seen == [], w.seen
+
+
 def test_what_runs_eagerly_is_counted(backbones):
     bb = backbones["uniter"]
     batch = make_batch(bb, dv=DV)
