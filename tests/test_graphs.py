@@ -163,7 +163,8 @@ def test_verified_replays_read_nothing_back_on_the_host(backbones):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for batch in (long, long, short):  # recorded, verified twice (a padded batch among them)
             g(batch, CaptureSpec(hidden=None, attn=None, rows=row_request(batch)))
-        specs = [CaptureSpec(hidden=None, attn=None, rows=row_request(b)) for b in (short, long)]  # in a run: from the collated batch
+        # in a run the rows come with the collated batch
+        specs = [CaptureSpec(hidden=None, attn=None, rows=row_request(b)) for b in (short, long)]
         with SyncWatch() as w:
             for batch, spec in zip((short, long), specs):
                 g(batch, spec)
