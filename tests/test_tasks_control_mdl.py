@@ -85,6 +85,24 @@ def test_online_code_on_planted_signal():
     assert real["codelength_bits"] < 0.6 * ctrl["codelength_bits"] and real["compression"] > 1.8, (real, ctrl)
 
 
+def test_block_fractions_outside_0_1_are_refused_not_clamped(demo_root, tmp_path):
+    """The paper's blocks written as percentages (0.1 ... 100) used to be clamped to the training set's size:
+    5 blocks with the first 10 % coded uniformly instead of 11 from 0.1 %, a different codelength, silently."""
+    assert block_ends(1000) == [1, 2, 4, 8, 16, 32, 63, 125, 250, 500, 1000]
+    percent = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.25, 12.5, 25, 50, 100)
+    for bad in (percent, (0.0, 0.5, 1.0), (-0.1, 1.0), ()):
+        with pytest.raises(ValueError, match=r"mdl_opts.fractions must be shares of the training set in \(0, 1\]"):
+            block_ends(1000, bad)
+    from value_pl.driver.train import train  # refused at start, before any feature is extracted
+
+    bb = tiny_backbones(tmp_path / "bb")["SS"]
+    cfg = compose(["task=vrc", "prober=layer_emb", "layers=[0]", f"data.root={demo_root}", "mdl=true",
+                   "mdl_opts.fractions=[0.1,1.6,100]",
+                   "logger=none", *FAST_DATA, *bb, f"run_dir={tmp_path / 'r'}"])
+    with one_thread(), pytest.raises(ValueError, match=r"out of range: \[1.6, 100.0\]"):
+        train(cfg)
+
+
 @pytest.mark.slow
 def test_mdl_run_task_vs_control(demo_root, tmp_path):
     """mdl=true end to end on the demo VRC task (raw-feature layer of a tiny backbone) and its control task."""

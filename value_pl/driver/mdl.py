@@ -13,7 +13,7 @@ from ..probers.heads import SentenceProber
 from ..probers.module import layer_number
 from ..protocols.batched import train_units, unit_of
 from ..protocols.fitting import accuracy, extract_split, fast_dev_batches, fit_head, pick_device, take
-from ..protocols.mdl import PAPER_FRACTIONS, mdl_rule, online_codelength, online_codelength_batched
+from ..protocols.mdl import PAPER_FRACTIONS, check_fractions, mdl_rule, online_codelength, online_codelength_batched
 from .results import json_safe, log_results_table, results_dict, results_markdown
 from .setup import close_logger, make_logger, prepare
 
@@ -28,7 +28,7 @@ def train_mdl(cfg) -> dict:
     device = pick_device(cfg)
     module.to(device)
     o = OmegaConf.to_container(cfg.get("mdl_opts") or {}, resolve=True)
-    fractions = tuple(o.get("fractions") or PAPER_FRACTIONS)
+    fractions = check_fractions(o.get("fractions") or PAPER_FRACTIONS)  # before the features are extracted
     quick = fast_dev_batches(cfg)
     fit = {"lr": float(o.get("lr", 1e-3)), "batch_size": int(o.get("batch_size", 64)),
            "max_epochs": 1 if quick else int(o.get("max_epochs", 20)), "patience": int(o.get("patience", 3))}

@@ -33,8 +33,20 @@ from .fitting import fit_head, predict_logits, take
 PAPER_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
 
 
+def check_fractions(fractions) -> tuple[float, ...]:
+    """``fractions`` as floats, each a share of the training set in (0, 1]; a value outside (e.g. the paper's
+    percentages written as ``0.1 ... 100``) is a ``ValueError``: clamped, it would silently move the block
+    boundaries (``[0.1, ..., 100]`` codes the first 10 % uniformly, in 5 blocks instead of 11)."""
+    fr = tuple(float(f) for f in fractions)
+    bad = [f for f in fr if not 0.0 < f <= 1.0]
+    if not fr or bad:
+        raise ValueError(f"mdl_opts.fractions must be shares of the training set in (0, 1] (the paper's 0.1 %, 0.2 %, "
+                         f"..., 100 % are 0.001, 0.002, ..., 1.0); got {list(fr)}" + (f", out of range: {bad}" if bad else ""))
+    return fr
+
+
 def block_ends(n: int, fractions=PAPER_FRACTIONS) -> list[int]:
-    ends = sorted({min(n, max(1, math.ceil(float(f) * n))) for f in fractions} | {n})
+    ends = sorted({min(n, max(1, math.ceil(f * n))) for f in check_fractions(fractions)} | {n})
     return ends
 
 
