@@ -129,3 +129,21 @@ def test_a_layer_that_is_not_there_is_an_error_not_a_silent_drop(tmp_path):
     sent = {"name": "sentlen", "kind": "sentence", "labels": ["0", "1"]}
     with pytest.raises(ValueError, match=r"\['layer_07'\] are not layers of this backbone for sentence"):
         ProbeModule(bb, task=sent, prober={"name": "senteval_lr"}, layers=["layer_01", "layer_07"])
+
+
+def test_both_probers_in_one_run_get_distinct_result_names(tmp_path):
+    """prober "both" (Eq. 4 and Eq. 3 heads of every layer in one run) used to report two rows named layer_01
+    (results.json, W&B val/acc/layer_01 logged twice: the attention head's value overwrote the Eq. 4 head's)."""
+    from test_capture import tiny_uniter
+
+    bb = tiny_uniter(tmp_path)
+    task = {"name": "vrc", "kind": "region_region", "labels": ["a", "b"]}
+    m = ProbeModule(bb, task=task, prober={"name": "both"})
+    rows = m.layer_rows()
+    names = [r["name"] for r in rows]
+    assert len(set(names)) == len(names) == len(m.head_names)
+    assert names == ["layer_00", "layer_01", "layer_02", "attn_layer_01", "attn_layer_02", "all_heads"]
+    assert [r["layer"] for r in rows] == [0, 1, 2, -1, -1, -1]
+    assert rows[3]["title"] == "Layer 1 (attention prober)"
+    single = ProbeModule(bb, task=task, prober={"name": "attention"})  # one prober: the paper's layer names
+    assert [single.display_name(k) for k in single.head_names] == ["layer_01", "layer_02", "all_heads"]

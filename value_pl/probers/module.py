@@ -173,6 +173,8 @@ class ProbeModule(pl.LightningModule):
         kind, name = key.split(":", 1)
         if kind == "sent":
             return f"layer_{layer_number(name):02d}"
+        if kind == "attn" and f"emb:{name}" in self.slot:  # prober "both": the Eq. 4 head keeps the layer's name
+            return f"attn_{name}"
         return name
 
     def head(self, key: str) -> nn.Module:
@@ -421,10 +423,11 @@ class ProbeModule(pl.LightningModule):
         rows = []
         for k in self.head_names:
             name = self.display_name(k)
+            base = name[len("attn_"):] if name.startswith("attn_") else name
             rows.append({
                 "layer": layer_number(name) if name.startswith("layer_") else -1,
                 "name": name,
-                "title": self._backbone.layer_title(self.kind, name),
+                "title": self._backbone.layer_title(self.kind, base) + (" (attention prober)" if base != name else ""),
                 "val_acc": _finite(self.best_val.get(k, self.last_val.get(k))),
                 "test_acc": _finite(self.test_results.get(k)),
                 "best_epoch": self.best_epoch.get(k),
