@@ -103,3 +103,29 @@ def test_cli_commands_vg_and_senteval(tmp_path, monkeypatch, capsys):
     for sub in ("vg", "vg_mismatch", "senteval/sentlen", "senteval/bshift", "derived/coordinv"):
         assert json.loads((tmp_path / "shards" / sub / "manifest.json").read_text())["splits"]
     assert json.loads((tmp_path / "shards" / "vg_mismatch" / "manifest.json").read_text())["variant"] == "mismatch"
+
+
+def test_derived_casing_does_not_give_the_label_away(tmp_path):
+    """Real captions (e.g. Flickr30k Entities Sentences/) start with a capital. An inverted caption must not be the
+    one that starts lower case and carries a capital inside ("a dog runs and A man sits ."): a cased model would
+    read the label off the casing. The first word is uncapitalised in both classes; all-capital words stay."""
+    sent = tmp_path / "Sentences"
+    sent.mkdir()
+    caps = ["[/EN#1/people A man] sits and [/EN#2/animals a dog] runs in [/EN#3/scene the park] .",
+            "[/EN#4/people Two women] are talking while [/EN#5/people a child] plays on [/EN#6/scene the grass] .",
+            "[/EN#7/people A boy] jumps into [/EN#8/other the pool] and [/EN#9/people his friends] watch .",
+            "[/EN#10/people The women] dance but [/EN#11/people the crowd] does not clap .",
+            "[/EN#12/people A man] watches [/EN#13/other TV] and [/EN#14/people a woman] reads a book .",
+            "[/EN#15/people Several people] sit at [/EN#16/other a table] and [/EN#17/people a waiter] serves food ."]
+    for i in range(4):  # distinct captions (duplicates are dropped), 24 in all
+        (sent / f"{i}.txt").write_text("\n".join(c.replace(" .", f" {'again ' * i}.") for c in caps) + "\n")
+    mans = build("senteval_derived", tmp_path / "dv",
+                 {"dataset.captions": str(sent), "dataset.tasks": "[coordinv,bshift]", "dataset.splits": "{train: 1.0}"})
+    for task in ("coordinv", "bshift"):
+        labels = set()
+        for s in read_samples(tmp_path / "dv" / task):
+            words, lab = s["meta"]["words"], s["meta"]["sentence_labels"][task]
+            labels.add(lab)
+            assert [w for w in words if any(c.isupper() for c in w)] in ([], ["TV"]), (lab, words)
+        assert labels == {"I", "O"}
+    assert all(m["rules"]["first_word_uncapitalised"] for m in mans)

@@ -23,6 +23,10 @@ markup is stripped), with seeded, documented rules:
 * ``coordinv``: captions with a coordinating conjunction (and, but, or, yet, so, while) that has at
   least two words on each side; with probability 1/2 the two conjuncts swap places (the final
   punctuation stays last); labels ``I``/``O``. Captions without one: skip ``no_coordination``.
+* ``bshift``/``coordinv``: the first word loses its sentence-initial capital (``A`` -> ``a``; all-capital
+  words such as ``TV`` are kept) in BOTH classes. Otherwise an inverted caption would start with a
+  lower-case word and carry the capitalised one inside (``a dog runs and A man sits .``), so a cased
+  model could read the label off the casing alone.
 
 Splits: each caption goes to train/val/test by a seeded hash with the fractions in ``splits``.
 Duplicate captions are kept once (skip ``duplicate_caption``).
@@ -162,6 +166,14 @@ def read_captions(path) -> list[tuple[str, list[str]]]:
     return out
 
 
+def uncapitalise_first(words: list[str]) -> list[str]:
+    """``words`` with the first word's sentence-initial capital lower-cased (``A`` -> ``a``, ``Two`` -> ``two``);
+    all-capital words of two or more letters (``TV``, ``USA``) are kept."""
+    if not words or not words[0][:1].isupper() or (len(words[0]) > 1 and words[0].isupper()):
+        return words
+    return [words[0][:1].lower() + words[0][1:]] + list(words[1:])
+
+
 def derive(task: str, words: list[str], rng: np.random.Generator, bins: list[int]):
     """(label, words) or (None, reason)."""
     if task == "sentlen":
@@ -170,6 +182,8 @@ def derive(task: str, words: list[str], rng: np.random.Generator, bins: list[int
             if bins[i] <= n < bins[i + 1]:
                 return str(i), words
         return None, "sentlen_out_of_range"
+    # both classes alike: the sentence-initial capital would otherwise mark the moved first word (module docstring)
+    words = uncapitalise_first(words)
     body = words[:-1] if words and words[-1] in PUNCT else words
     tail = words[len(body):]
     if task == "bshift":
@@ -251,7 +265,8 @@ def build_senteval_derived(cfg: dict, *, out, seed: int = 0, maxcount: int = 100
                 w.write_split(split, progress(lst, progress_bar, desc=f"derived {task} {split}"))
             w.extra = {"task": task, "derived": True,
                        "note": "derived from a caption corpus by value-pl, not SentEval's own data",
-                       "rules": {"sentlen_bins": bins, "conjunctions": list(CONJUNCTIONS)},
+                       "rules": {"sentlen_bins": bins, "conjunctions": list(CONJUNCTIONS),
+                                 "first_word_uncapitalised": task in ("bshift", "coordinv")},
                        "skipped_examples": issues.examples}
             mans.append(w.close())
         except BaseException:
