@@ -170,6 +170,32 @@ def test_nan_and_corrupt_features_are_counted(tmp_path):
         build("flickr30k", tmp_path / "out2", ov, extra=["strict=true"])
 
 
+def test_non_utf8_caption_is_a_counted_skip_naming_file_and_line(tmp_path):
+    """A Sentences line that is not UTF-8 (e.g. a Latin-1 accent) is a counted skip naming file and line -- not a
+    bare UnicodeDecodeError that stops the build without saying where; the image's other captions are kept. A
+    region-feature TSV line with such bytes is a counted corrupt_features skip naming the file and line."""
+    ov = write_flickr30k(tmp_path / "f30k")
+    sent = tmp_path / "f30k" / "Sentences" / "200.txt"
+    lines = sent.read_bytes().splitlines()
+    lines[1] = "[/EN#11/vehicles A caf\u00e9 car] .".encode("latin-1")
+    sent.write_bytes(b"\n".join(lines) + b"\n")
+    feats = Path(ov["dataset.features"])
+    tsv = feats.read_bytes().splitlines()
+    tsv[3] = tsv[3][:-10] + b"\xe9" + tsv[3][-9:]  # image 500
+    feats.write_bytes(b"\n".join(tsv) + b"\n")
+    man = build("flickr30k", tmp_path / "out", ov)
+    assert man["skipped"]["not_utf8"] == 1 and man["skipped"]["corrupt_features"] == 1
+    assert man["skipped_examples"]["not_utf8"][0].startswith(f"{sent}:2: not UTF-8 text (byte 0xe9")
+    assert "feats.tsv:4" in man["skipped_examples"]["corrupt_features"][0]
+    assert man["splits"]["train"]["samples"] == F30K_EXPECTED["train"]["samples"] - 1
+    ov = write_flickr30k(tmp_path / "g")  # strict: image 500 alone, its caption not UTF-8
+    for split in ("train", "val", "test"):
+        (tmp_path / "g" / f"{split}.txt").write_text("500\n" if split == "test" else "")
+    (tmp_path / "g" / "Sentences" / "500.txt").write_bytes("[/EN#50/people A caf\u00e9 woman] .\n".encode("latin-1"))
+    with pytest.raises(BuildError, match=r"500\.txt:1: not UTF-8 text"):
+        build("flickr30k", tmp_path / "out2", ov, extra=["strict=true"])
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     """The command in docs/datasets.md, as a subprocess (Hydra CLI)."""

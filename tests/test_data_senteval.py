@@ -129,3 +129,22 @@ def test_derived_casing_does_not_give_the_label_away(tmp_path):
             assert [w for w in words if any(c.isupper() for c in w)] in ([], ["TV"]), (lab, words)
         assert labels == {"I", "O"}
     assert all(m["rules"]["first_word_uncapitalised"] for m in mans)
+
+
+def test_non_utf8_lines_name_file_and_line(tmp_path):
+    """SentEval files and caption corpora that are not UTF-8 raise BuildError naming file and line (not a bare
+    UnicodeDecodeError); a region-graph JSON that is not UTF-8 names the file."""
+    from value_pl.datasets.common import iter_json_array
+
+    ov = write_senteval(tmp_path / "probing")
+    (tmp_path / "probing" / "sentence_length.txt").write_bytes("tr\t0\ta b c\nva\t1\tun caf\u00e9 .\n".encode("latin-1"))
+    with pytest.raises(BuildError, match=r"sentence_length\.txt:2: not UTF-8 text \(byte 0xe9 at column 12"):
+        build("senteval", tmp_path / "se", dict(ov, **{"dataset.tasks": "[sentlen]"}))
+    caps = tmp_path / "caps.txt"
+    caps.write_bytes("a man .\nun caf\u00e9 .\n".encode("latin-1"))
+    with pytest.raises(BuildError, match=r"caps\.txt:2: not UTF-8 text"):
+        build("senteval_derived", tmp_path / "dv", {"dataset.captions": str(caps)})
+    js = tmp_path / "rg.json"
+    js.write_bytes('[{"image_id": 1}, {"phrase": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(BuildError, match=r"rg\.json: not UTF-8 text"):
+        list(iter_json_array(js))

@@ -96,12 +96,36 @@ def read_id_list(path, what: str = "image id") -> list[str]:
     return out
 
 
+def text_lines(path):
+    """``(line number, text, problem)`` for each line of a text file (split at ``\\n``, ``\\r\\n`` or ``\\r``, line
+    endings removed): ``text`` is the line decoded as UTF-8, or ``None`` and ``problem`` says which byte is not UTF-8
+    (the caller raises or counts a skip naming the file and line; a bare UnicodeDecodeError would name neither)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    for ln, raw in enumerate(data.splitlines(), 1):
+        try:
+            yield ln, raw.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            yield ln, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}: {e.reason})"
+
+
 def iter_json_array(path, chunk: int = 1 << 22):
     """Stream the elements of a top-level JSON array (the multi-GB VG files) without loading it whole.
 
-    Memory: one element (one image) at a time plus a read buffer. A truncated or malformed file raises
-    :class:`BuildError` naming the file and the record index.
+    Memory: one element (one image) at a time plus a read buffer. A truncated or malformed file, or one that is
+    not UTF-8, raises :class:`BuildError` naming the file and the record index.
     """
+    done = 0
+    try:
+        for obj in _json_array(path, chunk):
+            yield obj
+            done += 1
+    except UnicodeDecodeError as e:
+        raise BuildError(f"{path}: not UTF-8 text ({e.reason}, in the bytes read after record {done}); JSON files "
+                         f"must be UTF-8") from None
+
+
+def _json_array(path, chunk: int):
     import json
 
     dec = json.JSONDecoder()

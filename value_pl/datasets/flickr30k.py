@@ -31,7 +31,7 @@ One sample = one caption with its image's regions. Rules:
   ``manifest.json`` ``excluded.vcd_negative_overlaps_chain``.
 
 Skips (counted in ``manifest.json``; ``strict=true`` raises instead, naming file and line):
-``malformed_markup`` (caption), ``empty_caption`` (caption), ``unrelated_caption`` (caption, the
+``malformed_markup`` (caption), ``not_utf8`` (caption: a line that is not UTF-8), ``empty_caption`` (caption), ``unrelated_caption`` (caption, the
 known list), ``unknown_chain`` (phrase whose chain id is not in the XML), ``malformed_xml`` (image),
 ``xml_without_boxes`` (image), ``missing_sentences``/``missing_annotation`` (image),
 ``no_features`` (image), ``nan_features``/``corrupt_features`` (image), ``box_outside_image``/
@@ -49,7 +49,7 @@ import numpy as np
 
 from ..data.schema import COREF_TYPES, SCHEMA_VERSION, region_names
 from .common import (BuildError, Issues, clean_box, close_readers, open_region_features, progress, read_features,
-                     read_id_list, regions_manifest, sample_rng)
+                     read_id_list, regions_manifest, sample_rng, text_lines)
 from .regions import Combined, combine_regions
 from .writer import ShardSetWriter
 
@@ -256,10 +256,16 @@ def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues
         if comb is None:
             continue
         feats16 = comb.feats.astype(np.float16)
-        lines = spath.read_text(encoding="utf-8").splitlines()
-        names = region_names_of(comb, chain_types(lines))
+        lines = []
+        for ln, line, problem in text_lines(spath):
+            if problem:
+                issues.bad("not_utf8", f"{spath}:{ln}", problem)
+            lines.append(line)
+        names = region_names_of(comb, chain_types([x for x in lines if x is not None]))
         for ci, line in enumerate(lines):
             where = f"{spath}:{ci + 1}"
+            if line is None:  # counted above
+                continue
             if (iid, ci + 1) in unrelated:
                 issues.count("unrelated_caption")
                 continue

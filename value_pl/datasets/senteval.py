@@ -9,7 +9,7 @@ one sample with no regions (features ``(0, feature_dim)``, image 1x1 placeholder
 tense (past_present), subjnum (subj_number), objnum (obj_number), somo (odd_man_out),
 coordinv (coordination_inversion); ``oddmanout`` is accepted as an alias of somo.
 
-Bad lines raise naming file and line (wrong number of tab fields, unknown split tag, empty label);
+Bad lines raise naming file and line (wrong number of tab fields, unknown split tag, empty label, not UTF-8);
 an empty sentence is a counted skip ``empty_caption`` (``strict=true``: raises).
 
 **Derived tasks** (``configs/dataset/senteval_derived.yaml``): NOT SentEval's data. From a caption
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import BuildError, Issues, progress, sample_rng, stable_score
+from .common import BuildError, Issues, progress, sample_rng, stable_score, text_lines
 from ..data.schema import SCHEMA_VERSION
 from .writer import ShardSetWriter
 
@@ -77,25 +77,25 @@ def text_sample(key: str, words: list[str], task: str, label: str, feature_dim: 
 def parse_senteval(path, issues: Issues) -> dict[str, list[tuple[int, str, list[str]]]]:
     """-> {split: [(line number, label, words)]}."""
     out: dict[str, list] = {"train": [], "val": [], "test": []}
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                raise BuildError(f"{path}:{ln}: expected 3 tab-separated fields (split, label, sentence), "
-                                 f"got {len(parts)}")
-            tag, label, sent = parts
-            if tag not in SPLIT_TAGS:
-                raise BuildError(f"{path}:{ln}: unknown split tag {tag!r} (expected tr, va or te)")
-            if not label.strip():
-                raise BuildError(f"{path}:{ln}: empty label")
-            words = sent.split()
-            if not words:
-                issues.bad("empty_caption", f"{path}:{ln}", "empty sentence")
-                continue
-            out[SPLIT_TAGS[tag]].append((ln, label.strip(), words))
+    for ln, line, problem in text_lines(path):
+        if problem:
+            raise BuildError(f"{path}:{ln}: {problem}")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise BuildError(f"{path}:{ln}: expected 3 tab-separated fields (split, label, sentence), "
+                             f"got {len(parts)}")
+        tag, label, sent = parts
+        if tag not in SPLIT_TAGS:
+            raise BuildError(f"{path}:{ln}: unknown split tag {tag!r} (expected tr, va or te)")
+        if not label.strip():
+            raise BuildError(f"{path}:{ln}: empty label")
+        words = sent.split()
+        if not words:
+            issues.bad("empty_caption", f"{path}:{ln}", "empty sentence")
+            continue
+        out[SPLIT_TAGS[tag]].append((ln, label.strip(), words))
     return out
 
 
@@ -153,16 +153,19 @@ def read_captions(path) -> list[tuple[str, list[str]]]:
         from .flickr30k import MarkupError, parse_caption
 
         for f in sorted(p.glob("*.txt")):
-            for ln, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            for ln, line, problem in text_lines(f):
+                if problem:
+                    raise BuildError(f"{f}:{ln}: {problem}")
                 try:
                     words, _ = parse_caption(line)
                 except MarkupError as e:
                     raise BuildError(f"{f}:{ln}: {e}") from None
                 out.append((f"{f.name}:{ln}", words))
     else:
-        with open(p, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                out.append((f"{p.name}:{ln}", line.split()))
+        for ln, line, problem in text_lines(p):
+            if problem:
+                raise BuildError(f"{p}:{ln}: {problem}")
+            out.append((f"{p.name}:{ln}", line.split()))
     return out
 
 

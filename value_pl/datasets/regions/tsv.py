@@ -114,7 +114,8 @@ class TsvReader(FeatureReader):
         if fh is None:
             fh = self._fh[fi] = open(self.files[fi], "rb")
         fh.seek(off)
-        return fh.readline().decode("utf-8").rstrip("\r\n"), f"{self.files[fi]}:{ln}"
+        # a corrupt line's non-ASCII bytes fail the base64 check below (FeatureError naming file and line)
+        return fh.readline().decode("utf-8", "replace").rstrip("\r\n"), f"{self.files[fi]}:{ln}"
 
     def get(self, image_id) -> RegionFeatures:
         iid = normalise_id(image_id)
