@@ -275,3 +275,19 @@ def test_split_files_select_only_images_in_a_split(tmp_path):
     man = build("vg", tmp_path / "out2", dict(ov, **{"dataset.max_pairs_per_predicate": 10}))
     assert man["predicates"]["on"]["selected"] == 4
     assert sum(v["pairs"].get("vrc", {}).get("on", 0) for v in man["splits"].values()) == 4
+
+
+def test_caption_object_with_a_bad_box_is_counted(tmp_path):
+    """An object of a selected caption whose box lies outside the image (or has no area) and that is in no relation
+    is left out of the sample's annotated regions: a counted skip naming the record and object, not a silent drop."""
+    lamp = _o(77, "lamp", 350, 10, 200, 50, synsets=["lamp.n.01"])  # x2 = 550 > W = 400
+    graphs = [{"image_id": 1, "regions": [_reg(1, 11, "cup on table near a lamp", [CUP, TABLE, lamp],
+                                               [_r(11, "on", 13, 14)])]}]
+    det = {1: [[51, 51, 89, 89], [1, 91, 299, 289], [300, 0, 399, 60], [10, 200, 60, 290]]}
+    ov = write_vg_small(tmp_path / "vg", graphs, {1: (400, 300)}, {"train": [1]}, det)
+    man = build("vg", tmp_path / "out", ov)
+    assert man["skipped"] == {"object_box_outside_image": 1}
+    assert "region 11 object 77" in man["skipped_examples"]["object_box_outside_image"][0]
+    (s,) = read_samples(tmp_path / "out")
+    assert s["meta"]["pairs"]["vrc"] == [[0, 1, "on"]]
+    assert "lamp" not in {n for ns in s["meta"]["regions"]["names"] for n in ns}

@@ -60,7 +60,8 @@ Rules (VALUE Sec. 3.4):
 Skips (``strict=true`` raises instead, naming file and record): ``image_not_in_split`` (image; counted, never
 raised: the split files choose it), ``no_image_data`` (image),
 ``empty_caption`` (caption), ``relation_unresolved``, ``relation_self``, ``relation_empty_predicate``,
-``box_outside_image``/``box_zero_area`` (per relation with such a box), ``relation_box_unmatched``,
+``box_outside_image``/``box_zero_area`` (per relation with such a box), ``object_box_outside_image``/
+``object_box_zero_area`` (per object of a selected caption left out of its annotated regions), ``relation_box_unmatched``,
 ``relation_same_region`` (subject and object on one detected region), ``no_features``/``nan_features``/
 ``corrupt_features`` (image), ``vri_negatives_short``, ``mismatch_single_image``. Duplicate image ids
 in ``region_graphs.json`` or ``image_data.json`` raise.
@@ -181,13 +182,19 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
                 chosen = [(p, str(s["object_id"]), str(o["object_id"])) for p, s, o, k in rels
                           if k in selected[(iid, rid)]]
                 objs, names = {}, {}
+                dropped = set()
                 for o in list(reg.get("objects", [])) + [x for _, s, o2, _ in rels for x in (s, o2)]:
                     oid = str(o.get("object_id"))
-                    if oid not in objs:
-                        b, _ = clean_box(_obj_box(o), W, H)
+                    if oid not in objs and oid not in dropped:
+                        b, why = clean_box(_obj_box(o), W, H)
                         if b is not None:
                             objs[oid] = b
                             names[oid] = (object_name(o), object_synsets(o))
+                        else:  # not an annotated region of the sample (its relations were counted in pass 1)
+                            dropped.add(oid)
+                            issues.bad(f"object_{why}", f"{where} object {oid}",
+                                       f"box {_obj_box(o)} ({why.replace('_', ' ')}, image {W:g}x{H:g}): the object "
+                                       f"is left out of the caption's annotated regions")
                 related = {(str(s["object_id"]), str(o["object_id"])) for _, s, o, _ in rels}
                 specs[split].append({"key": f"vg_{iid}_{rid}", "image": iid, "region": rid, "W": W, "H": H,
                                      "words": tokenize(reg.get("phrase", "")), "objects": objs, "names": names,
