@@ -119,6 +119,9 @@ def test_derived_casing_does_not_give_the_label_away(tmp_path):
             "[/EN#15/people Several people] sit at [/EN#16/other a table] and [/EN#17/people a waiter] serves food ."]
     for i in range(4):  # distinct captions (duplicates are dropped), 24 in all
         (sent / f"{i}.txt").write_text("\n".join(c.replace(" .", f" {'again ' * i}.") for c in caps) + "\n")
+    # the same caption but for its first capital: one input once uncapitalised, so a duplicate (not a second sample,
+    # possibly in another split)
+    (sent / "9.txt").write_text(caps[0].replace("A man", "a man") + "\n")
     mans = build("senteval_derived", tmp_path / "dv",
                  {"dataset.captions": str(sent), "dataset.tasks": "[coordinv,bshift]", "dataset.splits": "{train: 1.0}"})
     for task in ("coordinv", "bshift"):
@@ -129,6 +132,7 @@ def test_derived_casing_does_not_give_the_label_away(tmp_path):
             assert [w for w in words if any(c.isupper() for c in w)] in ([], ["TV"]), (lab, words)
         assert labels == {"I", "O"}
     assert all(m["rules"]["first_word_uncapitalised"] for m in mans)
+    assert all(m["skipped"].get("duplicate_caption") == 1 for m in mans)
 
 
 def test_non_utf8_lines_name_file_and_line(tmp_path):

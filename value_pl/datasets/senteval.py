@@ -29,7 +29,8 @@ markup is stripped), with seeded, documented rules:
   model could read the label off the casing alone.
 
 Splits: each caption goes to train/val/test by a seeded hash with the fractions in ``splits``.
-Duplicate captions are kept once (skip ``duplicate_caption``).
+Duplicate captions are kept once (skip ``duplicate_caption``; for bshift/coordinv, captions that differ only in
+the first word's initial capital are duplicates).
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ TASK_FILES = {
 TASK_ALIASES = {"oddmanout": "somo"}
 SPLIT_TAGS = {"tr": "train", "va": "val", "te": "test"}
 DERIVED_TASKS = ("sentlen", "bshift", "coordinv")
+UNCAPITALISED_TASKS = ("bshift", "coordinv")  # derive() lower-cases the first word's initial capital
 CONJUNCTIONS = ("and", "but", "or", "yet", "so", "while")
 PUNCT = {".", "!", "?", ";", ","}
 
@@ -239,7 +241,8 @@ def build_senteval_derived(cfg: dict, *, out, seed: int = 0, maxcount: int = 100
                 if not words:
                     issues.bad("empty_caption", where, "empty caption")
                     continue
-                t = tuple(words)
+                # "A man ..." and "a man ..." are one input once the first word is uncapitalised: one caption, one split
+                t = tuple(uncapitalise_first(words) if task in UNCAPITALISED_TASKS else words)
                 if t in seen:
                     issues.count("duplicate_caption")
                     continue
@@ -248,7 +251,7 @@ def build_senteval_derived(cfg: dict, *, out, seed: int = 0, maxcount: int = 100
                 if lab is None:
                     issues.count(new)
                     continue
-                u, acc, split = stable_score(seed, "split", " ".join(words)) / 2.0 ** 64, 0.0, list(fr)[-1]
+                u, acc, split = stable_score(seed, "split", " ".join(t)) / 2.0 ** 64, 0.0, list(fr)[-1]
                 for s, f in fr.items():
                     acc += f / tot
                     if u < acc:
@@ -269,7 +272,7 @@ def build_senteval_derived(cfg: dict, *, out, seed: int = 0, maxcount: int = 100
             w.extra = {"task": task, "derived": True,
                        "note": "derived from a caption corpus by value-pl, not SentEval's own data",
                        "rules": {"sentlen_bins": bins, "conjunctions": list(CONJUNCTIONS),
-                                 "first_word_uncapitalised": task in ("bshift", "coordinv")},
+                                 "first_word_uncapitalised": task in UNCAPITALISED_TASKS},
                        "skipped_examples": issues.examples}
             mans.append(w.close())
         except BaseException:
