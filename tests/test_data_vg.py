@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fixtures_data import (CUP, HAT, MAN, STREET, TABLE, VG_EXPECTED, VG_GRAPHS, VG_SKIPPED, _o, _r, _reg, build,
@@ -291,3 +292,24 @@ def test_caption_object_with_a_bad_box_is_counted(tmp_path):
     (s,) = read_samples(tmp_path / "out")
     assert s["meta"]["pairs"]["vrc"] == [[0, 1, "on"]]
     assert "lamp" not in {n for ns in s["meta"]["regions"]["names"] for n in ns}
+
+
+def test_duplicate_region_id_raises(tmp_path):
+    """Two regions of one image with the same region_id would give two samples of one key, which the loader reads as
+    one broken sample ("has two .json files") after a build that looked fine: the build raises naming the record;
+    the shard writer refuses a duplicate key whatever the builder."""
+    from value_pl.datasets.writer import ShardSetWriter
+
+    book, shelf = _o(21, "book", 200, 10, 50, 50), _o(22, "shelf", 150, 5, 200, 100)
+    graphs = [{"image_id": 1, "regions": [_cup_on_table(1, 11),
+                                          _reg(1, 11, "book on shelf", [book, shelf], [_r(12, "on", 21, 22)])]}]
+    det = {1: [[51, 51, 89, 89], [1, 91, 299, 289], [200, 10, 250, 60], [150, 5, 350, 105]]}
+    ov = write_vg_small(tmp_path / "vg", graphs, {1: (400, 300)}, {"train": [1]}, det)
+    with pytest.raises(BuildError, match=r"region_graphs\.json: record 0 \(image 1\): duplicate region id 11"):
+        build("vg", tmp_path / "out", ov)
+    meta = {"schema": 2, "image": {"id": "1", "width": 4, "height": 4}, "words": ["a"], "phrases": [],
+            "regions": {"boxes": [], "chains": [], "source": [], "names": []}, "pairs": {}}
+    w = ShardSetWriter(tmp_path / "w", "x")
+    with pytest.raises(ValueError, match="train/k: duplicate sample key"):
+        w.write_split("train", iter([("k", meta, np.zeros((0, 4), np.float16))] * 2))
+    w.abort()

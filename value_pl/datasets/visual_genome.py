@@ -64,7 +64,7 @@ raised: the split files choose it), ``no_image_data`` (image),
 ``object_box_zero_area`` (per object of a selected caption left out of its annotated regions), ``relation_box_unmatched``,
 ``relation_same_region`` (subject and object on one detected region), ``no_features``/``nan_features``/
 ``corrupt_features`` (image), ``vri_negatives_short``, ``mismatch_single_image``. Duplicate image ids
-in ``region_graphs.json`` or ``image_data.json`` raise.
+in ``region_graphs.json`` or ``image_data.json``, and duplicate region ids within an image, raise.
 """
 from __future__ import annotations
 
@@ -127,8 +127,12 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
                 issues.bad("no_image_data", f"{rg_path}: record {ii}", f"image {iid} is not in {cfg['image_data']}")
                 continue
             W, H = sizes[iid]
+            first_of: dict[str, int] = {}
             for rj, reg in enumerate(im.get("regions", [])):
                 rid = str(reg.get("region_id", rj))
+                if first_of.setdefault(rid, rj) != rj:  # one sample key per (image, region): ids must be unique
+                    raise BuildError(f"{rg_path}: record {ii} (image {iid}): duplicate region id {rid} (regions "
+                                     f"#{first_of[rid]} and #{rj})")
                 where = f"{rg_path}: record {ii} (image {iid}) region {rid}"
                 if not reg.get("relationships"):
                     continue

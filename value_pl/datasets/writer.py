@@ -70,9 +70,13 @@ class ShardSetWriter:
                              mtime=0.0, user="value", group="value", post=post)
         n = 0
         types: dict[str, set[str]] = {}
+        keys: set[str] = set()
         self._split, self._split_excluded = split, {}
         try:
             for key, meta, feats in samples:
+                if key in keys:  # readers group a tar's files by key: two samples of one key would read as one
+                    raise ValueError(f"{split}/{key}: duplicate sample key (a builder wrote two samples with it)")
+                keys.add(key)
                 if self.feature_dim is None and feats.shape[0] > 0:
                     self.feature_dim = int(feats.shape[1])
                 if feats.shape[0] > 0 and self.feature_dim is not None and feats.shape[1] != self.feature_dim:
