@@ -122,8 +122,9 @@ def test_derived_casing_does_not_give_the_label_away(tmp_path):
     # the same caption but for its first capital: one input once uncapitalised, so a duplicate (not a second sample,
     # possibly in another split)
     (sent / "9.txt").write_text(caps[0].replace("A man", "a man") + "\n")
-    mans = build("senteval_derived", tmp_path / "dv",
-                 {"dataset.captions": str(sent), "dataset.tasks": "[coordinv,bshift]", "dataset.splits": "{train: 1.0}"})
+    mans = build("senteval_derived", tmp_path / "dv", {"dataset.captions": str(sent),
+                                                       "dataset.tasks": "[coordinv,bshift]",
+                                                       "dataset.splits": "{train: 1.0}"})
     for task in ("coordinv", "bshift"):
         labels = set()
         for s in read_samples(tmp_path / "dv" / task):
@@ -141,7 +142,8 @@ def test_non_utf8_lines_name_file_and_line(tmp_path):
     from value_pl.datasets.common import iter_json_array
 
     ov = write_senteval(tmp_path / "probing")
-    (tmp_path / "probing" / "sentence_length.txt").write_bytes("tr\t0\ta b c\nva\t1\tun caf\u00e9 .\n".encode("latin-1"))
+    bad = "tr\t0\ta b c\nva\t1\tun caf\u00e9 .\n".encode("latin-1")
+    (tmp_path / "probing" / "sentence_length.txt").write_bytes(bad)
     with pytest.raises(BuildError, match=r"sentence_length\.txt:2: not UTF-8 text \(byte 0xe9 at column 12"):
         build("senteval", tmp_path / "se", dict(ov, **{"dataset.tasks": "[sentlen]"}))
     caps = tmp_path / "caps.txt"

@@ -31,9 +31,9 @@ One sample = one caption with its image's regions. Rules:
   ``manifest.json`` ``excluded.vcd_negative_overlaps_chain``.
 
 Skips (counted in ``manifest.json``; ``strict=true`` raises instead, naming file and line):
-``malformed_markup`` (caption), ``not_utf8`` (caption: a line that is not UTF-8), ``empty_caption`` (caption), ``unrelated_caption`` (caption, the
-known list), ``unknown_chain`` (phrase whose chain id is not in the XML), ``malformed_xml`` (image),
-``xml_without_boxes`` (image), ``missing_sentences``/``missing_annotation`` (image),
+``malformed_markup`` (caption), ``not_utf8`` (caption: a line that is not UTF-8), ``empty_caption`` (caption),
+``unrelated_caption`` (caption, the known list), ``unknown_chain`` (phrase whose chain id is not in the XML),
+``malformed_xml`` (image), ``xml_without_boxes`` (image), ``missing_sentences``/``missing_annotation`` (image),
 ``no_features`` (image), ``nan_features``/``corrupt_features`` (image), ``box_outside_image``/
 ``box_zero_area`` (box), ``annotated_box_unmatched`` (box without a region), ``vcd_negatives_short``
 (negatives missing because too few regions lie outside the chain). A feature dimension other than

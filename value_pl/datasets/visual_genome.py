@@ -61,8 +61,9 @@ Skips (``strict=true`` raises instead, naming file and record): ``image_not_in_s
 raised: the split files choose it), ``no_image_data`` (image),
 ``empty_caption`` (caption), ``relation_unresolved``, ``relation_self``, ``relation_empty_predicate``,
 ``box_outside_image``/``box_zero_area`` (per relation with such a box), ``object_box_outside_image``/
-``object_box_zero_area`` (per object of a selected caption left out of its annotated regions), ``relation_box_unmatched``,
-``relation_same_region`` (subject and object on one detected region), ``no_features``/``nan_features``/
+``object_box_zero_area`` (per object of a selected caption left out of its annotated regions),
+``relation_box_unmatched``, ``relation_same_region`` (subject and object on one detected region),
+``no_features``/``nan_features``/
 ``corrupt_features`` (image), ``vri_negatives_short``, ``mismatch_single_image``. Duplicate image ids
 in ``region_graphs.json`` or ``image_data.json``, and duplicate region ids within an image, raise.
 """
