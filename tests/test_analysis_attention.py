@@ -325,3 +325,37 @@ def test_fusion_can_leave_cls_and_sep_out(special):
     nmi = res["layers"][0]["nmi"]
     assert (nmi < 0.9) if special else nmi == pytest.approx(1.0)
     assert ("incl. [CLS]/[SEP]" in res["tokens"]) == special
+
+
+def test_tsne_nmi_uses_the_fusion_tables_kmeans():
+    """The NMI in the t-SNE title is the fusion table's NMI of that sample, also under a non-default
+    ``kmeans`` (before, t-SNE always clustered with n_init=10, max_iter=100 whatever the config)."""
+    from value_pl.analysis.fusion import TSNE
+
+    D = 4
+    special_mask = torch.zeros(1, T)
+    special_mask[:, 0] = special_mask[:, T - 1] = 1
+
+    def fusion_and_tsne(h, n_init):
+        out = BackboneOutput(hidden={"hidden.joint.0": h, "hidden.joint.1": h}, attn={},
+                             streams={"joint": StreamInfo(T + R, text_offset=0, region_offset=T)}, attn_streams={},
+                             text_mask=torch.ones(1, T, dtype=torch.long), region_mask=torch.ones(1, R, dtype=torch.long),
+                             word_to_token=torch.zeros(1, 1, 2, dtype=torch.long), special_mask=special_mask)
+        cfg = OmegaConf.create({"seed": 0, "kmeans": {"n_init": n_init, "max_iter": 100}, "tsne_sample": 0,
+                                "tsne_layers": [1]})
+        fu, ts = Fusion(FakeSingle(L=1), cfg), TSNE(FakeSingle(L=1), cfg)
+        batch = {"_offset": 0, "keys": ["k"]}
+        fu.update(out, batch)
+        ts.update(out, batch)
+        return fu.result()["layers"][1]["nmi"], ts.result()["layers"][0]["nmi"]
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # tokens for which one restart and ten restarts give different partitions
+        h = torch.randn(1, T + R, D, generator=g) * torch.rand(1, T + R, 1, generator=g) * 4
+        one, ten = fusion_and_tsne(h, 1)[0], fusion_and_tsne(h, 10)[0]
+        if abs(one - ten) > 1e-3:
+            break
+    else:
+        pytest.fail("no sample found on which n_init matters")
+    fu, ts = fusion_and_tsne(h, 1)
+    assert ts == pytest.approx(fu, abs=1e-12) and fu == pytest.approx(one)

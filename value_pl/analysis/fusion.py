@@ -150,6 +150,8 @@ class TSNE(Analysis):
         self.layers = [by[int(p)] for p in pick]
         self.target = int(cfg.get("tsne_sample", 0))
         self.seed = int(cfg.get("seed", 0))
+        km = cfg.get("kmeans", {}) or {}  # the fusion table's k-means, so the NMI in the title is that sample's
+        self.n_init, self.max_iter = int(km.get("n_init", 10)), int(km.get("max_iter", 100))
         self.special = bool((cfg.get("fusion", {}) or {}).get("include_special", True))
         self.points = None
 
@@ -173,7 +175,8 @@ class TSNE(Analysis):
             perp = float(min(30.0, max(2.0, (len(xi) - 1) / 3.0)))
             y = SKTSNE(n_components=2, perplexity=perp, init="pca", random_state=self.seed,
                          method="exact" if len(xi) < 500 else "barnes_hut").fit_transform(xi)
-            pred, _ = kmeans2(x[i : i + 1], m[None], row_seeds=[row_seed(self.seed, batch["keys"][i], l)])
+            pred, _ = kmeans2(x[i : i + 1], m[None], n_init=self.n_init, max_iter=self.max_iter, seed=self.seed,
+                              row_seeds=[row_seed(self.seed, batch["keys"][i], l)])
             nmi = float(nmi_per_sample(pred, lab[i : i + 1], m[None])[0])
             self.points["layers"].append({"layer": int(l), "table1": table1_label(l), "xy": y.tolist(),
                                           "modality": li.tolist(), "nmi": nmi})
