@@ -87,3 +87,23 @@ def test_fusion_nmi_does_not_depend_on_the_batch_size(tmp_path, demo_root):
         nmis.append([r["nmi"] for r in res["layers"]])
     np.testing.assert_allclose(nmis[0], nmis[1], atol=1e-6)
     np.testing.assert_allclose(nmis[0], nmis[2], atol=1e-6)
+
+
+def test_inputs_cut_by_the_backbones_limits_are_reported(tmp_path, demo_root):
+    """Texts over max_text_len and regions over max_regions change what every analysis sees: counted in
+    analysis.json and each result, and said in each .md (before, the analyses ran on the cut inputs silently)."""
+    from value_pl.driver.analyze import analyze
+
+    common = [f"data.root={demo_root}", "analysis=fusion", "max_samples=6", "batch_size=4", "progress=false",
+              "logger=none"]
+    d = tmp_path / "cut"
+    summary = analyze(compose([*common, "backbone.max_regions=4", "backbone.max_text_len=10", f"run_dir={d}"],
+                              config_name="analyze"))
+    want = {"texts": 6, "regions": 6, "max_text_len": 10, "max_regions": 4}  # demo: 10 regions, 11+ words each
+    assert summary["inputs_cut"] == want
+    assert json.loads((d / "fusion.json").read_text())["inputs_cut"] == want
+    assert "6 text(s) longer than max_text_len=10" in (d / "fusion.md").read_text()
+    d2 = tmp_path / "whole"
+    summary = analyze(compose([*common, f"run_dir={d2}"], config_name="analyze"))
+    assert summary["inputs_cut"]["texts"] == 0 and summary["inputs_cut"]["regions"] == 0
+    assert "Inputs cut" not in (d2 / "fusion.md").read_text()

@@ -56,12 +56,16 @@ def build_analyses(names: list[str], backbone, cfg, strict: bool):
     return out, skipped
 
 
-def header(a_name: str, ident: dict, cfg, samples: int, synthetic: bool) -> str:
+def header(a_name: str, ident: dict, cfg, samples: int, synthetic: bool, cut: dict | None = None) -> str:
     state = "pretrained" if ident.get("pretrained") else "untrained"
     h = (f"# {a_name} / backbone={ident.get('name')} ({state}, {ident.get('family')}) / data={cfg.data.get('name')} "
          f"split={cfg.split} / {samples} samples\n\n")
     if synthetic:
         h += "_Demo shards: synthetic scenes with planted signal -- a smoke test, not a result._\n\n"
+    if cut and (cut["texts"] or cut["regions"]):
+        h += (f"Inputs cut by the backbone's limits: {cut['texts']} text(s) longer than max_text_len={cut['max_text_len']} "
+              f"tokens (the rest not seen), {cut['regions']} sample(s) with more than max_regions={cut['max_regions']} "
+              "regions (the first kept).\n\n")
     return h
 
 
@@ -112,6 +116,8 @@ def analyze(cfg: DictConfig) -> dict:
     bar = progress(total=total, enabled=bool(cfg.get("progress", True)), unit="sample", desc="analyze")
     seen = 0
     missing: dict[str, int] = {}
+    # inputs the collator cut to the backbone's limits: every analysis sees the cut sequence, so it is reported
+    cut = {"texts": 0, "regions": 0, "max_text_len": int(backbone.text_limit), "max_regions": int(backbone.max_regions)}
     with torch.no_grad():
         for samples in raw_batches(dm, split, bs, workers):
             if limit:
@@ -121,6 +127,9 @@ def analyze(cfg: DictConfig) -> dict:
             batch = collate(samples)
             for k, v in batch.pop("analysis_missing").items():
                 missing[k] = missing.get(k, 0) + v
+            counts = batch.get("counts") or {}
+            cut["texts"] += int(counts.get("texts_truncated", 0))
+            cut["regions"] += int(counts.get("regions_truncated", 0))
             batch["_offset"] = seen
             batch = to_device(batch, device)
             want = [(a, a.capture(batch)) for a in analyses]
@@ -148,13 +157,13 @@ def analyze(cfg: DictConfig) -> dict:
     summary = {"analyses": [a.name for a in analyses], "skipped": skipped, "backbone": ident,
                "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"), "split": split,
                         "synthetic": synthetic}, "samples": seen, "seed": int(cfg.seed), "device": str(device),
-               "outputs": {}}
+               "inputs_cut": cut, "outputs": {}}
     for a in analyses:
         res = a.result()
-        res.update(backbone=ident, split=split, samples_seen=seen)
+        res.update(backbone=ident, split=split, samples_seen=seen, inputs_cut=cut)
         figs = a.figures(res, rdir)
         (rdir / f"{a.name}.json").write_text(json.dumps(res, indent=1, default=float, allow_nan=True) + "\n")
-        md = header(a.name, ident, cfg, seen, synthetic) + a.markdown(res)
+        md = header(a.name, ident, cfg, seen, synthetic, cut) + a.markdown(res)
         (rdir / f"{a.name}.md").write_text(md)
         print(md)
         summary["outputs"][a.name] = [f"{a.name}.json", f"{a.name}.md"] + [f"{f.name}.png" for f in figs]
