@@ -205,6 +205,19 @@ def test_untrained_twin(hf_dir, tok, bb):
         assert torch.equal(oa.attn[k], ob.attn[k])
 
 
+def test_untrained_twin_draws_every_embedding_row(hf_dir, tok):
+    """The original LXMERT init (``init_bert_weights``) draws every embedding row from N(0, std): the token-type
+    vector all text tokens get and [CLS]'s position vector (padding_idx 0 in LXMERT's tables) are not zero."""
+    a = build(path=hf_dir[0], tokenizer=tok, pretrained=False, seed=7)
+    emb = a.lxmert.embeddings
+    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        assert table.padding_idx == 0 and bool((table.weight.abs().sum(1) > 0).all())
+    ids = torch.tensor([[2, 5, 3]])
+    # the text embedding output includes the token-type-0 vector: it is not LN(word + position) alone
+    no_type = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(torch.arange(3)[None]))
+    assert not torch.allclose(emb(ids, torch.zeros_like(ids)), no_type, atol=1e-4)
+
+
 def test_needs_weights_or_twin(tok):
     with pytest.raises(ValueError, match="backbone.path"):
         build(tokenizer=tok)

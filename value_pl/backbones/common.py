@@ -118,7 +118,12 @@ def read_hf_config(cls, path: str | None, config: str | None, what: str):
 
 
 def init_bert_weights(module: nn.Module, std: float) -> None:
-    """BERT's initialisation: N(0, std) for Linear/Embedding weights, zero biases, LayerNorm = (1, 0)."""
+    """BERT's initialisation as in the original UNITER and LXMERT code (``init_weights`` / ``init_bert_weights``):
+    N(0, std) for Linear weights and for *every* row of an Embedding, zero biases, LayerNorm = (1, 0).
+
+    Padding rows are drawn like the others, not zeroed (transformers' ``_init_weights`` zeroes them): LXMERT's
+    position and token-type tables have ``padding_idx=0``, so zeroing would drop the token-type vector every text
+    token gets and the position vector of ``[CLS]`` from the untrained twin."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=std)
@@ -126,9 +131,6 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
