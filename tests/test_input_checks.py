@@ -174,3 +174,41 @@ def test_runs_stop_before_the_first_batch(d, ckpt16, demo_root, tmp_path, monkey
     with pytest.raises(InputMismatchError) as e:
         compare(compose(bb + [f"checkpoints={ckpt}", f"out={tmp_path / 'cmp'}"], "compare"))
     assert want in str(e.value)
+
+
+CASED_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "A", "a", "Man", "man", "The", "the", "dog", "rides"]
+
+
+def tok_dir(d, name: str, vocab: list[str], tokenizer_config: dict | None) -> str:
+    """vocab.txt + config.json (as in a model directory), with or without tokenizer_config.json."""
+    p = d / name
+    p.mkdir(exist_ok=True)
+    (p / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    write_json(p / "config.json", {"model_type": "bert", "vocab_size": len(vocab)})
+    if tokenizer_config is not None:
+        write_json(p / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", **tokenizer_config})
+    return str(p)
+
+
+def test_letter_case_of_tokenizer_and_vocabulary(d):
+    from types import SimpleNamespace
+
+    from value_pl.backbones.checks import case_problem
+    from value_pl.backbones.common import load_tokenizer, minilm_path
+
+    cfg = dict(BERT, vocab_size=len(CASED_VOCAB))
+    # a cased vocab.txt without its tokenizer_config.json: transformers lowercases (do_lower_case defaults to True)
+    bb = build(d, "uniter", cfg, img_dim=64, tokenizer=tok_dir(d, "cased-bare", CASED_VOCAB, None))
+    assert bb.tokenizer.tokenize("The Man") == ["the", "man"]
+    msg = only(bb)
+    assert "lowercases its input but its vocabulary is cased (e.g. 'Man' and 'man' are different tokens)" in msg, msg
+    assert "do_lower_case: false" in msg
+    ok = build(d, "uniter", cfg, img_dim=64, tokenizer=tok_dir(d, "cased", CASED_VOCAB, {"do_lower_case": False}))
+    assert ok.tokenizer.tokenize("The Man") == ["The", "Man"] and input_problems(ok, SHARDS) == []
+    # an uncased vocabulary read without lowercasing: capitalised words would be [UNK]
+    bb = build(d, "uniter", BERT, img_dim=64, tokenizer=tok_dir(d, "uncased-kept", VOCAB, {"do_lower_case": False}))
+    msg = only(bb)
+    assert "keeps letter case but its vocabulary is uncased" in msg and "[UNK]" in msg, msg
+    # the tiny (uncased) test tokenizer and the packaged MiniLM (bert-base-uncased vocabulary) pass
+    assert case_problem(build(d, "uniter", BERT, img_dim=64)) is None
+    assert case_problem(SimpleNamespace(tokenizer=load_tokenizer(minilm_path()))) is None

@@ -5,6 +5,9 @@
 * feature width: the shards' ``feature_dim`` (manifest) vs the width the image embedding takes;
 * box format: the box encoding the collator will produce (``box_mode``) vs the width of the box input;
 * vocabulary: the tokenizer's size vs the rows of the word embedding;
+* letter case: a tokenizer that lowercases over a cased vocabulary (a bert-base-cased ``vocab.txt`` in a directory
+  without its ``tokenizer_config.json``: transformers then defaults to ``do_lower_case=True``), or one that keeps
+  case over an uncased vocabulary (capitalised words become ``[UNK]``);
 * text length: ``max_text_len`` vs the position embeddings,
 
 and raises :class:`InputMismatchError` with one sentence per problem, naming both sides and the override
@@ -82,6 +85,40 @@ def vocab_problem(bb) -> str | None:
             f"(vocab_size={rows}): set backbone.tokenizer=DIR to the tokenizer the model was trained with.")
 
 
+def _case_sample(vocab: dict, pick, n: int = 20) -> list[str]:
+    words = sorted((t for t in vocab if t.isascii() and t.isalpha() and len(t) > 1 and pick(t)), key=vocab.get)
+    return words[:n]
+
+
+def case_problem(bb) -> str | None:
+    """The tokenizer's letter case vs its vocabulary's, checked on up to 20 whole-word tokens (every one must fail)."""
+    tok = getattr(bb, "tokenizer", None)
+    get_vocab = getattr(tok, "get_vocab", None)
+    if not callable(get_vocab):
+        return None
+    vocab = get_vocab()
+    unk = getattr(tok, "unk_token_id", None)
+
+    def ids(word: str) -> list[int]:
+        return tok.convert_tokens_to_ids(tok.tokenize(word))
+
+    where = (bb.describe().get("tokenizer") if hasattr(bb, "describe") else None) or getattr(tok, "name_or_path", "")
+    cased = _case_sample(vocab, lambda t: t[0].isupper() and t[1:].islower() and t.lower() in vocab)
+    if cased:  # "The" and "the" are different tokens: the vocabulary is cased
+        if all(ids(w) != [vocab[w]] and ids(w.lower()) == [vocab[w.lower()]] for w in cased):
+            return (f"the tokenizer at {where} lowercases its input but its vocabulary is cased (e.g. {cased[0]!r} and "
+                    f"{cased[0].lower()!r} are different tokens), so {_who(bb)} would see every word lowercased: add "
+                    f"the model's tokenizer_config.json (do_lower_case: false) to that directory, or set "
+                    f"backbone.tokenizer=DIR to the tokenizer the model was trained with (UNITER: bert-base-cased).")
+        return None
+    lower = _case_sample(vocab, str.islower)
+    if lower and unk is not None and all(unk in ids(w.capitalize()) for w in lower):
+        return (f"the tokenizer at {where} keeps letter case but its vocabulary is uncased (no capitalised words), so "
+                f"{_who(bb)} would see capitalised words as {tok.unk_token} (e.g. {lower[0].capitalize()!r}): set "
+                f"backbone.tokenizer=DIR to the tokenizer the model was trained with (do_lower_case: true).")
+    return None
+
+
 def position_problem(bb) -> str | None:
     emb = _embeddings(bb)
     pos = getattr(emb, "position_embeddings", None)
@@ -99,7 +136,7 @@ def position_problem(bb) -> str | None:
 
 
 def input_problems(bb, manifest: dict | None, root=None, regions: bool = True) -> list[str]:
-    out = [vocab_problem(bb), position_problem(bb)]
+    out = [vocab_problem(bb), case_problem(bb), position_problem(bb)]
     if regions:
         out = [feature_problem(bb, manifest or {}, root), box_problem(bb)] + out
     return [p for p in out if p]
