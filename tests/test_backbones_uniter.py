@@ -116,6 +116,21 @@ def test_checkpoint_round_trip_and_missing_key(tmp_path, tok):
         build(checkpoint=str(tmp_path / "bad.pt"), config=str(tmp_path / "c.json"), tokenizer=tok)
 
 
+def test_checkpoint_with_more_layers_than_the_config_is_refused(tmp_path, tok):
+    """A config smaller than the checkpoint's (here 2 layers for a 3-layer file) would load the first layers and
+    probe a truncated model: the encoder keys it cannot hold are an error naming them, not "ignored" heads."""
+    deeper = dict(TINY, num_hidden_layers=3)
+    src = build(config=write_json(tmp_path / "c3.json", deeper), tokenizer=tok, pretrained=False, seed=5)
+    torch.save({**src.state_dict(), "cls.predictions.bias": torch.zeros(3)}, tmp_path / "u3.pt")
+    with pytest.raises(KeyError, match=r"encoder key\(s\) the model built from its config does not have"
+                                       r".*uniter\.encoder\.layer\.2\.") as e:
+        build(checkpoint=str(tmp_path / "u3.pt"), config=write_json(tmp_path / "c2.json", TINY), tokenizer=tok)
+    assert "cls.predictions" not in str(e.value) and "backbone.config" in str(e.value)
+    # the matching config loads (the head stays an ignored, reported key)
+    m = build(checkpoint=str(tmp_path / "u3.pt"), config=str(tmp_path / "c3.json"), tokenizer=tok)
+    assert m.load_report["ignored"] == ["cls.predictions.bias"]
+
+
 def test_untrained_twin(bb, bert_dir, tok):
     a = build(path=bert_dir, tokenizer=tok, pretrained=False, seed=3)
     b = build(path=bert_dir, tokenizer=tok, pretrained=False, seed=3)

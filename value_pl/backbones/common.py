@@ -169,19 +169,30 @@ def load_state(path: str) -> dict[str, Tensor]:
     return sd
 
 
+#: buffers some transformers versions saved with the weights (rebuilt by the modules, never required)
+BUFFERS = ("position_ids", "token_type_ids")
+
+
 def load_into(module: nn.Module, sd: dict[str, Tensor], source: str, required_prefixes: tuple[str, ...],
               optional: tuple[str, ...] = ()) -> dict:
-    """Load ``sd`` into ``module`` (strict on everything under ``required_prefixes``).
+    """Load ``sd`` into ``module`` (strict on everything under ``required_prefixes``, both ways).
 
-    Missing required keys raise naming them; keys the module does not have are ignored and reported.
+    Missing required keys raise naming them, and so do checkpoint keys under ``required_prefixes`` that the module
+    does not have (a config smaller than the checkpoint's, e.g. fewer layers: loading the rest would probe a
+    truncated model); other keys the module does not have (heads) are ignored and reported.
     Returns ``{"loaded": n, "ignored": [...], "missing_optional": [...]}``.
     """
     own = module.state_dict()
-    missing = [k for k in own if k.startswith(required_prefixes) and k not in sd and not k.endswith("position_ids")
+    missing = [k for k in own if k.startswith(required_prefixes) and k not in sd and not k.endswith(BUFFERS)
                and not any(k.startswith(o) for o in optional)]
     if missing:
         raise KeyError(f"{source}: checkpoint lacks {len(missing)} required key(s): {', '.join(missing[:12])}"
                        + (" ..." if len(missing) > 12 else ""))
+    extra = sorted(k for k in sd if k.startswith(required_prefixes) and k not in own and not k.endswith(BUFFERS))
+    if extra:
+        raise KeyError(f"{source}: checkpoint has {len(extra)} encoder key(s) the model built from its config does not "
+                       f"have (the config is smaller than the checkpoint's, e.g. fewer layers): {', '.join(extra[:12])}"
+                       + (" ..." if len(extra) > 12 else "") + "; set backbone.config to the checkpoint's own config")
     shape_err = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd
                  and sd[k].shape != own[k].shape]
     if shape_err:
