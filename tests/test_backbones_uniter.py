@@ -78,6 +78,73 @@ def test_with_regions_rows_and_masks(bb):
                                    full.attention_between("attn.joint.2.self", b, *d))
 
 
+def _reference_uniter(sd: dict, s: dict, ids: torch.Tensor, layers: int, heads: int):
+    """UNITER's forward written out for ONE sample (ChenRocks/UNITER model.py semantics): text embeddings; image
+    embeddings LN(img_linear(f)) + LN(pos_linear(box7)) + type(1), LN; regions right after the text; -10000 mask
+    (all ones here); BERT layers. Returns the hidden states per layer and the attention maps."""
+    import math
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    def ln(x, p):
+        return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-12)
+
+    def lin(x, p):
+        return x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    U = "uniter."
+    n = len(ids)
+    t = ln(sd[U + "embeddings.word_embeddings.weight"][ids] + sd[U + "embeddings.position_embeddings.weight"][:n]
+           + sd[U + "embeddings.token_type_embeddings.weight"][0], U + "embeddings.LayerNorm")
+    W, H = s["meta"]["image"]["width"], s["meta"]["image"]["height"]
+    b = torch.tensor(s["meta"]["regions"]["boxes"], dtype=torch.float32).reshape(-1, 4)
+    w, h = (b[:, 2] - b[:, 0]) / W, (b[:, 3] - b[:, 1]) / H
+    box7 = torch.stack([b[:, 0] / W, b[:, 1] / H, b[:, 2] / W, b[:, 3] / H, w, h, w * h], 1)
+    f = torch.from_numpy(s["feats"].astype(np.float32))
+    I = U + "img_embeddings."
+    v = ln(ln(lin(f, I + "img_linear"), I + "img_layer_norm") + ln(lin(box7, I + "pos_linear"), I + "pos_layer_norm")
+           + sd[U + "embeddings.token_type_embeddings.weight"][1], I + "LayerNorm")
+    x = torch.cat([t, v])
+    hs, maps = [x], []
+    for l in range(layers):
+        P = f"{U}encoder.layer.{l}."
+        q, k, val = (lin(x, P + "attention.self." + m).view(len(x), heads, -1).transpose(0, 1) for m in ("query", "key", "value"))
+        a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)
+        ctx = (a @ val).transpose(0, 1).reshape(len(x), -1)
+        y = ln(lin(ctx, P + "attention.output.dense") + x, P + "attention.output.LayerNorm")
+        x = ln(lin(F.gelu(lin(y, P + "intermediate.dense")), P + "output.dense") + y, P + "output.LayerNorm")
+        hs.append(x)
+        maps.append(a)
+    return hs, maps
+
+
+def test_matches_a_reference_forward_sample_by_sample(tmp_path, tok):
+    """Hidden states and attention maps at the real positions of a padded batch (unequal texts and region counts,
+    regions after the padded text) equal UNITER's own forward of each sample alone; LayerNorms and biases are
+    perturbed so that no 1/0 initialisation hides a mistake."""
+    from helpers_backbones import fake_samples
+
+    m = build(config=write_json(tmp_path / "c.json", TINY), tokenizer=tok, pretrained=False, seed=5)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v + 0.3 * torch.randn(v.shape, generator=g) if ("orm" in k or k.endswith(".bias")) else v
+          for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+    samples = fake_samples((5, 3, 2), DV, seed=1)
+    batch = m.collator()(samples)
+    T = batch["input_ids"].shape[1]
+    out = m(batch, CaptureSpec.everything())
+    for b, s in enumerate(samples):
+        ids = batch["input_ids"][b][batch["text_mask"][b].bool()]
+        nr = len(s["meta"]["regions"]["boxes"])
+        real = torch.cat([torch.arange(len(ids)), T + torch.arange(nr)])
+        hs, maps = _reference_uniter(sd, s, ids, TINY["num_hidden_layers"], TINY["num_attention_heads"])
+        for l, h in enumerate(hs):
+            torch.testing.assert_close(out.hidden[f"hidden.joint.{l}"][b, real], h, atol=2e-5, rtol=1e-4)
+        for l, a in enumerate(maps):
+            torch.testing.assert_close(out.attn[f"attn.joint.{l + 1}.self"][b][:, real][:, :, real], a, atol=1e-5, rtol=1e-4)
+
+
 def _released_style_state(m) -> dict:
     """The module's weights under the released names: old LayerNorm gamma/beta + pretraining heads."""
     sd = {}
