@@ -154,3 +154,20 @@ def test_non_utf8_lines_name_file_and_line(tmp_path):
     js.write_bytes('[{"image_id": 1}, {"phrase": "caf\u00e9"}]'.encode("latin-1"))
     with pytest.raises(BuildError, match=r"rg\.json: not UTF-8 text"):
         list(iter_json_array(js))
+
+
+def test_labels_without_a_training_example_are_reported(tmp_path):
+    """A label that only val/test have (a real risk with a cut SentEval file or a small derived corpus) is listed in
+    the manifest and the build report: no prober can predict it, so its examples are errors whatever the model knows."""
+    from value_pl.datasets.writer import report
+
+    ov = write_senteval(tmp_path / "probing")
+    (tmp_path / "probing" / "sentence_length.txt").write_text(
+        "tr\t0\ta b c\ntr\t1\ta b c d\nva\t0\tx y z\nva\t2\tx y z w v\nte\t3\tp q r s t u\nte\t1\tp q r s\n")
+    (m,) = build("senteval", tmp_path / "se", dict(ov, **{"dataset.tasks": "[sentlen]"}))
+    assert m["labels_not_in_train"] == {"sentlen": {"val": ["2"], "test": ["3"]}}
+    assert "WARNING sentlen: labels with no training example (a prober cannot predict them): val: 2; test: 3" \
+        in report(m)
+    write_senteval(tmp_path / "probing")  # the fixture's own file: every label has training examples
+    (ok,) = build("senteval", tmp_path / "se2", dict(ov, **{"dataset.tasks": "[sentlen]"}))
+    assert "labels_not_in_train" not in ok

@@ -119,6 +119,9 @@ class ShardSetWriter:
             "skipped": dict(sorted(self.skipped.items())),
             "inputs": dict(sorted(self.inputs.items())),
         }
+        unseen = labels_not_in_train(self.splits)
+        if unseen:  # only when there are some: a label the probers never train on is predicted by none of them
+            man["labels_not_in_train"] = unseen
         man.update(self.extra)
         return man
 
@@ -141,6 +144,21 @@ class ShardSetWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def labels_not_in_train(splits: dict) -> dict[str, dict[str, list[str]]]:
+    """``{task: {split: [labels]}}``: labels of a val/test split that no training example has (a prober cannot learn
+    them, so those examples count as errors whatever the model knows)."""
+    train = (splits.get("train") or {}).get("pairs", {})
+    out: dict[str, dict[str, list[str]]] = {}
+    for split, s in splits.items():
+        if split == "train":
+            continue
+        for task, counts in s.get("pairs", {}).items():
+            missing = sorted(lab for lab, n in counts.items() if n and not train.get(task, {}).get(lab))
+            if missing:
+                out.setdefault(task, {})[split] = missing
+    return out
+
+
 def report(man: dict) -> str:
     """Short human-readable summary of a manifest."""
     lines = [f"dataset {man['dataset']} (version {man.get('version')}, feature dim {man.get('feature_dim')})"]
@@ -153,6 +171,9 @@ def report(man: dict) -> str:
     if man.get("excluded"):
         lines.append("  excluded (negatives that are the gold object): "
                      + ", ".join(f"{k} {v}" for k, v in man["excluded"].items()))
+    for task, per_split in (man.get("labels_not_in_train") or {}).items():
+        lines.append(f"  WARNING {task}: labels with no training example (a prober cannot predict them): "
+                     + "; ".join(f"{split}: {', '.join(labs)}" for split, labs in per_split.items()))
     if man.get("skipped"):
         lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in man["skipped"].items()))
     else:
