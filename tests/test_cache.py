@@ -1,5 +1,6 @@
 """Feature cache: cached training == online training for the same seed; mismatching caches are refused."""
 import json
+import math
 
 import pytest
 import torch
@@ -165,3 +166,116 @@ def test_cache_collate_names_a_missing_or_misshapen_input():
     with pytest.raises(SchemaError, match=r"^c/train-000001.tar: cache record c: h000_0.npy: shape \(2, 4\), "
                                           r"expected \(3, 4\)"):
         col([good, short])
+
+
+# --------------------------------------- what a cache must match, and what cached batches count (small, no training)
+CTL = ["task=vcd", "backbone.max_text_len=8", "backbone.max_regions=4", "control=true", "control_seed=3",
+       "data.batch_size=3", "data.eval_batch_size=8", "progress=false", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def control_cache(tmp_path_factory):
+    """A train-split cache of a control task whose texts and regions are cut (pairs dropped, texts truncated)."""
+    from value_pl.driver.extract import extract_cache
+
+    tmp = tmp_path_factory.mktemp("ctl")
+    root = tmp / "demo"
+    small_demo(root, splits={"train": 24, "val": 8, "test": 8})
+    common = ["prober=attention", f"data.root={root}", *tiny_backbone(tmp), *CTL]
+    extract_cache(compose(common + [f"cache.root={tmp / 'cache'}", "cache.splits=[train]",
+                                    f"run_dir={tmp / 'x'}"], config_name="extract"))
+    return tmp, root, common
+
+
+def test_cached_batches_count_and_label_what_online_batches_do(control_cache):
+    """Batches of another size than extraction's (and a shuffled order) carry the same counters and control labels
+    as the online batches of the same samples: each record keeps its own share of the collator's counters."""
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    tmp, _, common = control_cache
+    seen = []
+    for extra in ([], [f"data.cache={tmp / 'cache'}"]):
+        cfg = compose(common + extra)
+        dm = make_datamodule(cfg)
+        build_module(cfg, dm)
+        seen.append([(b["keys"], b["labels"].tolist(), b["counts"]) for b in dm.loader("train", True)])
+    online, cached = seen
+    assert len(online) == 8 and online == cached
+    assert sum(c["pairs_dropped"] for _, _, c in online) > 0 and sum(c["texts_truncated"] for _, _, c in online) > 0
+
+
+def test_a_cache_is_refused_for_another_tokenizer_control_seed_or_rebuilt_shards(control_cache, tmp_path):
+    """Same weights (checksum) but other token ids, another control task, or shards rebuilt where the cache was
+    extracted from: refused, naming why. Another prober seed with the same control_seed reads the same labels."""
+    from helpers_backbones import tiny_tokenizer
+
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    tmp, root, common = control_cache
+    cached = common + [f"data.cache={tmp / 'cache'}"]
+    cfg = compose(cached + ["seed=5"])
+    build_module(cfg, make_datamodule(cfg))
+    tok = tiny_tokenizer(tmp_path / "tok")  # same ids range, other vocabulary: same checksum, other features
+    for bad, what in (([f"backbone.tokenizer={tok}"], r"backbone tokenizer=\w+ in the cache != \w+ configured"),
+                      (["control_seed=4"], "label_seed=3 != 4")):
+        cfg = compose(cached + bad)
+        with pytest.raises(ValueError, match=what):
+            build_module(cfg, make_datamodule(cfg))
+    man = root / "manifest.json"
+    saved = man.read_text()
+    try:
+        man.write_text(saved.replace('"seed"', '"seed" ', 1))  # the shards rebuilt in place
+        cfg = compose(cached)
+        with pytest.raises(ValueError, match=f"the shards at data.root={root} changed since the cache was extracted"):
+            build_module(cfg, make_datamodule(cfg))
+    finally:
+        man.write_text(saved)
+
+
+@pytest.mark.parametrize("scale", [1e5, float("nan")])
+def test_extraction_refuses_inputs_the_cache_dtype_cannot_hold(control_cache, tmp_path, scale):
+    """Hidden states beyond float16's 65504 would be stored as inf (NaN losses in every cached run): refused with
+    the fix (cache.dtype=float32, which holds them); non-finite backbone outputs are refused in any dtype."""
+    from torch import nn
+
+    from value_pl.driver.extract import write_split
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    _, _, common = control_cache
+    cfg = compose(common + ["prober=layer_emb", "layers=[2]"])
+    dm = make_datamodule(cfg)
+    module, _ = build_module(cfg, dm)
+    with torch.no_grad():
+        for m in module.backbone.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.mul_(scale)
+    if math.isnan(scale):
+        with pytest.raises(ValueError, match="head emb:layer_02 input 0 holds non-finite values"):
+            write_split(module, dm, "val", tmp_path, "float32")
+        return
+    with pytest.raises(ValueError, match=r"emb:layer_02 input 0 holds values up to .* beyond float16's 65504 .* "
+                                         r"cache.dtype=float32"):
+        write_split(module, dm, "val", tmp_path, "float16")
+    entry, _ = write_split(module, dm, "val", tmp_path, "float32")
+    assert entry["samples"] == 8
+
+
+def test_mdl_and_senteval_read_a_cache_like_the_shards(control_cache):
+    """``extract_split`` (MDL's and SentEval's one pass over a split) on a cache gives the online features (within
+    the fp16 cache's rounding), labels and counters; it used to run the backbone on the cached batch (KeyError)."""
+    from value_pl.driver.setup import build_module, make_datamodule
+    from value_pl.protocols.fitting import extract_split
+
+    tmp, _, common = control_cache
+    out = []
+    for extra in ([], [f"data.cache={tmp / 'cache'}"]):
+        cfg = compose(common + extra)
+        dm = make_datamodule(cfg)
+        module, _ = build_module(cfg, dm)
+        out.append(extract_split(module, dm, "train"))
+    (f_on, y_on, c_on), (f_ca, y_ca, c_ca) = out
+    assert torch.equal(y_on, y_ca) and c_on == c_ca and c_on["pairs_dropped"] > 0
+    assert f_on.keys() == f_ca.keys() and f_on
+    for k in f_on:
+        for a, b in zip(f_on[k], f_ca[k]):
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)

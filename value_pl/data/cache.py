@@ -8,23 +8,27 @@ every source sample the inputs of every prober head for its pairs:
 * ``<key>.hNNN_J.npy``   -- head ``NNN`` (index into ``manifest["cache"]["heads"]``), input ``J`` of the
   head: for ``emb:<layer>`` the side-a and side-b embeddings ``(P, D)``, for ``attn:<layer>`` the attention
   vectors ``(P, H)`` of a->b and b->a; fp16 by default (``cache.dtype=float32`` for exact reproduction);
-* ``<key>.info.json``    -- ``{"counts": {...}}``: the collator's counters of the batch the sample was extracted
-  in, kept on the batch's first sample (so sums over a split are the source's counts).
+* ``<key>.info.json``    -- ``{"counts": {...}}``: the sample's own share of the collator's counters (pairs dropped,
+  text/regions truncated, phrases dropped), so any batch of cached samples counts what the same samples count
+  online (shuffled, capped by ``data.train_batches`` or split over ranks alike).
 
 Only ``.npy`` (``allow_pickle=False``) and JSON: no pickle. ``manifest.json`` keeps the source manifest's
 ``splits``/``labels`` (so :class:`~value_pl.data.datamodule.ShardDataModule` reads a cache like any shard set,
 with the same exact sample ranges per rank and worker) plus ``cache``: the identity of what was
-extracted (backbone checksum, task, prober, heads, dtype, precision, relabelling).
+extracted (backbone checksum, tokenizer, text/region limits, task, prober, heads, dtype, precision, relabelling and
+its seed). Extraction refuses head inputs that are not finite or overflow the cache's dtype.
 
 ``train data.cache=CACHE`` then feeds batches of ``{"cached_flat", "cached_layout", "labels", ...}`` to
 :class:`~value_pl.probers.module.ProbeModule` instead of running the backbone: every head input of the batch in one
 tensor of the cache's dtype (one shared-memory segment from a loader worker, fp16 by default: half the bytes of
 float32), which :func:`unpack_cached` views per head and converts to float32 on the device. Because the shards
 mirror the source and the sample shuffle is seeded, cached training sees the same batches as online training with
-the same seed. A cache whose backbone checksum, task, labels, relabelling or heads do not match the run is refused.
+the same seed. A cache whose backbone checksum, tokenizer, task, labels, relabelling or heads do not match the run is
+refused.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -32,22 +36,53 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from .collate import label_histogram
 from .handover import batch_tensor
+from .hashing import sha256_file
 from .schema import SchemaError, load_manifest
 
 log = logging.getLogger(__name__)
 
 FORMAT = "value-pl-feature-cache"
-VERSION = 3  # 2: info.json holds the batch counters; 3: the identity holds the backbone's input limits
+VERSION = 4  # 2: info.json holds the batch counters; 3: the identity holds the backbone's input limits;
+# 4: info.json holds each sample's own counters, the identity the tokenizer and the control task's own seed
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 # ------------------------------------------------------------------ identity
 #: what, besides the weights, shapes a backbone's features: the text limit (texts cut there), the regions kept and
 #: the box encoding
-INPUTS = ("text_limit", "max_regions", "box_mode")
+INPUTS = ("text_limit", "max_regions", "box_mode", "tokenizer")
+
+
+def tokenizer_fingerprint(tok) -> str | None:
+    """sha256 (16 hex) of what turns words into token ids: the fast tokenizer's serialised normaliser, pre-tokeniser,
+    vocabulary and special tokens (not its current truncation/padding state), else the vocabulary and letter case;
+    None without a tokenizer. The same weights read other ids with another vocabulary or letter case."""
+    if tok is None:
+        return None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        d = json.loads(backend.to_str())
+        d.pop("truncation", None)
+        d.pop("padding", None)
+        text = json.dumps(d, sort_keys=True)
+    else:
+        text = json.dumps([type(tok).__name__, getattr(tok, "do_lower_case", None),
+                           sorted(tok.get_vocab().items())])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def label_seed(cfg) -> int | None:
+    """The seed of the cached labels' relabelling: ``control_seed`` (else ``seed``) of a control task, ``seed`` of
+    shuffled labels, None for the task's own labels (same rule as :func:`value_pl.protocols.control.control_seed`)."""
+    if cfg.get("control", False):
+        return int(cfg.seed if cfg.get("control_seed") is None else cfg.control_seed)
+    if cfg.get("shuffle_labels", False):
+        return int(cfg.seed)
+    return None
 
 
 def cache_identity(module, cfg, dtype: str, precision: str) -> dict:
@@ -57,7 +92,8 @@ def cache_identity(module, cfg, dtype: str, precision: str) -> dict:
         "backbone": {**{k: ident.get(k) for k in ("family", "name", "checksum", "pretrained", "seed", "layers",
                                                    "hidden", "heads")},
                      "text_limit": int(bb.text_limit), "max_regions": getattr(bb, "max_regions", None),
-                     "box_mode": getattr(bb, "box_mode", None)},
+                     "box_mode": getattr(bb, "box_mode", None),
+                     "tokenizer": tokenizer_fingerprint(getattr(bb, "tokenizer", None))},
         "task": {"name": module.task["name"], "kind": module.kind, "labels": list(module.labels)},
         "prober": module.prober_name,
         "heads": list(module.head_names),
@@ -65,8 +101,25 @@ def cache_identity(module, cfg, dtype: str, precision: str) -> dict:
         "precision": precision,
         "control": bool(cfg.get("control", False)),
         "shuffle_labels": bool(cfg.get("shuffle_labels", False)),
-        "label_seed": int(cfg.seed) if (cfg.get("control", False) or cfg.get("shuffle_labels", False)) else None,
+        "label_seed": label_seed(cfg),
     }
+
+
+def _rebuilt_source(manifest: dict, cfg) -> str | None:
+    """When ``data.root`` is the directory the cache was extracted from and its ``manifest.json`` changed since (the
+    shards were rebuilt there), say so: the cache holds the old shards' features and labels."""
+    src = manifest.get("source") or {}
+    root = OmegaConf.select(cfg, "data.root", throw_on_missing=False) if OmegaConf.is_config(cfg) else None
+    if not root or not src.get("root") or not src.get("manifest_sha256"):
+        return None
+    mpath = Path(root) / "manifest.json"
+    if Path(root).resolve() != Path(src["root"]).resolve() or not mpath.is_file():
+        return None
+    now = sha256_file(mpath)[:16]
+    if now == src["manifest_sha256"]:
+        return None
+    return (f"the shards at data.root={root} changed since the cache was extracted from them (their manifest.json "
+            f"sha256 {now}, the cache's source {src['manifest_sha256']})")
 
 
 def check_cache(manifest: dict, module, cfg, root: str | Path = "?") -> None:
@@ -76,23 +129,28 @@ def check_cache(manifest: dict, module, cfg, root: str | Path = "?") -> None:
         raise ValueError(f"{root} is not a feature cache (write one with python -m value_pl.extract)")
     if int(manifest.get("version", 0)) < VERSION:
         raise ValueError(f"feature cache {root} is version {manifest.get('version')}, older than this value-pl's "
-                         f"{VERSION}: it does not record the backbone's text limit, max_regions and box encoding, so "
-                         f"it cannot be checked against this run. Re-extract it with python -m value_pl.extract.")
+                         f"{VERSION}: it does not record all that shapes its features and counts (text limit, "
+                         f"max_regions, box encoding, tokenizer, each sample's counters), so it cannot be checked "
+                         f"against this run. Re-extract it with python -m value_pl.extract.")
     want = cache_identity(module, cfg, c.get("dtype", "float16"), c.get("precision", "32"))
     errs = []
     cb, wb = c["backbone"], want["backbone"]
     if cb.get("checksum") != wb.get("checksum"):
         errs.append(f"backbone {cb.get('name')} checksum {cb.get('checksum')} != the configured backbone "
                     f"{wb.get('name')} checksum {wb.get('checksum')}")
-    for k in INPUTS:  # features of texts cut elsewhere, of other regions or boxes are other features
+    for k in INPUTS:  # features of texts cut elsewhere, of other regions, boxes or token ids are other features
         if cb.get(k) != wb.get(k):
-            errs.append(f"backbone {k}={cb.get(k)} in the cache != {wb.get(k)} configured")
+            what = " (sha256 of its vocabulary, normaliser and special tokens)" if k == "tokenizer" else ""
+            errs.append(f"backbone {k}={cb.get(k)} in the cache != {wb.get(k)} configured{what}")
     if c["task"] != want["task"]:
         errs.append(f"task {c['task']['name']} ({len(c['task']['labels'])} labels) != {want['task']['name']} "
                     f"({len(want['task']['labels'])} labels)")
     for k in ("control", "shuffle_labels", "label_seed"):
         if c.get(k) != want[k]:
             errs.append(f"{k}={c.get(k)} != {want[k]}")
+    stale = _rebuilt_source(manifest, cfg)
+    if stale:
+        errs.append(stale)
     missing = [h for h in want["heads"] if h not in c["heads"]]
     if missing:
         errs.append(f"prober={want['prober']} needs head input(s) {missing[:6]}"

@@ -20,8 +20,16 @@ from ..data.safe_load import honours_switch
 from .setup import build_module, cuda_defaults, make_datamodule
 
 
+#: the collator's counters that a sample can add to (samples/pairs are recounted from the cache's records)
+SAMPLE_COUNTERS = ("pairs_dropped", "texts_truncated", "phrases_dropped", "regions_truncated")
+
+
 class _SourceCollate:
-    """The backbone's collator, plus each sample's (shard, index within the shard)."""
+    """The backbone's collator, plus each sample's (shard, index within the shard) and its own counters.
+
+    The collator counts per batch; a cached run reads the samples in other batches (shuffled, capped by
+    ``data.train_batches``, split over ranks), so every record keeps its own share: a batch with anything to
+    count is collated once more sample by sample (the counters only; rare: truncations and drops)."""
 
     def __init__(self, collate):
         self.collate = collate
@@ -29,7 +37,34 @@ class _SourceCollate:
     def __call__(self, samples):
         batch = self.collate(samples)
         batch["sources"] = [s["source"] for s in samples]
+        zero = {k: 0 for k in SAMPLE_COUNTERS}
+        if not any(int(batch["counts"].get(k, 0)) for k in SAMPLE_COUNTERS):
+            batch["sample_counts"] = [dict(zero) for _ in samples]
+            return batch
+        per = [{k: int(self.collate([s])["counts"].get(k, 0)) for k in SAMPLE_COUNTERS} for s in samples]
+        for k in SAMPLE_COUNTERS:
+            if sum(c[k] for c in per) != int(batch["counts"].get(k, 0)):
+                raise RuntimeError(f"collator counter {k}: {int(batch['counts'].get(k, 0))} for the batch of "
+                                   f"{batch['keys'][:3]}..., {sum(c[k] for c in per)} summed over its samples alone")
+        batch["sample_counts"] = per
         return batch
+
+
+def _check_values(feats: dict, dtype: str, stage: str, keys: list[str]) -> None:
+    """A head input that is not finite, or that the cache's dtype cannot hold (|x| > 65504 in float16 is inf), stops
+    the extraction: a prober would train on inf/NaN."""
+    for h, v in feats.items():
+        for j, t in enumerate(v):
+            if t.size == 0:
+                continue
+            if not np.isfinite(t).all():
+                raise ValueError(f"split {stage}, samples {keys[:3]}...: head {h} input {j} holds non-finite values "
+                                 f"in the backbone's output (check the backbone and trainer.precision)")
+            top, limit = float(np.abs(t).max()), float(np.finfo(DTYPES[dtype]).max)
+            if top > limit:
+                raise ValueError(f"split {stage}, samples {keys[:3]}...: head {h} input {j} holds values up to "
+                                 f"{top:.6g}, beyond {dtype}'s {limit:.6g} (they would be stored as inf): extract "
+                                 f"with cache.dtype=float32")
 
 
 def _rows_per_sample(module, batch: dict, B: int) -> list[slice]:
@@ -72,10 +107,12 @@ def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", devic
     for batch in loader:
         B = len(batch["keys"])
         bar.update(B)
-        dev_batch = move_data_to_device({k: v for k, v in batch.items() if k != "sources"}, device)
+        dev_batch = move_data_to_device({k: v for k, v in batch.items() if k not in ("sources", "sample_counts")},
+                                        device)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             feats = module.extract(dev_batch)
         feats = {h: tuple(t.float().cpu().numpy() for t in v) for h, v in feats.items()}
+        _check_values(feats, dtype, stage, batch["keys"])
         for h, v in feats.items():
             shapes.setdefault(h, [list(t.shape[1:]) for t in v])
         labels = batch["labels"].cpu().numpy().astype(np.int64)
@@ -83,7 +120,7 @@ def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", devic
         for b in range(B):
             url, idx = batch["sources"][b]
             sl = rows[b]
-            info = batch["counts"] if b == 0 else {}  # the batch's counters travel with its first sample
+            info = batch["sample_counts"][b]  # the sample's own counters (summed by CacheCollate.counts)
             rec = {"__key__": batch["keys"][b], "labels.npy": _npy(labels[sl]),
                    "info.json": json.dumps({"counts": info}, sort_keys=True).encode()}
             for i, h in enumerate(module.head_names):
@@ -143,7 +180,7 @@ def extract_cache(cfg) -> dict:
     ident["head_shapes"] = {h: shapes[h] for h in module.head_names}
     man = {k: v for k, v in dm.manifest.items() if k not in ("splits", "inputs")}
     man.update(format=FORMAT, version=VERSION, splits=splits, cache=ident,
-               source={"root": str(dm.root), "manifest_sha256": sha256_file(Path(dm.root) / "manifest.json")[:16]},
+               source={"root": str(Path(dm.root).resolve()), "manifest_sha256": sha256_file(Path(dm.root) / "manifest.json")[:16]},
                seconds=round(time.time() - t0, 1))
     (tmp / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
     if out.exists():

@@ -225,7 +225,10 @@ class ProbeModule(pl.LightningModule):
         return out
 
     def extract(self, batch: dict) -> dict:
-        """Frozen forward -> {head key: inputs} (feature caches, MDL and SentEval fit heads one by one)."""
+        """Frozen forward -> {head key: inputs} (feature caches, MDL and SentEval fit heads one by one); a feature
+        cache's batch gives its stored inputs (``train mdl=true data.cache=CACHE`` codes the cached features)."""
+        if "cached_flat" in batch:
+            return unpack_cached(batch)
         return self.per_head(self.extract_inputs(batch))
 
     def group_logits(self, inputs: dict[str, tuple]) -> dict[str, torch.Tensor]:
