@@ -52,19 +52,21 @@ class _SourceCollate:
 
 def _check_values(feats: dict, dtype: str, stage: str, keys: list[str]) -> None:
     """A head input that is not finite, or that the cache's dtype cannot hold (|x| > 65504 in float16 is inf), stops
-    the extraction: a prober would train on inf/NaN."""
-    for h, v in feats.items():
-        for j, t in enumerate(v):
-            if t.size == 0:
-                continue
-            if not np.isfinite(t).all():
-                raise ValueError(f"split {stage}, samples {keys[:3]}...: head {h} input {j} holds non-finite values "
-                                 f"in the backbone's output (check the backbone and trainer.precision)")
-            top, limit = float(np.abs(t).max()), float(np.finfo(DTYPES[dtype]).max)
-            if top > limit:
-                raise ValueError(f"split {stage}, samples {keys[:3]}...: head {h} input {j} holds values up to "
-                                 f"{top:.6g}, beyond {dtype}'s {limit:.6g} (they would be stored as inf): extract "
-                                 f"with cache.dtype=float32")
+    the extraction: a prober would train on inf/NaN. One reduction per input where the features are (NaN and inf
+    propagate through ``amax``), one transfer for the batch."""
+    named = [(h, j, t) for h, v in feats.items() for j, t in enumerate(v) if t.numel()]
+    if not named:
+        return
+    tops = torch.stack([t.detach().abs().amax().float() for _, _, t in named]).tolist()
+    limit = float(np.finfo(DTYPES[dtype]).max)
+    for (h, j, _), top in zip(named, tops):
+        if not np.isfinite(top):
+            raise ValueError(f"split {stage}, samples {keys[:3]}...: head {h} input {j} holds non-finite values "
+                             f"in the backbone's output (check the backbone and trainer.precision)")
+        if top > limit:
+            raise ValueError(f"split {stage}, samples {keys[:3]}...: head {h} input {j} holds values up to "
+                             f"{top:.6g}, beyond {dtype}'s {limit:.6g} (they would be stored as inf): extract "
+                             f"with cache.dtype=float32")
 
 
 def _rows_per_sample(module, batch: dict, B: int) -> list[slice]:
@@ -111,8 +113,8 @@ def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", devic
                                         device)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             feats = module.extract(dev_batch)
-        feats = {h: tuple(t.float().cpu().numpy() for t in v) for h, v in feats.items()}
         _check_values(feats, dtype, stage, batch["keys"])
+        feats = {h: tuple(t.float().cpu().numpy() for t in v) for h, v in feats.items()}
         for h, v in feats.items():
             shapes.setdefault(h, [list(t.shape[1:]) for t in v])
         labels = batch["labels"].cpu().numpy().astype(np.int64)
