@@ -13,8 +13,9 @@ Added batch keys (all spans are ``[start, end)`` within the modality, as the Col
 ``rel_*`` -- one row per ``vrc`` pair: ``rel_b``, ``rel_s``/``rel_o`` (P, 2) subject/object regions,
     ``rel_type`` list of predicates, ``rel_rand`` (P, 2) a random region other than both (``-1``: none).
 ``analysis_missing`` -- ``{reason: count}`` of pairs or partners that could not be formed (a region cut
-    by ``max_regions``, a phrase truncated by ``max_text_len``, no other phrase/region), and of the pairs whose
-    random region was drawn without the near-duplicates of their own regions; never dropped silently.
+    by ``max_regions``, a phrase truncated by ``max_text_len`` or with no tokens, no other phrase/region), and of
+    the pairs whose random region was drawn without the near-duplicates of their own regions; never dropped
+    silently. Phrase spans are the Collator's (:func:`~value_pl.data.collate.phrase_span`).
 
 Random partners are drawn from a generator seeded by ``(seed, crc32(sample key))``: the same on every
 run, independent of batching and of the order of the shards. A random *region* is never a near-duplicate of
@@ -30,7 +31,7 @@ import zlib
 import numpy as np
 import torch
 
-from ..data.collate import Collator
+from ..data.collate import Collator, phrase_span
 from ..datasets.regions.combine import iou_matrix
 
 
@@ -54,7 +55,7 @@ class AnalysisCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = self.base(samples)
-        w2t = batch["word_to_token"]
+        w2t = batch["word_to_token"].numpy()
         nreg = batch["region_mask"].sum(1).tolist()
         missing: dict[str, int] = {}
 
@@ -78,12 +79,9 @@ class AnalysisCollator:
                     cands = kept
                 return cands[int(rng.integers(len(cands)))] if cands else None
             phrases = m.get("phrases", [])
-            spans = []
-            for p in phrases:
-                s0, e0 = p["span"]
-                ts = int(w2t[b, s0, 0]) if s0 < w2t.shape[1] else -1
-                te = int(w2t[b, e0 - 1, 1]) if e0 - 1 < w2t.shape[1] else -1
-                spans.append((ts, te) if ts >= 0 and te > ts else None)
+            # the Collator's phrase spans: words with no pieces skipped, a phrase with a word cut by truncation lost
+            empty = np.array([not p for p in self.base.encoder.pieces(m["words"])], dtype=bool)
+            spans = [phrase_span(w2t[b], empty, *p["span"]) for p in phrases]
             links = [(a, r) for a, r, lab in m.get("pairs", {}).get(self.coref_task, []) if lab == self.coref_label]
             linked_to_region: dict[int, set] = {}
             linked_to_phrase: dict[int, set] = {}
@@ -95,7 +93,9 @@ class AnalysisCollator:
                     miss("coref: region absent (or cut by max_regions)")
                     continue
                 if spans[a] is None:
-                    miss("coref: phrase truncated by max_text_len")
+                    s0, e0 = phrases[a]["span"]
+                    miss("coref: phrase with no tokens" if empty[s0:e0].all() else
+                         "coref: phrase truncated by max_text_len")
                     continue
                 P = len(cb)
                 cb.append(b)

@@ -216,9 +216,14 @@ class Backbone(nn.Module):
 
     @property
     def position_limit(self) -> int:
-        """Text tokens (with [CLS]/[SEP]) the model has positions for (RoBERTa-style models reserve 2)."""
+        """Text tokens (with [CLS]/[SEP]) the model has positions for. RoBERTa-style models (RoBERTa, XLM-R,
+        CamemBERT, Data2Vec-text ...) number positions from ``padding_idx + 1``: a backbone with
+        ``position_offset()`` (the text embeddings' own offset) reserves that many, others 2 for a roberta model type."""
         n = int(getattr(self.config, "max_position_embeddings", 512))
-        if "roberta" in str(getattr(self.config, "model_type", "")):
+        offset = getattr(self, "position_offset", None)
+        if callable(offset):
+            n -= int(offset())
+        elif "roberta" in str(getattr(self.config, "model_type", "")):
             n -= 2
         tok = getattr(self.tokenizer, "model_max_length", None)
         return min(n, int(tok)) if tok and tok < 100_000 else n

@@ -8,7 +8,10 @@
 * letter case: a tokenizer that lowercases over a cased vocabulary (a bert-base-cased ``vocab.txt`` in a directory
   without its ``tokenizer_config.json``: transformers then defaults to ``do_lower_case=True``), or one that keeps
   case over an uncased vocabulary (capitalised words become ``[UNK]``);
-* text length: ``max_text_len`` vs the position embeddings,
+* text length: ``max_text_len`` vs the position embeddings;
+* word-by-word tokenisation: the collator's pieces of a probe sentence (each word tokenised on its own, cached)
+  vs the tokenizer's pieces of the whole sentence -- a tokenizer whose pieces cross spaces (or depend on the
+  neighbouring words) cannot give each word its own token span,
 
 and raises :class:`InputMismatchError` with one sentence per problem, naming both sides and the override
 that fixes it -- instead of an index error or a failed matmul deep inside the first forward pass.
@@ -20,7 +23,7 @@ image embedding was loaded from, if any), ``box_input_dim()`` / ``box_input_fiel
 """
 from __future__ import annotations
 
-from ..data.collate import BOX_DIMS
+from ..data.collate import BOX_DIMS, InputEncoder
 
 
 class InputMismatchError(ValueError):
@@ -135,8 +138,34 @@ def position_problem(bb) -> str | None:
             f"(max_position_embeddings={rows}{extra}): set backbone.max_text_len={usable} or less.")
 
 
+#: Moses-tokenised, mixed case, punctuation, a clitic, digits, accents, CJK and an emoji
+PROBE_WORDS = ("A man in a red T-shirt , who was n't there , rides 2 bikes past the Café in Zürich 東京 😀 .").split()
+
+
+def tokenisation_problem(bb) -> str | None:
+    """The collator's word-by-word ids of :data:`PROBE_WORDS` vs the tokenizer's ids of the whole sentence."""
+    tok = getattr(bb, "tokenizer", None)
+    if tok is None or not callable(tok):
+        return None
+    enc = InputEncoder(tok, max_text_len=100_000)
+    got = enc.encode_text([list(PROBE_WORDS)])["input_ids"][0].tolist()
+    want = list(tok(" ".join(PROBE_WORDS), verbose=False)["input_ids"])
+    if got == want:
+        return None
+    where = (bb.describe().get("tokenizer") if hasattr(bb, "describe") else None) or getattr(tok, "name_or_path", "")
+    show = getattr(tok, "convert_ids_to_tokens", None) or (lambda ids: ids)
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+    def part(ids):  # from just before the first difference
+        return " ".join(map(str, show(ids[max(i - 2, 0):i + 6])))
+    return (f"the tokenizer at {where} ({type(tok).__name__}) does not tokenise a sentence as its words one by one: "
+            f"the sentence {' '.join(PROBE_WORDS)!r} gives ... {part(want)!r} ... but word by word ... {part(got)!r} ..., "
+            f"so {_who(bb)} cannot give each word its own token span: use a tokenizer whose pieces never cross a "
+            f"space (WordPiece, byte-level BPE, SentencePiece with its pre-tokenizer splitting at spaces).")
+
+
 def input_problems(bb, manifest: dict | None, root=None, regions: bool = True) -> list[str]:
-    out = [vocab_problem(bb), case_problem(bb), position_problem(bb)]
+    out = [vocab_problem(bb), case_problem(bb), position_problem(bb), tokenisation_problem(bb)]
     if regions:
         out = [feature_problem(bb, manifest or {}, root), box_problem(bb)] + out
     return [p for p in out if p]

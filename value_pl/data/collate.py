@@ -6,9 +6,12 @@ here, per backbone, through an :class:`InputEncoder` the backbone provides. Pair
 Backbones place those modalities into their streams; probers go through
 :class:`~value_pl.backbones.base.BackboneOutput`, so nothing here depends on a stream layout.
 
-Speed (``benchmarks/run.py``, loader row): words are tokenised once per worker and cached (a word's
-pieces do not depend on its neighbours with ``is_split_into_words``; checked against the tokenizer's own
-batch call in the tests); features stay fp16 (converted on the device); everything the heads need per
+Speed (``benchmarks/run.py``, loader row): words are tokenised once per worker and cached. A text is tokenised as
+the tokenizer tokenises the sentence ``" ".join(words)`` (what the model was trained on): the first word alone,
+every later word with its leading space -- the same pieces for WordPiece, which drops spaces, but ``Ġman``, not
+``man``, for byte-level BPE (RoBERTa); so there is one cache for first words and one for the others (checked
+against the tokenizer's sentence call in the tests, and on a probe sentence before the first batch:
+:mod:`value_pl.backbones.checks`); features stay fp16 (converted on the device); everything the heads need per
 pair -- token positions, the attention rows to capture and each pair's slot in them -- is computed here
 on the CPU, so the GPU step has no host synchronisation.
 
@@ -52,19 +55,24 @@ COUNTERS = ("samples", "pairs", "pairs_dropped", "texts_truncated", "phrases_dro
 
 class InputEncoder:
     """Word-by-word tokenisation (cached per word) plus box encoding for one backbone. Picklable (runs in
-    loader workers; each worker fills its own cache)."""
+    loader workers; each worker fills its own caches).
+
+    Word ``i > 0`` is tokenised as ``" " + word`` and word 0 as ``word``, so that the pieces of a text equal the
+    tokenizer's pieces of the sentence ``" ".join(words)`` for every pre-tokenizer that splits at spaces
+    (WordPiece, byte-level BPE whose words after the first carry the space marker ``Ġ``, SentencePiece ``▁``)."""
 
     def __init__(self, tokenizer, box_mode: str = "uniter7", max_text_len: int = 512, max_regions: int = 100):
         self.tokenizer = tokenizer
         self.box_mode = box_mode
         self.max_text_len = int(max_text_len)
         self.max_regions = int(max_regions)
-        self._pieces: dict[str, tuple[int, ...]] = {}
+        self._pieces: dict[str, tuple[int, ...]] = {}  # words after the first (tokenised with a leading space)
+        self._first: dict[str, tuple[int, ...]] = {}  # first words (tokenised alone)
         self._special: tuple[list[int], list[int]] | None = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_pieces"] = {}  # workers start with an empty cache
+        d["_pieces"], d["_first"] = {}, {}  # workers start with empty caches
         return d
 
     @property
@@ -76,8 +84,8 @@ class InputEncoder:
         """(ids before the words, ids after them): ``[CLS]`` / ``[SEP]`` for BERT tokenizers."""
         if self._special is None:
             tok = self.tokenizer
-            bare = tok([["a"]], is_split_into_words=True, add_special_tokens=False)["input_ids"][0]
-            full = tok([["a"]], is_split_into_words=True, add_special_tokens=True)["input_ids"][0]
+            bare = tok(["a"], add_special_tokens=False)["input_ids"][0]
+            full = tok(["a"], add_special_tokens=True)["input_ids"][0]
             for i in range(len(full) - len(bare) + 1):
                 if full[i:i + len(bare)] == bare:
                     self._special = (list(full[:i]), list(full[i + len(bare):]))
@@ -86,22 +94,31 @@ class InputEncoder:
                 raise ValueError(f"cannot locate the words inside {type(tok).__name__}'s special-token template")
         return self._special
 
-    def pieces(self, words: list[str]) -> list[tuple[int, ...]]:
-        cache = self._pieces
+    def _cached(self, cache: dict, words: list[str], lead: str) -> list[tuple[int, ...]]:
         missing = [w for w in dict.fromkeys(words) if w not in cache]
         if missing:
-            ids = self.tokenizer([[w] for w in missing], is_split_into_words=True,
-                                 add_special_tokens=False)["input_ids"]
+            if len(cache) + len(missing) > 500_000:  # bounded memory on open-vocabulary corpora
+                cache.clear()
+            ids = self.tokenizer([lead + w for w in missing], add_special_tokens=False)["input_ids"]
             for w, i in zip(missing, ids):
                 cache[w] = tuple(i)
-            if len(cache) > 500_000:  # bounded memory on open-vocabulary corpora
-                cache.clear()
-                return self.pieces(words)
         return [cache[w] for w in words]
+
+    def pieces(self, words: list[str]) -> list[tuple[int, ...]]:
+        """Each word's token ids as in the tokenizer's call on ``" ".join(words)``."""
+        if not words:
+            return []
+        first = self._first.get(words[0])
+        if first is None:
+            first = self._cached(self._first, words[:1], "")[0]
+        rest = self._cached(self._pieces, words[1:], " ")
+        rest.insert(0, first)
+        return rest
 
     def encode_text(self, word_lists: list[list[str]]) -> dict:
         """Token ids, masks and each word's ``[start, end)`` token span (``-1``: no pieces, or cut by truncation,
-        wholly or partly: a word whose pieces run past ``max_text_len`` has no span)."""
+        wholly or partly: a word whose pieces run past ``max_text_len`` has no span); ``word_empty`` (B, W) marks
+        the words with no pieces (e.g. a lone zero-width space under WordPiece), which no truncation cut."""
         pre, post = self.special
         B = len(word_lists)
         limit = self.max_text_len
@@ -110,6 +127,7 @@ class InputEncoder:
             raise ValueError(f"max_text_len={limit} leaves no room for words after the special tokens")
         rows, spans = [], []
         truncated = np.zeros(B, dtype=bool)
+        word_empty = np.zeros((B, max((len(w) for w in word_lists), default=0)), dtype=bool)
         for i, words in enumerate(word_lists):
             pcs = self.pieces(words)
             lens = np.fromiter((len(p) for p in pcs), dtype=np.int64, count=len(pcs))
@@ -127,6 +145,7 @@ class InputEncoder:
                 starts = np.where(gone, -1, starts)
                 ends = np.where(gone, -1, ends)
             empty = lens == 0  # a word with no pieces has no tokens
+            word_empty[i, :len(words)] = empty
             starts, ends = np.where(empty, -1, starts), np.where(empty, -1, ends)
             rows.append(pre + flat + post)
             spans.append((starts, ends))
@@ -147,7 +166,18 @@ class InputEncoder:
             w2t[b, :len(s), 1] = e
         return {"input_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask),
                 "special_mask": torch.from_numpy(special), "word_to_token": torch.from_numpy(w2t),
-                "truncated": truncated}
+                "truncated": truncated, "word_empty": word_empty}
+
+
+def phrase_span(w2t: np.ndarray, empty: np.ndarray, s0: int, e0: int) -> tuple[int, int] | None:
+    """The ``[start, end)`` token span of words ``[s0, e0)`` from one text's word spans ``w2t`` (W, 2) and its
+    ``word_empty`` row: ``None`` when truncation cut one of its words (wholly or partly; no phrase is probed on a
+    shortened span) or none of its words has pieces. Words with no pieces are skipped, wherever they are."""
+    tok = w2t[s0:e0]
+    ok = tok[:, 0] >= 0
+    if not ok.any() or (~ok & ~empty[s0:e0]).any():
+        return None
+    return int(tok[ok, 0].min()), int(tok[ok, 1].max())
 
 
 @dataclass
@@ -240,6 +270,7 @@ class Collator:
             rmask[b, :n] = 1
         counts = {k: 0 for k in ("samples", "pairs", "pairs_dropped", "phrases_dropped")}
         truncated = batch.pop("truncated")
+        word_empty = batch.pop("word_empty")
         counts.update(samples=B, texts_truncated=int(truncated.sum()),
                       regions_truncated=sum(1 for a, b in zip(nbox, nreg) if a > b))
         batch.update(region_feats=feats_t, region_boxes=torch.from_numpy(boxes),
@@ -249,7 +280,7 @@ class Collator:
                 batch["labels"] = self._sentence_labels(samples)
                 counts["pairs"] = B
             elif self.task.kind in ("phrase_region", "region_region"):
-                batch.update(self._pairs(samples, batch["word_to_token"].numpy(), nreg, truncated, counts))
+                batch.update(self._pairs(samples, batch["word_to_token"].numpy(), nreg, word_empty, counts))
             if "labels" in batch:
                 batch["label_counts"] = label_histogram(batch["labels"].numpy())
         return batch
@@ -276,7 +307,7 @@ class Collator:
             out.append(self._label(s["key"], lab, 0, {"task": self.task.name, "meta": s["meta"], "pair": None}))
         return torch.tensor(out, dtype=torch.long)
 
-    def _pairs(self, samples, w2t: np.ndarray, nreg: list[int], truncated: np.ndarray, counts: dict) -> dict:
+    def _pairs(self, samples, w2t: np.ndarray, nreg: list[int], word_empty: np.ndarray, counts: dict) -> dict:
         task = self.task.name
         phrase_task = task in PHRASE_REGION_TASKS
         pb, a_sp, b_sp, labs = [], [], [], []
@@ -293,14 +324,12 @@ class Collator:
                     counts["pairs_dropped"] += 1  # region cut by max_regions
                     continue
                 if phrase_task:
-                    s0, e0 = m["phrases"][a]["span"]
-                    tok = w2t[b, s0:e0]
-                    ok = tok[:, 0] >= 0
-                    if not ok.any() or (truncated[b] and not ok.all()):
+                    span = phrase_span(w2t[b], word_empty[b], *m["phrases"][a]["span"])
+                    if span is None:
                         counts["pairs_dropped"] += 1  # the phrase was cut (wholly or partly) by truncation
                         dead_phrases.add(a)
                         continue
-                    ts, te = int(tok[ok, 0].min()), int(tok[ok, 1].max())
+                    ts, te = span
                 else:
                     ts, te = a, a + 1
                 a_sp.append((ts, te))
