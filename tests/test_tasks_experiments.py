@@ -81,3 +81,14 @@ def test_table6_seeds_are_also_the_twins_initialisation():
                                    resolve=True)
         assert c["backbone"]["pretrained"] is False and c["backbone"]["seed"] == seed
         assert c["backbone"]["checkpoint"] is None
+
+
+def test_training_budget_does_not_depend_on_the_trainer():
+    """A paper table trains its probes for the same number of epochs on CPU, one GPU or DDP (the trainer configs'
+    own max_epochs differ: cpu 6, gpu/ddp 10); an explicit trainer.max_epochs on the command line still wins."""
+    lightning = [e for e in EXPERIMENTS if e not in ("demo_vrc", "mdl", "table5", "table11")]
+    assert {"table3", "table6", "fig4", "table9", "table10", "selectivity"} <= set(lightning)
+    for exp in lightning:
+        epochs = {t: compose([f"experiment={exp}", f"trainer={t}"]).trainer.max_epochs for t in ("cpu", "gpu", "ddp")}
+        assert set(epochs.values()) == {10}, (exp, epochs)
+        assert compose([f"experiment={exp}", "trainer=gpu", "trainer.max_epochs=1"]).trainer.max_epochs == 1
