@@ -147,6 +147,20 @@ def test_wandb_tables(runs, tmp_path, monkeypatch):
     assert cells and all(0 <= v <= 100 for v in cells.values())
 
 
+def test_table5_numbers_reach_the_csv_and_the_wandb_summary(runs, tmp_path):
+    """Table 5's cells are numbers with their chosen layer, not only text: the CSV has mean/ci95/n/values and the
+    W&B summary the mean and the layer, as for every other table."""
+    assert report_main([str(runs), "--layout", "table5", "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "table5.csv") as f:
+        rows = {(r["row"], r["column"]): r for r in csv.DictReader(f)}
+    bert = rows[("BERT", "SentLen")]
+    assert float(bert["mean"]) == pytest.approx(60.0) and int(bert["n"]) == 3 and float(bert["ci95"]) > 0
+    assert bert["text"] == "60.00 ± 24.84 (L3)" and bert["values"].split() == ["50", "60", "70"]
+    s = report.summary_cells(report.build_tables(report.load_runs([runs]), "table5"))
+    assert s["table5/BERT/SentLen"] == pytest.approx(60.0) and s["table5/BERT/SentLen/layer"] == "L3"
+    assert s["table5/TS/Tense/n"] == 3
+
+
 def test_table5_selects_the_layer_on_dev_not_test(tmp_path):
     """Layer 3 is best on dev, layer 9 on test: Table 5 reports layer 3's test accuracy, labelled L3."""
     for seed in range(2):

@@ -71,8 +71,9 @@ def write_tables(tables: list[Table], out: Path, n_runs: int, layout: str = "aut
 
 
 def summary_cells(tables: list[Table]) -> dict:
-    """``{"<table>/<row>/<column>": mean}`` (in %) of every measured cell, plus ``.../ci95`` and ``.../n`` and each
-    table's markdown under ``<table>/markdown``: what a W&B run summary shows of the paper's tables."""
+    """``{"<table>/<row>/<column>": mean}`` (in %) of every measured cell, plus ``.../ci95``, ``.../n``, ``.../layer``
+    (Table 5's layer chosen on dev) and each table's markdown under ``<table>/markdown``: what a W&B run summary
+    shows of the paper's tables."""
     out: dict = {}
     for t in tables:
         out[f"{t.name}/markdown"] = t.markdown()
@@ -85,6 +86,8 @@ def summary_cells(tables: list[Table]) -> dict:
                     if v.n > 1:
                         out[f"{key}/ci95"] = v.ci95 * t.scale
                     out[f"{key}/n"] = v.n
+                    if v.tag:
+                        out[f"{key}/layer"] = v.tag
     return out
 
 

@@ -36,6 +36,7 @@ def t975(df: int) -> float:
 @dataclass
 class Stat:
     values: list[float]
+    tag: str = ""  # shown after the number, e.g. Table 5's chosen layer "L3"
 
     @property
     def n(self) -> int:
@@ -58,7 +59,7 @@ class Stat:
         if not self.values:
             return "-"
         s = f"{scale * self.mean:.{digits}f}"
-        return s + (f" ± {scale * self.ci95:.{digits}f}" if self.n > 1 else "")
+        return s + (f" ± {scale * self.ci95:.{digits}f}" if self.n > 1 else "") + (f" ({self.tag})" if self.tag else "")
 
 
 @dataclass

@@ -118,7 +118,7 @@ def table_linguistic(R: Runs, name: str) -> Table:
                 s = R.stat(task, p, m, best[0]) if best else None
                 if s:
                     k = _layer_order(best[0])[1]
-                    t.put(m, TASK_TITLES[task], f"{s.fmt()} ({'Emb.' if k == 0 else f'L{k}'})")
+                    t.put(m, TASK_TITLES[task], Stat(s.values, tag="Emb." if k == 0 else f"L{k}"))
         t.note = ("Per model and task the layer is the one of Layers 1..L (as the paper: not the embedding output) "
                   "with the highest mean dev (validation) accuracy over seeds; the cell is that layer's test accuracy. "
                   + (NOTE_TS_LANG if "TS" in R.models() else ""))
