@@ -223,3 +223,37 @@ def test_runs_that_would_overwrite_or_mix_models_are_refused(tmp_path):
         (r / "results.json").write_text(json.dumps(res))
     with pytest.raises(ValueError, match="checksum aaa.*checksum bbb|checksum bbb.*checksum aaa"):
         report.Runs(report.load_runs([d]))
+
+
+def _trained(d, name, seed, **training):
+    r = _run(d, name, seed=seed)
+    res = json.loads((r / "results.json").read_text())
+    res["training"] = {"max_epochs": 10, "fast_dev_run": False, "limit_train_batches": None, "limit_val_batches": None,
+                       "limit_test_batches": None, "train_batches": None, "batch_size": 32, "world_size": 1,
+                       "lr": 0.001, "weight_decay": 0.0, "precision": "32", **training}
+    (r / "results.json").write_text(json.dumps(res))
+    return r / "results.json"
+
+
+def test_seeds_trained_differently_are_refused_and_smoke_tests_marked(tmp_path):
+    """The seeds of a cell differ only in their seed: a run trained for 6 epochs (trainer=cpu) is not averaged with
+    runs of 10, and a smoke test (fast_dev_run, capped batches) is marked under every table it reaches."""
+    a = _trained(tmp_path / "a", "s0", 0)
+    b = _trained(tmp_path / "a", "s1", 1, max_epochs=6)
+    with pytest.raises(ValueError, match=r"trained differently \(max_epochs 10 vs 6\)") as e:
+        report.Runs(report.load_runs([tmp_path / "a"]))
+    assert str(a) in str(e.value) and str(b) in str(e.value)
+    # precision is recorded but not refused (bf16 heads on a GPU, float32 on the CPU); results without a record
+    # (written before runs kept one) are not compared
+    _trained(tmp_path / "p", "s0", 0)
+    _trained(tmp_path / "p", "s1", 1, precision="bf16-mixed")
+    _run(tmp_path / "p", "old", seed=2)
+    assert not report.Runs(report.load_runs([tmp_path / "p"])).smoke
+    # smoke tests: the note under every table of the report
+    for i, smoke in enumerate([{"fast_dev_run": True}, {"train_batches": 2}, {"limit_val_batches": 0.5}]):
+        _trained(tmp_path / f"q{i}", "s0", 0, **smoke)
+        (t,) = report.build_tables(report.load_runs([tmp_path / f"q{i}"]), "table3")
+        assert "**Not a result:** 1 of the 1 runs are smoke tests" in t.markdown()
+    _trained(tmp_path / "full", "s0", 0, limit_val_batches=1.0)
+    (t,) = report.build_tables(report.load_runs([tmp_path / "full"]), "table3")
+    assert "Not a result" not in t.markdown()

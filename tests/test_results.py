@@ -56,6 +56,9 @@ def test_counters_are_per_split_and_one_pass_and_json_is_strict(tmp_path):
         assert res["pairs_evaluated"][split] == total - cut
         assert res["truncated"][split] == {"texts": 0, "phrases": 0, "regions": 12}
     assert res["samples_seen"]["val"] == [12, 12, 12] and res["truncated"]["max_regions"] == R
+    # how the heads were trained, for the report's check that a cell's seeds differ only in their seed
+    assert {k: res["training"][k] for k in ("max_epochs", "world_size", "lr", "precision")} == {
+        "max_epochs": 3, "world_size": 1, "lr": 0.001, "precision": "32"}
     text = (tmp_path / "run" / "results.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
 

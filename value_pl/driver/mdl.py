@@ -81,7 +81,7 @@ def train_mdl(cfg) -> dict:
     res = results_dict(cfg, module, dm, rows=rows, counts=counts, label_counts={
         s: torch.bincount(ys[s], minlength=C).tolist() for s in ("train", "test")}, extra={
         "mdl": {"method": "online code (Voita & Titov 2020)", "fractions": list(fractions),
-                "num_examples": int(y_tr.shape[0]), **fit,
+                "num_examples": int(y_tr.shape[0]), **fit, "fast_dev_run": bool(quick),
                 "layers": {r["name"]: {k: r[k] for k in ("codelength_bits", "uniform_bits", "compression")}
                            for r in rows}},
         "timing": timing,

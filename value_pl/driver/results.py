@@ -59,6 +59,18 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
     return res
 
 
+def training_record(cfg: DictConfig, world_size: int = 1) -> dict:
+    """How the heads of a Lightning run were trained: the budget (epochs, smoke-test switches, batch caps), batch
+    size, world size, optimiser settings and precision. The report refuses to average seeds trained differently and
+    marks smoke tests (:func:`value_pl.report.collect.run_budget`)."""
+    t, d, o = cfg.trainer, cfg.data, cfg.get("optim") or {}
+    fdr = t.get("fast_dev_run", False)
+    return {"max_epochs": t.get("max_epochs"), "fast_dev_run": fdr if isinstance(fdr, (bool, int)) else bool(fdr),
+            **{k: t.get(k) for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches")},
+            "train_batches": d.get("train_batches"), "batch_size": d.get("batch_size"), "world_size": int(world_size),
+            "lr": o.get("lr"), "weight_decay": o.get("weight_decay"), "precision": str(t.get("precision", "32"))}
+
+
 def majority(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, label_counts: dict | None = None):
     """The majority-class baseline: test accuracy of always predicting the most frequent training label.
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.safe_load import check_loadable, honours_switch, load_torch, unsafe_allowed
 from .mdl import train_mdl
 from .senteval import train_senteval
-from .results import log_results_table, results_dict, write_results
+from .results import log_results_table, results_dict, training_record, write_results
 from .throughput import ThroughputMonitor
 from .setup import (build_module, close_logger, is_rank_zero, make_datamodule, make_logger, make_trainer, prepare,
                     run_dir, teardown_distributed)
@@ -48,6 +48,7 @@ def train(cfg: DictConfig) -> dict | None:
             print(f"[value-pl] cuda graphs: {throughput['cuda_graphs']}")
     if is_rank_zero(trainer):
         res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1), "throughput": throughput,
+                                             "training": training_record(cfg, trainer.world_size),
                                              "checkpoints": {"last": str(rdir / "checkpoints" / "last.ckpt"),
                                                              "best": ckpt_cb.best_model_path or None}})
         write_results(rdir, res)

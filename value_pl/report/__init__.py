@@ -16,7 +16,9 @@ BERT; ``untrained`` is appended for ``backbone.pretrained=false`` runs, ``shuffl
 SentEval's files): these are their own rows, never averaged with the others, and the paper's SS/TS tables take
 only the plain labels. The seeds of a cell must be runs of one model: two runs of one configuration with the
 same seed, or runs of two backbones under one label (two UNITER checkpoints; UNITER and VisualBERT), are
-refused with both files named -- report each backbone's runs on their own.
+refused with both files named -- report each backbone's runs on their own. So are seeds of one cell trained
+differently (``results.json``'s ``training``: epochs, batch caps, batch size, lr, ...; precision aside), and smoke
+tests (``fast_dev_run``, capped batches) are marked **Not a result** under every table they reach.
 
 Layouts (``auto`` = all of them that have data):
 

@@ -139,6 +139,33 @@ def backbone_identity(res: dict) -> tuple:
             b.get("checksum") if b.get("pretrained", True) else None)
 
 
+SMOKE_FIELDS = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches", "train_batches")
+
+
+def run_budget(res: dict) -> dict | None:
+    """How a run's heads were trained, as far as it decides the numbers: a Lightning run's ``training`` record
+    (less its precision), SentEval's ``protocol`` (less the seed), MDL's fitting settings; ``None`` for results
+    written before runs recorded it (not compared)."""
+    if isinstance(res.get("training"), dict):
+        return {k: v for k, v in res["training"].items() if k != "precision"}
+    if isinstance(res.get("protocol"), dict):
+        return {k: v for k, v in res["protocol"].items() if k != "seed"}
+    if isinstance(res.get("mdl"), dict):
+        return {k: v for k, v in res["mdl"].items() if k not in ("layers", "method")}
+    return None
+
+
+def is_smoke_test(res: dict) -> bool:
+    """A run that trained or evaluated on part of the data on purpose (``fast_dev_run``, ``limit_*_batches``,
+    ``data.train_batches``): its numbers are a check that things run, not a result."""
+    b = run_budget(res) or {}
+    if b.get("fast_dev_run") or b.get("train_batches") is not None:
+        return True
+    # Lightning's limits: a float is a share of the batches (1.0 = all), an int a number of batches
+    return any(v is not None and not (isinstance(v, float) and v == 1.0)
+               for v in (b.get(k) for k in SMOKE_FIELDS if k.startswith("limit_")))
+
+
 def find_results(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
@@ -191,9 +218,20 @@ class Runs:
         self.chance: dict[str, float] = {}
         src: dict[tuple, str] = {}
         models: dict[str, dict[tuple, str]] = defaultdict(dict)
+        budgets: dict[tuple, tuple[dict, str]] = {}
+        self.smoke = [r.get("_path", "?") for r in runs if is_smoke_test(r)]
         for r in runs:
             k = group_key(r)
             where = r.get("_path", "?")
+            b = run_budget(r)
+            if b is not None:
+                b0, w0 = budgets.setdefault(k, (b, where))
+                diff = sorted(f for f in set(b) | set(b0) if b.get(f) != b0.get(f))
+                if diff:
+                    raise ValueError(
+                        f"{where} and {w0}: runs of one configuration ({_key_text(k)}) trained differently ("
+                        + ", ".join(f"{f} {b0.get(f)!r} vs {b.get(f)!r}" for f in diff) + "); the seeds of a "
+                        f"cell must differ only in their seed: report them separately")
             models[k[2]].setdefault(backbone_identity(r), where)
             if len(models[k[2]]) > 1:
                 (a, pa), (b, pb) = list(models[k[2]].items())[:2]

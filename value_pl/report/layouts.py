@@ -201,4 +201,9 @@ def build_tables(runs: list[dict], layout: str = "auto") -> list[Table]:
             if t.name not in seen and (not t.empty() or layout != "auto"):
                 seen.add(t.name)
                 out.append(t)
+    if R.smoke:  # said under every table, so that no table of them is copied without it
+        warn = (f"**Not a result:** {len(R.smoke)} of the {len(runs)} runs are smoke tests (fast_dev_run, "
+                f"limit_*_batches or data.train_batches), e.g. {R.smoke[0]}.")
+        for t in out:
+            t.note = f"{t.note}\n\n{warn}" if t.note else warn
     return out
