@@ -20,7 +20,8 @@ from torch import Tensor
 from .autocast_cache import cache_autocast_weights
 from .base import BackboneOutput, SingleStreamBackbone, PairLayout, StreamInfo
 from .capture import CaptureSpec, rows_for_stream
-from .common import bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init
+from .common import (bert_stack, load_into, load_state, load_tokenizer, rename_gamma_beta, resolve_path, seeded_init,
+                     unwrap_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,11 @@ def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
     source = f"random init (untrained twin of {path}, seed {seed})"
     if pretrained:
         ckpt = resolve_path(cfg.get("checkpoint"))
-        sd = rename_gamma_beta(load_state(ckpt)) if ckpt else hf_weights(path)
+        if ckpt:  # a Lightning / wrapped model's file: its attribute prefix stripped
+            anchors = tuple(p + "embeddings.word_embeddings.weight" for p in (model.base_model_prefix + ".", ""))
+            sd = rename_gamma_beta(unwrap_checkpoint(load_state(ckpt), anchors, ckpt, cfg.get("checkpoint_prefix")))
+        else:
+            sd = hf_weights(path)
         sd = map_base_keys(sd, model.base_model_prefix)
         report = load_into(m, sd, ckpt or path, ("model.embeddings.", "model.embeddings_project.", "model.encoder."))
         source = f"pretrained {config.model_type} from {ckpt or path}"

@@ -169,6 +169,43 @@ def load_state(path: str) -> dict[str, Tensor]:
     return sd
 
 
+def unwrap_checkpoint(sd: dict[str, Tensor], anchors: tuple[str, ...], source: str,
+                      prefix: str | None = None) -> dict[str, Tensor]:
+    """Drop the attribute path a training wrapper put in front of the encoder's keys: a Lightning checkpoint of a
+    LightningModule holding the model as ``self.encoder`` (``encoder.uniter.embeddings...``), ``module.``
+    (DataParallel), ``_orig_mod.`` (torch.compile) ...
+
+    ``anchors``: the word-embedding keys the family's own layouts have, most specific first
+    (``uniter.embeddings.word_embeddings.weight``). A file that has one of them as it is stays as it is; otherwise
+    the key ending in ``.<anchor>`` gives the wrapper prefix, which is stripped from every key that has it (the
+    wrapper's other keys -- heads, losses -- keep their names: ignored and reported by :func:`load_into`). Two
+    different wrapper prefixes (a model and its EMA copy) are an error unless ``prefix``
+    (``backbone.checkpoint_prefix``) names the one to load."""
+    if prefix:
+        p = prefix if prefix.endswith(".") else prefix + "."
+        out = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+        if not out:
+            raise KeyError(f"{source}: no key starts with backbone.checkpoint_prefix={prefix!r} "
+                           f"(keys look like {sorted(sd)[:3]})")
+        return out
+    if not isinstance(sd, dict) or any(a in sd for a in anchors):
+        return sd
+    found: dict[str, str] = {}  # wrapper prefix -> its anchor key
+    for k in sd:
+        for a in anchors:
+            if k.endswith("." + a):
+                found.setdefault(k[: -len(a)], k)
+                break
+    if len(found) > 1:
+        raise KeyError(f"{source}: the checkpoint holds {len(found)} encoders ({', '.join(sorted(found.values()))}); "
+                       f"name the one to compare with +backbone.checkpoint_prefix=<one of {sorted(found)}>")
+    if not found:
+        return sd
+    (p,) = found
+    log.info("%s: encoder keys under %r (a training wrapper's attribute): prefix stripped", source, p)
+    return {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
+
+
 #: buffers some transformers versions saved with the weights (rebuilt by the modules, never required)
 BUFFERS = ("position_ids", "token_type_ids")
 

@@ -52,7 +52,7 @@ from transformers import LxmertConfig, LxmertModel
 from .base import Backbone, BackboneOutput, LayerSpec, PairLayout, StreamInfo, layer_index, layer_title
 from .capture import CaptureSpec, QKRecorder, RowSoftmax, additive_mask, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
-                     rename_gamma_beta, seeded_init, sources)
+                     rename_gamma_beta, seeded_init, sources, unwrap_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,10 @@ def lxmert_config(path: str | None, config: str | None) -> LxmertConfig:
     return LxmertConfig()  # the released model: 9/5/5 layers, 768, 12 heads, 2048-d features, 4-d boxes
 
 
+#: the word-embedding key of every layout :func:`map_lxmert_keys` reads (a wrapper's prefix is found by it)
+LXMERT_ANCHORS = tuple(p + "embeddings.word_embeddings.weight" for p in ("module.bert.", "bert.", "lxmert.", ""))
+
+
 def map_lxmert_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Original (``module.bert.*``), HF ``LxmertModel`` (``embeddings.*``) or ``LxmertForPreTraining``
     (``lxmert.*``) names -> this module's names (``lxmert.*``). Heads keep their own names (then ignored)."""
@@ -287,7 +291,8 @@ def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
     source = f"random init (untrained twin, seed {seed})"
     required = ("lxmert.embeddings.", "lxmert.encoder.")
     if pretrained and ckpt:
-        report = load_into(m, map_lxmert_keys(load_state(ckpt)), ckpt, required)
+        sd = unwrap_checkpoint(load_state(ckpt), LXMERT_ANCHORS, ckpt, cfg.get("checkpoint_prefix"))
+        report = load_into(m, map_lxmert_keys(sd), ckpt, required)
         source = f"original LXMERT checkpoint {ckpt}"
         m.image_weights = ckpt
     elif pretrained and path:

@@ -27,7 +27,7 @@ from transformers.models.bert.modeling_bert import BertLayer, BertPooler
 from .base import BackboneOutput, SingleStreamBackbone, StreamInfo
 from .capture import CaptureSpec, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, rename_gamma_beta,
-                     seeded_init, sources)
+                     seeded_init, sources, unwrap_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,11 @@ def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
     src = sources(cfg, "uniter", "PATH (uniter-base.pt)")
     path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
     config = _bert_config(path, src.config)
-    sd = _uniter_keys(rename_gamma_beta(load_state(ckpt))) if (pretrained and ckpt) else None
+    sd = None
+    if pretrained and ckpt:  # a Lightning / wrapped model's file: its attribute prefix stripped
+        sd = unwrap_checkpoint(load_state(ckpt), ("uniter.embeddings.word_embeddings.weight",), ckpt,
+                               cfg.get("checkpoint_prefix"))
+        sd = _uniter_keys(rename_gamma_beta(sd))
     ckpt_dim = sd.get("uniter.img_embeddings.img_linear.weight") if sd else None
     # the width: configured > the checkpoint's image embedding > the shards' > UNITER's 2048
     img_dim = int(cfg.get("img_dim") or (ckpt_dim.shape[1] if ckpt_dim is not None else None) or img_dim or 2048)

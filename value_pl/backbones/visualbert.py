@@ -25,7 +25,7 @@ from transformers import VisualBertConfig, VisualBertModel
 from .base import BackboneOutput, SingleStreamBackbone, StreamInfo
 from .capture import CaptureSpec, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
-                     rename_gamma_beta, seeded_init, sources)
+                     rename_gamma_beta, seeded_init, sources, unwrap_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,9 @@ def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
     source = f"random init (untrained twin, seed {seed})"
     required = ("visual_bert.embeddings.", "visual_bert.encoder.")
     if pretrained and (ckpt or path):
-        sd = load_state(ckpt) if ckpt else hf_state(path)
+        sd = (unwrap_checkpoint(load_state(ckpt), ("visual_bert.embeddings.word_embeddings.weight",
+                                                    "embeddings.word_embeddings.weight"), ckpt,
+                                cfg.get("checkpoint_prefix")) if ckpt else hf_state(path))
         report = load_into(m, map_visualbert_keys(sd), ckpt or path, required)
         source = f"VisualBERT weights from {ckpt or path}"
         m.image_weights = ckpt or path
