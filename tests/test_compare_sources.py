@@ -84,3 +84,65 @@ def test_lightning_checkpoint_of_a_pretraining_module_loads_its_encoder(tmp_path
     w = bb.state_dict()
     assert all(torch.equal(w[f"lxmert.{k}"], v) for k, v in hf.state_dict().items() if f"lxmert.{k}" in w)
     assert torch.equal(w["lxmert.embeddings.word_embeddings.weight"], hf.embeddings.word_embeddings.weight)
+
+
+SMALL = ["logger=none", "plots=false", "progress=false"]
+
+
+def test_compare_skips_checkpoints_changed_after_listing(tmp_path, demo_root, monkeypatch, capsys):
+    """While a comparison runs, the trainer replaces ``last.pt`` (whose step was read from the file when it was
+    listed) and a save_top_k rotation deletes an old checkpoint. Neither is measured under its listed step
+    (``last.pt`` used to be: step 300 with the step-400 weights), neither is cached, both are reported; a re-run
+    measures ``last.pt`` at its new step. A static damaged file is an error naming it."""
+    import value_pl.compare.driver as D
+    from value_pl.compare import compare
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    first = {}
+    for seed, name in ((1, "step_100.pt"), (2, "step_200.pt"), (3, "step_500.pt")):
+        first[name] = _uniter(tmp_path, seed)
+        torch.save(dict(first[name].state_dict()), d / name)
+    torch.save({"global_step": 300, "state_dict": dict(_uniter(tmp_path, 4).state_dict())}, d / "last.pt")
+    newer = _uniter(tmp_path, 9)
+
+    def fake_suite(backbone, suite, data):  # the row's number says which weights were measured
+        w = float(backbone.uniter.embeddings.word_embeddings.weight[0, 0])
+        return {"metrics": {"w": w}, "skipped": {}, "forwards": 0, "seconds": 0.0}
+
+    real_checksum = D.checksum
+
+    def trainer_saves_meanwhile(path):
+        if path.endswith("step_200.pt") and (d / "step_500.pt").exists():
+            torch.save({"global_step": 400, "state_dict": dict(newer.state_dict())}, d / "last.pt")
+            (d / "step_500.pt").unlink()  # deleted after it was listed, before it is reached
+        return real_checksum(path)
+
+    monkeypatch.setattr(D, "run_suite", fake_suite)
+    monkeypatch.setattr(D, "checksum", trainer_saves_meanwhile)
+    common = [f"checkpoints={d}/*.pt", "backbone=uniter", f"backbone.config={tmp_path}/tiny.json",
+              "backbone.tokenizer=minilm", "backbone.img_dim=64", f"data.root={demo_root}", f"out={tmp_path}/run",
+              *SMALL]
+    res = compare(compose(common, "compare"))
+    assert [(Path(r["checkpoint"]).name, r["step"]) for r in res["rows"]] == [("step_100.pt", 100), ("step_200.pt", 200)]
+    w = {r["step"]: r["metrics"]["w"] for r in res["rows"]}
+    assert w[100] == float(first["step_100.pt"].uniter.embeddings.word_embeddings.weight[0, 0])
+    assert {Path(c["checkpoint"]).name: c["reason"].split(" ")[0] for c in res["not_compared"]} == {
+        "last.pt": "changed", "step_500.pt": "removed"}
+    out = capsys.readouterr().out
+    assert "2 not compared" in out and "## Checkpoints not compared" in (tmp_path / "run" / "compare.md").read_text()
+    assert len(list((tmp_path / "run" / "cache").glob("*.json"))) == 2
+
+    # the next run: last.pt at its new step, with its new weights
+    monkeypatch.setattr(D, "checksum", real_checksum)
+    res = compare(compose(common, "compare"))
+    rows = {Path(r["checkpoint"]).name: r for r in res["rows"]}
+    assert rows["last.pt"]["step"] == 400 and rows["last.pt"]["computed"] and res["not_compared"] == []
+    assert rows["last.pt"]["metrics"]["w"] == float(newer.uniter.embeddings.word_embeddings.weight[0, 0])
+
+    # a damaged file that is not changing: an error, which names it
+    b = (d / "step_100.pt").read_bytes()
+    (d / "step_150.pt").write_bytes(b[: len(b) // 2])
+    with pytest.raises(Exception) as e:
+        compare(compose(common, "compare"))
+    assert any("step_150.pt" in n for n in getattr(e.value, "__notes__", [])), e.value

@@ -5,7 +5,7 @@ import glob
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.hashing import sha256_path
@@ -27,6 +27,8 @@ class Checkpoint:
     step: int | None
     step_source: str  # name | link_target | dir_name | checkpoint | trainer_state | override | index
     is_dir: bool
+    #: :func:`signature` when the checkpoint was listed: the bytes its step was read from
+    signature: tuple | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -36,6 +38,17 @@ class Checkpoint:
 def _num(m: re.Match) -> int:
     v = int(m.group(1))
     return v * 1000 if m.group(2) else v
+
+
+def signature(path: str) -> tuple:
+    """What changes when a checkpoint is written or replaced: size, mtime and inode of the file, or of every file
+    of a directory (training-only files excluded). Raises FileNotFoundError when it is gone."""
+    p = Path(path)
+    if not p.is_dir():
+        st = os.stat(p)  # follows a symlink: the target's bytes are what is read
+        return (st.st_size, st.st_mtime_ns, st.st_ino)
+    return tuple((str(f.relative_to(p)), *signature(str(f)))
+                 for f in sorted(p.rglob("*")) if f.is_file() and f.name not in IGNORED_IN_DIR)
 
 
 def step_from_name(name: str) -> int | None:
@@ -192,6 +205,7 @@ def discover(spec, steps=None) -> list[Checkpoint]:
     names = expand(spec)
     if not names:
         raise FileNotFoundError("checkpoints=... matched no file or directory")
+    sigs = {p: signature(p) for p in names}  # before any step is read from the files
     groups: dict[str, list[int]] = {}  # resolved file -> indices into names, in the order given
     for i, p in enumerate(names):
         groups.setdefault(os.path.realpath(p), []).append(i)
@@ -249,9 +263,22 @@ def discover(spec, steps=None) -> list[Checkpoint]:
         step, src = found[i]
         if step is None:
             step = pos
-        out.append(Checkpoint(names[i], step, "name" if src == "number" else src, Path(names[i]).is_dir()))
+        out.append(Checkpoint(names[i], step, "name" if src == "number" else src, Path(names[i]).is_dir(),
+                              sigs[names[i]]))
     out.sort(key=lambda c: (c.step, c.path))
     return out
+
+
+def changed(ck: Checkpoint) -> str | None:
+    """Why ``ck`` is no longer the checkpoint :func:`discover` listed (still being written, replaced by a newer save,
+    deleted by a save_top_k rotation), or None when it is unchanged."""
+    try:
+        now = signature(ck.path)
+    except FileNotFoundError:
+        return "removed since it was listed"
+    if ck.signature is not None and now != ck.signature:
+        return "changed since it was listed (still being written, or replaced by a newer save)"
+    return None
 
 
 def checksum(path: str) -> str:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.progress import progress
 from ..data.safe_load import honours_switch
 from .suite import SuiteData, run_suite, suite_config, suite_hash
-from .checkpoints import checksum, discover
+from .checkpoints import changed, checksum, discover
 
 log = logging.getLogger("value_pl")
 
@@ -130,6 +130,9 @@ def markdown(res: dict) -> str:
                   "|---|" + "---:|" * len(rows)]
         for n in per_layer:
             lines.append(f"| {n} | " + " | ".join(_fmt(r["metrics"].get(n)) for r in rows) + " |")
+    if res.get("not_compared"):
+        lines += ["", "## Checkpoints not compared", ""] + [
+            f"- {Path(c['checkpoint']).name} (step {c['step']}): {c['reason']}" for c in res["not_compared"]]
     skipped = {k: v for r in rows for k, v in r.get("skipped", {}).items()}
     if skipped:
         lines += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in skipped.items()]
@@ -235,9 +238,24 @@ def compare(cfg: DictConfig) -> dict:
     data = None
     rows = []
     built = 0
+    not_compared: list[dict] = []  # checkpoints that changed or went away after they were listed
+
+    def skip(ck, why: str) -> None:
+        not_compared.append({"checkpoint": ck.path, "step": ck.step, "reason": why})
+        bar.write(f"[value-pl] {ck.name} (step {ck.step}): not compared, {why}; nothing cached, a re-run measures it")
+
     bar = progress(cks, enabled=bool(cfg.get("progress", True)), unit="ckpt", desc="compare")
     for ck in bar:
-        csum = checksum(ck.path)
+        # every row's bytes are those the checkpoint had when listed (its step was read then): a file the trainer
+        # is still writing, or has replaced or deleted since (last.ckpt, save_top_k), is skipped, not mislabelled
+        try:
+            csum = checksum(ck.path)
+        except FileNotFoundError:
+            csum = None
+        why = changed(ck) or (None if csum else "removed since it was listed")
+        if why:
+            skip(ck, why)
+            continue
         wkey = weights_key(cfg, ck)
         if wkey not in sids:
             sids[wkey] = cache_identity(cfg, suite, data_ident, ck)
@@ -254,7 +272,20 @@ def compare(cfg: DictConfig) -> dict:
             data = SuiteData.load(cfg.data.root, suite, roles)
         t1 = time.time()
         bcfg = backbone_cfg_for(cfg, ck)
-        backbone = build_backbone(bcfg, img_dim=data.manifest.get("feature_dim"))
+        try:
+            backbone = build_backbone(bcfg, img_dim=data.manifest.get("feature_dim"))
+        except Exception as e:
+            why = changed(ck)
+            if why is None:  # the file is as listed: a real error, said with the checkpoint it is about
+                e.add_note(f"[value-pl] compare: while loading checkpoint {ck.path} (step {ck.step})")
+                raise
+            skip(ck, why)
+            continue
+        why = changed(ck)  # written to while it was hashed or loaded
+        if why:
+            del backbone
+            skip(ck, why)
+            continue
         check_inputs(backbone, data.manifest, data.root)  # before the first batch
         built += 1
         backbone.to(device)
@@ -275,7 +306,7 @@ def compare(cfg: DictConfig) -> dict:
     rows.sort(key=lambda r: (r["step"], r["checkpoint"]))
     b = OmegaConf.to_container(cfg.backbone, resolve=True)
     res = {"backbone": {"family": b.get("family"), "name": b.get("name")}, "suite": suite,
-           "data": data_ident, "rows": rows, "built": built, "cache": str(cache)}
+           "data": data_ident, "rows": rows, "built": built, "cache": str(cache), "not_compared": not_compared}
     if cfg.get("plots", True):
         res["plots"] = plots(rows, rdir / "plots")
     res["seconds"] = round(time.time() - t0, 2)
@@ -283,8 +314,9 @@ def compare(cfg: DictConfig) -> dict:
     md = markdown(res)
     (rdir / "compare.md").write_text(md)
     print(md)
-    print(f"[value-pl] {len(rows)} checkpoints ({built} measured, {len(rows) - built} cached) "
-          f"in {res['seconds']} s -> {rdir}")
+    print(f"[value-pl] {len(rows)} checkpoints ({built} measured, {len(rows) - built} cached"
+          + (f", {len(not_compared)} not compared: changed or removed since listed" if not_compared else "")
+          + f") in {res['seconds']} s -> {rdir}")
     lc = cfg.get("logger")
     if lc and lc.get("name") == "wandb":
         cfg = OmegaConf.merge(cfg, {"logger": {"group": lc.get("group") or f"compare-{b.get('name')}",
