@@ -146,3 +146,30 @@ def test_compare_skips_checkpoints_changed_after_listing(tmp_path, demo_root, mo
     with pytest.raises(Exception) as e:
         compare(compose(common, "compare"))
     assert any("step_150.pt" in n for n in getattr(e.value, "__notes__", [])), e.value
+
+
+def test_compare_measures_again_a_damaged_cache_row(tmp_path, demo_root, monkeypatch, capsys):
+    """A cache row cut short (a run killed while writing it, or a concurrent run reading it half-written) is measured
+    again, with a message, instead of failing this and every later run; rows are written whole (rename)."""
+    import value_pl.compare.driver as D
+    from value_pl.compare import compare
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    torch.save(dict(_uniter(tmp_path, 1).state_dict()), d / "step_10.pt")
+    monkeypatch.setattr(D, "run_suite", lambda backbone, suite, data: {
+        "metrics": {"w": 1.0}, "skipped": {}, "forwards": 0, "seconds": 0.0})
+    common = [f"checkpoints={d}/*.pt", "backbone=uniter", f"backbone.config={tmp_path}/tiny.json",
+              "backbone.tokenizer=minilm", "backbone.img_dim=64", f"data.root={demo_root}", f"out={tmp_path}/run",
+              *SMALL]
+    assert compare(compose(common, "compare"))["built"] == 1
+    (row,) = (tmp_path / "run" / "cache").iterdir()
+    text = row.read_text()
+    row.write_text(text[: len(text) // 2])
+    capsys.readouterr()
+    res = compare(compose(common, "compare"))
+    assert res["built"] == 1 and res["rows"][0]["metrics"] == {"w": 1.0}
+    assert "unreadable" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "run" / "cache").iterdir()] == [row.name]  # whole again, no temporary left
+    assert json.loads(row.read_text())["metrics"] == {"w": 1.0}
+    assert compare(compose(common, "compare"))["built"] == 0

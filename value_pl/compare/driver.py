@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -95,6 +96,30 @@ def data_identity(cfg: DictConfig) -> dict:
     return {"root": str(root.resolve()), "dataset": m.get("dataset"), "version": m.get("version"),
             "seed": m.get("seed"), "splits": {k: v.get("samples") for k, v in m["splits"].items()},
             "roles": OmegaConf.to_container(cfg.data.splits) if cfg.data.get("splits") else None}
+
+
+def read_cached(cfile: Path, say) -> dict | None:
+    """A cached row, or None: absent, or unreadable (a run killed while writing it, a file damaged since),
+    which is said and then measured again instead of failing every later run."""
+    try:
+        row = json.loads(cfile.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        say(f"[value-pl] cache row {cfile} is unreadable ({e}): measured again")
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("metrics"), dict):
+        say(f"[value-pl] cache row {cfile} has no metrics: measured again")
+        return None
+    return row
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path`` and rename it over ``path``: a concurrent run sharing the
+    cache, or this one killed mid-write, never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def pick_device(name) -> torch.device:
@@ -261,8 +286,8 @@ def compare(cfg: DictConfig) -> dict:
             sids[wkey] = cache_identity(cfg, suite, data_ident, ck)
         sid = sids[wkey]
         cfile = cache / f"{csum[:32]}-{sid[:32]}.json"
-        if cfile.exists():
-            row = json.loads(cfile.read_text())
+        row = read_cached(cfile, bar.write)
+        if row is not None:
             row.update(checkpoint=ck.path, step=ck.step, step_source=ck.step_source, computed=False)
             bar.write(f"[value-pl] {ck.name} (step {ck.step}): cached ({cfile.name})")
             rows.append(row)
@@ -296,7 +321,7 @@ def compare(cfg: DictConfig) -> dict:
                "metrics": res["metrics"], "skipped": res["skipped"], "forwards": res["forwards"],
                "seconds": {"build": round(tb, 3), "suite": res["seconds"], "total": round(time.time() - t1, 3)},
                "device": str(device), "computed": True}
-        cfile.write_text(json.dumps(row, indent=1, default=float) + "\n")
+        write_atomic(cfile, json.dumps(row, indent=1, default=float) + "\n")
         summ = ", ".join(f"{k}={v:.3f}" for k, v in res["metrics"].items() if "/layer_" not in k)
         bar.write(f"[value-pl] {ck.name} (step {ck.step}): {summ} [{row['seconds']['total']:.1f} s]")
         rows.append(row)
