@@ -173,3 +173,29 @@ def test_compare_measures_again_a_damaged_cache_row(tmp_path, demo_root, monkeyp
     assert [p.name for p in (tmp_path / "run" / "cache").iterdir()] == [row.name]  # whole again, no temporary left
     assert json.loads(row.read_text())["metrics"] == {"w": 1.0}
     assert compare(compose(common, "compare"))["built"] == 0
+
+
+def test_discover_leaves_out_a_stepless_file_being_written(tmp_path, monkeypatch, capsys):
+    """``last.pt`` (no step in its name) is being written while it is listed: its step cannot be read, but it is not
+    "a checkpoint without a step" that fails the whole run; it is left out and said, and the others are listed."""
+    import value_pl.compare.checkpoints as C
+
+    for s in (100, 200):
+        torch.save({"w": torch.zeros(1)}, tmp_path / f"u_step{s}.pt")
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 half a zip")
+    real = C.step_from_file
+
+    def still_writing(path):
+        if path.endswith("last.pt"):
+            with open(path, "ab") as f:
+                f.write(b"more bytes")
+        return real(path)
+
+    monkeypatch.setattr(C, "step_from_file", still_writing)
+    assert [(Path(c.path).name, c.step) for c in C.discover(str(tmp_path / "*.pt"))] == [
+        ("u_step100.pt", 100), ("u_step200.pt", 200)]
+    out = capsys.readouterr().out
+    assert "being written" in out and "last.pt" in out
+    monkeypatch.setattr(C, "step_from_file", real)  # finished but unreadable, and no step: the error as before
+    with pytest.raises(ValueError, match=r"no training step found for .*last\.pt"):
+        C.discover(str(tmp_path / "*.pt"))

@@ -198,13 +198,19 @@ def discover(spec, steps=None) -> list[Checkpoint]:
     is alone under that directory. Names that point at the same file (``latest.pt``, ``last.ckpt``
     symlinks) are compared once, under the name that carries the step; the dropped names are printed.
     A checkpoint with no step at all, among checkpoints with steps, is an error (set ``steps``); when no
-    checkpoint has a step, the steps are the list positions (printed).
+    checkpoint has a step, the steps are the list positions (printed). A checkpoint with no step that changes
+    while it is read is being written: it is left out (printed), for the next run.
 
     ``steps``: explicit steps in the order of ``spec``, one per name, or one per distinct file.
     """
     names = expand(spec)
     if not names:
         raise FileNotFoundError("checkpoints=... matched no file or directory")
+    return _listed(names, steps)
+
+
+def _listed(names: list[str], steps=None) -> list[Checkpoint]:
+    """:func:`discover` on existing paths."""
     sigs = {p: signature(p) for p in names}  # before any step is read from the files
     groups: dict[str, list[int]] = {}  # resolved file -> indices into names, in the order given
     for i, p in enumerate(names):
@@ -224,6 +230,15 @@ def discover(spec, steps=None) -> list[Checkpoint]:
     else:
         owners = _dir_owners(names)
         found = [_find_step(p, owners) for p in names]
+        # a file with no step that changed while it was read is being written (a save in progress): it is left out
+        # (said) rather than failing the run as a checkpoint without a step; the next run lists it
+        writing = [p for p, (st, _) in zip(names, found) if st is None and _moved(p, sigs[p])]
+        if writing:
+            _say(f"being written, left out (a re-run compares it): {', '.join(writing)}")
+            rest = [p for p in names if p not in writing]
+            if not rest:
+                raise FileNotFoundError(f"checkpoints: every match is still being written ({', '.join(writing)})")
+            return _listed(rest)
 
     kept: list[int] = []
     for real, idx in groups.items():
@@ -267,6 +282,13 @@ def discover(spec, steps=None) -> list[Checkpoint]:
                               sigs[names[i]]))
     out.sort(key=lambda c: (c.step, c.path))
     return out
+
+
+def _moved(path: str, sig: tuple) -> bool:
+    try:
+        return signature(path) != sig
+    except FileNotFoundError:
+        return True
 
 
 def changed(ck: Checkpoint) -> str | None:
