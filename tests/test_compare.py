@@ -312,3 +312,24 @@ def test_steps_per_file_follow_the_order_the_error_asks_for(tmp_path):
     want = {"last.pt": 3000, "u_step1000.pt": 1000, "u_step2000.pt": 2000}
     got = discover(str(tmp_path / "*.pt"), steps=[want[n] for n in order])
     assert {Path(c.path).name: c.step for c in got} == want
+
+
+def test_suite_task_without_validation_examples_is_not_measured(tmp_path, demo_root):
+    """No validation examples (``val_samples=0``, or a split without the task's labels): the heads could not be
+    selected and kept their initial weights, so the suite reported an untrained head's test accuracy (the same
+    for 0 and 3 epochs) and ``val/best = -1``. The task is now listed under ``skipped`` with no numbers."""
+    from omegaconf import OmegaConf
+
+    from value_pl.backbones import build_backbone
+    from value_pl.compare.suite import SuiteData, run_suite, suite_config
+
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    bb = build_backbone(OmegaConf.create({"family": "uniter", "config": str(tmp_path / "tiny.json"),
+                                          "tokenizer": "minilm", "pretrained": False, "seed": 1}), img_dim=64)
+    suite = suite_config({"train_samples": 32, "val_samples": 0, "test_samples": 16, "analyses": [], "epochs": 1,
+                          "rank": 8, "batch_size": 16, "tasks": ["vrc"]})
+    res = run_suite(bb, suite, SuiteData.load(demo_root, suite))
+    assert res["metrics"] == {} and "no vrc examples among the first 0 val samples" in res["skipped"]["vrc"]
+    suite["val_samples"] = 16
+    res = run_suite(bb, suite, SuiteData.load(demo_root, suite))
+    assert "vrc" not in res["skipped"] and res["metrics"]["vrc/val/best"] >= 0

@@ -20,6 +20,9 @@ Metric names (flat, ``/``-separated, as W&B keys):
 ``<task>/acc/layer_XX`` (test accuracy of that layer's head at its best validation epoch),
 ``<task>/acc/best`` (test accuracy of the head best by validation), ``<task>/val/best``.
 
+A task with no examples among the train or validation samples is not measured (``skipped``): its heads would
+keep their initial weights and report an untrained head's accuracy.
+
 The suite leaves the backbone as it found it: training flags and ``requires_grad`` of every module
 are restored (:func:`~value_pl.compare.state.preserved`), and the backbone is never moved between devices.
 """
@@ -418,5 +421,13 @@ def run_suite(backbone, cfg: dict, data: SuiteData) -> dict:
         for a in analyses:
             metrics.update(_analysis_metrics(a, a.result()))
         for p in probes:
+            # heads trained on nothing, or selected on nothing (they would keep their initial weights), would report
+            # an untrained head's test accuracy: the task is not measured, and said so
+            empty = [r for r in ("train", "val") if not sum(int(y.numel()) for y in p.labels.get(r, []))]
+            if empty:
+                n = " / ".join(str(cfg[f"{r}_samples"]) for r in empty)
+                skipped[p.task] = (f"no {p.task} examples among the first {n} {' / '.join(empty)} samples "
+                                   f"(suite.{empty[0]}_samples, or the split's labels)")
+                continue
             metrics.update(_train_heads(p, cfg, device))
     return {"metrics": metrics, "skipped": skipped, "seconds": round(time.time() - t0, 3), "forwards": forwards}
