@@ -209,3 +209,19 @@ def test_cli_end_to_end(tmp_path):
     assert "train: 7 samples" in r.stdout and "skipped: annotated_box_unmatched 1" in r.stdout
     man = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert split_counts(man) == F30K_EXPECTED
+
+
+def test_a_name_that_is_not_a_chain_id_is_an_error_not_dropped(tmp_path):
+    """An object's <name> tags are chain ids; one that is not (beside a numeric one) is not silently left out: the
+    file is refused naming the object, and a build counts it under malformed_xml like any broken annotation."""
+    from value_pl.datasets.flickr30k import parse_annotation
+
+    p = tmp_path / "1.xml"
+    p.write_text("<annotation><size><width>10</width><height>10</height><depth>3</depth></size>"
+                 "<object><name>12</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox>"
+                 "</object><object><name>7</name><name>dog</name><nobndbox>1</nobndbox></object></annotation>")
+    with pytest.raises(BuildError, match=r"1\.xml: <object> #2 has a <name> that is not a chain id: 'dog'"):
+        parse_annotation(p)
+    p.write_text(p.read_text().replace("<name>dog</name>", "<name> 8 </name>"))
+    W, H, boxes, chains, unboxed = parse_annotation(p)
+    assert chains == {"12", "7", "8"} and unboxed == {"7", "8"} and boxes[0][1] == ["12"]

@@ -124,7 +124,11 @@ def parse_annotation(path: Path):
         raise BuildError(f"{path}: image size {W}x{H} is not positive")
     boxes, chains, unboxed = [], set(), set()
     for k, obj in enumerate(root.findall("object")):
-        names = [str(int(n.text.strip())) for n in obj.findall("name") if n.text and n.text.strip().isdigit()]
+        texts = [(n.text or "").strip() for n in obj.findall("name")]
+        other = [t for t in texts if t and not t.isdigit()]
+        if other:  # never dropped silently: the object's box would lose a chain, or serve a wrong one
+            raise BuildError(f"{path}: <object> #{k + 1} has a <name> that is not a chain id: {other[0]!r}")
+        names = [str(int(t)) for t in texts if t]
         if not names:
             raise BuildError(f"{path}: <object> #{k + 1} has no numeric <name> (chain id)")
         chains.update(names)
