@@ -83,7 +83,7 @@ def test_compare_three_checkpoints_then_cached(tmp_path, checkpoints, demo_root,
     assert md.index("ckpt_step30.pt") < md.index("ckpt_step200.pt") < md.index("ckpt_step1000.pt")
     assert sorted(x.name for x in (run / "plots").glob("*.png")) == sorted(
         n.replace("/", "__") + ".png" for n in names)
-    assert len(list((run / "cache").glob("*.json"))) == 3
+    assert len(list((run / "cache").glob("*-*.json"))) == 3
     csv = (run / "csv" / "metrics.csv").read_text().splitlines()
     assert len(csv) == 4 and "fusion/nmi/mean" in csv[0]
     assert "ckpt_step1000.pt (step 1000)" in out and "3 measured, 0 cached" in out

@@ -131,7 +131,7 @@ def test_compare_skips_checkpoints_changed_after_listing(tmp_path, demo_root, mo
         "last.pt": "changed", "step_500.pt": "removed"}
     out = capsys.readouterr().out
     assert "2 not compared" in out and "## Checkpoints not compared" in (tmp_path / "run" / "compare.md").read_text()
-    assert len(list((tmp_path / "run" / "cache").glob("*.json"))) == 2
+    assert len(list((tmp_path / "run" / "cache").glob("*-*.json"))) == 2  # rows (checksums.json aside)
 
     # the next run: last.pt at its new step, with its new weights
     monkeypatch.setattr(D, "checksum", real_checksum)
@@ -163,14 +163,15 @@ def test_compare_measures_again_a_damaged_cache_row(tmp_path, demo_root, monkeyp
               "backbone.tokenizer=minilm", "backbone.img_dim=64", f"data.root={demo_root}", f"out={tmp_path}/run",
               *SMALL]
     assert compare(compose(common, "compare"))["built"] == 1
-    (row,) = (tmp_path / "run" / "cache").iterdir()
+    (row,) = (tmp_path / "run" / "cache").glob("*-*.json")
     text = row.read_text()
     row.write_text(text[: len(text) // 2])
     capsys.readouterr()
     res = compare(compose(common, "compare"))
     assert res["built"] == 1 and res["rows"][0]["metrics"] == {"w": 1.0}
     assert "unreadable" in capsys.readouterr().out
-    assert [p.name for p in (tmp_path / "run" / "cache").iterdir()] == [row.name]  # whole again, no temporary left
+    # whole again, no temporary left
+    assert sorted(p.name for p in (tmp_path / "run" / "cache").iterdir()) == sorted([row.name, "checksums.json"])
     assert json.loads(row.read_text())["metrics"] == {"w": 1.0}
     assert compare(compose(common, "compare"))["built"] == 0
 
@@ -199,3 +200,48 @@ def test_discover_leaves_out_a_stepless_file_being_written(tmp_path, monkeypatch
     monkeypatch.setattr(C, "step_from_file", real)  # finished but unreadable, and no step: the error as before
     with pytest.raises(ValueError, match=r"no training step found for .*last\.pt"):
         C.discover(str(tmp_path / "*.pt"))
+
+
+def test_a_rerun_hashes_only_new_or_changed_checkpoints(tmp_path, demo_root, monkeypatch, capsys):
+    """``compare`` run again while the pretraining keeps saving reads the bytes of new and changed checkpoints only
+    (a memo of sha256 by size, mtime and inode, in the cache); a rewritten file is hashed again and measured anew, and
+    a damaged memo is said and rebuilt."""
+    import os
+
+    import value_pl.compare.driver as D
+    from value_pl.compare import compare
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    for seed in (1, 2):
+        torch.save(dict(_uniter(tmp_path, seed).state_dict()), d / f"step_{seed}00.pt")
+    hashed = []
+    real_checksum = D.checksum
+    monkeypatch.setattr(D, "checksum", lambda path: hashed.append(Path(path).name) or real_checksum(path))
+    monkeypatch.setattr(D, "run_suite", lambda backbone, suite, data: {
+        "metrics": {"w": float(backbone.uniter.embeddings.word_embeddings.weight[0, 0])}, "skipped": {},
+        "forwards": 0, "seconds": 0.0})
+    common = [f"checkpoints={d}/*.pt", "backbone=uniter", f"backbone.config={tmp_path}/tiny.json",
+              "backbone.tokenizer=minilm", "backbone.img_dim=64", f"data.root={demo_root}", f"out={tmp_path}/run",
+              *SMALL]
+    assert compare(compose(common, "compare"))["built"] == 2 and sorted(hashed) == ["step_100.pt", "step_200.pt"]
+    hashed.clear()
+    torch.save(dict(_uniter(tmp_path, 3).state_dict()), d / "step_300.pt")  # saved since
+    res = compare(compose(common, "compare"))
+    assert hashed == ["step_300.pt"] and res["built"] == 1 and len(res["rows"]) == 3
+    # step_100.pt rewritten in place with other weights: hashed and measured again, not served from the cache
+    hashed.clear()
+    other = _uniter(tmp_path, 7)
+    st = os.stat(d / "step_100.pt")
+    torch.save(dict(other.state_dict()), d / "step_100.pt")
+    os.utime(d / "step_100.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    res = compare(compose(common, "compare"))
+    assert hashed == ["step_100.pt"] and res["built"] == 1
+    assert res["rows"][0]["metrics"]["w"] == float(other.uniter.embeddings.word_embeddings.weight[0, 0])
+    # a damaged memo: said, every checkpoint hashed again, nothing measured again
+    (tmp_path / "run" / "cache" / "checksums.json").write_text("{")
+    hashed.clear()
+    capsys.readouterr()
+    res = compare(compose(common, "compare"))
+    assert sorted(hashed) == ["step_100.pt", "step_200.pt", "step_300.pt"] and res["built"] == 0
+    assert "checksum memo" in capsys.readouterr().out

@@ -122,6 +122,44 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class ChecksumMemo:
+    """``<cache>/checksums.json``: each checkpoint's sha256 under the signature (size, mtime, inode of its files) it
+    had when hashed, so that a re-run -- ``compare`` run again while a pretraining run keeps saving -- reads again
+    only the checkpoints that are new or changed, not every byte of every one. A damaged memo is said and
+    rebuilt."""
+
+    def __init__(self, cache: Path, say):
+        self.path = cache / "checksums.json"
+        self.say = say
+        try:
+            memo = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            memo = {}
+        except (ValueError, UnicodeDecodeError) as e:
+            say(f"[value-pl] checksum memo {self.path} is unreadable ({e}): checkpoints are hashed again")
+            memo = {}
+        self.memo = memo if isinstance(memo, dict) else {}
+
+    @staticmethod
+    def _sig(ck) -> list | None:
+        return None if ck.signature is None else json.loads(json.dumps(ck.signature))
+
+    def get(self, ck) -> str | None:
+        e = self.memo.get(os.path.abspath(ck.path))
+        sig = self._sig(ck)
+        if sig is not None and isinstance(e, dict) and e.get("signature") == sig and isinstance(e.get("sha256"), str):
+            return e["sha256"]
+        return None
+
+    def put(self, ck, csum: str) -> None:
+        """Only for a checkpoint found unchanged since it was listed (its signature is that of the hashed bytes)."""
+        sig = self._sig(ck)
+        if sig is None or self.get(ck) == csum:
+            return
+        self.memo[os.path.abspath(ck.path)] = {"signature": sig, "sha256": csum}
+        write_atomic(self.path, json.dumps(self.memo, indent=0, sort_keys=True) + "\n")
+
+
 def pick_device(name) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -270,17 +308,19 @@ def compare(cfg: DictConfig) -> dict:
         bar.write(f"[value-pl] {ck.name} (step {ck.step}): not compared, {why}; nothing cached, a re-run measures it")
 
     bar = progress(cks, enabled=bool(cfg.get("progress", True)), unit="ckpt", desc="compare")
+    memo = ChecksumMemo(cache, bar.write)
     for ck in bar:
         # every row's bytes are those the checkpoint had when listed (its step was read then): a file the trainer
         # is still writing, or has replaced or deleted since (last.ckpt, save_top_k), is skipped, not mislabelled
         try:
-            csum = checksum(ck.path)
+            csum = memo.get(ck) or checksum(ck.path)
         except FileNotFoundError:
             csum = None
         why = changed(ck) or (None if csum else "removed since it was listed")
         if why:
             skip(ck, why)
             continue
+        memo.put(ck, csum)
         wkey = weights_key(cfg, ck)
         if wkey not in sids:
             sids[wkey] = cache_identity(cfg, suite, data_ident, ck)
