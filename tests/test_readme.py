@@ -137,11 +137,13 @@ def test_layout_page_lists_every_module():
 
 
 def _sweep_dirs() -> dict[str, str]:
-    """experiment name -> the directory its multirun writes below (``hydra.sweep.dir`` up to the timestamp)."""
+    """experiment name -> the directory its multirun writes below (``hydra.sweep.dir`` up to the timestamp);
+    the training-free sweeps of ``configs/analyze_experiment/`` (``analyze_experiment=paper``) included."""
     import yaml
 
     out = {}
-    for f in sorted((REPO / "configs" / "experiment").glob("*.yaml")):
+    for f in sorted([*(REPO / "configs" / "experiment").glob("*.yaml"),
+                     *(REPO / "configs" / "analyze_experiment").glob("*.yaml")]):
         d = ((yaml.safe_load(f.read_text()) or {}).get("hydra") or {}).get("sweep", {}).get("dir")
         if d:
             out[f.stem] = d.split("/${", 1)[0]

@@ -108,6 +108,7 @@ def analyze(cfg: DictConfig) -> dict:
                                coref_label=cfg.get("coref_label", "coref"), rand_iou=cfg.get("rand_iou", 0.5))
     limit = cfg.get("max_samples")
     total = dm.num_samples(split) if split in dm.manifest["splits"] else None
+    split_samples = total
     if limit:
         total = min(int(limit), total) if total else int(limit)
     bs = int(cfg.batch_size)
@@ -154,13 +155,16 @@ def analyze(cfg: DictConfig) -> dict:
                     a.count(k, v)
 
     logger = make_logger(cfg, rdir)
-    summary = {"analyses": [a.name for a in analyses], "skipped": skipped, "backbone": ident,
-               "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"), "split": split,
-                        "synthetic": synthetic}, "samples": seen, "seed": int(cfg.seed), "device": str(device),
-               "inputs_cut": cut, "outputs": {}}
+    # what python -m value_pl.report needs of each run (value_pl/report/analyses.py): which model, which data,
+    # which seed, and whether it read a capped sample (max_samples) or cut inputs
+    data = {"root": str(dm.root), "dataset": dm.manifest.get("dataset"), "split": split, "synthetic": synthetic,
+            "split_samples": split_samples}
+    run = {"data": data, "seed": int(cfg.seed), "max_samples": int(limit) if limit else None}
+    summary = {"analyses": [a.name for a in analyses], "skipped": skipped, "backbone": ident, **run,
+               "samples": seen, "device": str(device), "inputs_cut": cut, "outputs": {}}
     for a in analyses:
         res = a.result()
-        res.update(backbone=ident, split=split, samples_seen=seen, inputs_cut=cut)
+        res.update(backbone=ident, split=split, samples_seen=seen, inputs_cut=cut, **run)
         figs = a.figures(res, rdir)
         (rdir / f"{a.name}.json").write_text(json.dumps(res, indent=1, default=float, allow_nan=True) + "\n")
         md = header(a.name, ident, cfg, seen, synthetic, cut) + a.markdown(res)

@@ -40,11 +40,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from .analyses import Analyses, load_analyses
 from .collect import LAYOUTS, Runs, Stat, Table, find_results, layer_title, load_runs, model_label, t975
 from .layouts import build_tables
 
-__all__ = ["LAYOUTS", "Runs", "Stat", "Table", "build_tables", "find_results", "layer_title", "load_runs",
-           "log_wandb", "model_label", "report_name", "summary_cells", "t975", "write_tables"]
+__all__ = ["LAYOUTS", "Analyses", "Runs", "Stat", "Table", "build_tables", "find_results", "layer_title",
+           "load_analyses", "load_runs", "log_wandb", "model_label", "report_name", "summary_cells", "t975",
+           "write_tables"]
 
 
 def report_name(layout: str = "auto") -> str:

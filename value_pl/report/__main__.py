@@ -5,12 +5,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import LAYOUTS, __doc__ as REPORT_DOC, build_tables, load_runs, log_wandb, write_tables
+from . import LAYOUTS, __doc__ as REPORT_DOC, build_tables, load_analyses, load_runs, log_wandb, write_tables
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m value_pl.report", description=REPORT_DOC.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run directories (searched recursively for results.json)")
+    ap.add_argument("runs", nargs="+", help="run directories (searched recursively for results.json and analyze runs' "
+                                             "<analysis>.json / analysis.json)")
     ap.add_argument("--layout", default="auto", help=f"auto or comma-separated of: {', '.join(LAYOUTS)}")
     ap.add_argument("--out", default=None,
                     help="output directory (default: the first run directory / report); the markdown is report.md for "
@@ -22,12 +23,14 @@ def main(argv=None) -> int:
                          "then holds the tables)")
     a = ap.parse_args(argv)
     runs = load_runs(a.runs)
-    if not runs:
-        print("no results.json found under " + " ".join(a.runs), file=sys.stderr)
+    analyses = load_analyses(a.runs)
+    if not runs and not analyses:
+        print("no results.json or analyze output found under " + " ".join(a.runs), file=sys.stderr)
         return 1
-    tables = build_tables(runs, a.layout)
-    out = Path(a.out) if a.out else Path(a.runs[0]) / "report"
-    p = write_tables(tables, out, len(runs), layout=a.layout)
+    tables = build_tables(runs, a.layout, analyses)
+    first = Path(a.runs[0])
+    out = Path(a.out) if a.out else (first.parent if first.is_file() else first) / "report"
+    p = write_tables(tables, out, len(runs) + len({Path(r["_path"]).parent for r in analyses}), layout=a.layout)
     print(p.read_text())
     print(f"[value-pl] wrote {p} and {len(tables)} CSV file(s) to {out}")
     if a.wandb:

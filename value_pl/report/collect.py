@@ -15,7 +15,12 @@ SENT_TASKS = ("sentlen", "treedepth", "topconst", "bshift", "tense", "subjnum", 
 TASK_TITLES = {"vcd": "VCD", "vcc": "VCC", "vri": "VRI", "vrc": "VRC", "sentlen": "SentLen", "treedepth": "TreeDepth",
                "topconst": "TopConst", "bshift": "BShift", "tense": "Tense", "subjnum": "SubjNum", "objnum": "ObjNum",
                "somo": "SOMO", "coordinv": "CoordInv", "wordcontent": "WordContent", "oddmanout": "OddManOut"}
-LAYOUTS = ("table3", "table8", "table6", "fig4", "table9", "table10", "table5", "table11", "selectivity", "mdl")
+LAYOUTS = ("table3", "table8", "table6", "fig4", "table9", "table10", "table5", "table11", "selectivity", "mdl",
+           "table1", "table2", "table4", "table7", "modality")
+#: the layouts built from ``python -m value_pl.analyze`` runs (value_pl/report/analyses.py), not results.json
+ANALYSIS_LAYOUTS = ("table1", "table2", "table4", "table7", "modality")
+#: the per-analysis files of an analyze run that the report reads (``<analysis>.json``; analysis.json lists them)
+ANALYSIS_FILES = ("fusion", "coref", "relation", "modality", "i2t")
 
 # two-sided 95% t quantiles t_{0.975, df}, df = 1..30 (used when scipy is missing)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -71,6 +76,7 @@ class Table:
     cells: dict = field(default_factory=dict)  # (row, col) -> Stat | str
     scale: float = 100.0
     note: str = ""
+    digits: int = 2
 
     def put(self, row: str, col: str, v) -> None:
         if row not in self.rows:
@@ -83,7 +89,7 @@ class Table:
         v = self.cells.get((row, col))
         if v is None:
             return "/"
-        return v.fmt(self.scale) if isinstance(v, Stat) else str(v)
+        return v.fmt(self.scale, self.digits) if isinstance(v, Stat) else str(v)
 
     def markdown(self) -> str:
         out = [f"### {self.title}", "", "| | " + " | ".join(self.cols) + " |", "|---|" + "---:|" * len(self.cols)]
@@ -102,7 +108,7 @@ class Table:
                     continue
                 if isinstance(v, Stat):
                     out.append({"table": self.name, "row": r, "column": c, "mean": v.mean * self.scale,
-                                "ci95": v.ci95 * self.scale, "n": v.n, "text": v.fmt(self.scale),
+                                "ci95": v.ci95 * self.scale, "n": v.n, "text": v.fmt(self.scale, self.digits),
                                 "values": " ".join(f"{x * self.scale:.6g}" for x in v.values)})
                 else:
                     out.append({"table": self.name, "row": r, "column": c, "mean": None, "ci95": None, "n": None,
@@ -171,10 +177,13 @@ def find_results(paths) -> list[Path]:
     for p in map(Path, paths):
         if p.is_file() and p.name == "results.json":
             out.append(p)
+        elif p.is_file() and p.name in ("analysis.json", *(f"{a}.json" for a in ANALYSIS_FILES)):
+            continue  # an analyze run's file: value_pl.report.analyses reads it
         elif p.is_dir():
             out.extend(sorted(p.rglob("results.json")))
         else:
-            raise FileNotFoundError(f"{p}: not a run directory or results.json")
+            raise FileNotFoundError(f"{p}: not a run directory, results.json or an analyze run's analysis.json / "
+                                    f"<analysis>.json")
     return sorted(set(out))
 
 

@@ -1,9 +1,11 @@
-"""The paper's table layouts (Tables 3, 5, 6, 8-11, Fig. 4a, selectivity, MDL) built from collected runs."""
+"""The paper's table layouts (Tables 3, 5, 6, 8-11, Fig. 4a, selectivity, MDL) built from collected runs, and the
+dispatch to the training-free ones (Tables 1, 2, 4, 7, Figs. 2-3: :mod:`.analyses`)."""
 from __future__ import annotations
 
 import re
 
-from .collect import LAYOUTS, PAIR_TASKS, SENT_TASKS, TASK_TITLES, Runs, Stat, Table, _layer_order, layer_title
+from .analyses import Analyses, build_analysis_tables
+from .collect import ANALYSIS_LAYOUTS, LAYOUTS, PAIR_TASKS, SENT_TASKS, TASK_TITLES, Runs, Stat, Table, _layer_order, layer_title
 
 #: what the two-stream (LXMERT) rows are, in the paper's numbering
 NOTE_TS_CROSS = ("TS: Layer 1-5 are LXMERT's 5 cross-modality layers, numbered 0-4 in the paper's Table 1 "
@@ -178,8 +180,11 @@ def table_mdl(R: Runs) -> Table:
     return t
 
 
-def build_tables(runs: list[dict], layout: str = "auto") -> list[Table]:
+def build_tables(runs: list[dict], layout: str = "auto", analyses: list[dict] | None = None) -> list[Table]:
+    """The tables of ``layout`` from ``results.json`` runs (:func:`~.collect.load_runs`) and analyze runs
+    (:func:`~.analyses.load_analyses`)."""
     R = Runs(runs)
+    A = Analyses(analyses or [])
     make = {
         "table3": lambda: [table_coref(R, "table3", keep_layers={1, 5, 12})],
         "table8": lambda: [table_coref(R, "table8")],
@@ -191,9 +196,10 @@ def build_tables(runs: list[dict], layout: str = "auto") -> list[Table]:
         "table11": lambda: [table_linguistic(R, "table11")],
         "selectivity": lambda: [table_selectivity(R)],
         "mdl": lambda: [table_mdl(R)],
+        **{n: (lambda n=n: build_analysis_tables(A, n)) for n in ANALYSIS_LAYOUTS},
     }
     names = [n for n in LAYOUTS if n not in ("table9", "table10")] if layout == "auto" else layout.split(",")
-    out, seen = [], set()
+    out, seen, from_results = [], set(), []
     for n in names:
         if n not in make:
             raise ValueError(f"unknown layout {n!r}; one of auto, {', '.join(LAYOUTS)}")
@@ -201,9 +207,11 @@ def build_tables(runs: list[dict], layout: str = "auto") -> list[Table]:
             if t.name not in seen and (not t.empty() or layout != "auto"):
                 seen.add(t.name)
                 out.append(t)
-    if R.smoke:  # said under every table, so that no table of them is copied without it
+                if n not in ANALYSIS_LAYOUTS:
+                    from_results.append(t)
+    if R.smoke:  # said under every table of them, so that no such table is copied without it
         warn = (f"**Not a result:** {len(R.smoke)} of the {len(runs)} runs are smoke tests (fast_dev_run, "
                 f"limit_*_batches or data.train_batches), e.g. {R.smoke[0]}.")
-        for t in out:
+        for t in from_results:
             t.note = f"{t.note}\n\n{warn}" if t.note else warn
     return out
