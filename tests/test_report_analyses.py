@@ -159,9 +159,12 @@ def test_dataset_names_and_uncapped_runs(analyze_runs, tmp_path):
 
 
 def test_paper_sweep_config_composes():
-    cfg = compose(["analyze_experiment=paper", "backbone=lxmert", "dataset_key=vg", "paths.vg=/data/vg",
-                   "paths.backbones.lxmert.checkpoint=/c/model_LXRT.pth", "paths.backbones.lxmert.tokenizer=/c/tok"],
-                  "analyze")
+    # docs/reproducing.md's $P (the train experiments' paths) is accepted as it is
+    P = ["paths.flickr30k=/data/f30k", "paths.vg=/data/vg", "paths.vg_mismatch=/data/vgm", "paths.senteval=/data/se",
+         "paths.backbones.lxmert.checkpoint=/c/model_LXRT.pth", "paths.backbones.lxmert.tokenizer=/c/tok",
+         "paths.backbones.bert.path=/c/bert"]
+    cfg = compose(["analyze_experiment=paper", "backbone=lxmert", "dataset_key=vg", *P], "analyze")
     assert cfg.data.root == "/data/vg" and cfg.data.name == "shards"
     assert cfg.backbone.checkpoint == "/c/model_LXRT.pth" and cfg.backbone.tokenizer == "/c/tok"
     assert list(cfg.analysis.run) == ["fusion", "modality", "i2t", "coref", "relation", "tsne"]
+    assert compose(["analyze_experiment=paper", *P], "analyze").data.root == "/data/f30k"  # the default dataset_key

@@ -1,4 +1,5 @@
-"""Aggregate ``results.json`` files over seeds into the paper's table layouts (markdown, CSV, W&B tables).
+"""Aggregate ``results.json`` files and ``python -m value_pl.analyze`` runs over seeds into the paper's table
+layouts (markdown, CSV, W&B tables).
 
     python -m value_pl.report RUN_DIRS... [--layout auto|table3|table5|...] [--out DIR] [--wandb]
 
@@ -33,6 +34,19 @@ Layouts (``auto`` = all of them that have data):
 * ``selectivity``: accuracy, control-task accuracy and selectivity (paired by seed) per layer.
 * ``mdl``: online codelength and compression per layer (task and control runs).
 
+Training-free layouts, from analyze runs (their ``<analysis>.json`` files, found recursively; grouped by analysis,
+model label and dataset -- the manifest's name, ``Flickr30k`` / ``Visual Genome`` -- with the same refusals;
+runs of a capped sample, ``max_samples``, or on demo shards are marked **Not a result**, cut inputs are said;
+:mod:`.analyses`):
+
+* ``table1``: NMI per layer in the paper's Table 1 numbering (columns 0..11), rows model / dataset (Table 1;
+  the untrained twins' rows are App. B's numbers).
+* ``table2``: coreference, max attention V->T, T->V and their (Rand.) baselines with the head, rows model: type.
+* ``table4``: relations, max attention between subject and object regions (and Rand.), a column pair per model.
+* ``table7``: the ratio of the type's selected V->T head, a row per model, the types as columns.
+* ``modality``: Figs. 2-3's numbers: [CLS] modality importance per layer and overall, image-to-text heads
+  (and ``modality_heads``: per head).
+
 Accuracies are printed in percent.
 """
 from __future__ import annotations
@@ -41,7 +55,7 @@ import csv
 from pathlib import Path
 
 from .analyses import Analyses, load_analyses
-from .collect import LAYOUTS, Runs, Stat, Table, find_results, layer_title, load_runs, model_label, t975
+from .collect import ANALYSIS_LAYOUTS, LAYOUTS, Runs, Stat, Table, find_results, layer_title, load_runs, model_label, t975
 from .layouts import build_tables
 
 __all__ = ["LAYOUTS", "Analyses", "Runs", "Stat", "Table", "build_tables", "find_results", "layer_title",
@@ -62,7 +76,9 @@ def write_tables(tables: list[Table], out: Path, n_runs: int, layout: str = "aut
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# value-pl report ({n_runs} runs)" + ("" if layout in (None, "", "auto") else f", layout {layout}"), "",
-          "mean ± half-width of the 95% t confidence interval over seeds (no interval for one seed); accuracies in %.", ""]
+          "mean ± half-width of the 95% t confidence interval over seeds (no interval for one seed); accuracies in %"
+          + ("; the training-free tables' NMI, attention weights and ratios as fractions (0-1)."
+             if any(t.name in ANALYSIS_LAYOUTS or t.name == "modality_heads" for t in tables) else "."), ""]
     for t in tables:
         md.append(t.markdown())
         with open(out / f"{t.name}.csv", "w", newline="") as f:
