@@ -199,4 +199,4 @@ def test_sweep_report_with_no_runs_says_so(tmp_path, caplog):
     (tmp_path / "sweep").mkdir()
     with caplog.at_level(logging.WARNING, logger="value_pl"):
         assert SweepReport().report(cfg) is None
-    assert "no results.json under" in caplog.text and "run_dir" in caplog.text
+    assert "no results.json or analyze output under" in caplog.text and "run_dir" in caplog.text

@@ -168,3 +168,22 @@ def test_paper_sweep_config_composes():
     assert cfg.backbone.checkpoint == "/c/model_LXRT.pth" and cfg.backbone.tokenizer == "/c/tok"
     assert list(cfg.analysis.run) == ["fusion", "modality", "i2t", "coref", "relation", "tsne"]
     assert compose(["analyze_experiment=paper", *P], "analyze").data.root == "/data/f30k"  # the default dataset_key
+
+
+def test_an_analyze_sweep_reports_its_tables_when_it_ends(analyze_runs, capsys):
+    """``configs/analyze.yaml`` has the same end-of-sweep report as training sweeps: the analysis tables of the
+    sweep's runs go to ``<sweep dir>/report``."""
+    from omegaconf import OmegaConf
+
+    from value_pl.callbacks import SweepReport
+
+    from conftest import CONFIGS
+
+    cb = OmegaConf.load(CONFIGS / "analyze.yaml").hydra.callbacks.sweep_report
+    assert cb._target_ == "value_pl.callbacks.SweepReport"
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(analyze_runs)}}, "logger": {"name": "none"}})
+    out = SweepReport(layout=cb.layout).report(cfg)
+    assert out["runs"] == 3 and {"table1", "table2", "table4", "table7"} <= set(out["tables"])
+    md = (analyze_runs / "report" / "report.md").read_text()
+    assert "Table 1: multimodal fusion degree" in md and "sweep report: 3 runs" in capsys.readouterr().out
+    shutil.rmtree(analyze_runs / "report")  # the module's other tests read the sweep directory

@@ -211,8 +211,9 @@ class ProbeCallback(pl.Callback):
 
 
 class SweepReport(HydraCallback):
-    """Hydra callback (``configs/train.yaml``: ``hydra.callbacks.sweep_report``): when a multirun ends, build the
-    report tables (:mod:`value_pl.report`) from every ``results.json`` under the sweep directory, write them to
+    """Hydra callback (``configs/train.yaml`` and ``configs/analyze.yaml``: ``hydra.callbacks.sweep_report``): when a
+    multirun ends, build the report tables (:mod:`value_pl.report`) from every ``results.json`` and every analyze
+    run's output under the sweep directory, write them to
     ``<sweep dir>/report/``, and -- under ``logger=wandb`` -- log them as one ``job_type=report`` run in the
     sweep's W&B group (:func:`value_pl.driver.setup.sweep_group`), whose summary holds every table cell.
     A report never fails a sweep: problems are printed."""
@@ -231,24 +232,26 @@ class SweepReport(HydraCallback):
 
     def report(self, config) -> dict | None:
         from .driver.setup import sweep_group
-        from .report import build_tables, load_runs, log_wandb, write_tables
+        from .report import build_tables, load_analyses, load_runs, log_wandb, write_tables
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         runs = load_runs([sweep_dir]) if sweep_dir.is_dir() else []
-        if not runs:
-            log.warning("sweep report: no results.json under %s, nothing to report (did the jobs fail, or write "
-                        "elsewhere with run_dir=...? python -m value_pl.report <dirs> reports any directories)",
-                        sweep_dir)
+        analyses = load_analyses([sweep_dir]) if sweep_dir.is_dir() else []
+        if not runs and not analyses:
+            log.warning("sweep report: no results.json or analyze output under %s, nothing to report (did the jobs "
+                        "fail, or write elsewhere with run_dir=...? python -m value_pl.report <dirs> reports any "
+                        "directories)", sweep_dir)
             return None
-        tables = build_tables(runs, self.layout)
-        path = write_tables(tables, sweep_dir / "report", len(runs))
-        out = {"runs": len(runs), "tables": [t.name for t in tables], "report": str(path), "group": None}
+        tables = build_tables(runs, self.layout, analyses)
+        n = len(runs) + len({Path(r["_path"]).parent for r in analyses})
+        path = write_tables(tables, sweep_dir / "report", n)
+        out = {"runs": n, "tables": [t.name for t in tables], "report": str(path), "group": None}
         lc = config.get("logger")
         if tables and lc and lc.get("name") == "wandb":
             group = lc.get("group") or sweep_group(config.hydra)
             os.environ.setdefault("WANDB_MODE", lc.get("mode", "offline"))
             log_wandb(tables, lc.get("project", "value-pl"), group=group, dir=str(sweep_dir))
             out["group"] = group
-        print(f"[value-pl] sweep report: {len(runs)} runs -> {path}"
+        print(f"[value-pl] sweep report: {n} runs -> {path}"
               + (f"; W&B group {out['group']} (run {out['group']}-report)" if out["group"] else ""))
         return out
