@@ -240,7 +240,7 @@ class Runs:
                     raise ValueError(
                         f"{where} and {w0}: runs of one configuration ({_key_text(k)}) trained differently ("
                         + ", ".join(f"{f} {b0.get(f)!r} vs {b.get(f)!r}" for f in diff) + "); the seeds of a "
-                        f"cell must differ only in their seed: report them separately")
+                        "cell must differ only in their seed: report them separately")
             models[k[2]].setdefault(backbone_identity(r), where)
             if len(models[k[2]]) > 1:
                 (a, pa), (b, pb) = list(models[k[2]].items())[:2]
