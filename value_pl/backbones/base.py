@@ -35,11 +35,14 @@ Probers and analyses read *only* this object: use :meth:`BackboneOutput.embed` a
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from ..data.hashing import canonical_sha256, field_differences
 
 TEXT = "text"
 REGION = "region"
@@ -161,6 +164,38 @@ def _slot_lookup(rows: Tensor, n: int) -> Tensor:
     return slots[:, :n]
 
 
+#: HF config fields that cannot change what a frozen backbone computes from a batch, left out of its config record
+#: (everything else -- and every field a future transformers adds -- is in it)
+CONFIG_FIELDS_IGNORED = frozenset({
+    # bookkeeping: where the config was read from, which library wrote it, which head class it was saved with
+    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures",
+    # the dtype the config asks for: the built weights' own dtype is recorded instead (``weights_dtype``)
+    "dtype", "torch_dtype",
+    # outputs and caches our own layer loop never asks the modules for
+    "output_hidden_states", "output_attentions", "return_dict", "use_return_dict", "use_cache", "torchscript",
+    "gradient_checkpointing",
+    # dropout: a frozen backbone runs in eval mode for good (Backbone.freeze)
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+    # initialisation only: what it drew is in the weights' checksum
+    "initializer_range", "special_visual_initialize",
+    # task heads and pretraining losses that are not part of the encoder (never built here)
+    "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params",
+    "num_qa_labels", "num_object_labels", "num_attr_labels", "visual_loss_normalizer", "task_matched",
+    "task_mask_lm", "task_obj_predict", "task_qa", "visual_obj_loss", "visual_attr_loss", "visual_feat_loss",
+})
+
+
+def model_config_record(config, **extra) -> dict:
+    """The fields of an HF ``config`` that can change a frozen backbone's outputs (all of ``config.to_dict()`` but
+    :data:`CONFIG_FIELDS_IGNORED` and other private ``_`` fields), plus ``attn_implementation`` (the attention
+    kernels the layers run) and ``extra`` (settings kept outside the HF config, e.g. UNITER's ``img_dim``)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    out = {str(k): v for k, v in d.items() if k not in CONFIG_FIELDS_IGNORED and not str(k).startswith("_")}
+    out["attn_implementation"] = getattr(config, "_attn_implementation", None)
+    out.update(extra)
+    return out
+
+
 def layer_index(name: str) -> int | None:
     """``"layer_07"`` -> 7; None for ``raw`` / ``all_heads`` / other names."""
     head, _, num = str(name).rpartition("_")
@@ -191,6 +226,7 @@ class Backbone(nn.Module):
     def __init__(self, tokenizer=None, max_text_len: int | None = None, max_regions: int = 100):
         super().__init__()
         self.identity: dict = {}
+        self.config_record: dict = {}  # record_config(): the effective model config as built
         self._frozen = False  # freeze(): eval mode for good, no gradients (what probing wants)
         self.tokenizer = tokenizer
         self.max_text_len, self.max_regions = max_text_len, max_regions
@@ -248,6 +284,28 @@ class Backbone(nn.Module):
 
     def describe(self) -> dict:
         return dict(self.identity)
+
+    def effective_config(self) -> dict:
+        """What, besides the weights, decides this backbone's outputs: :func:`model_config_record` of its HF
+        config, the dtype(s) its weights were built in, and (single-stream models that keep it outside the HF
+        config) the region feature width. Recorded at build time by :meth:`record_config`."""
+        extra = {"weights_dtype": sorted({str(p.dtype).replace("torch.", "") for p in self.parameters()})}
+        if "img_dim" in vars(self):  # an attribute (UNITER), not a view of the HF config (LXMERT, VisualBERT)
+            extra["img_dim"] = int(vars(self)["img_dim"])
+        return model_config_record(self.config, **extra)
+
+    def record_config(self) -> str:
+        """Keep :meth:`effective_config` as built (``config_record``: later ``.to()`` calls or a precision
+        plugin do not change how the backbone was configured) and return its hash (``config_sha256``)."""
+        self.config_record = self.effective_config()
+        return canonical_sha256(self.config_record)
+
+    def config_differences(self, record: dict, where: str = "saved") -> list[str]:
+        """``field=A (<where>) != B (now)`` for each field of a saved :meth:`effective_config` ``record`` that this
+        backbone's differs in (empty when they agree)."""
+        mine = self.config_record or self.effective_config()
+        mine = json.loads(json.dumps(mine, sort_keys=True, default=str))  # compared as a saved record reads back
+        return field_differences(json.loads(json.dumps(record, default=str)), mine, where, "now")
 
     # ---------------------------------------------------------------- layout
     def hidden_names(self, stream: str) -> list[str]:

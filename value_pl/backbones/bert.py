@@ -111,17 +111,27 @@ def map_base_keys(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return out
 
 
-def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
-    from transformers import AutoConfig, AutoModel
+def model_config(cfg, img_dim: int | None = None):
+    """The HF config :func:`build_bert` builds the model from (``backbone.config`` > ``path``), attention
+    implementation included; reads no weights."""
+    from transformers import AutoConfig
 
     path = resolve_path(cfg.get("path"))
     if not path or not Path(path).is_dir():
         raise FileNotFoundError(f"backbone=bert needs backbone.path=DIR (a local HF BERT-family directory, or "
                                 f"'minilm'); got {cfg.get('path')!r}")
+    config = AutoConfig.from_pretrained(resolve_path(cfg.get("config")) or path, local_files_only=True)
+    config._attn_implementation = "sdpa"  # our capture reads q/k projections; the layers may use sdpa
+    return config
+
+
+def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
+    from transformers import AutoModel
+
+    config = model_config(cfg)
+    path = resolve_path(cfg.get("path"))
     cfg_file = resolve_path(cfg.get("config"))
     tok_dir = resolve_path(cfg.get("tokenizer")) or path
-    config = AutoConfig.from_pretrained(cfg_file or path, local_files_only=True)
-    config._attn_implementation = "sdpa"  # our capture reads q/k projections; the layers may use sdpa
     model = AutoModel.from_config(config, attn_implementation="sdpa")
     m = BertBackbone(model, load_tokenizer(tok_dir), cfg.get("max_text_len"))
     seed = int(cfg.get("seed", 0))
@@ -147,7 +157,7 @@ def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
         "checkpoint": resolve_path(cfg.get("checkpoint")),
         "config": cfg_file, "tokenizer": tok_dir, "pretrained": pretrained, "seed": seed, "source": source,
         "model_type": config.model_type, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-        "heads": config.num_attention_heads, "checksum": m.weights_checksum(),
+        "heads": config.num_attention_heads, "checksum": m.weights_checksum(), "config_sha256": m.record_config(),
         "ignored_keys": len(report.get("ignored", [])), "text_limit": m.text_limit,
     }
     return m

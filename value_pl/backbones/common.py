@@ -67,7 +67,8 @@ def hf_state(path: str) -> dict[str, Tensor]:
 
 
 def finish(m, cfg, src: Sources, seed: int, source: str, report: dict, **identity):
-    """Freeze a built backbone and record its identity (what prober checkpoints store).
+    """Freeze a built backbone and record its identity (what prober checkpoints store): the weights' checksum and
+    the hash of its effective model config (:meth:`~value_pl.backbones.base.Backbone.record_config`).
 
     ``cfg.box_mode`` (``uniter7`` / ``xyxy4``) overrides the family's box encoding (a variant trained on
     other boxes); :mod:`.checks` verifies it against the model's box input before the first batch. The Linear
@@ -87,8 +88,8 @@ def finish(m, cfg, src: Sources, seed: int, source: str, report: dict, **identit
         "family": m.family, "name": cfg.get("name", m.family), "path": src.path, "checkpoint": src.checkpoint,
         "config": src.config, "tokenizer": src.tokenizer, "pretrained": src.pretrained, "seed": seed,
         "source": source, **identity, "hidden": m.config.hidden_size, "heads": m.config.num_attention_heads,
-        "checksum": m.weights_checksum(), "ignored_keys": len(report.get("ignored", [])),
-        "text_limit": m.text_limit, "max_regions": m.max_regions,
+        "checksum": m.weights_checksum(), "config_sha256": m.record_config(),
+        "ignored_keys": len(report.get("ignored", [])), "text_limit": m.text_limit, "max_regions": m.max_regions,
     }
     return m
 

@@ -52,7 +52,7 @@ from transformers import LxmertConfig, LxmertModel
 from .base import Backbone, BackboneOutput, LayerSpec, PairLayout, StreamInfo, layer_index, layer_title
 from .capture import CaptureSpec, QKRecorder, RowSoftmax, additive_mask, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
-                     rename_gamma_beta, seeded_init, sources, unwrap_checkpoint)
+                     rename_gamma_beta, resolve_path, seeded_init, sources, unwrap_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +275,23 @@ def map_lxmert_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
-    src = sources(cfg, "lxmert", "model_LXRT.pth")
-    path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
-    config = lxmert_config(path, src.config)
-    want_dim = cfg.get("img_dim") or (None if (pretrained and (path or ckpt)) else img_dim)
+def model_config(cfg, img_dim: int | None = None) -> LxmertConfig:
+    """The HF config :func:`build_lxmert` builds the model from: ``backbone.config`` > ``path`` > LXMERT's
+    defaults, the feature width (``img_dim`` configured, else the weights', else the data's ``img_dim``) and the
+    attention implementation; reads no weights."""
+    path, ckpt = resolve_path(cfg.get("path")), resolve_path(cfg.get("checkpoint"))
+    config = lxmert_config(path, resolve_path(cfg.get("config")))
+    want_dim = cfg.get("img_dim") or (None if (cfg.get("pretrained", True) and (path or ckpt)) else img_dim)
     if want_dim:
         config.visual_feat_dim = int(want_dim)
     config._attn_implementation = "eager"  # LxmertAttention has a single implementation
+    return config
+
+
+def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
+    src = sources(cfg, "lxmert", "model_LXRT.pth")
+    path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
+    config = model_config(cfg, img_dim)
     tokenizer = load_tokenizer(src.tokenizer)
     m = LxmertBackbone(config, tokenizer, cfg.get("max_text_len"), int(cfg.get("max_regions", 36)))
     seed = int(cfg.get("seed", 0))

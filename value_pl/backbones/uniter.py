@@ -27,7 +27,7 @@ from transformers.models.bert.modeling_bert import BertLayer, BertPooler
 from .base import BackboneOutput, SingleStreamBackbone, StreamInfo
 from .capture import CaptureSpec, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, rename_gamma_beta,
-                     seeded_init, sources, unwrap_checkpoint)
+                     resolve_path, seeded_init, sources, unwrap_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,18 @@ def _uniter_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {(k[len("module."):] if k.startswith("module.uniter.") else k): v for k, v in sd.items()}
 
 
+def model_config(cfg, img_dim: int | None = None) -> BertConfig:
+    """The HF config :func:`build_uniter` builds the encoder from (``backbone.config`` > ``path`` > BERT-base
+    sizes), attention implementation included; reads no weights (``img_dim`` is not part of it)."""
+    config = _bert_config(resolve_path(cfg.get("path")), resolve_path(cfg.get("config")))
+    config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    return config
+
+
 def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
     src = sources(cfg, "uniter", "PATH (uniter-base.pt)")
     path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
-    config = _bert_config(path, src.config)
+    config = model_config(cfg)
     sd = None
     if pretrained and ckpt:  # a Lightning / wrapped model's file: its attribute prefix stripped
         sd = unwrap_checkpoint(load_state(ckpt), ("uniter.embeddings.word_embeddings.weight",), ckpt,

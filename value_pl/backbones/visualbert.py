@@ -25,7 +25,7 @@ from transformers import VisualBertConfig, VisualBertModel
 from .base import BackboneOutput, SingleStreamBackbone, StreamInfo
 from .capture import CaptureSpec, rows_for_stream
 from .common import (bert_stack, finish, hf_state, load_into, load_state, load_tokenizer, read_hf_config,
-                     rename_gamma_beta, seeded_init, sources, unwrap_checkpoint)
+                     rename_gamma_beta, resolve_path, seeded_init, sources, unwrap_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,23 @@ def map_visualbert_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
-    src = sources(cfg, "visualbert", "FILE")
-    path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
-    config = visualbert_config(path, src.config)
-    want_dim = cfg.get("img_dim") or (None if (pretrained and (path or ckpt)) else img_dim)
+def model_config(cfg, img_dim: int | None = None) -> VisualBertConfig:
+    """The HF config :func:`build_visualbert` builds the model from: ``backbone.config`` > ``path`` > defaults,
+    the feature width (``img_dim`` configured, else the weights', else the data's) and the attention
+    implementation; reads no weights."""
+    path, ckpt = resolve_path(cfg.get("path")), resolve_path(cfg.get("checkpoint"))
+    config = visualbert_config(path, resolve_path(cfg.get("config")))
+    want_dim = cfg.get("img_dim") or (None if (cfg.get("pretrained", True) and (path or ckpt)) else img_dim)
     if want_dim:
         config.visual_embedding_dim = int(want_dim)
     config._attn_implementation = "eager"
+    return config
+
+
+def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
+    src = sources(cfg, "visualbert", "FILE")
+    path, ckpt, pretrained = src.path, src.checkpoint, src.pretrained
+    config = model_config(cfg, img_dim)
     m = VisualBertBackbone(config, load_tokenizer(src.tokenizer), cfg.get("max_text_len"),
                            int(cfg.get("max_regions", 100)))
     seed = int(cfg.get("seed", 0))

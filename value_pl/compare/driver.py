@@ -2,7 +2,9 @@
 
 For every checkpoint (ordered by training step) the backbone is built with ``backbone.checkpoint``
 (files: UNITER ``.pt``, LXMERT ``.pth``) or ``backbone.path`` (HF directories) set to it, the suite
-(:mod:`value_pl.compare.suite`) runs, and the row is cached under ``<cache>/<sha256(checkpoint)>-<sha256(suite)>.json``;
+(:mod:`value_pl.compare.suite`) runs, and the row is cached under ``<cache>/<sha256(checkpoint)>-<sha256(suite)>.json``
+(the second hash also covers the other backbone.* fields with the files they name, the model config the backbone
+is built with, and the data);
 a re-run loads cached rows and builds no backbone for them. Outputs: ``compare.json``, ``compare.md``,
 ``plots/<metric>.png`` (one line plot per metric against the step), and one logger run (W&B: one group,
 the checkpoint step as x-axis).
@@ -77,14 +79,36 @@ def file_identity(value) -> dict | str | None:
     return {f.name: one(f) for f in sorted(p.iterdir()) if f.is_file() and f.name not in IGNORED_IN_DIR}
 
 
-def cache_identity(cfg: DictConfig, suite: dict, data_ident: dict, ck) -> str:
-    """The suite/backbone/data half of a checkpoint's cache key. Only the field the checkpoint replaces
+def backbone_fields(cfg: DictConfig, ck) -> dict:
+    """The backbone.* fields of a checkpoint's cache key. Only the field the checkpoint replaces
     (:func:`weights_key`: its bytes are the other half of the key) is left out; the other file fields
     (``path`` of a .pt comparison, ``config``, ``tokenizer`` ...) stay, with the content they point at."""
     b = OmegaConf.to_container(backbone_cfg_for(cfg, ck), resolve=True)
     b.pop(weights_key(cfg, ck), None)
     b.pop("name", None)
     b["contents"] = {k: file_identity(b.get(k)) for k in FILE_FIELDS if b.get(k) not in (None, "", "null")}
+    return b
+
+
+def model_config_key(cfg: DictConfig, ck) -> dict | str | None:
+    """The model config the checkpoint's backbone is built with (:func:`~value_pl.backbones.configured_model_config`:
+    config file or the checkpoint directory's config.json read through transformers, with its defaults for fields
+    the file leaves out, and the attention implementation the builder sets), read without loading weights. A config
+    that cannot be read gives the error's name: the build then fails and says why, and nothing is cached."""
+    from ..backbones import configured_model_config
+
+    try:
+        return configured_model_config(backbone_cfg_for(cfg, ck))
+    except Exception as e:  # noqa: BLE001 - the build reports it with the checkpoint it is about
+        return f"unreadable ({type(e).__name__})"
+
+
+def cache_identity(cfg: DictConfig, suite: dict, data_ident: dict, ck, fields: dict | None = None) -> str:
+    """The suite/backbone/data half of a checkpoint's cache key: :func:`backbone_fields` (``fields`` when already
+    computed for this kind of checkpoint), the checkpoint's :func:`model_config_key` (what the same files would
+    compute under another transformers default or attention implementation) and the data's identity."""
+    b = dict(fields if fields is not None else backbone_fields(cfg, ck))
+    b["model_config"] = model_config_key(cfg, ck)
     return suite_hash(suite, {"backbone": b, "data": data_ident})
 
 
@@ -296,7 +320,7 @@ def compare(cfg: DictConfig) -> dict:
     specs = OmegaConf.to_container(specs) if OmegaConf.is_config(specs) else specs
     cks = discover(specs, steps)
     data_ident = data_identity(cfg)
-    sids: dict[str, str] = {}  # the key half depends on which field the checkpoint replaces
+    fields: dict[str, dict] = {}  # the backbone.* fields of the key depend on which field the checkpoint replaces
     device = pick_device(cfg.get("device"))
     data = None
     rows = []
@@ -322,9 +346,9 @@ def compare(cfg: DictConfig) -> dict:
             continue
         memo.put(ck, csum)
         wkey = weights_key(cfg, ck)
-        if wkey not in sids:
-            sids[wkey] = cache_identity(cfg, suite, data_ident, ck)
-        sid = sids[wkey]
+        if wkey not in fields:
+            fields[wkey] = backbone_fields(cfg, ck)
+        sid = cache_identity(cfg, suite, data_ident, ck, fields[wkey])
         cfile = cache / f"{csum[:32]}-{sid[:32]}.json"
         row = read_cached(cfile, bar.write)
         if row is not None:
@@ -357,7 +381,8 @@ def compare(cfg: DictConfig) -> dict:
         tb = time.time() - t1
         res = run_suite(backbone, suite, data)
         row = {"checkpoint": ck.path, "step": ck.step, "step_source": ck.step_source, "checksum": csum,
-               "weights_checksum": backbone.describe().get("checksum"), "suite": suite.get("name"),
+               "weights_checksum": backbone.describe().get("checksum"),
+               "config_sha256": backbone.describe().get("config_sha256"), "suite": suite.get("name"),
                "metrics": res["metrics"], "skipped": res["skipped"], "forwards": res["forwards"],
                "seconds": {"build": round(tb, 3), "suite": res["seconds"], "total": round(time.time() - t1, 3)},
                "device": str(device), "computed": True}

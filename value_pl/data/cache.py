@@ -15,16 +15,23 @@ every source sample the inputs of every prober head for its pairs:
 Only ``.npy`` (``allow_pickle=False``) and JSON: no pickle. ``manifest.json`` keeps the source manifest's
 ``splits``/``labels`` (so :class:`~value_pl.data.datamodule.ShardDataModule` reads a cache like any shard set,
 with the same exact sample ranges per rank and worker) plus ``cache``: the identity of what was
-extracted (backbone checksum, tokenizer, text/region limits, task, prober, heads, dtype, precision, relabelling and
-its seed). Extraction refuses head inputs that are not finite or overflow the cache's dtype.
+extracted (backbone checksum, effective model config, tokenizer, text/region limits, task, prober, heads, dtype,
+precision, relabelling and its seed). Extraction refuses head inputs that are not finite or overflow the cache's dtype.
 
 ``train data.cache=CACHE`` then feeds batches of ``{"cached_flat", "cached_layout", "labels", ...}`` to
 :class:`~value_pl.probers.module.ProbeModule` instead of running the backbone: every head input of the batch in one
 tensor of the cache's dtype (one shared-memory segment from a loader worker, fp16 by default: half the bytes of
 float32), which :func:`unpack_cached` views per head and converts to float32 on the device. Because the shards
 mirror the source and the sample shuffle is seeded, cached training sees the same batches as online training with
-the same seed. A cache whose backbone checksum, tokenizer, task, labels, relabelling or heads do not match the run is
-refused.
+the same seed. A cache whose backbone checksum, model config, tokenizer, task, labels, relabelling or heads do not
+match the run is refused, naming the fields that differ.
+
+The model config is :meth:`~value_pl.backbones.base.Backbone.effective_config`: every field of the backbone's HF
+config that can change its outputs (``layer_norm_eps``, ``hidden_act``, ``num_attention_heads``,
+``max_position_embeddings``, LXMERT's ``l_layers``/``x_layers``/``r_layers`` ...), the attention implementation,
+the weights' dtype and UNITER's ``img_dim``; bookkeeping (``_name_or_path``, ``transformers_version``,
+``architectures``, the config's ``dtype``), dropout, initialisation-only and task-head fields are left out
+(:data:`~value_pl.backbones.base.CONFIG_FIELDS_IGNORED`).
 """
 from __future__ import annotations
 
@@ -40,14 +47,15 @@ from omegaconf import OmegaConf
 
 from .collate import label_histogram
 from .handover import batch_tensor
-from .hashing import sha256_file
+from .hashing import canonical_sha256, field_differences, sha256_file
 from .schema import SchemaError, load_manifest
 
 log = logging.getLogger(__name__)
 
 FORMAT = "value-pl-feature-cache"
-VERSION = 4  # 2: info.json holds the batch counters; 3: the identity holds the backbone's input limits;
-# 4: info.json holds each sample's own counters, the identity the tokenizer and the control task's own seed
+VERSION = 5  # 2: info.json holds the batch counters; 3: the identity holds the backbone's input limits;
+# 4: info.json holds each sample's own counters, the identity the tokenizer and the control task's own seed;
+# 5: the identity holds the backbone's effective model config (``config``, ``config_sha256``)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -85,15 +93,30 @@ def label_seed(cfg) -> int | None:
     return None
 
 
+#: identity fields that say which weights a checksum belongs to (named when the checksums differ)
+WEIGHTS_SOURCE = ("pretrained", "seed", "checkpoint", "path")
+
+
+def backbone_config(bb) -> dict:
+    """The backbone's effective model config as it was built (:meth:`~value_pl.backbones.base.Backbone.record_config`;
+    computed now for a backbone built without it)."""
+    rec = getattr(bb, "config_record", None)
+    if not rec and hasattr(bb, "effective_config"):
+        rec = bb.effective_config()
+    return json.loads(json.dumps(rec or {}, sort_keys=True, default=str))  # as a manifest reads it back
+
+
 def cache_identity(module, cfg, dtype: str, precision: str) -> dict:
     ident = module.backbone.describe()
     bb = module.backbone
+    conf = backbone_config(bb)
     return {
-        "backbone": {**{k: ident.get(k) for k in ("family", "name", "checksum", "pretrained", "seed", "layers",
+        "backbone": {**{k: ident.get(k) for k in ("family", "name", "checksum", *WEIGHTS_SOURCE, "layers",
                                                    "hidden", "heads")},
                      "text_limit": int(bb.text_limit), "max_regions": getattr(bb, "max_regions", None),
                      "box_mode": getattr(bb, "box_mode", None),
-                     "tokenizer": tokenizer_fingerprint(getattr(bb, "tokenizer", None))},
+                     "tokenizer": tokenizer_fingerprint(getattr(bb, "tokenizer", None)),
+                     "config": conf, "config_sha256": canonical_sha256(conf)},
         "task": {"name": module.task["name"], "kind": module.kind, "labels": list(module.labels)},
         "prober": module.prober_name,
         "heads": list(module.head_names),
@@ -130,14 +153,21 @@ def check_cache(manifest: dict, module, cfg, root: str | Path = "?") -> None:
     if int(manifest.get("version", 0)) < VERSION:
         raise ValueError(f"feature cache {root} is version {manifest.get('version')}, older than this value-pl's "
                          f"{VERSION}: it does not record all that shapes its features and counts (text limit, "
-                         f"max_regions, box encoding, tokenizer, each sample's counters), so it cannot be checked "
+                         f"max_regions, box encoding, tokenizer, each sample's counters, the backbone's model "
+                         f"config), so it cannot be checked "
                          f"against this run. Re-extract it with python -m value_pl.extract.")
     want = cache_identity(module, cfg, c.get("dtype", "float16"), c.get("precision", "32"))
     errs = []
     cb, wb = c["backbone"], want["backbone"]
     if cb.get("checksum") != wb.get("checksum"):
+        why = field_differences({k: cb.get(k) for k in WEIGHTS_SOURCE}, {k: wb.get(k) for k in WEIGHTS_SOURCE},
+                                "cache", "configured")
         errs.append(f"backbone {cb.get('name')} checksum {cb.get('checksum')} != the configured backbone "
-                    f"{wb.get('name')} checksum {wb.get('checksum')}")
+                    f"{wb.get('name')} checksum {wb.get('checksum')}" + (f" ({'; '.join(why)})" if why else ""))
+    if cb.get("config_sha256") != wb.get("config_sha256"):  # same weights, other computation
+        diff = field_differences(cb.get("config") or {}, wb.get("config") or {}, "cache", "configured")
+        errs.append(f"backbone model config {cb.get('config_sha256')} in the cache != {wb.get('config_sha256')} "
+                    f"configured: " + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else ""))
     for k in INPUTS:  # features of texts cut elsewhere, of other regions, boxes or token ids are other features
         if cb.get(k) != wb.get(k):
             what = " (sha256 of its vocabulary, normaliser and special tokens)" if k == "tokenizer" else ""

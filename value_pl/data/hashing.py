@@ -1,7 +1,9 @@
-"""sha256 checksums of files and directories (shard manifests, feature caches, checkpoint comparison)."""
+"""sha256 checksums of files and directories (shard manifests, feature caches, checkpoint comparison), and of
+canonical JSON records (a backbone's effective model config) with the fields two records differ in."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 
@@ -27,3 +29,21 @@ def sha256_path(path: str | Path, ignore: tuple[str, ...] | set[str] = ()) -> st
         h.update(str(f.relative_to(p)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def canonical_sha256(obj) -> str:
+    """sha256 (16 hex) of ``obj`` as canonical JSON (sorted keys; non-JSON values by ``str``): the same record
+    gives the same hash in any process and dict order."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def field_differences(have: dict, want: dict, have_name: str = "saved", want_name: str = "now") -> list[str]:
+    """``field=A (<have_name>) != B (<want_name>)`` for every key whose value differs between two flat records
+    (a key one of them lacks counts as ``<absent>``), in key order."""
+    out = []
+    for k in sorted(set(have) | set(want), key=str):
+        a, b = have.get(k, "<absent>"), want.get(k, "<absent>")
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(f"{k}={a!r} ({have_name}) != {b!r} ({want_name})")
+    return out

@@ -2,8 +2,8 @@
 
 * The backbone is frozen (eval mode, no grad) and is *not* a registered submodule: it is not in the
   optimizer, not wrapped by DDP and not saved in checkpoints. Checkpoints hold the prober heads, the
-  per-head best snapshots and the backbone's identity (family, name, path, checksum); ``eval`` rebuilds the
-  backbone from the saved config and checks the checksum.
+  per-head best snapshots and the backbone's identity (family, name, path, checksum) and effective model config;
+  ``eval`` rebuilds the backbone from the saved config and refuses another checksum or model config.
 * Heads are independent: the loss is the sum of the heads' losses and Adam is per-parameter, so training
   all layers at once updates each head exactly as training that layer alone would. Heads of one class and
   size are stacked (:mod:`value_pl.probers.heads`): one batched matmul per weight serves every layer.
@@ -398,6 +398,7 @@ class ProbeModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["value_pl"] = {
             "heads_format": HEADS_FORMAT, "backbone_identity": self._backbone.describe(),
+            "backbone_config": getattr(self._backbone, "config_record", None) or None,
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_state": self.best_state,
             "task": self.task, "labels": self.labels, "labelling": getattr(self, "labelling", None),
         }
@@ -419,6 +420,15 @@ class ProbeModule(pl.LightningModule):
         if saved.get("checksum") and mine.get("checksum") and saved["checksum"] != mine["checksum"]:
             raise ValueError(f"prober checkpoint was trained on backbone {saved.get('name')} with checksum "
                              f"{saved['checksum']}, but the backbone built now has checksum {mine['checksum']}")
+        if v.get("backbone_config") and hasattr(self._backbone, "config_differences"):
+            diff = self._backbone.config_differences(v["backbone_config"], "checkpoint")
+            if diff:  # same weights, another computation: the heads were fitted to other features
+                raise ValueError(f"prober checkpoint was trained on backbone {saved.get('name')} configured "
+                                 f"otherwise than the backbone built now: " + "; ".join(diff[:8])
+                                 + (" ..." if len(diff) > 8 else "") + " (set the backbone config it was trained with)")
+        elif mine.get("config_sha256"):
+            log.warning("prober checkpoint predates the backbone config record: its backbone's model config "
+                        "(layer_norm_eps, attention, ...) cannot be checked against the one built now")
 
     # ---------------------------------------------------------------- results
     def layer_rows(self) -> list[dict]:
