@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..data.safe_load import load_torch
+from ..data.safe_load import can_mmap, load_torch
 from .autocast_cache import cache_autocast_weights
 from .capture import CaptureSpec, RowRecorder, RowSoftmax, additive_mask
 
@@ -155,14 +155,23 @@ def rename_gamma_beta(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_state(path: str) -> dict[str, Tensor]:
+def load_state(path: str, mmap: bool = True) -> dict[str, Tensor]:
+    """The state dict in a weights file: safetensors, or a torch file read with ``weights_only=True`` and, by
+    default, memory-mapped (:func:`~value_pl.data.safe_load.load_torch`): of a Lightning checkpoint only the
+    tensors :func:`load_into` copies into the model are ever read, never the optimizer state next to them. The
+    returned tensors may be views of the mapped file: copy what is kept (``load_state_dict`` does)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
-    sd = load_torch(path, what="backbone checkpoint")  # weights_only; pickle only with allow_unsafe_checkpoints
+    if mmap and not can_mmap(path):
+        log.warning("%s: legacy (non-zip) torch format: read into memory whole, optimizer state and all (memory-"
+                    "mapping needs the zip format torch.save writes since torch 1.6; torch.load the file once and "
+                    "torch.save it again to read only the weights)", path)
+    # weights_only; pickle only with allow_unsafe_checkpoints
+    sd = load_torch(path, what="backbone checkpoint", mmap=mmap)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):

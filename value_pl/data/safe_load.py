@@ -84,15 +84,28 @@ def refusal(path, what: str, names: list[str]) -> str:
             f"arbitrary code; if you trust where the file comes from, rerun with {SWITCH}=true")
 
 
+def can_mmap(path) -> bool:
+    """Whether ``torch.load(mmap=True)`` can map ``path``: files in the zip format ``torch.save`` writes by default
+    since torch 1.6 (``mmap`` itself is in every torch value-pl supports, >= 2.1, with ``weights_only`` too); a
+    legacy-format file is read whole instead."""
+    return zipfile.is_zipfile(path)
+
+
 def load_torch(path, *, what: str = "checkpoint", mmap: bool = False, allow_unsafe: bool | None = None):
     """``torch.load(path, weights_only=True)`` on the CPU; a file that needs pickle raises
-    :class:`UnsafeCheckpointError` unless unsafe loading is allowed (argument, else the run's switch)."""
+    :class:`UnsafeCheckpointError` unless unsafe loading is allowed (argument, else the run's switch).
+
+    ``mmap=True``: the tensors stay in the file, mapped; only the pages of the tensors that are read are ever in
+    memory (a Lightning checkpoint's optimizer moments, twice the weights with Adam, are never read when only the
+    weights are copied out). Copy what is kept: a mapped tensor keeps the whole file mapped. A legacy-format file
+    is read whole (:func:`can_mmap`; callers that read more than a few numbers say so)."""
     import torch
 
     path = str(path)
     allow = unsafe_allowed() if allow_unsafe is None else bool(allow_unsafe)
+    mmap = bool(mmap) and can_mmap(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower() and "weightsunpickler" not in str(e).lower():
             raise
@@ -109,7 +122,7 @@ def load_torch(path, *, what: str = "checkpoint", mmap: bool = False, allow_unsa
            + "; unpickling runs whatever code the file holds")
     warnings.warn(msg, UnsafeLoadWarning, stacklevel=2)
     log.warning(msg)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def check_loadable(path, what: str = "checkpoint") -> None:
