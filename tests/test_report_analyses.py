@@ -158,6 +158,28 @@ def test_dataset_names_and_uncapped_runs(analyze_runs, tmp_path):
     assert T["table2"].rows[0] == "TS untrained: people"  # Flickr30k is Table 2's own dataset
 
 
+def test_runs_written_before_max_samples_was_recorded_are_marked_cap_unknown(analyze_runs, tmp_path):
+    """Analyze outputs from before ``max_samples`` was recorded (neither the files nor ``analysis.json`` have it) are
+    not taken for uncapped runs: a "cap unknown" note under each table names their files. A run recording
+    ``max_samples: null`` (the whole split) is not marked."""
+    old, new = tmp_path / "old" / "ts0", tmp_path / "new" / "ts0"
+    for d in (old, new):
+        shutil.copytree(analyze_runs / "ts0", d)
+        for f in d.glob("*.json"):
+            res = json.loads(f.read_text())
+            res.get("data", {}).update(dataset="flickr30k_entities", synthetic=False)
+            res.get("data", {}).pop("split_samples", None)  # nor was the split's size recorded then
+            res.pop("max_samples", None) if d == old else res.update(max_samples=None)
+            f.write_text(json.dumps(res))
+    T = _tables([old], "table1,table2")
+    for t in T.values():
+        assert "**Cap unknown:** 1 of the 1 analyze runs were written before analyze recorded max_samples" in t.note
+        assert str(old / ("fusion.json" if t.name == "table1" else "coref.json")) in t.note, t.note
+        assert "Not a result" not in t.note
+    T = _tables([new], "table1")
+    assert "Cap unknown" not in T["table1"].note and "Not a result" not in T["table1"].note
+
+
 def test_paper_sweep_config_composes():
     # docs/reproducing.md's $P (the train experiments' paths) is accepted as it is
     P = ["paths.flickr30k=/data/f30k", "paths.vg=/data/vg", "paths.vg_mismatch=/data/vgm", "paths.senteval=/data/se",

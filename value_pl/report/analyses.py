@@ -4,7 +4,8 @@ the modality-importance numbers plotted in Figs. 2-3 (with the untrained twins o
 
 An analyze run writes ``<analysis>.json`` per analysis (and ``analysis.json``) into its run directory; each file
 records the backbone, the data (the manifest's dataset name), the seed and ``max_samples`` (files written before
-that are completed from their run's ``analysis.json``). Runs are grouped by (analysis, model label, dataset): the
+that are completed from their run's ``analysis.json``; a run whose files and ``analysis.json`` both lack
+``max_samples`` is marked "cap unknown" under its tables, naming the files, not taken for an uncapped one). Runs are grouped by (analysis, model label, dataset): the
 seeds of a group give mean +/- 95% CI, as in the other tables; two runs of one group with the same seed, or runs
 of different backbones under one model label, are refused with both files named.
 """
@@ -71,6 +72,9 @@ def load_analyses(paths) -> list[dict]:
         for k in ("data", "seed", "max_samples", "backbone", "inputs_cut"):
             if k not in res and k in summ:
                 res[k] = summ[k]
+        # written before analyze recorded its cap (``max_samples: null`` = the whole split): whether the run read a
+        # capped sample cannot be told; said under its tables (cap unknown), never taken for uncapped
+        res["_cap_unknown"] = "max_samples" not in res
         if "backbone" not in res or "data" not in res:
             raise ValueError(f"{f}: an analyze output without its backbone or data record (and no analysis.json "
                              f"beside it): cannot tell which model and dataset it belongs to")
@@ -126,7 +130,8 @@ class Analyses:
 
     def notes(self, *analyses: str) -> str:
         """What is not a result among the runs behind a table (counted per run directory): capped samples
-        (``max_samples``), synthetic demo shards, inputs cut to the backbone's limits."""
+        (``max_samples``), synthetic demo shards, inputs cut to the backbone's limits; and the runs whose cap is
+        unknown (files written before ``max_samples`` was recorded), named."""
         runs: dict[str, dict] = {}
         for (a, _, _), d in self.by.items():
             if a in analyses:
@@ -136,6 +141,7 @@ class Analyses:
         demo = [p for p, r in runs.items() if (r.get("data") or {}).get("synthetic")]
         cut = [(p, r["inputs_cut"]) for p, r in runs.items()
                if (r.get("inputs_cut") or {}).get("texts") or (r.get("inputs_cut") or {}).get("regions")]
+        unknown = sorted(r["_path"] for r in runs.values() if r.get("_cap_unknown"))
         why = []
         if capped:
             p, r = capped[0]
@@ -144,6 +150,10 @@ class Analyses:
         if demo:
             why.append(f"{len(demo)} read synthetic demo shards (e.g. {demo[0]})")
         out = [f"**Not a result:** of the {len(runs)} analyze runs, " + "; ".join(why) + "."] if why else []
+        if unknown:
+            out.append(f"**Cap unknown:** {len(unknown)} of the {len(runs)} analyze runs were written before analyze "
+                       f"recorded max_samples, so whether they read the whole split or a capped sample cannot be "
+                       f"told (run them again to know): " + ", ".join(unknown) + ".")
         if cut:
             p, c = cut[0]
             out.append(f"**Inputs cut:** {len(cut)} of the {len(runs)} analyze runs saw inputs cut to the backbone's "
