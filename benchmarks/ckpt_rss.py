@@ -3,7 +3,7 @@
 Writes a checkpoint such as a UNITER-base pretraining run saves (``--layers`` x ``--hidden`` BERT encoder with
 UNITER's image embedding under ``state_dict['encoder.*']``, plus Adam's ``exp_avg`` and ``exp_avg_sq`` for every
 weight under ``optimizer_states``: about 3x the weights), then builds the backbone from it (what ``compare`` does
-for each checkpoint) in fresh processes and reports each one's peak resident set (``ru_maxrss``):
+for each checkpoint) in fresh processes and reports each one's peak resident set (``VmHWM``, Linux):
 
 * ``no checkpoint`` -- the same model, untrained twin: the floor (model + libraries);
 * ``read whole``    -- ``torch.load(weights_only=True)`` without ``mmap`` (value-pl before it mapped files);
@@ -36,21 +36,29 @@ def backbone_cfg(config: Path, ckpt: Path | None):
                              "pretrained": ckpt is not None, "checkpoint": str(ckpt) if ckpt else None})
 
 
+def vm_hwm_mib() -> float:
+    """This process's peak resident set (``VmHWM``, MiB). Not ``ru_maxrss``: on Linux that survives ``exec`` and
+    starts a child at its parent's peak (here: the parent that wrote a 1.3 GB checkpoint)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(mode: str, config: Path, ckpt: Path) -> dict:
     """In a fresh process: build the backbone and report peak RSS (MiB)."""
     import functools
-    import resource
 
     import value_pl.backbones.uniter as U
     from value_pl.backbones import build_backbone
 
     if mode == "whole":
         U.load_state = functools.partial(U.load_state, mmap=False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = vm_hwm_mib()
     t0 = time.perf_counter()
     bb = build_backbone(backbone_cfg(config, None if mode == "none" else ckpt))
     sec = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = vm_hwm_mib()
     return {"mode": mode, "peak_rss_mib": round(peak, 1), "rss_before_build_mib": round(before, 1),
             "seconds": round(sec, 2), "params": sum(p.numel() for p in bb.parameters())}
 

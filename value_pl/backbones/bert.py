@@ -148,6 +148,7 @@ def build_bert(cfg, img_dim: int | None = None) -> BertBackbone:
             sd = hf_weights(path)
         sd = map_base_keys(sd, model.base_model_prefix)
         report = load_into(m, sd, ckpt or path, ("model.embeddings.", "model.embeddings_project.", "model.encoder."))
+        del sd  # copied into the model: the file's mapping goes now, not after the checksum
         source = f"pretrained {config.model_type} from {ckpt or path}"
     m.freeze()
     cache_autocast_weights(m)  # bf16 copies of the frozen Linear weights made once, not per call

@@ -302,6 +302,7 @@ def build_lxmert(cfg, img_dim: int | None = None) -> LxmertBackbone:
     if pretrained and ckpt:
         sd = unwrap_checkpoint(load_state(ckpt), LXMERT_ANCHORS, ckpt, cfg.get("checkpoint_prefix"))
         report = load_into(m, map_lxmert_keys(sd), ckpt, required)
+        del sd  # copied into the model: the file's mapping goes now, not after the checksum
         source = f"original LXMERT checkpoint {ckpt}"
         m.image_weights = ckpt
     elif pretrained and path:

@@ -198,4 +198,5 @@ def build_uniter(cfg, img_dim: int | None = None) -> UniterBackbone:
         report = load_into(m, _hf_bert_state(path), path, ("uniter.embeddings.", "uniter.encoder."))
         source = (f"text side from the pretrained BERT-family model at {path}; "
                   f"image embeddings randomly initialised (seed {seed})")
+    sd = ckpt_dim = None  # copied into the model: the file's mapping goes now, not after the checksum
     return finish(m, cfg, src, seed, source, report, img_dim=img_dim, layers=config.num_hidden_layers)

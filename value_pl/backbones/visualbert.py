@@ -125,6 +125,7 @@ def build_visualbert(cfg, img_dim: int | None = None) -> VisualBertBackbone:
                                                     "embeddings.word_embeddings.weight"), ckpt,
                                 cfg.get("checkpoint_prefix")) if ckpt else hf_state(path))
         report = load_into(m, map_visualbert_keys(sd), ckpt or path, required)
+        del sd  # copied into the model: the file's mapping goes now, not after the checksum
         source = f"VisualBERT weights from {ckpt or path}"
         m.image_weights = ckpt or path
     return finish(m, cfg, src, seed, source, report, img_dim=config.visual_embedding_dim,
