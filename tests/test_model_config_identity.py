@@ -3,6 +3,7 @@ activation, head count or attention implementation compute other features, so a 
 or a ``compare`` cache row made under one config is not reused under another (refused naming the fields, or
 measured again)."""
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -58,11 +59,14 @@ def test_the_record_leaves_out_only_what_cannot_change_outputs(shards):
     for gone in ("_name_or_path", "transformers_version", "architectures", "dtype", "hidden_dropout_prob",
                  "initializer_range", "id2label"):
         assert gone not in rec
-    diff = a.config_differences(b.config_record, "other")
-    assert [d.split("=")[0] for d in diff] == ["hidden_act", "layer_norm_eps", "num_attention_heads"]
+    diff, odd = a.config_differences(b.config_record, "other")
+    assert [d.split("=")[0] for d in diff] == ["hidden_act", "layer_norm_eps", "num_attention_heads"] and not odd
+    # a field only one side has (another transformers version added it): said, not a difference
+    diff, odd = a.config_differences({**a.config_record, "new_field": 1})
+    assert diff == [] and odd == ["new_field"]
 
 
-def test_a_feature_cache_is_refused_for_another_model_config(shards):
+def test_a_feature_cache_is_refused_for_another_model_config(shards, caplog):
     """Extracted with one config, read with another whose weights checksum is the same: refused, naming the fields
     (it used to be accepted: only the checksum, tokenizer and input limits were compared)."""
     from value_pl.driver.extract import extract_cache
@@ -85,9 +89,21 @@ def test_a_feature_cache_is_refused_for_another_model_config(shards):
     cfg = compose(cached + _backbone(tiny) + ["backbone.seed=1"])
     with pytest.raises(ValueError, match=r"checksum \w+ \(seed=0 \(cache\) != 1 \(configured\)\)"):
         build_module(cfg, make_datamodule(cfg))
-    # a version-4 cache (no model config recorded) cannot be checked: refused, asking for a re-extraction
     mpath = tmp / "cache" / "manifest.json"
     m = json.loads(mpath.read_text())
+    # a field only the cache's record has (written under a transformers that had it): said, not refused
+    bb = m["cache"]["backbone"]
+    other_lib = {**m, "cache": {**m["cache"], "backbone": {**bb, "config": {**bb["config"], "new_field": 1},
+                                                           "config_sha256": "0" * 16}}}
+    mpath.write_text(json.dumps(other_lib))
+    try:
+        cfg = compose(cached + _backbone(tiny))
+        with caplog.at_level(logging.WARNING, logger="value_pl"):
+            build_module(cfg, make_datamodule(cfg))
+        assert any("['new_field'] recorded on one side only" in r.getMessage() for r in caplog.records)
+    finally:
+        mpath.write_text(json.dumps(m))
+    # a version-4 cache (no model config recorded) cannot be checked: refused, asking for a re-extraction
     mpath.write_text(json.dumps({**m, "version": 4}))
     try:
         cfg = compose(cached + _backbone(tiny))

@@ -42,7 +42,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..data.hashing import canonical_sha256, field_differences
+from ..data.hashing import canonical_sha256, field_differences, one_sided_fields
 
 TEXT = "text"
 REGION = "region"
@@ -300,12 +300,14 @@ class Backbone(nn.Module):
         self.config_record = self.effective_config()
         return canonical_sha256(self.config_record)
 
-    def config_differences(self, record: dict, where: str = "saved") -> list[str]:
-        """``field=A (<where>) != B (now)`` for each field of a saved :meth:`effective_config` ``record`` that this
-        backbone's differs in (empty when they agree)."""
+    def config_differences(self, record: dict, where: str = "saved") -> tuple[list[str], list[str]]:
+        """Against a saved :meth:`effective_config` ``record``: ``field=A (<where>) != B (now)`` for each field both
+        have with different values, and the fields only one of them has (a transformers version that added or
+        dropped a config field: said, not refused)."""
         mine = self.config_record or self.effective_config()
         mine = json.loads(json.dumps(mine, sort_keys=True, default=str))  # compared as a saved record reads back
-        return field_differences(json.loads(json.dumps(record, default=str)), mine, where, "now")
+        saved = json.loads(json.dumps(record, default=str))
+        return field_differences(saved, mine, where, "now"), one_sided_fields(saved, mine)
 
     # ---------------------------------------------------------------- layout
     def hidden_names(self, stream: str) -> list[str]:

@@ -39,11 +39,16 @@ def canonical_sha256(obj) -> str:
 
 
 def field_differences(have: dict, want: dict, have_name: str = "saved", want_name: str = "now") -> list[str]:
-    """``field=A (<have_name>) != B (<want_name>)`` for every key whose value differs between two flat records
-    (a key one of them lacks counts as ``<absent>``), in key order."""
+    """``field=A (<have_name>) != B (<want_name>)`` for every key of both flat records whose values differ, in key
+    order (keys only one of them has: :func:`one_sided_fields`)."""
     out = []
-    for k in sorted(set(have) | set(want), key=str):
-        a, b = have.get(k, "<absent>"), want.get(k, "<absent>")
+    for k in sorted(set(have) & set(want), key=str):
+        a, b = have[k], want[k]
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             out.append(f"{k}={a!r} ({have_name}) != {b!r} ({want_name})")
     return out
+
+
+def one_sided_fields(have: dict, want: dict) -> list[str]:
+    """The keys only one of two records has (e.g. a field another transformers version added to its configs)."""
+    return sorted(set(have) ^ set(want), key=str)

@@ -421,11 +421,14 @@ class ProbeModule(pl.LightningModule):
             raise ValueError(f"prober checkpoint was trained on backbone {saved.get('name')} with checksum "
                              f"{saved['checksum']}, but the backbone built now has checksum {mine['checksum']}")
         if v.get("backbone_config") and hasattr(self._backbone, "config_differences"):
-            diff = self._backbone.config_differences(v["backbone_config"], "checkpoint")
+            diff, odd = self._backbone.config_differences(v["backbone_config"], "checkpoint")
             if diff:  # same weights, another computation: the heads were fitted to other features
                 raise ValueError(f"prober checkpoint was trained on backbone {saved.get('name')} configured "
                                  f"otherwise than the backbone built now: " + "; ".join(diff[:8])
                                  + (" ..." if len(diff) > 8 else "") + " (set the backbone config it was trained with)")
+            if odd:
+                log.warning("prober checkpoint: backbone config field(s) %s recorded on one side only (another "
+                            "transformers version?): not compared", odd[:8])
         elif mine.get("config_sha256"):
             log.warning("prober checkpoint predates the backbone config record: its backbone's model config "
                         "(layer_norm_eps, attention, ...) cannot be checked against the one built now")
