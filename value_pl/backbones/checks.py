@@ -16,6 +16,9 @@
 and raises :class:`InputMismatchError` with one sentence per problem, naming both sides and the override
 that fixes it -- instead of an index error or a failed matmul deep inside the first forward pass.
 
+:func:`check_saved_backbone` compares the backbone a prober checkpoint was trained on (its weights' checksum and
+effective model config) with the one built to evaluate or resume it.
+
 Backbones describe themselves through small hooks (all optional, so that adapters of other models pass):
 ``feature_field`` (the config name of the feature width), ``img_dim``, ``image_weights`` (the file the
 image embedding was loaded from, if any), ``box_input_dim()`` / ``box_input_field``, ``text_embeddings()``
@@ -23,7 +26,11 @@ image embedding was loaded from, if any), ``box_input_dim()`` / ``box_input_fiel
 """
 from __future__ import annotations
 
+import logging
+
 from ..data.collate import BOX_DIMS, InputEncoder
+
+log = logging.getLogger(__name__)
 
 
 class InputMismatchError(ValueError):
@@ -177,3 +184,26 @@ def check_inputs(bb, manifest: dict | None, root=None, regions: bool = True) -> 
     problems = input_problems(bb, manifest, root, regions)
     if problems:
         raise InputMismatchError(" ".join(problems))
+
+
+def check_saved_backbone(bb, identity: dict, config: dict | None, what: str = "prober checkpoint") -> None:
+    """Refuse to load heads trained on another backbone: another weights checksum, or the same weights under
+    another model config (:meth:`~value_pl.backbones.base.Backbone.config_differences`, naming the fields).
+    Fields only one side records (another transformers version) and checkpoints written before the config was
+    recorded are said, not refused."""
+    mine = bb.describe() if hasattr(bb, "describe") else {}
+    if identity.get("checksum") and mine.get("checksum") and identity["checksum"] != mine["checksum"]:
+        raise ValueError(f"{what} was trained on backbone {identity.get('name')} with checksum "
+                         f"{identity['checksum']}, but the backbone built now has checksum {mine['checksum']}")
+    if config and hasattr(bb, "config_differences"):
+        diff, odd = bb.config_differences(config, "checkpoint")
+        if diff:  # same weights, another computation: the heads were fitted to other features
+            raise ValueError(f"{what} was trained on backbone {identity.get('name')} configured otherwise than the "
+                             f"backbone built now: " + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+                             + " (set the backbone config it was trained with)")
+        if odd:
+            log.warning("%s: backbone config field(s) %s recorded on one side only (another transformers "
+                        "version?): not compared", what, odd[:8])
+    elif mine.get("config_sha256"):
+        log.warning("%s predates the backbone config record: its backbone's model config (layer_norm_eps, "
+                    "attention, ...) cannot be checked against the one built now", what)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..backbones.capture import CaptureSpec
+from ..backbones.checks import check_saved_backbone
 from ..backbones.graphs import GraphedForward
 from ..data.cache import unpack_cached
 from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
@@ -415,23 +416,7 @@ class ProbeModule(pl.LightningModule):
         self.best_val = dict(v.get("best_val", {}))
         self.best_epoch = dict(v.get("best_epoch", {}))
         self.best_state = dict(v.get("best_state", {}))
-        saved = v.get("backbone_identity", {})
-        mine = self._backbone.describe()
-        if saved.get("checksum") and mine.get("checksum") and saved["checksum"] != mine["checksum"]:
-            raise ValueError(f"prober checkpoint was trained on backbone {saved.get('name')} with checksum "
-                             f"{saved['checksum']}, but the backbone built now has checksum {mine['checksum']}")
-        if v.get("backbone_config") and hasattr(self._backbone, "config_differences"):
-            diff, odd = self._backbone.config_differences(v["backbone_config"], "checkpoint")
-            if diff:  # same weights, another computation: the heads were fitted to other features
-                raise ValueError(f"prober checkpoint was trained on backbone {saved.get('name')} configured "
-                                 f"otherwise than the backbone built now: " + "; ".join(diff[:8])
-                                 + (" ..." if len(diff) > 8 else "") + " (set the backbone config it was trained with)")
-            if odd:
-                log.warning("prober checkpoint: backbone config field(s) %s recorded on one side only (another "
-                            "transformers version?): not compared", odd[:8])
-        elif mine.get("config_sha256"):
-            log.warning("prober checkpoint predates the backbone config record: its backbone's model config "
-                        "(layer_norm_eps, attention, ...) cannot be checked against the one built now")
+        check_saved_backbone(self._backbone, v.get("backbone_identity", {}), v.get("backbone_config"))
 
     # ---------------------------------------------------------------- results
     def layer_rows(self) -> list[dict]:
