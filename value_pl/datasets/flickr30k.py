@@ -24,8 +24,12 @@ One sample = one caption with its image's regions. Rules:
   ``["people"]`` or ``["bodyparts", "people"]``; ``["<unknown>"]`` for a detection that carries no chain.
 * **Pairs**: for each visual phrase whose chain has regions: VCD positives ``(phrase, region of its
   chain, "coref")`` and the same number of negatives ``(phrase, region outside its chain,
-  "not_coref")`` sampled without replacement (seeded by seed + sample key); VCC ``(phrase, region
-  of its chain, label)`` for every positive (VCC has no negatives). A region that overlaps any box of
+  "not_coref")`` sampled without replacement (seeded by seed + sample key), first among the regions of
+  other chains (annotated objects, as every positive is), then among detections that carry no chain
+  (``vcd_negatives: annotated_first``; ``uniform`` samples all regions outside the chain alike, so that
+  "is this an annotated object" predicts the label; ``manifest.json`` ``vcd_negatives.sources`` counts the
+  negatives of each kind); VCC ``(phrase, region of its chain, label)`` for every positive (VCC has no
+  negatives). A region that overlaps any box of
   the phrase's own chain at IoU >= ``iou_threshold`` (a near-duplicate detection of the gold object,
   normal for BUTD's overlapping boxes) is never a negative; each such (phrase, region) is counted in
   ``manifest.json`` ``excluded.vcd_negative_overlaps_chain``.
@@ -161,14 +165,26 @@ def read_unrelated(path) -> set[tuple[str, int]]:
     return out
 
 
+#: ``vcd_negatives`` settings: negatives drawn first among other chains' regions, or uniformly among all regions
+VCD_NEGATIVES = ("annotated_first", "uniform")
+
+
 def caption_pairs(phrases: list[dict], comb: Combined, rng: np.random.Generator, issues: Issues, where: str,
-                  iou_threshold: float = 0.5):
+                  iou_threshold: float = 0.5, negatives: str = "annotated_first", sources: dict | None = None):
     """VCD (balanced) and VCC pairs of one caption.
 
     A region that overlaps any annotated box of the phrase's own chain at IoU >= ``iou_threshold`` (a
     second detection of the gold object) is never a negative for that phrase; such regions are counted
     in the manifest (``excluded.vcd_negative_overlaps_chain``, one per phrase and region).
+
+    ``negatives="annotated_first"``: negatives are sampled first among the regions of *other* chains (annotated
+    objects, like every positive), then among the detections that carry no chain; ``"uniform"``: among all
+    regions outside the chain alike -- then most negatives are bare detections and "is this region an annotated
+    object" alone predicts the label (docs/datasets.md). ``sources`` (optional) counts the negatives taken from
+    each (``annotated``, ``detected``).
     """
+    if negatives not in VCD_NEGATIVES:
+        raise BuildError(f"dataset.vcd_negatives: one of {', '.join(VCD_NEGATIVES)}, got {negatives!r}")
     vcd, vcc = [], []
     R = len(comb.boxes)
     for p, ph in enumerate(phrases):
@@ -183,7 +199,19 @@ def caption_pairs(phrases: list[dict], comb: Combined, rng: np.random.Generator,
         k = min(len(pos), len(outside))
         if k < len(pos):
             issues.count("vcd_negatives_short", len(pos) - k)
-        neg = sorted(int(x) for x in rng.choice(outside, size=k, replace=False)) if k else []
+        tiers = [[r for r in outside if comb.tags[r]], [r for r in outside if not comb.tags[r]]] \
+            if negatives == "annotated_first" else [outside]
+        neg = []
+        for tier in tiers:
+            need = k - len(neg)
+            if need <= 0:
+                break
+            neg += tier if len(tier) <= need else [int(x) for x in rng.choice(tier, size=need, replace=False)]
+        neg = sorted(int(x) for x in neg)
+        if sources is not None:
+            n_ann = sum(1 for r in neg if comb.tags[r])
+            sources["annotated"] = sources.get("annotated", 0) + n_ann
+            sources["detected"] = sources.get("detected", 0) + len(neg) - n_ann
         for r in pos:
             vcd.append([p, r, "coref"])
             vcc.append([p, r, ph["label"]])
@@ -238,7 +266,8 @@ def _regions_for_image(iid, W, H, boxes, det_reader, sup_reader, cfg, issues, wh
     return comb
 
 
-def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues, seed: int, bar: bool, split: str):
+def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues, seed: int, bar: bool, split: str,
+               sources: dict | None = None):
     sent_dir, ann_dir = Path(cfg["sentences"]), Path(cfg["annotations"])
     for iid in progress(image_ids, bar, desc=f"flickr30k {split}", unit="img"):
         spath, apath = sent_dir / f"{iid}.txt", ann_dir / f"{iid}.xml"
@@ -290,7 +319,8 @@ def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues
                     ph["unknown_chain"] = True
             key = f"f30k_{iid}_{ci}"
             usable = [dict(ph, label="notvisual") if ph.pop("unknown_chain", False) else ph for ph in phrases]
-            vcd, vcc = caption_pairs(usable, comb, sample_rng(seed, key), issues, where, cfg["iou_threshold"])
+            vcd, vcc = caption_pairs(usable, comb, sample_rng(seed, key), issues, where, cfg["iou_threshold"],
+                                     cfg.get("vcd_negatives", "annotated_first"), sources)
             meta = {
                 "schema": SCHEMA_VERSION,
                 "image": {"id": str(iid), "width": W, "height": H},
@@ -333,10 +363,15 @@ def build_flickr30k(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxs
                     for p in r.input_paths():
                         w.add_input(p)
         w.labels = {"vcd": ["coref", "not_coref"], "vcc": list(COREF_TYPES)}
+        sources = {"annotated": 0, "detected": 0}
+        negatives = cfg.get("vcd_negatives", "annotated_first")
+        if negatives not in VCD_NEGATIVES:  # before any image is read
+            raise BuildError(f"dataset.vcd_negatives: one of {', '.join(VCD_NEGATIVES)}, got {negatives!r}")
         for split, lst in ids.items():
-            w.write_split(split, iter_split(lst, cfg, det, sup, unrelated, issues, seed, progress_bar, split))
+            w.write_split(split, iter_split(lst, cfg, det, sup, unrelated, issues, seed, progress_bar, split, sources))
         w.extra = {
             "seed": seed,
+            "vcd_negatives": {"rule": negatives, "sources": sources},
             "regions": regions_manifest(cfg, det, sup),
             "vcc_label_rule": "first listed coarse type of the phrase (notvisual phrases: no pairs)",
             "skipped_examples": issues.examples,
