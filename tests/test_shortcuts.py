@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_data import D, build, f30k_xml, read_samples
+from fixtures_data import MAN, D, _o, _r, _reg, build, f30k_xml, read_samples, write_vg_small
 
 from value_pl.datasets.common import BuildError
 from value_pl.datasets.regions import write_features
@@ -35,7 +35,7 @@ def _detections(objects, seed=0):
     return np.array(gold + bg, np.float32)
 
 
-def write_f30k(root: Path, images=("11", "12", "13"), objects=OBJECTS, captions=CAPTIONS) -> dict:
+def write_f30k(root: Path, images=("11", "12", "13"), objects=OBJECTS, captions=CAPTIONS, test=()) -> dict:
     (root / "Sentences").mkdir(parents=True)
     (root / "Annotations").mkdir(parents=True)
     objs = [([c], b) for c, (_t, bxs) in objects.items() for b in bxs]
@@ -45,9 +45,9 @@ def write_f30k(root: Path, images=("11", "12", "13"), objects=OBJECTS, captions=
         (root / "Annotations" / f"{iid}.xml").write_text(f30k_xml(W, H, objs))
         det = _detections(objects, k)
         recs.append((iid, W, H, det, np.abs(np.random.default_rng(k).standard_normal((len(det), D)))))
-    (root / "train.txt").write_text("\n".join(images) + "\n")
+    (root / "train.txt").write_text("".join(f"{i}\n" for i in images if i not in test))
     (root / "val.txt").write_text("")
-    (root / "test.txt").write_text("")
+    (root / "test.txt").write_text("".join(f"{i}\n" for i in test))
     (root / "UNRELATED_CAPTIONS").write_text("# none\n")
     write_features(root / "feats.tsv", "butd_tsv", [(i, w, h, b, f.astype(np.float32)) for i, w, h, b, f in recs])
     return {"dataset.root": str(root), "dataset.features": str(root / "feats.tsv")}
@@ -107,3 +107,24 @@ def test_vcd_negatives_bad_setting_raises(tmp_path):
     with pytest.raises(BuildError, match="dataset.vcd_negatives: one of annotated_first, uniform, got 'random'"):
         build("flickr30k", tmp_path / "out", dict(write_f30k(tmp_path / "f30k"), **{"dataset.vcd_negatives":
                                                                                      "random"}))
+
+
+def test_caption_overlap_counted_flickr30k(tmp_path):
+    """Held-out samples whose caption is also a train caption (a prober may have memorised it with its label) are
+    counted in the manifest: here image 13 repeats the train images' five captions, one of them in a new case."""
+    caps = CAPTIONS[:4] + [CAPTIONS[4].replace(" walk ", " WALK ")]
+    man = build("flickr30k", tmp_path / "out", write_f30k(tmp_path / "f30k", captions=caps, test=("13",)))
+    assert man["caption_overlap"] == {"val": {"samples": 0, "caption_in_train": 0},
+                                      "test": {"samples": 5, "caption_in_train": 5}}
+
+
+def test_caption_overlap_counted_vg(tmp_path):
+    hat = _o(2, "hat", 120, 90, 60, 30)
+    graphs = [{"image_id": i, "regions": [_reg(i, 10 * i, phrase, [dict(MAN), dict(hat)], [_r(1, "wearing", 1, 2)])]}
+              for i, phrase in ((1, "man wearing hat"), (2, "Man wearing  hat"), (3, "a man with a hat"))]
+    dets = {i: [[100, 100, 200, 400], [120, 90, 180, 120], [500, 0, 600, 100]] for i in (1, 2, 3)}
+    ov = write_vg_small(tmp_path / "vg", graphs, {i: (800, 600) for i in (1, 2, 3)},
+                        {"train": [1], "val": [2], "test": [3]}, dets)
+    man = build("vg", tmp_path / "out", ov)
+    assert man["caption_overlap"] == {"val": {"samples": 1, "caption_in_train": 1},
+                                      "test": {"samples": 1, "caption_in_train": 0}}

@@ -1,5 +1,6 @@
 """What the dataset builders share: clear errors or counted skips (:class:`Issues`), order-independent seeded
-randomness, box cleaning, id lists, a streaming JSON-array reader and progress bars."""
+randomness, box cleaning, id lists, a streaming JSON-array reader, progress bars and the count of captions a
+held-out split shares with ``train`` (:class:`CaptionOverlap`)."""
 from __future__ import annotations
 
 import zlib
@@ -47,6 +48,28 @@ class Issues:
         self.counts[reason] = self.counts.get(reason, 0) + n
         if self.writer is not None:
             self.writer.skip(reason, n)
+
+
+class CaptionOverlap:
+    """Counts, per split other than ``train``, the written samples whose caption (words joined, lower case) is also
+    the caption of a ``train`` sample: text a prober may have memorised with its label (manifest
+    ``caption_overlap``). Wrap each split's sample iterator with :meth:`wrap`; :meth:`report` once all are written
+    (any split order)."""
+
+    def __init__(self, ref: str = "train"):
+        self.ref = ref
+        self.texts: dict[str, list[str]] = {}
+
+    def wrap(self, split: str, samples):
+        texts = self.texts.setdefault(split, [])
+        for key, meta, feats in samples:
+            texts.append(" ".join(meta["words"]).lower())
+            yield key, meta, feats
+
+    def report(self) -> dict:
+        ref = set(self.texts.get(self.ref, ()))
+        return {s: {"samples": len(t), "caption_in_train": sum(1 for x in t if x in ref)}
+                for s, t in self.texts.items() if s != self.ref}
 
 
 def sample_rng(seed: int, *parts) -> np.random.Generator:

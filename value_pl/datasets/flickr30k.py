@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.schema import COREF_TYPES, SCHEMA_VERSION, region_names
-from .common import (BuildError, Issues, clean_box, close_readers, open_region_features, progress, read_features,
-                     read_id_list, regions_manifest, sample_rng, text_lines)
+from .common import (BuildError, CaptionOverlap, Issues, clean_box, close_readers, open_region_features, progress,
+                     read_features, read_id_list, regions_manifest, sample_rng, text_lines)
 from .regions import Combined, combine_regions
 from .writer import ShardSetWriter
 
@@ -367,10 +367,13 @@ def build_flickr30k(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxs
         negatives = cfg.get("vcd_negatives", "annotated_first")
         if negatives not in VCD_NEGATIVES:  # before any image is read
             raise BuildError(f"dataset.vcd_negatives: one of {', '.join(VCD_NEGATIVES)}, got {negatives!r}")
+        overlap = CaptionOverlap()
         for split, lst in ids.items():
-            w.write_split(split, iter_split(lst, cfg, det, sup, unrelated, issues, seed, progress_bar, split, sources))
+            w.write_split(split, overlap.wrap(split, iter_split(lst, cfg, det, sup, unrelated, issues, seed,
+                                                                progress_bar, split, sources)))
         w.extra = {
             "seed": seed,
+            "caption_overlap": overlap.report(),
             "vcd_negatives": {"rule": negatives, "sources": sources},
             "regions": regions_manifest(cfg, det, sup),
             "vcc_label_rule": "first listed coarse type of the phrase (notvisual phrases: no pairs)",

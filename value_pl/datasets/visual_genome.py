@@ -73,8 +73,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.schema import SCHEMA_VERSION, region_names
-from .common import (BuildError, Issues, clean_box, close_readers, iter_json_array, open_region_features, progress,
-                     read_features, regions_manifest, sample_rng, stable_score)
+from .common import (BuildError, CaptionOverlap, Issues, clean_box, close_readers, iter_json_array,
+                     open_region_features, progress, read_features, regions_manifest, sample_rng, stable_score)
 from .regions import combine_regions, iou_matrix
 from .vg_graphs import (_aliases, _obj_box, _resolve_relations, _Split, load_image_data, load_v14_objects,
                         object_name, object_synsets, tokenize)
@@ -212,8 +212,10 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
                 _mismatch(lst, seed, s, issues)
 
         w.labels = {"vri": ["related", "unrelated"], "vrc": list(top)}
+        overlap = CaptionOverlap()
         for split, lst in specs.items():
-            w.write_split(split, _samples(lst, det, sup, cfg, issues, seed, variant, progress_bar, split))
+            w.write_split(split, overlap.wrap(split, _samples(lst, det, sup, cfg, issues, seed, variant, progress_bar,
+                                                              split)))
         chance = {"vrc": {"uniform": 1.0 / max(1, len(top)), "majority": {}},
                   "vri": {"uniform": 0.5, "majority": {}}}
         for split, info in w.splits.items():
@@ -223,6 +225,7 @@ def build_vg(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: fl
         w.extra = {
             "seed": seed,
             "variant": variant,
+            "caption_overlap": overlap.report(),
             "predicates": {p: {"frequency": freq[p], "selected": sel_count.get(p, 0)} for p in top},
             "num_predicates_seen": len(freq),
             "chance": chance,
