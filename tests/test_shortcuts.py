@@ -128,3 +128,11 @@ def test_caption_overlap_counted_vg(tmp_path):
     man = build("vg", tmp_path / "out", ov)
     assert man["caption_overlap"] == {"val": {"samples": 1, "caption_in_train": 1},
                                       "test": {"samples": 1, "caption_in_train": 0}}
+
+
+def test_vcd_negatives_default_is_annotated_first():
+    from omegaconf import OmegaConf
+
+    from value_pl import CONFIG_DIR
+
+    assert OmegaConf.load(Path(CONFIG_DIR) / "dataset" / "flickr30k.yaml")["vcd_negatives"] == "annotated_first"
