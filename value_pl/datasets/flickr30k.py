@@ -199,15 +199,16 @@ def caption_pairs(phrases: list[dict], comb: Combined, rng: np.random.Generator,
         k = min(len(pos), len(outside))
         if k < len(pos):
             issues.count("vcd_negatives_short", len(pos) - k)
-        tiers = [[r for r in outside if comb.tags[r]], [r for r in outside if not comb.tags[r]]] \
-            if negatives == "annotated_first" else [outside]
-        neg = []
-        for tier in tiers:
-            need = k - len(neg)
-            if need <= 0:
-                break
-            neg += tier if len(tier) <= need else [int(x) for x in rng.choice(tier, size=need, replace=False)]
-        neg = sorted(int(x) for x in neg)
+        if negatives == "uniform":  # the rule of shards built before 2026-11-27, draw for draw
+            neg = [int(x) for x in rng.choice(outside, size=k, replace=False)] if k else []
+        else:
+            neg = []
+            for tier in ([r for r in outside if comb.tags[r]], [r for r in outside if not comb.tags[r]]):
+                need = k - len(neg)
+                if need <= 0:
+                    break
+                neg += tier if len(tier) <= need else [int(x) for x in rng.choice(tier, size=need, replace=False)]
+        neg = sorted(neg)
         if sources is not None:
             n_ann = sum(1 for r in neg if comb.tags[r])
             sources["annotated"] = sources.get("annotated", 0) + n_ann
