@@ -1,0 +1,189 @@
+"""The commands the README and docs/ pages tell a user to run: every ``python -m value_pl.<cmd> key=value`` names
+config keys and group options that exist (composed with Hydra, as the command would), every ``--flag`` of the
+argparse commands exists, and every inline ``key=value`` override the pages mention is a key of some command's
+config. Composing only: nothing is trained."""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+HYDRA = {"value_pl.train": "train", "value_pl.eval": "eval", "value_pl.extract": "extract",
+         "value_pl.analyze": "analyze", "value_pl.compare": "compare", "value_pl.datasets.build": "build"}
+ARGPARSE = {"value_pl.report": "value_pl.report.__main__", "value_pl.datasets.demo": "value_pl.datasets.demo"}
+
+
+def _snippets(text: str) -> list[str]:
+    """Code: each line of a fenced block (backslash continuations joined, `` # `` comments cut) and each inline
+    code span (newlines inside it read as spaces)."""
+    out = []
+    for m in re.finditer(r"```[^\n]*\n(.*?)```", text, flags=re.DOTALL):
+        body = re.sub(r"\\\n\s*", " ", m[1])
+        out += [line.split(" # ")[0] for line in body.splitlines()]
+    rest = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    out += [s.replace("\n", " ") for s in re.findall(r"`([^`]+)`", rest)]
+    return out
+
+
+def _shell_vars() -> dict[str, str]:
+    """``P="..."`` of docs/reproducing.md: the data and checkpoint paths every experiment command takes as ``$P``."""
+    text = (REPO / "docs" / "reproducing.md").read_text()
+    m = re.search(r'^P="(.*?)"$', re.sub(r"\\\n\s*", " ", text), flags=re.MULTILINE)
+    assert m, "docs/reproducing.md: no P=\"...\" block"
+    return {"P": m[1]}
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, module, arguments) of every ``python -m value_pl.<cmd>`` (also after torchrun/srun) with arguments."""
+    env = _shell_vars()
+    out = []
+    for p in PAGES:
+        for s in _snippets(p.read_text()):
+            for m in re.finditer(r"-m (value_pl(?:\.\w+)+)((?:\s+(?!&&|\||#|->)\S+)*)", s):
+                args = re.sub(r"\$(\w+)", lambda v: env.get(v[1], v[0]), m[2])
+                args = re.sub(r"<[^>]*>", "@", args)  # placeholders: <sentence task>, <time>
+                try:
+                    toks = shlex.split(args)
+                except ValueError as e:
+                    raise AssertionError(f"{p.name}: cannot split `{m[0]}`: {e}") from e
+                toks = [t for t in toks if t != "-m" and not re.search(r"(^|=)(@|\.\.\.)$", t)]
+                if m[1] in HYDRA:  # prose after a command in a listing ("dataset=<name>: the build CLI") ends it
+                    toks = toks[:next((i for i, t in enumerate(toks) if "=" not in t or t.endswith(":")), None)]
+                if toks:
+                    out.append((p.name, m[1], toks))
+    return out
+
+
+def _split_sweep(value: str) -> list[str]:
+    """``a,b`` -> [a, b] (a multirun sweep); commas inside brackets or quotes are one value."""
+    if value.startswith(("[", "'", '"')) or "," not in value:
+        return [value]
+    return value.split(",")
+
+
+def _compose(config: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from value_pl import CONFIG_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose(config_name=config, overrides=overrides, return_hydra_config=True)
+
+
+def _variants(toks: list[str]) -> list[list[str]]:
+    """One override list per value of each swept key (not their product: each value composes on its own)."""
+    base, sweeps = [], []
+    for t in toks:
+        k, _, v = t.partition("=")
+        vals = _split_sweep(v) if "=" in t else [v]
+        (sweeps.append((k, vals)) if len(vals) > 1 else base.append(t))
+    out = [[*base, *(f"{k}={vals[0]}" for k, vals in sweeps)]]
+    for i, (k, vals) in enumerate(sweeps):
+        for v in vals[1:]:
+            out.append([*base, *(f"{kk}={vv[0]}" for kk, vv in sweeps[:i]), f"{k}={v}",
+                        *(f"{kk}={vv[0]}" for kk, vv in sweeps[i + 1:])])
+    return out
+
+
+def test_the_pages_run_every_command():
+    mods = {m for _, m, _ in documented_commands()}
+    assert {"value_pl.train", "value_pl.eval", "value_pl.extract", "value_pl.analyze", "value_pl.compare",
+            "value_pl.datasets.build", "value_pl.report", "value_pl.datasets.demo"} <= mods
+
+
+def test_every_documented_hydra_command_composes():
+    """Each override names a config key or group option that exists: a typo'd key (``data.workers=4``), a removed
+    option or a group option that is not a file fails here as it would on the command line."""
+    bad = []
+    for page, mod, toks in documented_commands():
+        if mod not in HYDRA:
+            continue
+        for overrides in _variants(toks):
+            try:
+                _compose(HYDRA[mod], overrides)
+            except Exception as e:  # noqa: BLE001 -- collected, reported together
+                msg = str(e).splitlines()[0]
+                bad.append(f"{page}: python -m {mod} {' '.join(overrides)}\n    {type(e).__name__}: {msg}")
+    assert not bad, "\n".join(bad)
+
+
+def _flags(module: str) -> set[str]:
+    import importlib
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    return set(re.findall(r"(--[\w-]+)", buf.getvalue()))
+
+
+def test_every_documented_flag_exists():
+    flags = {mod: _flags(m) for mod, m in ARGPARSE.items()}
+    bad = [f"{page}: python -m {mod} {t}" for page, mod, toks in documented_commands() if mod in ARGPARSE
+           for t in toks if t.startswith("--") and t.split("=")[0] not in flags[mod]]
+    assert not bad, "\n".join(bad)
+
+
+# Names written as ``name=value`` in the pages that are not config keys, each with what it is.
+NOT_CONFIG = {
+    "all_ranks": "ProbeCallback argument", "at_start": "ProbeCallback argument",
+    "every_n_steps": "ProbeCallback argument", "on_error": "ProbeCallback argument",
+    "save_last": "Lightning ModelCheckpoint argument", "weights_only": "torch.load argument",
+    "local_files_only": "transformers from_pretrained argument", "output_attentions": "transformers argument",
+    "capture_error_mode": "torch.cuda.graph argument", "padding_idx": "nn.Embedding argument",
+    "version_base": "Hydra main argument", "job_type": "wandb.init argument", "step": "wandb.log argument",
+    "epoch": "a name in a checkpoint file pattern", "k": "k-means' k",
+    "img_dim": "the backbone's field, quoted in an error message",
+}
+
+
+def _walk(d, prefix: str, keys: set[str]) -> None:
+    for k, v in (d or {}).items():
+        if isinstance(k, str) and k not in ("defaults", "hydra"):
+            keys.add(prefix + k)
+            if isinstance(v, dict):
+                _walk(v, f"{prefix}{k}.", keys)
+
+
+def config_keys() -> set[str]:
+    """Every key of every command's default config, every config group's name, and every key of every option
+    of every group (``prober.rank`` is only in ``prober=layer_emb``)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from value_pl import CONFIG_DIR
+
+    keys: set[str] = set()
+    for config in set(HYDRA.values()):
+        cfg = _compose(config, ["checkpoints=x"] if config == "compare" else [])
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+        cfg.pop("hydra", None)
+        _walk(cfg, "", keys)
+    for group in Path(CONFIG_DIR).iterdir():
+        if group.is_dir():
+            keys.add(group.name)
+            for f in group.glob("*.yaml"):
+                _walk(yaml.safe_load(f.read_text()), "" if group.name.endswith("experiment") else f"{group.name}.",
+                      keys)
+    return keys
+
+
+def test_every_documented_override_names_a_config_key():
+    """``key=value`` anywhere in the pages' code (`` `kmeans.n_init=10` `` in the text, an option in a listing's
+    comment) names a key that one of the commands' configs has (``hydra.*`` keys are Hydra's own)."""
+    keys = config_keys()
+    bad = []
+    for p in PAGES:
+        for s in _snippets(p.read_text()):
+            for m in re.finditer(r"(?:^|[\s'\"])\+?([a-z_][\w.]*)=", s):
+                k = m[1]
+                if k in keys or k in NOT_CONFIG or k.startswith("hydra.") or m[0].lstrip(" '\"").startswith("+"):
+                    continue
+                bad.append(f"{p.name}: {k}= in `{s.strip()[:100]}`")
+    assert not bad, "\n".join(bad)
