@@ -181,7 +181,7 @@ def test_every_documented_override_names_a_config_key():
     bad = []
     for p in PAGES:
         for s in _snippets(p.read_text()):
-            for m in re.finditer(r"(?:^|[\s'\"])\+?([a-z_][\w.]*)=", s):
+            for m in re.finditer(r"(?:^|[\s'\"])\+?([a-z_][\w.]*)=(?!=)", s):
                 k = m[1]
                 if k in keys or k in NOT_CONFIG or k.startswith("hydra.") or m[0].lstrip(" '\"").startswith("+"):
                     continue
