@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,13 @@ def test_fast_dev_run_writes_results(tmp_path, demo_root):
     res = json.loads((d / "results.json").read_text())
     for k in ("task", "prober", "backbone", "seed", "chance", "layers", "best"):
         assert k in res
+    # docs/probing.md lists every key of results.json and of its rows (the counters in the sentences after it)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "probing.md").read_text()
+    listed = text.split("`results.json` (", 1)[1].split("`results.md`", 1)[0]
+    counters = text.split("It also says what the", 1)[1].split("`control` is", 1)[0]
+    documented = set(re.findall(r"\w+", " ".join(re.findall(r"`([^`]+)`", listed + counters))))
+    assert set(res) <= documented, sorted(set(res) - documented)
+    assert set(res["layers"][0]) <= documented, sorted(set(res["layers"][0]) - documented)
     assert res["task"] == "vcd" and res["prober"] == "attention" and res["chance"] == 0.5
     names = [r["name"] for r in res["layers"]]
     assert "all_heads" in names and "layer_06" in names
