@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "shards" / "README.md"]
 
 HYDRA = {"value_pl.train": "train", "value_pl.eval": "eval", "value_pl.extract": "extract",
          "value_pl.analyze": "analyze", "value_pl.compare": "compare", "value_pl.datasets.build": "build"}
@@ -187,3 +187,23 @@ def test_every_documented_override_names_a_config_key():
                     continue
                 bad.append(f"{p.name}: {k}= in `{s.strip()[:100]}`")
     assert not bad, "\n".join(bad)
+
+
+def test_every_documented_script_flag_exists():
+    """``python benchmarks/<x>.py --flag`` and ``python examples/<x>.py --flag`` (``bash benchmarks/gpu.sh`` passes its
+    arguments to ``benchmarks/gpu.py``): the script exists and defines each flag."""
+    bad, n = [], 0
+    for p in PAGES:
+        for s in _snippets(p.read_text()):
+            for m in re.finditer(r"(?:python|bash) ((?:benchmarks|examples)/[\w/]+\.(?:py|sh))((?:\s+[^\s#|]+)*)", s):
+                script = REPO / m[1]
+                if not script.exists():
+                    bad.append(f"{p.name}: no {m[1]}")
+                    continue
+                src = (script.with_suffix(".py") if script.suffix == ".sh" else script).read_text()
+                for flag in re.findall(r"(?:^|\s)\[?(--[\w-]+)", m[2]):
+                    n += 1
+                    if f'"{flag}"' not in src:
+                        bad.append(f"{p.name}: {m[1]} has no {flag}")
+    assert not bad, "\n".join(bad)
+    assert n >= 10
