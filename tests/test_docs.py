@@ -207,3 +207,34 @@ def test_every_documented_script_flag_exists():
                         bad.append(f"{p.name}: {m[1]} has no {flag}")
     assert not bad, "\n".join(bad)
     assert n >= 10
+
+
+def _table_after(text: str, marker: str) -> list[list[str]]:
+    """The cells of the markdown table that follows ``marker``, header and separator dropped."""
+    lines = text.split(marker, 1)[1].splitlines()[1:]
+    if not lines[0].startswith("|"):  # marker in the sentence before the table: the table starts below it
+        lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")) + 1:]
+    rows = []
+    for line in lines[1:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_backbone_pages_tables_match_the_backbone_configs():
+    """docs/backbones.md: the family table names every ``configs/backbone/*.yaml`` under its ``family``, and the
+    field table names exactly the keys the configs have."""
+    import yaml
+
+    text = (REPO / "docs" / "backbones.md").read_text()
+    configs = {f.name: yaml.safe_load(f.read_text()) for f in (REPO / "configs" / "backbone").glob("*.yaml")}
+    listed = {}
+    for row in _table_after(text, "| family (`backbone.family`) |"):
+        family = row[0].strip("`")
+        for name in re.findall(r"`(\w+\.yaml)`", row[1]):
+            listed[name] = family
+    assert listed == {n: c["family"] for n, c in configs.items()}
+    fields = {row[0].strip("`") for row in _table_after(text, "Fields of ")}
+    fields = {f for cell in fields for f in re.split(r"`?, `?", cell)}
+    assert fields == set().union(*configs.values()), fields ^ set().union(*configs.values())
