@@ -238,3 +238,13 @@ def test_backbone_pages_tables_match_the_backbone_configs():
     fields = {row[0].strip("`") for row in _table_after(text, "Fields of ")}
     fields = {f for cell in fields for f in re.split(r"`?, `?", cell)}
     assert fields == set().union(*configs.values()), fields ^ set().union(*configs.values())
+
+
+def test_named_tests_exist():
+    """``tests/<file>.py::<test>`` in the pages names a test function of that file."""
+    n = 0
+    for p in PAGES:
+        for path, name in re.findall(r"(tests/\w+\.py)::(\w+)", p.read_text()):
+            n += 1
+            assert re.search(rf"^def {name}\(", (REPO / path).read_text(), flags=re.MULTILINE), f"{p.name}: {path}::{name}"
+    assert n >= 2
