@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -171,3 +172,29 @@ def test_labels_without_a_training_example_are_reported(tmp_path):
     write_senteval(tmp_path / "probing")  # the fixture's own file: every label has training examples
     (ok,) = build("senteval", tmp_path / "se2", dict(ov, **{"dataset.tasks": "[sentlen]"}))
     assert "labels_not_in_train" not in ok
+
+
+def test_task_oddmanout_trains_on_the_shards_its_build_writes(tmp_path):
+    """``oddmanout`` is SOMO under SentEval's file name (odd_man_out.txt): ``dataset.tasks=[oddmanout]`` writes the
+    shard set ``<out>/oddmanout`` labelled for task ``oddmanout``, which ``task=oddmanout`` (listed beside ``somo`` in
+    docs/probing.md) and the experiments' ``${paths.senteval}/${task.name}`` read. Before, the build wrote it as
+    ``<out>/somo`` and ``task=oddmanout`` stopped with a KeyError: no labels for ``oddmanout``."""
+    from types import SimpleNamespace
+
+    from conftest import compose
+    from value_pl.driver.setup import task_spec
+
+    (tmp_path / "in").mkdir()
+    rows = [("tr", "O", "the dog runs ."), ("tr", "C", "the dog reads ."), ("va", "O", "a cat eats ."),
+            ("va", "C", "a cat flies ."), ("te", "O", "birds fly ."), ("te", "C", "birds read .")]
+    (tmp_path / "in" / "odd_man_out.txt").write_text("".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
+    mans = build("senteval", tmp_path / "se", {"dataset.dir": str(tmp_path / "in"), "dataset.tasks": "[oddmanout,somo]"})
+    assert sorted(p.name for p in (tmp_path / "se").iterdir()) == ["oddmanout", "somo"]
+    assert [m["labels"] for m in mans] == [{"oddmanout": ["C", "O"]}, {"somo": ["C", "O"]}]
+    for task in ("oddmanout", "somo"):
+        cfg = compose([f"task={task}", "prober=senteval_mlp", "experiment=table5", f"paths.senteval={tmp_path / 'se'}"])
+        root = Path(cfg.data.root)
+        assert root == tmp_path / "se" / task
+        spec = task_spec(cfg, SimpleNamespace(root=root, manifest=json.loads((root / "manifest.json").read_text())))
+        assert spec.name == task and spec.labels == ["C", "O"]
+        assert {s["meta"]["sentence_labels"][task] for s in read_samples(root)} == {"C", "O"}

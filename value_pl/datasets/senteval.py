@@ -7,7 +7,8 @@ one sample with no regions (features ``(0, feature_dim)``, image 1x1 placeholder
 ``sentence_labels: {task: label}``. Task names (file): sentlen (sentence_length), wordcontent
 (word_content), treedepth (tree_depth), topconst (top_constituents), bshift (bigram_shift),
 tense (past_present), subjnum (subj_number), objnum (obj_number), somo (odd_man_out),
-coordinv (coordination_inversion); ``oddmanout`` is accepted as an alias of somo.
+coordinv (coordination_inversion); ``oddmanout`` (SentEval's own name for SOMO) reads somo's file into a
+shard set and labels of its own name, which ``task=oddmanout`` reads.
 
 Bad lines raise naming file and line (wrong number of tab fields, unknown split tag, empty label, not UTF-8);
 an empty sentence is a counted skip ``empty_caption`` (``strict=true``: raises).
@@ -102,10 +103,15 @@ def parse_senteval(path, issues: Issues) -> dict[str, list[tuple[int, str, list[
 
 
 def _task_name(t: str) -> str:
-    t = TASK_ALIASES.get(str(t).lower(), str(t).lower())
-    if t not in TASK_FILES:
-        raise BuildError(f"unknown SentEval task {t!r} (use {', '.join(TASK_FILES)})")
+    t = str(t).lower()
+    if TASK_ALIASES.get(t, t) not in TASK_FILES:
+        raise BuildError(f"unknown SentEval task {t!r} (use {', '.join([*TASK_FILES, *TASK_ALIASES])})")
     return t
+
+
+def _task_file(task: str) -> str:
+    """The SentEval file of ``task`` (an alias such as ``oddmanout`` reads its task's file)."""
+    return TASK_FILES[TASK_ALIASES.get(task, task)]
 
 
 def build_senteval(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsize: float = 256e6,
@@ -117,7 +123,7 @@ def build_senteval(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsi
     mans = []
     D = int(feature_dim or 2048)
     for task in tasks:
-        path = d / TASK_FILES[task]
+        path = d / _task_file(task)
         if not path.exists():
             raise BuildError(f"{path}: SentEval file for task {task} not found")
         w = ShardSetWriter(Path(out) / task, f"senteval_{task}", version=str(cfg.get("version", "1")),
@@ -131,7 +137,7 @@ def build_senteval(cfg: dict, *, out, seed: int = 0, maxcount: int = 1000, maxsi
             w.labels = {task: labels}
             for split, lst in data.items():
                 it = (text_sample(f"se_{task}_{ln:08d}", words, task, lab, D,
-                                  {"dataset": "senteval", "task": task, "file": TASK_FILES[task], "line": ln})
+                                  {"dataset": "senteval", "task": task, "file": _task_file(task), "line": ln})
                       for ln, lab, words in progress(lst, progress_bar, desc=f"senteval {task} {split}"))
                 w.write_split(split, it)
             w.extra = {"task": task, "source": "SentEval probing data", "skipped_examples": issues.examples}
