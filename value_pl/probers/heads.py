@@ -7,8 +7,8 @@
 * :class:`SentenceProber` -- SentEval's classifier: Linear -> Dropout -> Sigmoid -> Linear
   (``nhid=0``: logistic regression).
 
-Each head is initialised from its own seed (``seed + crc32(name)``), so a head's start does not depend on
-which other heads are trained beside it. For training, heads of one class and size are stacked
+Each head is initialised from its own seed (``(seed * 1000003 + crc32(name)) mod 2**31``), so a head's start
+does not depend on which other heads are trained beside it. For training, heads of one class and size are stacked
 (:class:`StackedLayerEmb`, :class:`StackedAttention`, :class:`StackedSentence`): one batched matmul serves
 every layer, with exactly the single heads' math.
 """
