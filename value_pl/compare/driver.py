@@ -224,7 +224,8 @@ def markdown(res: dict) -> str:
     if skipped:
         lines += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in skipped.items()]
     lines += ["", "Metrics: `fusion/nmi/*` k-means NMI (lower = more fused), `modality/*` [CLS] attention mass "
-                  "(Eq. 1), `<task>/acc/*` test accuracy of the layer-embedding prober (Eq. 4) trained with the "
+                  "(Eq. 1), `<task>/acc/*` test accuracy of the layer-embedding prober (Eq. 4; sentence tasks: "
+                  "logistic regression on the layer's mean word vector) trained with the "
                   "suite's fixed budget; `best` = the head best on validation.", ""]
     if res.get("plots"):
         lines += ["## Plots", ""] + [f"![{n}]({p})" for n, p in res["plots"].items()]
