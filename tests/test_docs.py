@@ -248,3 +248,30 @@ def test_named_tests_exist():
             n += 1
             assert re.search(rf"^def {name}\(", (REPO / path).read_text(), flags=re.MULTILINE), f"{p.name}: {path}::{name}"
     assert n >= 2
+
+
+def test_the_readmes_example_output_is_what_a_run_prints():
+    """The README's output of command 1 is, line for line, what ``results_markdown`` prints for the numbers it shows
+    (header, chance and majority, the table, best layer, throughput, the demo note), after the two start lines."""
+    from value_pl.driver.results import results_markdown
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Set-up: two commands", 1)[1].split("```\n[value-pl]", 1)[1].split("```", 1)[0]
+    start, body = block.split("\n", 2)[:2], block.split("\n", 2)[2]
+    assert start[0].startswith(" backbone minilm-uniter: text side from the pretrained BERT-family model at ")
+    assert start[0].endswith("; image embeddings randomly initialised (seed 0)")
+    assert start[1] == "[value-pl] data: synthetic demo shards with planted signal (a smoke test, not a result)"
+    head = re.match(r"# (\w+) / prober=(\w+) / backbone=([\w-]+) \((pretrained|untrained)\) / seed=(\d+)\n", body)
+    chance = re.search(r"chance \(1/C\) = ([\d.]+)%, majority class = ([\d.]+)%", body)
+    rows = re.findall(r"^\| (\d+) \| (\w+) \| ([^|]+) \| ([\d.]+) \| ([\d.]+) \|$", body, flags=re.MULTILINE)
+    best = re.search(r"best by validation: (\w+) -> test ([\d.]+)%", body)
+    tp = re.search(r"Training throughput: (\d+) samples/s, waiting for data (\d+)% ", body)
+    assert head and chance and rows and best and tp
+    res = {"task": head[1], "prober": head[2], "backbone": {"name": head[3], "pretrained": head[4] == "pretrained"},
+           "seed": int(head[5]), "control": False, "chance": float(chance[1]) / 100, "majority": float(chance[2]) / 100,
+           "layers": [{"layer": int(l), "name": n, "title": t, "val_acc": float(v) / 100, "test_acc": float(te) / 100}
+                      for l, n, t, v, te in rows],
+           "best": {"name": best[1], "test_acc": float(best[2]) / 100},
+           "throughput": {"train": {"samples_per_s": float(tp[1]), "data_wait_frac": float(tp[2]) / 100}},
+           "data": {"synthetic": True}}
+    assert results_markdown(res) == body
