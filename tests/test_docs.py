@@ -275,3 +275,39 @@ def test_the_readmes_example_output_is_what_a_run_prints():
            "throughput": {"train": {"samples_per_s": float(tp[1]), "data_wait_frac": float(tp[2]) / 100}},
            "data": {"synthetic": True}}
     assert results_markdown(res) == body
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a name inside a module, not a submodule
+        return False
+
+
+def test_python_names_in_the_pages_exist():
+    """``value_pl.<module>[.<name>]`` and ``<Class>.<attribute>`` of value_pl's classes named in the pages exist."""
+    import importlib
+
+    from value_pl.backbones.base import BackboneOutput
+    from value_pl.backbones.capture import CaptureSpec
+    from value_pl.probers.module import ProbeModule
+
+    classes = {"BackboneOutput": BackboneOutput, "CaptureSpec": CaptureSpec, "ProbeModule": ProbeModule}
+    n = 0
+    for p in PAGES:
+        text = p.read_text()
+        for dotted in re.findall(r"`(value_pl(?:\.\w+)+)`", text):
+            parts = dotted.split(".")
+            k = next(k for k in range(len(parts), 0, -1) if _is_module(".".join(parts[:k])))
+            obj = importlib.import_module(".".join(parts[:k]))
+            for attr in parts[k:]:
+                assert hasattr(obj, attr), f"{p.name}: {dotted}"
+                obj = getattr(obj, attr)
+            n += 1
+        for cls, attr in re.findall(rf"`({'|'.join(classes)})\.(\w+)`", text):
+            fields = getattr(classes[cls], "__dataclass_fields__", {})
+            assert hasattr(classes[cls], attr) or attr in fields, f"{p.name}: {cls}.{attr}"
+            n += 1
+    assert n >= 6
