@@ -101,16 +101,24 @@ def test_the_pages_run_every_command():
 def test_every_documented_hydra_command_composes():
     """Each override names a config key or group option that exists: a typo'd key (``data.workers=4``), a removed
     option or a group option that is not a file fails here as it would on the command line."""
-    bad = []
-    for page, mod, toks in documented_commands():
-        if mod not in HYDRA:
-            continue
-        for overrides in _variants(toks):
-            try:
-                _compose(HYDRA[mod], overrides)
-            except Exception as e:  # noqa: BLE001 -- collected, reported together
-                msg = str(e).splitlines()[0]
-                bad.append(f"{page}: python -m {mod} {' '.join(overrides)}\n    {type(e).__name__}: {msg}")
+    from hydra import compose, initialize_config_dir
+
+    from value_pl import CONFIG_DIR
+
+    bad, seen = [], set()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        for page, mod, toks in documented_commands():
+            if mod not in HYDRA:
+                continue
+            for overrides in _variants(toks):
+                if (mod, tuple(overrides)) in seen:
+                    continue
+                seen.add((mod, tuple(overrides)))
+                try:
+                    compose(config_name=HYDRA[mod], overrides=overrides, return_hydra_config=True)
+                except Exception as e:  # noqa: BLE001 -- collected, reported together
+                    msg = str(e).splitlines()[0]
+                    bad.append(f"{page}: python -m {mod} {' '.join(overrides)}\n    {type(e).__name__}: {msg}")
     assert not bad, "\n".join(bad)
 
 
