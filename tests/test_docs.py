@@ -319,3 +319,23 @@ def test_python_names_in_the_pages_exist():
             assert hasattr(classes[cls], attr) or attr in fields, f"{p.name}: {cls}.{attr}"
             n += 1
     assert n >= 6
+
+
+def test_every_documented_group_option_exists():
+    """``group=option`` anywhere in the pages' code (`` `backbone=uniter_untrained` ``, ``logger=wandb|csv|none``,
+    ``prober=senteval_*``) names a config file of that group."""
+    from value_pl import CONFIG_DIR
+
+    groups = {d.name for d in Path(CONFIG_DIR).iterdir() if d.is_dir()}
+    bad, n = [], 0
+    for p in PAGES:
+        for s in _snippets(p.read_text()):
+            for m in re.finditer(r"(?:^|[\s'\"])(\w+)=([\w*|,]+)(?=$|[\s'\")])", s):
+                if m[1] not in groups:
+                    continue
+                for option in re.split(r"[|,]", m[2]):
+                    n += 1
+                    if option and not list((Path(CONFIG_DIR) / m[1]).glob(f"{option}.yaml")):
+                        bad.append(f"{p.name}: {m[1]}={option} in `{s.strip()[:100]}`")
+    assert not bad, "\n".join(bad)
+    assert n >= 50
