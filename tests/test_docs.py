@@ -1,7 +1,8 @@
-"""The commands the README and docs/ pages tell a user to run: every ``python -m value_pl.<cmd> key=value`` names
-config keys and group options that exist (composed with Hydra, as the command would), every ``--flag`` of the
-argparse commands exists, and every inline ``key=value`` override the pages mention is a key of some command's
-config. Composing only: nothing is trained."""
+"""What the README, docs/ and shards/README.md tell a user to run and name, checked without training: every
+``python -m value_pl.<cmd> key=value`` composes with Hydra as the command would; every inline ``key=value`` is a
+config key and every ``group=option`` a config file; the ``--flags`` of the argparse commands, benchmarks/ and
+examples/ exist; the tests, ``value_pl`` names and backbone config fields the pages cite exist; and the README's
+example output is what a run prints for its numbers."""
 from __future__ import annotations
 
 import contextlib
