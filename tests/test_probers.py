@@ -147,3 +147,22 @@ def test_both_probers_in_one_run_get_distinct_result_names(tmp_path):
     assert rows[3]["title"] == "Layer 1 (attention prober)"
     single = ProbeModule(bb, task=task, prober={"name": "attention"})  # one prober: the paper's layer names
     assert [single.display_name(k) for k in single.head_names] == ["layer_01", "layer_02", "all_heads"]
+
+
+def test_a_checkpoint_evaluated_on_shards_of_another_width_says_so(tmp_path):
+    """``eval`` of a prober trained where the image embedding follows the shards (MiniLM-UNITER, twins) on shards of
+    another feature width rebuilds another backbone: the checksum error says why and what to pass (before, it only
+    gave the two checksums)."""
+    from test_capture import tiny_uniter
+
+    from value_pl.probers.module import HEADS_FORMAT
+
+    bb = tiny_uniter(tmp_path)
+    m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": ["a", "b"]}, prober={"name": "layer_emb"})
+    trained = dict(bb.describe(), checksum="0" * 16, img_dim=2048)
+    with pytest.raises(ValueError, match=r"2048-d region features.*64-d.*data.root"):
+        m.on_load_checkpoint({"value_pl": {"heads_format": HEADS_FORMAT, "backbone_identity": trained}})
+    with pytest.raises(ValueError, match=r"checksum 0{16}, but the backbone built now has checksum") as e:
+        m.on_load_checkpoint({"value_pl": {"heads_format": HEADS_FORMAT,
+                                           "backbone_identity": dict(bb.describe(), checksum="0" * 16)}})
+    assert "region features" not in str(e.value)

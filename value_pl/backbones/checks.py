@@ -193,8 +193,13 @@ def check_saved_backbone(bb, identity: dict, config: dict | None, what: str = "p
     recorded are said, not refused."""
     mine = bb.describe() if hasattr(bb, "describe") else {}
     if identity.get("checksum") and mine.get("checksum") and identity["checksum"] != mine["checksum"]:
+        why = ""
+        if identity.get("img_dim") and mine.get("img_dim") and identity["img_dim"] != mine["img_dim"]:
+            why = (f": its image embedding took {identity['img_dim']}-d region features, the shards read now have "
+                   f"{mine['img_dim']}-d (a random image embedding follows the shards' width); evaluate on the "
+                   f"shards it was trained on (data=... data.root=..., as in training)")
         raise ValueError(f"{what} was trained on backbone {identity.get('name')} with checksum "
-                         f"{identity['checksum']}, but the backbone built now has checksum {mine['checksum']}")
+                         f"{identity['checksum']}, but the backbone built now has checksum {mine['checksum']}{why}")
     if config and hasattr(bb, "config_differences"):
         diff, odd = bb.config_differences(config, "checkpoint")
         if diff:  # same weights, another computation: the heads were fitted to other features
