@@ -188,7 +188,8 @@ def test_task_oddmanout_trains_on_the_shards_its_build_writes(tmp_path):
     rows = [("tr", "O", "the dog runs ."), ("tr", "C", "the dog reads ."), ("va", "O", "a cat eats ."),
             ("va", "C", "a cat flies ."), ("te", "O", "birds fly ."), ("te", "C", "birds read .")]
     (tmp_path / "in" / "odd_man_out.txt").write_text("".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
-    mans = build("senteval", tmp_path / "se", {"dataset.dir": str(tmp_path / "in"), "dataset.tasks": "[oddmanout,somo]"})
+    mans = build("senteval", tmp_path / "se", {"dataset.dir": str(tmp_path / "in"),
+                                                "dataset.tasks": "[oddmanout,somo]"})
     assert sorted(p.name for p in (tmp_path / "se").iterdir()) == ["oddmanout", "somo"]
     assert [m["labels"] for m in mans] == [{"oddmanout": ["C", "O"]}, {"somo": ["C", "O"]}]
     for task in ("oddmanout", "somo"):

@@ -255,7 +255,8 @@ def test_named_tests_exist():
     for p in PAGES:
         for path, name in re.findall(r"(tests/\w+\.py)::(\w+)", p.read_text()):
             n += 1
-            assert re.search(rf"^def {name}\(", (REPO / path).read_text(), flags=re.MULTILINE), f"{p.name}: {path}::{name}"
+            src = (REPO / path).read_text()
+            assert re.search(rf"^def {name}\(", src, flags=re.MULTILINE), f"{p.name}: {path}::{name}"
     assert n >= 2
 
 
@@ -278,8 +279,8 @@ def test_the_readmes_example_output_is_what_a_run_prints():
     assert head and chance and rows and best and tp
     res = {"task": head[1], "prober": head[2], "backbone": {"name": head[3], "pretrained": head[4] == "pretrained"},
            "seed": int(head[5]), "control": False, "chance": float(chance[1]) / 100, "majority": float(chance[2]) / 100,
-           "layers": [{"layer": int(l), "name": n, "title": t, "val_acc": float(v) / 100, "test_acc": float(te) / 100}
-                      for l, n, t, v, te in rows],
+           "layers": [{"layer": int(k), "name": n, "title": t, "val_acc": float(v) / 100, "test_acc": float(te) / 100}
+                      for k, n, t, v, te in rows],
            "best": {"name": best[1], "test_acc": float(best[2]) / 100},
            "throughput": {"train": {"samples_per_s": float(tp[1]), "data_wait_frac": float(tp[2]) / 100}},
            "data": {"synthetic": True}}

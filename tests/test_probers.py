@@ -158,7 +158,8 @@ def test_a_checkpoint_evaluated_on_shards_of_another_width_says_so(tmp_path):
     from value_pl.probers.module import HEADS_FORMAT
 
     bb = tiny_uniter(tmp_path)
-    m = ProbeModule(bb, task={"name": "vrc", "kind": "region_region", "labels": ["a", "b"]}, prober={"name": "layer_emb"})
+    task = {"name": "vrc", "kind": "region_region", "labels": ["a", "b"]}
+    m = ProbeModule(bb, task=task, prober={"name": "layer_emb"})
     trained = dict(bb.describe(), checksum="0" * 16, img_dim=2048)
     with pytest.raises(ValueError, match=r"2048-d region features.*64-d.*data.root"):
         m.on_load_checkpoint({"value_pl": {"heads_format": HEADS_FORMAT, "backbone_identity": trained}})

@@ -68,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     rdir = run_dir(cfg)
     state = load_torch(ckpt, what="prober checkpoint (ckpt_path)")
     hp = state.get("hyper_parameters", {})
-    # the checkpoint's backbone/task/prober/layers over the command line's (use_checkpoint_config=false: the command line's)
+    # the checkpoint's backbone/task/prober/layers win over the command line's (use_checkpoint_config=false: not)
     if cfg.get("use_checkpoint_config", True) and hp.get("backbone_cfg"):
         cfg = OmegaConf.merge(cfg, {"backbone": hp["backbone_cfg"], "prober": hp["prober"],
                                     "task": {"name": hp["task"]["name"], "kind": hp["task"]["kind"],
