@@ -175,3 +175,54 @@ def test_compare_measures_again_under_another_model_config(shards, monkeypatch):
     assert res["rows"][0]["config_sha256"] == build_backbone(OmegaConf.create(
         {"family": "uniter", "config": tiny, "tokenizer": "minilm", "img_dim": 64, "pretrained": False})
     ).describe()["config_sha256"]
+
+
+def test_the_report_refuses_to_average_seeds_of_one_backbone_under_other_model_configs(shards):
+    """results.json records the backbone's model config (``config_sha256`` and the record, ``model_config``): the
+    report refuses to average two seeds of the same weights built with another ``layer_norm_eps`` / activation /
+    head count, naming both files and the fields (it used to average them: only the weights were compared). Results
+    written before the record (no ``config_sha256``) are not refused but named under each table (config unknown)."""
+    from value_pl import report
+    from value_pl.data.hashing import canonical_sha256
+    from value_pl.driver.results import results_dict, write_results
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    tmp, root, (tiny, other) = shards
+    files = {}
+    for seed, (name, config) in enumerate([("a", tiny), ("b", tiny), ("c", other)]):
+        cfg = compose([f"data.root={root}", *FAST, *_backbone(config), f"seed={seed}"])
+        dm = make_datamodule(cfg)
+        module = build_module(cfg, dm)[0]
+        res = results_dict(cfg, module, dm, rows=[{"layer": 1, "name": "layer_01", "val_acc": 0.6 + seed / 10,
+                                                   "test_acc": 0.6 + seed / 10}],
+                           counts={"test": None}, label_counts={"train": [3, 1], "test": [1, 1]})
+        b = res["backbone"]
+        assert b["config_sha256"] == canonical_sha256(b["model_config"]) and b["model_config"]["layer_norm_eps"]
+        d = tmp / "report-runs" / name
+        d.mkdir(parents=True)
+        write_results(d, res)
+        files[name] = d / "results.json"
+    same = report.Runs(report.load_runs([files["a"], files["b"]]))  # one model config: averaged
+    assert same.stat("vcd", "layer_emb", "SS untrained", "layer_01").values == pytest.approx([0.6, 0.7])
+    assert not same.config_unknown
+    with pytest.raises(ValueError, match=r"different model configs \(config_sha256 \w+ vs \w+: hidden_act 'gelu' vs "
+                                         r"'relu'; layer_norm_eps 1e-12 vs 1e-05; num_attention_heads 2 vs 4\)") as e:
+        report.Runs(report.load_runs([files["a"], files["c"]]))
+    assert str(files["a"]) in str(e.value) and str(files["c"]) in str(e.value)
+    # written before results.json recorded the config: not refused, but named under every table it reaches
+    old = json.loads(files["c"].read_text())
+    for k in ("config_sha256", "model_config"):
+        old["backbone"].pop(k)
+    files["c"].write_text(json.dumps(old))
+    runs = report.load_runs([files["a"], files["c"]])
+    assert report.Runs(runs).config_unknown == [str(files["c"])]
+    (t,) = report.build_tables(runs, "table8")
+    assert "**Config unknown:** 1 of the 2 runs were written before" in t.note and str(files["c"]) in t.note
+    assert str(files["a"]) not in t.note
+    # a hash without the record (written in between): refused all the same, saying the fields are unknown
+    mid = json.loads(files["b"].read_text())
+    mid["backbone"].pop("model_config")
+    mid["backbone"]["config_sha256"] = "0" * 16
+    files["b"].write_text(json.dumps(mid))
+    with pytest.raises(ValueError, match="config fields were not recorded"):
+        report.Runs(report.load_runs([files["a"], files["b"]]))

@@ -49,6 +49,9 @@ def test_analyze_records_what_the_report_needs(analyze_runs):
     assert fusion["data"]["dataset"] == "demo" and fusion["data"]["split_samples"] == 160
     assert fusion["seed"] == 0 and fusion["max_samples"] == 6 and fusion["samples_seen"] == 6
     assert fusion["backbone"]["pretrained"] is False and fusion["layers"][0]["table1"] == "emb."  # kept fields
+    from value_pl.data.hashing import canonical_sha256  # the backbone's model config, with its hash
+
+    assert fusion["backbone"]["config_sha256"] == canonical_sha256(fusion["backbone"]["model_config"])
     summary = _load(analyze_runs / "ts0", "analysis")
     assert summary["max_samples"] == 6 and summary["data"]["dataset"] == "demo"
 
@@ -141,6 +144,36 @@ def test_duplicates_mixed_backbones_and_settings_are_refused(analyze_runs, tmp_p
         f.write_text(json.dumps(res))
     with pytest.raises(ValueError, match="differ in max_samples 6 vs 12"):
         _tables([analyze_runs, tmp_path / "again"], "table1")
+
+
+def test_seeds_of_one_backbone_under_other_model_configs_are_refused(analyze_runs, tmp_path):
+    """Analyze outputs carry the backbone's model config: a seed whose backbone has the same weights but another
+    ``layer_norm_eps`` is not averaged with the others (both files and the field named); outputs written before the
+    config was recorded are named under their tables (config unknown), not refused."""
+    run = tmp_path / "other" / "ss2"
+    shutil.copytree(analyze_runs / "ss0", run)
+    for f in run.glob("*.json"):
+        res = json.loads(f.read_text())
+        res["seed"] = 2
+        res["backbone"]["model_config"]["layer_norm_eps"] = 1e-5
+        res["backbone"]["config_sha256"] = "f" * 16
+        f.write_text(json.dumps(res))
+    with pytest.raises(ValueError, match=r"analyze runs of one backbone under the model label 'SS untrained' ran it "
+                                         r"with different model configs \(config_sha256 \w+ vs f+: layer_norm_eps "
+                                         r"1e-12 vs 1e-05\)") as e:
+        _tables([analyze_runs, tmp_path / "other"], "table2")
+    assert str(analyze_runs / "ss0") in str(e.value) and str(run) in str(e.value)
+    for f in run.glob("*.json"):
+        res = json.loads(f.read_text())
+        for k in ("config_sha256", "model_config"):
+            res.get("backbone", {}).pop(k, None)
+        f.write_text(json.dumps(res))
+    T = _tables([analyze_runs, tmp_path / "other"], "table1,table2")
+    for t in T.values():
+        want = run / ("fusion.json" if t.name == "table1" else "coref.json")
+        assert f"**Config unknown:** 1 of the 4 analyze runs were written before" in t.note and str(want) in t.note
+        assert str(analyze_runs / "ss0") not in t.note.split("Config unknown")[1]
+    assert T["table2"].rows[0].startswith("SS untrained") and "/" in T["table2"].text(T["table2"].rows[0], "pairs")
 
 
 def test_dataset_names_and_uncapped_runs(analyze_runs, tmp_path):

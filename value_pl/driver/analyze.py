@@ -21,6 +21,7 @@ from ..backbones import build_backbone
 from ..backbones.checks import check_inputs
 from ..data.progress import progress
 from ..data.safe_load import honours_switch
+from .results import backbone_record
 from .setup import close_logger, make_datamodule, make_logger, run_dir, teardown_distributed
 
 log = logging.getLogger("value_pl")
@@ -95,7 +96,7 @@ def analyze(cfg: DictConfig) -> dict:
     dm.splits.setdefault(split, split)
     backbone = build_backbone(cfg.backbone, img_dim=dm.manifest.get("feature_dim"))
     check_inputs(backbone, dm.manifest, dm.root)  # before the first batch: widths, boxes, vocabulary, positions
-    ident = backbone.describe()
+    ident = backbone_record(backbone)  # with its model config: the report checks that the seeds of a cell agree
     device = pick_device(cfg.get("device"))
     backbone.to(device)
     print(f"[value-pl] backbone {ident.get('name')}: {ident.get('source')} ({backbone.kind}-stream) on {device}")

@@ -8,12 +8,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ..data.cache import backbone_config
 from ..data.datamodule import ShardDataModule
 from ..probers.metrics import majority_baseline
 from ..probers.module import ProbeModule
 from ..protocols.control import control_info
 
 log = logging.getLogger("value_pl")
+
+
+def backbone_record(backbone) -> dict:
+    """What a run's output says of its backbone: its identity (weights checksum, ``config_sha256``, ...) and
+    ``model_config``, the effective model config that hash is of (so that python -m value_pl.report can name the
+    fields in which two runs' backbones differ)."""
+    return {**backbone.describe(), "model_config": backbone_config(backbone)}
 
 
 def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extra: dict | None = None,
@@ -32,7 +40,7 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
     res = {
         "task": module.task["name"],
         "prober": module.prober_name,
-        "backbone": module.backbone.describe(),
+        "backbone": backbone_record(module.backbone),
         "data": {"root": str(dm.root), "dataset": dm.manifest.get("dataset"),
                  "synthetic": bool(dm.manifest.get("synthetic", False)),
                  "mismatch": bool(dm.manifest.get("mismatch", False))
@@ -172,6 +180,8 @@ def matching_task_run(res: dict, rdir: Path | None) -> dict | None:
         if (o.get("task") == res.get("task") and o.get("prober") == res.get("prober") and not o.get("control")
                 and not o.get("shuffle_labels") and "mdl" not in o and o.get("seed") == res.get("seed")
                 and b.get("name") == want_b.get("name") and b.get("checksum") == want_b.get("checksum")
+                and (b.get("config_sha256") == want_b.get("config_sha256")  # unrecorded (older runs): not compared
+                     or None in (b.get("config_sha256"), want_b.get("config_sha256")))
                 and (o.get("data") or {}).get("root") == (res.get("data") or {}).get("root")):
             hits.append((f.stat().st_mtime, f, o))
     if not hits:

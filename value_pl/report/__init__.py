@@ -16,8 +16,11 @@ BERT; ``untrained`` is appended for ``backbone.pretrained=false`` runs, ``shuffl
 ``shuffle_labels=true`` sanity runs and ``derived data`` for SentEval-style tasks built from captions (not
 SentEval's files): these are their own rows, never averaged with the others, and the paper's SS/TS tables take
 only the plain labels. The seeds of a cell must be runs of one model: two runs of one configuration with the
-same seed, or runs of two backbones under one label (two UNITER checkpoints; UNITER and VisualBERT), are
-refused with both files named -- report each backbone's runs on their own. So are seeds of one cell trained
+same seed, runs of two backbones under one label (two UNITER checkpoints; UNITER and VisualBERT), or of one
+backbone built with two model configs (``results.json``'s ``backbone.config_sha256``: another ``layer_norm_eps``,
+attention implementation, weights dtype, ...; the differing fields named from ``backbone.model_config``), are
+refused with both files named -- report each backbone's runs on their own. Runs written before the config was
+recorded are not refused but named under every table they reach (**Config unknown**). So are seeds of one cell trained
 differently (``results.json``'s ``training``: epochs, batch caps, batch size, lr, ...; precision aside), and smoke
 tests (``fast_dev_run``, capped batches) are marked **Not a result** under every table they reach.
 

@@ -6,8 +6,10 @@ An analyze run writes ``<analysis>.json`` per analysis (and ``analysis.json``) i
 records the backbone, the data (the manifest's dataset name), the seed and ``max_samples`` (files written before
 that are completed from their run's ``analysis.json``; a run whose files and ``analysis.json`` both lack
 ``max_samples`` is marked "cap unknown" under its tables, naming the files, not taken for an uncapped one). Runs are grouped by (analysis, model label, dataset): the
-seeds of a group give mean +/- 95% CI, as in the other tables; two runs of one group with the same seed, or runs
-of different backbones under one model label, are refused with both files named.
+seeds of a group give mean +/- 95% CI, as in the other tables; two runs of one group with the same seed, runs
+of different backbones under one model label, or of one backbone built with different model configs
+(``config_sha256``), are refused with both files named (files that predate the config record: "config unknown",
+named under their tables).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .collect import ANALYSIS_FILES, Stat, Table, _ident_text, backbone_identity, model_label
+from .collect import (ANALYSIS_FILES, ConfigCheck, Stat, Table, _ident_text, backbone_identity, config_unknown_note,
+                      model_label)
 
 #: manifest ``dataset`` -> the paper's name
 DATASETS = {"flickr30k_entities": "Flickr30k", "flickr30k": "Flickr30k", "visual_genome": "Visual Genome",
@@ -99,6 +102,7 @@ class Analyses:
         self.by: dict[tuple, dict[int, dict]] = defaultdict(dict)
         models: dict[str, dict[tuple, str]] = defaultdict(dict)
         first: dict[tuple, dict] = {}
+        configs = ConfigCheck("analyze runs")
         for r in recs:
             where = r["_path"]
             m = model_label(r)
@@ -108,6 +112,7 @@ class Analyses:
                 raise ValueError(
                     f"analyze runs of different backbones share the model label {m!r}: {pa} ({_ident_text(a)}) and "
                     f"{pb} ({_ident_text(b)}); report each backbone's runs separately")
+            configs.add(m, r, where)
             k = (r["analysis"], m, dataset_name(r))
             seed = int(r.get("seed", 0))
             if seed in self.by[k]:
@@ -121,6 +126,7 @@ class Analyses:
                                  + ", ".join(f"{s} {_setting(r0, s)!r} vs {_setting(r, s)!r}" for s in diff)
                                  + "; the seeds of a cell must differ only in their seed: report them separately")
             self.by[k][seed] = r
+        self.config_unknown = set(configs.unknown)  # files without a config record: named under their tables
 
     def groups(self, analysis: str) -> list[tuple[str, str, list[dict]]]:
         """(model, dataset, the seeds' results) of one analysis, in the paper's order (SS, TS, then untrained)."""
@@ -142,6 +148,7 @@ class Analyses:
         cut = [(p, r["inputs_cut"]) for p, r in runs.items()
                if (r.get("inputs_cut") or {}).get("texts") or (r.get("inputs_cut") or {}).get("regions")]
         unknown = sorted(r["_path"] for r in runs.values() if r.get("_cap_unknown"))
+        no_config = [r["_path"] for r in runs.values() if r["_path"] in self.config_unknown]
         why = []
         if capped:
             p, r = capped[0]
@@ -154,6 +161,8 @@ class Analyses:
             out.append(f"**Cap unknown:** {len(unknown)} of the {len(runs)} analyze runs were written before analyze "
                        f"recorded max_samples, so whether they read the whole split or a capped sample cannot be "
                        f"told (run them again to know): " + ", ".join(unknown) + ".")
+        if no_config:
+            out.append(config_unknown_note(no_config, len(runs), "analyze runs"))
         if cut:
             p, c = cut[0]
             out.append(f"**Inputs cut:** {len(cut)} of the {len(runs)} analyze runs saw inputs cut to the backbone's "

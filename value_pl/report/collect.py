@@ -145,6 +145,64 @@ def backbone_identity(res: dict) -> tuple:
             b.get("checksum") if b.get("pretrained", True) else None)
 
 
+def config_record(res: dict) -> tuple[str | None, dict | None]:
+    """A run's backbone model config: its hash (``config_sha256``: the effective model config the backbone was built
+    with, e.g. ``layer_norm_eps``, the attention implementation, the weights' dtype) and the record itself
+    (``model_config``); ``None`` where the run was written before it was recorded."""
+    b = res.get("backbone") or {}
+    rec = b.get("model_config")
+    return b.get("config_sha256"), rec if isinstance(rec, dict) else None
+
+
+def config_differences(a: dict | None, b: dict | None) -> str:
+    """The fields in which two model config records differ (``field A vs B``; fields only one records named)."""
+    def norm(v) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    if a is None or b is None:
+        return "the config fields were not recorded (results written before model_config was)"
+    diff = [f"{k} {a[k]!r} vs {b[k]!r}" for k in sorted(set(a) & set(b), key=str) if norm(a[k]) != norm(b[k])]
+    odd = sorted(set(a) ^ set(b), key=str)
+    if odd:
+        diff.append("recorded by one only: " + ", ".join(odd[:8]) + (" ..." if len(odd) > 8 else ""))
+    return "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "") if diff else "no field differs"
+
+
+class ConfigCheck:
+    """The backbone model config of the runs under one model label must be one: runs of the same weights with
+    another ``layer_norm_eps`` or attention implementation are runs of another model. Differing hashes are refused,
+    both files and the differing fields named; runs without a hash (written before it was recorded) are kept in
+    ``unknown`` for a note, neither refused nor taken for agreeing."""
+
+    def __init__(self, what: str = "runs"):
+        self.what = what
+        self.first: dict[str, tuple[str, dict | None, str]] = {}
+        self.unknown: list[str] = []
+
+    def add(self, label: str, res: dict, where: str) -> None:
+        h, rec = config_record(res)
+        if h is None:
+            self.unknown.append(where)
+            return
+        h0, rec0, w0 = self.first.setdefault(label, (h, rec, where))
+        if h != h0:
+            raise ValueError(
+                f"{w0} and {where}: {self.what} of one backbone under the model label {label!r} ran it with different "
+                f"model configs (config_sha256 {h0} vs {h}: {config_differences(rec0, rec)}). Averaging them would "
+                f"publish a number of no single model: report them separately, or rerun one of them with the "
+                f"other's backbone config")
+
+
+def config_unknown_note(paths: list[str], total: int, what: str = "runs") -> str:
+    """The note under a table some of whose runs did not record their backbone's model config (named)."""
+    if not paths:
+        return ""
+    return (f"**Config unknown:** {len(paths)} of the {total} {what} were written before the backbone's model "
+            f"config (config_sha256) was recorded, so whether they ran it as the other seeds did (layer_norm_eps, "
+            f"attention implementation, ...) cannot be told (run them again to know): " + ", ".join(sorted(paths))
+            + ".")
+
+
 SMOKE_FIELDS = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches", "train_batches")
 
 
@@ -218,8 +276,8 @@ class Runs:
 
     The seeds of one cell are the runs of one configuration: two runs with the same group key, layer and seed,
     or runs of different backbones under one model label (two UNITER checkpoints, or UNITER and VisualBERT, both
-    ``SS``), are refused with both files named -- averaging or overwriting them would publish a number of no
-    single model."""
+    ``SS``), or runs of one backbone built with different model configs (:class:`ConfigCheck`), are refused with
+    both files named -- averaging or overwriting them would publish a number of no single model."""
 
     def __init__(self, runs: list[dict]):
         self.runs = runs
@@ -229,6 +287,7 @@ class Runs:
         models: dict[str, dict[tuple, str]] = defaultdict(dict)
         budgets: dict[tuple, tuple[dict, str]] = {}
         self.smoke = [r.get("_path", "?") for r in runs if is_smoke_test(r)]
+        configs = ConfigCheck()
         for r in runs:
             k = group_key(r)
             where = r.get("_path", "?")
@@ -248,6 +307,7 @@ class Runs:
                     f"runs of different backbones share the model label {k[2]!r}: {pa} ({_ident_text(a)}) and {pb} "
                     f"({_ident_text(b)}). A report averages the seeds of one model: report each backbone's runs "
                     f"separately (compare checkpoints with python -m value_pl.compare)")
+            configs.add(k[2], r, where)
             self.chance[r["task"]] = r.get("chance", float("nan"))
             seed = int(r.get("seed", 0))
             for row in r.get("layers", []):
@@ -258,6 +318,7 @@ class Runs:
                                      f"of them")
                 src[cell] = where
                 self.by[k][row["name"]][seed] = row
+        self.config_unknown = configs.unknown  # runs without a config record: noted under the tables, named
 
     def stat(self, task, prober, model, layer, mismatch=False, control=False, mdl=False, field="test_acc") -> Stat | None:
         d = self.by.get((task, prober, model, mismatch, control, mdl), {}).get(layer)

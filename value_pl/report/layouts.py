@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from .analyses import Analyses, build_analysis_tables
-from .collect import ANALYSIS_LAYOUTS, LAYOUTS, PAIR_TASKS, SENT_TASKS, TASK_TITLES, Runs, Stat, Table, _layer_order, layer_title
+from .collect import (ANALYSIS_LAYOUTS, LAYOUTS, PAIR_TASKS, SENT_TASKS, TASK_TITLES, Runs, Stat, Table, _layer_order,
+                      config_unknown_note, layer_title)
 
 #: what the two-stream (LXMERT) rows are, in the paper's numbering
 NOTE_TS_CROSS = ("TS: Layer 1-5 are LXMERT's 5 cross-modality layers, numbered 0-4 in the paper's Table 1 "
@@ -214,4 +215,8 @@ def build_tables(runs: list[dict], layout: str = "auto", analyses: list[dict] | 
                 f"limit_*_batches or data.train_batches), e.g. {R.smoke[0]}.")
         for t in from_results:
             t.note = f"{t.note}\n\n{warn}" if t.note else warn
+    unknown = config_unknown_note(R.config_unknown, len(runs))  # results written before config_sha256: named
+    if unknown:
+        for t in from_results:
+            t.note = f"{t.note}\n\n{unknown}" if t.note else unknown
     return out
