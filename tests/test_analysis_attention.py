@@ -359,3 +359,155 @@ def test_tsne_nmi_uses_the_fusion_tables_kmeans():
         pytest.fail("no sample found on which n_init matters")
     fu, ts = fusion_and_tsne(h, 1)
     assert ts == pytest.approx(fu, abs=1e-12) and fu == pytest.approx(one)
+
+
+# ------------------------------------------------------------------ maxattn.average: pairs or samples
+def _random_coref(seed=0, B=6, L=2):
+    """Random attention for ``B`` samples and their coref pairs (0-4 a sample, two types, some without a Rand.
+    partner): (attention per map, pairs as (sample, type, phrase span, region, rand phrase, rand region))."""
+    g = torch.Generator().manual_seed(seed)
+    attn = {f"attn.joint.{l}.self": torch.rand(B, 2, T + R, T + R, generator=g) for l in range(1, L + 1)}
+    pairs = []
+    for b in range(B):
+        for _ in range(int(torch.randint(0, 5, (1,), generator=g))):
+            s = int(torch.randint(1, 4, (1,), generator=g))
+            e = s + int(torch.randint(1, 3, (1,), generator=g))
+            r = int(torch.randint(0, R, (1,), generator=g))
+            rp = (4, 6) if bool(torch.rand(1, generator=g) < 0.7) else (-1, -1)
+            rr = int(torch.randint(0, R, (1,), generator=g)) if bool(torch.rand(1, generator=g) < 0.7) else -1
+            pairs.append((b, ["people", "scene"][int(torch.rand(1, generator=g) < 0.4)], (s, e), r, rp, rr))
+    return attn, pairs
+
+
+def _coref_batches(attn, pairs, samples):
+    """The batch of ``samples`` (their attention and pairs, sample indices renumbered) as the collator gives it."""
+    ps = [p for p in pairs if p[0] in samples]
+    new = {b: i for i, b in enumerate(samples)}
+    batch = {"input_ids": torch.zeros(len(samples), T), "coref_b": torch.tensor([new[p[0]] for p in ps], dtype=torch.long),
+             "coref_phrase": torch.tensor([p[2] for p in ps], dtype=torch.long).view(-1, 2),
+             "coref_region": torch.tensor([[p[3], p[3] + 1] for p in ps], dtype=torch.long).view(-1, 2),
+             "coref_type": [p[1] for p in ps],
+             "coref_rand_phrase": torch.tensor([p[4] for p in ps], dtype=torch.long).view(-1, 2),
+             "coref_rand_region": torch.tensor([[p[5], p[5] + 1] if p[5] >= 0 else [-1, -1] for p in ps],
+                                               dtype=torch.long).view(-1, 2),
+             "cmp_pair": torch.zeros(0, dtype=torch.long), "cmp_phrase": torch.zeros(0, 2, dtype=torch.long)}
+    out = single_out({k: v[list(samples)] for k, v in attn.items()}, B=len(samples), nreg=(R,) * len(samples))
+    return out, batch
+
+
+def _run_coref(average, attn, pairs, split):
+    an = Coref(FakeSingle(L=2), OmegaConf.merge(CFG, {"maxattn": {"average": average}}))
+    for samples in split:
+        out, batch = _coref_batches(attn, pairs, samples)
+        if batch["coref_b"].numel():
+            an.update(out, batch)
+    return {r["type"]: r for r in an.result()["types"]}, an.result()
+
+
+def _brute_coref(attn, pairs, average):
+    """Per type and direction, the (L, H) means by a plain loop: per pair the max over the phrase's tokens; per
+    sample the mean of its pairs, then the mean over samples (``samples``), or the mean over all pairs."""
+    maps = sorted(attn)
+    H = attn[maps[0]].shape[1]
+
+    def value(p, key):
+        b, _, (s, e), r, (rs, re_), rr = p
+        if key == "vt":
+            return [[float(attn[m][b, h, T + r, s:e].max()) for h in range(H)] for m in maps]
+        if key == "tv":
+            return [[float(attn[m][b, h, s:e, T + r].max()) for h in range(H)] for m in maps]
+        if key == "vt_rand":
+            return None if rs < 0 else [[float(attn[m][b, h, T + r, rs:re_].max()) for h in range(H)] for m in maps]
+        return None if rr < 0 else [[float(attn[m][b, h, s:e, T + rr].max()) for h in range(H)] for m in maps]
+
+    out = {}
+    for t in sorted({p[1] for p in pairs}):
+        for key in ("vt", "tv", "vt_rand", "tv_rand"):
+            vals = [(p[0], value(p, key)) for p in pairs if p[1] == t]
+            vals = [(b, np.array(v)) for b, v in vals if v is not None]
+            if average == "samples":
+                per = [np.mean([v for bb, v in vals if bb == b], 0) for b in sorted({b for b, _ in vals})]
+                out[(t, key)] = np.mean(per, 0)
+            else:
+                out[(t, key)] = np.mean([v for _, v in vals], 0)
+    return out
+
+
+@pytest.mark.parametrize("average", ["pairs", "samples"])
+def test_coref_means_equal_a_per_sample_loop_and_not_the_batch_size(average):
+    """``maxattn.average=samples`` (Table 2's "averaged across all data samples"): each sample's pairs of a type are
+    averaged first, then the samples; ``pairs`` (the default) averages the pairs. Both equal a plain loop, whether
+    the samples come one, two-three or all six at a time."""
+    attn, pairs = _random_coref()
+    counts = {t: sum(p[1] == t for p in pairs) for t in ("people", "scene")}
+    assert len({p[0] for p in pairs}) >= 4 and min(counts.values()) >= 3  # several samples with several pairs
+    want = _brute_coref(attn, pairs, average)
+    results = [_run_coref(average, attn, pairs, split) for split in
+               ([range(6)], [[0, 1], [2, 3, 4], [5]], [[i] for i in range(6)])]
+    for rows, res in results:
+        assert res["maxattn"] == {"average": average}
+        for t, r in rows.items():
+            assert r["pairs"] == counts[t] and r["samples"] == len({p[0] for p in pairs if p[1] == t})
+            np.testing.assert_allclose(r["vt_heads"], want[(t, "vt")], atol=1e-6)
+            np.testing.assert_allclose(r["tv_heads"], want[(t, "tv")], atol=1e-6)
+            for key in ("vt_rand", "tv_rand"):
+                assert r[key]["value"] == pytest.approx(float(want[(t, key)].max()), abs=1e-6)
+    for key in ("vt", "tv", "vt_rand", "tv_rand"):  # the same heads selected, whatever the batches
+        assert len({tuple(rows[t][key]["head"] for t in sorted(rows)) for rows, _ in results}) == 1
+    if average == "samples":  # the two readings differ on these samples
+        other = _brute_coref(attn, pairs, "pairs")
+        assert not np.allclose(other[("people", "vt")], want[("people", "vt")], atol=1e-4)
+
+
+def test_relation_means_over_samples_equal_a_per_sample_loop():
+    """Table 4 under ``maxattn.average=samples``: per sample the mean over its relations of one predicate (each the
+    mean of both directions), then over samples; the same read in any batches."""
+    g = torch.Generator().manual_seed(1)
+    B = 5
+    a = torch.rand(B, 2, T + R, T + R, generator=g)
+    rels = [(0, "on", 0, 1, 2), (0, "on", 1, 2, -1), (0, "on", 2, 0, 1), (1, "on", 1, 0, 2), (2, "wearing", 0, 2, 1),
+            (3, "on", 2, 1, 0), (3, "wearing", 1, 0, -1), (4, "wearing", 0, 1, 2), (4, "wearing", 2, 1, 0)]
+
+    def batch_of(samples):
+        rs = [r for r in rels if r[0] in samples]
+        new = {b: i for i, b in enumerate(samples)}
+        def sp(i):
+            return [i, i + 1] if i >= 0 else [-1, -1]
+
+        return {"input_ids": torch.zeros(len(samples), T), "rel_b": torch.tensor([new[r[0]] for r in rs]),
+                "rel_s": torch.tensor([sp(r[2]) for r in rs]), "rel_o": torch.tensor([sp(r[3]) for r in rs]),
+                "rel_rand": torch.tensor([sp(r[4]) for r in rs]), "rel_type": [r[1] for r in rs]}
+
+    def brute(key):
+        out = {}
+        for t in ("on", "wearing"):
+            per = []
+            for b in sorted({r[0] for r in rels if r[1] == t}):
+                o = [r[4 if key == "rand" else 3] for r in rels if r[0] == b and r[1] == t]
+                s = [r[2] for r in rels if r[0] == b and r[1] == t]
+                v = [[0.5 * float(a[b, h, T + si, T + oi] + a[b, h, T + oi, T + si]) for h in range(2)]
+                     for si, oi in zip(s, o) if oi >= 0]
+                if v:
+                    per.append(np.mean(v, 0))
+            out[t] = np.mean(per, 0)
+        return out
+
+    want, want_rand = brute("rel"), brute("rand")
+    for split in ([range(B)], [[0, 1], [2, 3, 4]], [[i] for i in range(B)]):
+        an = Relation(FakeSingle(), OmegaConf.merge(CFG, {"maxattn": {"average": "samples"}}))
+        for samples in split:
+            an.update(single_out({"attn.joint.1.self": a[list(samples)]}, B=len(samples), nreg=(R,) * len(samples)),
+                      batch_of(list(samples)))
+        res = an.result()
+        assert res["maxattn"] == {"average": "samples"}
+        rows = {r["type"]: r for r in res["types"]}
+        assert (rows["on"]["pairs"], rows["on"]["samples"], rows["wearing"]["pairs"]) == (5, 3, 4)
+        for t in rows:
+            np.testing.assert_allclose(np.array(rows[t]["heads"])[0], want[t], atol=1e-6)
+            assert rows[t]["rand"]["value"] == pytest.approx(float(want_rand[t].max()), abs=1e-6)
+
+
+def test_maxattn_average_is_checked():
+    with pytest.raises(ValueError, match="maxattn.average='sample': use one of pairs, samples"):
+        Coref(FakeSingle(), OmegaConf.merge(CFG, {"maxattn": {"average": "sample"}}))
+    assert Coref(FakeSingle(), CFG).average == "pairs"  # unset: the default

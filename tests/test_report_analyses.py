@@ -176,6 +176,39 @@ def test_seeds_of_one_backbone_under_other_model_configs_are_refused(analyze_run
     assert T["table2"].rows[0].startswith("SS untrained") and "/" in T["table2"].text(T["table2"].rows[0], "pairs")
 
 
+def test_seeds_averaged_over_pairs_and_over_samples_are_not_mixed(analyze_runs, tmp_path):
+    """Tables 2 and 4 record what their means are over (``maxattn.average``): a seed averaged over samples is not
+    averaged with seeds averaged over pairs; files written before the setting existed averaged over pairs."""
+    assert _load(analyze_runs / "ss0", "coref")["maxattn"] == {"average": "pairs"}
+    assert _load(analyze_runs / "ss0", "relation")["maxattn"] == {"average": "pairs"}
+    run = tmp_path / "s" / "ss2"
+    shutil.copytree(analyze_runs / "ss0", run)
+    for f in run.glob("*.json"):
+        res = json.loads(f.read_text())
+        res["seed"] = 2
+        if res.get("analysis") in ("coref", "relation"):
+            res["maxattn"]["average"] = "samples"
+        f.write_text(json.dumps(res))
+    with pytest.raises(ValueError, match="differ in maxattn.average 'pairs' vs 'samples'") as e:
+        _tables([analyze_runs, tmp_path / "s"], "table2")
+    assert f"{run}/coref.json" in str(e.value) and f"{analyze_runs / 'ss0'}/coref.json" in str(e.value)
+    (run / "coref.json").unlink()  # Table 4's relation runs alone
+    with pytest.raises(ValueError, match="relation / SS untrained / demo differ in maxattn.average 'pairs' vs 'samples'"):
+        _tables([analyze_runs, tmp_path / "s"], "table4")
+    shutil.copy(analyze_runs / "ss0" / "coref.json", run / "coref.json")
+    res = json.loads((run / "coref.json").read_text())
+    (run / "coref.json").write_text(json.dumps({**res, "seed": 2, "maxattn": {"average": "samples"}}))
+    T = _tables([tmp_path / "s"], "table2,table4")  # on their own: said in the notes
+    assert "mean over samples of each sample's mean over its linked pairs" in T["table2"].note
+    assert "mean over samples of each sample's mean" in T["table4"].note
+    for f in run.glob("*.json"):  # as written before the setting: pairs, the only averaging then
+        res = json.loads(f.read_text())
+        res.pop("maxattn", None)
+        f.write_text(json.dumps(res))
+    T = _tables([analyze_runs, tmp_path / "s"], "table2")
+    assert "mean over linked pairs" in T["table2"].note and "/" in T["table2"].text(T["table2"].rows[0], "pairs")
+
+
 def test_dataset_names_and_uncapped_runs(analyze_runs, tmp_path):
     run = tmp_path / "f30k"
     shutil.copytree(analyze_runs / "ts0", run)

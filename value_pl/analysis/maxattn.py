@@ -3,8 +3,12 @@ head prefer the linked pair?), Table 4 (visual relations), Figs. 7-10 (per-head 
 
 For a (phrase, region) pair and a head, the attention between them is the maximum over the phrase's
 tokens (VALUE footnote 8; :meth:`BackboneOutput.attention_between`). Every number is a per-head mean
-over the linked pairs of one type; a table cell is the maximum of that mean over all heads, with the
-arg-max head as ``layer-head`` (1-based, as the paper's ``9-12``).
+of one type; a table cell is the maximum of that mean over all heads, with the arg-max head as
+``layer-head`` (1-based, as the paper's ``9-12``). ``maxattn.average`` says what is averaged: ``pairs``
+(the default) = the linked pairs of the type, so a sample with three links counts three times;
+``samples`` = first each sample's pairs of the type, then the samples that have one (Table 2's caption
+says "averaged across all data samples"). A sample's pairs are all in its batch, so both are
+independent of the batch size. Table 7's ratio is a share of pairs either way.
 
 * V->T: the region as query, attending to the phrase (single-stream: the joint self-attention of
   every layer; two-stream: the cross layers' vision->language maps ``attn.cross.x.v2l``).
@@ -30,6 +34,51 @@ from .common import Analysis, Figure, HeadSums, head_maps, head_name, rows_from_
 from .fusion import _missing_md
 
 
+#: ``maxattn.average``: what the per-head mean of Tables 2 and 4 is over
+AVERAGES = ("pairs", "samples")
+
+
+def averaging(cfg) -> str:
+    """``cfg.maxattn.average`` (``pairs`` when unset), checked."""
+    m = cfg.get("maxattn") if cfg is not None else None
+    v = str((m.get("average") if m is not None else None) or "pairs")
+    if v not in AVERAGES:
+        raise ValueError(f"maxattn.average={v!r}: use one of {', '.join(AVERAGES)} (pairs = the mean over linked pairs, "
+                         f"samples = the mean over samples of each sample's mean over its pairs)")
+    return v
+
+
+def per_sample_mean(values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(P, K) rows of pairs and (P,) their samples (batch index) -> (S, K): each sample's mean over its rows, one
+    row per sample present (float64)."""
+    uniq, inv = torch.unique(b, return_inverse=True)
+    sums = torch.zeros(len(uniq), values.shape[1], dtype=torch.float64, device=values.device)
+    sums.index_add_(0, inv, values.double())
+    return sums / torch.bincount(inv, minlength=len(uniq)).to(sums)[:, None]
+
+
+class _Means:
+    """Per-type, per-head running means of one analysis, over pairs or over samples (:func:`averaging`), with
+    the number of pairs and of samples of each type."""
+
+    def __init__(self, shape, keys, average: str):
+        self.average = average
+        self.acc = {k: HeadSums(shape) for k in keys}
+        self.pairs: dict[str, int] = {}
+        self.samples: dict[str, int] = {}
+
+    def count(self, t: str, b: torch.Tensor) -> None:
+        self.pairs[t] = self.pairs.get(t, 0) + int(b.numel())
+        self.samples[t] = self.samples.get(t, 0) + int(torch.unique(b).numel())
+
+    def add(self, key: str, t: str, values: torch.Tensor, b: torch.Tensor) -> None:
+        if values.shape[0]:
+            self.acc[key].add(t, per_sample_mean(values, b) if self.average == "samples" else values)
+
+    def mean(self, key: str, t: str):
+        return self.acc[key].mean(t)
+
+
 def _between(out, maps: list[str], b, qm, qs, km, ks) -> torch.Tensor:
     """(P, L*H) attention of every head of ``maps`` from query spans to key spans."""
     return torch.cat([out.attention_between(m, b, qm, qs, km, ks) for m in maps], 1)
@@ -51,6 +100,13 @@ def _cell(d, bold=False) -> str:
     return f"**{s}**" if bold else s
 
 
+def _over(res: dict) -> str:
+    """What a result's means are over, in words."""
+    if (res.get("maxattn") or {}).get("average") == "samples":
+        return "over samples of each sample's mean over its pairs"
+    return "over pairs"
+
+
 def _order(types, known=()) -> list[str]:
     first = [t for t in known if t in types]
     return first + sorted(t for t in types if t not in first)
@@ -65,8 +121,9 @@ class Coref(Analysis):
         self.tv_maps = [a for a, _ in maps]
         self.vt_maps = [b for _, b in maps]
         self.shape = (len(maps), backbone.num_heads)
-        self.acc = {k: HeadSums(self.shape) for k in ("vt", "tv", "vt_rand", "tv_rand")}
-        self.wins = HeadSums(self.shape)  # Table 7: 1 where linked > every other phrase
+        self.average = averaging(cfg)
+        self.acc = _Means(self.shape, ("vt", "tv", "vt_rand", "tv_rand"), self.average)
+        self.wins = HeadSums(self.shape)  # Table 7: 1 where linked > every other phrase (a share of pairs)
 
     def capture(self, batch):
         if batch["coref_b"].numel() == 0:
@@ -104,22 +161,24 @@ class Coref(Analysis):
         self.count("coref table 7: no other phrase in the sample", int((~has_cmp).sum()))
         for t in set(types):
             idx = torch.tensor([i for i, x in enumerate(types) if x == t], device=vt.device)
-            self.acc["vt"].add(t, vt[idx])
-            self.acc["tv"].add(t, tv[idx])
-            self.acc["vt_rand"].add(t, vt_r[idx][okp[idx]])
-            self.acc["tv_rand"].add(t, tv_r[idx][okr[idx]])
+            bt = b[idx]
+            self.acc.count(t, bt)
+            self.acc.add("vt", t, vt[idx], bt)
+            self.acc.add("tv", t, tv[idx], bt)
+            self.acc.add("vt_rand", t, vt_r[idx][okp[idx]], bt[okp[idx]])
+            self.acc.add("tv_rand", t, tv_r[idx][okr[idx]], bt[okr[idx]])
             self.wins.add(t, win[idx][has_cmp[idx]])
         self.samples += P
 
     def result(self):
         rows = []
-        for t in _order(self.acc["vt"].n, COREF_TYPES):
-            vt_mean = self.acc["vt"].mean(t)
+        for t in _order(self.acc.pairs, COREF_TYPES):
+            vt_mean = self.acc.mean("vt", t)
             sel = _best(vt_mean)
-            r = {"type": t, "pairs": self.acc["vt"].n[t],
-                 "vt": sel, "tv": _best(self.acc["tv"].mean(t)),
-                 "vt_rand": _best(self.acc["vt_rand"].mean(t)), "tv_rand": _best(self.acc["tv_rand"].mean(t)),
-                 "vt_heads": vt_mean.tolist(), "tv_heads": self.acc["tv"].mean(t).tolist()}
+            r = {"type": t, "pairs": self.acc.pairs[t], "samples": self.acc.samples[t],
+                 "vt": sel, "tv": _best(self.acc.mean("tv", t)),
+                 "vt_rand": _best(self.acc.mean("vt_rand", t)), "tv_rand": _best(self.acc.mean("tv_rand", t)),
+                 "vt_heads": vt_mean.tolist(), "tv_heads": self.acc.mean("tv", t).tolist()}
             w = self.wins.mean(t)
             if w is not None:
                 L, H = self.shape
@@ -129,13 +188,15 @@ class Coref(Analysis):
                 r["table7"] = None
             rows.append(r)
         return {"analysis": "coref", "kind": self.backbone.kind, "pairs": self.samples,
+                "maxattn": {"average": self.average},
                 "maps": {"v2t": self.vt_maps, "t2v": self.tv_maps}, "types": rows, "missing": dict(self.missing)}
 
     def markdown(self, res):
         ss = "single-stream" if res["kind"] == "single" else "two-stream"
         lines = ["## Visual coreference: maximum attention between linked tokens (Table 2)", "",
                  f"*Results on the {ss} model* ({res['pairs']} linked pairs). Each cell: the maximum over heads "
-                 "of the mean (over pairs) maximum attention between the linked tokens, with the head as layer-head.",
+                 f"of the mean ({_over(res)}) maximum attention between the linked tokens, with the head as "
+                 "layer-head.",
                  "", "| Coref Type | V→T | T→V | V→T (Rand.) | T→V (Rand.) | pairs |", "|---|---|---|---|---|---:|"]
         for r in res["types"]:
             bv = r["vt"] and r["tv"] and r["vt"]["value"] >= r["tv"]["value"]
@@ -178,7 +239,8 @@ class Relation(Analysis):
         self.ab = [a for a, _ in maps]
         self.ba = [b for _, b in maps]
         self.shape = (len(maps), backbone.num_heads)
-        self.acc = {k: HeadSums(self.shape) for k in ("rel", "rand")}
+        self.average = averaging(cfg)
+        self.acc = _Means(self.shape, ("rel", "rand"), self.average)
 
     def capture(self, batch):
         if batch["rel_b"].numel() == 0:
@@ -202,22 +264,24 @@ class Relation(Analysis):
                             + _between(out, self.ba, b[ok], REGION, rnd[ok], REGION, s[ok]))
         for t in set(types):
             idx = torch.tensor([i for i, x in enumerate(types) if x == t], device=val.device)
-            self.acc["rel"].add(t, val[idx])
-            self.acc["rand"].add(t, rv[idx][ok[idx]])
+            bt = b[idx]
+            self.acc.count(t, bt)
+            self.acc.add("rel", t, val[idx], bt)
+            self.acc.add("rand", t, rv[idx][ok[idx]], bt[ok[idx]])
         self.samples += b.numel()
 
     def result(self):
-        n = self.acc["rel"].n
-        rows = [{"type": t, "pairs": n[t], "max": _best(self.acc["rel"].mean(t)),
-                 "rand": _best(self.acc["rand"].mean(t)), "heads": self.acc["rel"].mean(t).tolist()}
+        n = self.acc.pairs
+        rows = [{"type": t, "pairs": n[t], "samples": self.acc.samples[t], "max": _best(self.acc.mean("rel", t)),
+                 "rand": _best(self.acc.mean("rand", t)), "heads": self.acc.mean("rel", t).tolist()}
                 for t in sorted(n, key=lambda t: (-n[t], t))]
         return {"analysis": "relation", "kind": self.backbone.kind, "pairs": self.samples,
-                "maps": self.ab, "types": rows, "missing": dict(self.missing)}
+                "maxattn": {"average": self.average}, "maps": self.ab, "types": rows, "missing": dict(self.missing)}
 
     def markdown(self, res):
         k = "SS" if res["kind"] == "single" else "TS"
         lines = ["## Visual relations: maximum attention between related regions (Table 4)", "",
-                 f"{res['pairs']} subject-object pairs; mean of both directions; {k}: "
+                 f"{res['pairs']} subject-object pairs; mean of both directions, then {_over(res)}; {k}: "
                  + ("single-stream" if k == "SS" else "two-stream") + ".", "",
                  f"| Relation Type | {k} | {k} (Rand.) | pairs |", "|---|---|---|---:|"]
         lines += [f"| {r['type']} | {_cell(r['max'], True)} | {_cell(r['rand'])} | {r['pairs']} |" for r in res["types"]]

@@ -31,7 +31,10 @@ TABLE7_ORDER = ("people", "bodyparts", "scene", "clothing", "instruments", "anim
 #: the 7 of 30 relations the paper's Table 4 shows, in its order (the others follow, most pairs first)
 RELATION_ORDER = ("on", "standing in", "wearing", "playing", "eating", "holds", "covering")
 #: what must agree between the seeds of one group (beside the backbone): the sample read and the method's settings
-SETTINGS = ("split", "max_samples", "kmeans.n_init", "kmeans.max_iter", "tokens", "threshold", "include_special")
+SETTINGS = ("split", "max_samples", "kmeans.n_init", "kmeans.max_iter", "tokens", "threshold", "include_special",
+            "maxattn.average")
+#: the analyses whose means ``maxattn.average`` chooses (pairs or samples; files written before it: pairs)
+MAXATTN = ("coref", "relation")
 
 
 def dataset_name(rec: dict) -> str:
@@ -78,6 +81,8 @@ def load_analyses(paths) -> list[dict]:
         # written before analyze recorded its cap (``max_samples: null`` = the whole split): whether the run read a
         # capped sample cannot be told; said under its tables (cap unknown), never taken for uncapped
         res["_cap_unknown"] = "max_samples" not in res
+        if res["analysis"] in MAXATTN and "maxattn" not in res:  # written when pairs was the only averaging
+            res["maxattn"] = {"average": "pairs"}
         if "backbone" not in res or "data" not in res:
             raise ValueError(f"{f}: an analyze output without its backbone or data record (and no analysis.json "
                              f"beside it): cannot tell which model and dataset it belongs to")
@@ -210,6 +215,17 @@ def _ds_suffix(ds: str, home: str) -> str:
     return "" if ds == home else f", {ds}"
 
 
+def _over(A: Analyses, analysis: str) -> str:
+    """What the max-attention means of a table's groups are over (``maxattn.average``), in words; per group when
+    they differ (each group's seeds agree: :data:`SETTINGS`)."""
+    words = {"pairs": "over linked pairs", "samples": "over samples of each sample's mean over its linked pairs"}
+    got = {f"{m} / {ds}": _setting(rs[0], "maxattn.average") for m, ds, rs in A.groups(analysis)}
+    kinds = set(got.values())
+    if len(kinds) <= 1:
+        return words.get(next(iter(kinds), "pairs"), "over linked pairs")
+    return "(" + "; ".join(f"{g}: {words.get(v, v)}" for g, v in got.items()) + ")"
+
+
 def table1(A: Analyses) -> Table:
     t = Table("table1", "Table 1: multimodal fusion degree (NMI; lower = more fused)", scale=1.0)
     groups = A.groups("fusion")
@@ -243,7 +259,7 @@ def table2(A: Analyses) -> Table:
                 t.cells[(row, c)] = s if s else "–"
             t.cells[(row, "pairs")] = " / ".join(str(x["pairs"]) for x in by[ty])
     t.note = ("Rows: the model (SS = single-stream: all joint self-attention maps; TS = two-stream: the cross maps), "
-              "then the coarse coreference type. A cell is the maximum over heads of the mean over linked pairs "
+              f"then the coarse coreference type. A cell is the maximum over heads of the mean {_over(A, 'coref')} "
               "(averaged over seeds), with the arg-max head; pairs per seed.")
     return t
 
@@ -266,7 +282,8 @@ def table4(A: Analyses) -> Table:
                 s = _best(by.get(ty, []), lambda x, k=k: x.get(k))
                 t.cells[(ty, c)] = s if s else "–"
     t.note = ("Mean of subject→object and object→subject attention (SS: joint maps; TS: the visual stream's "
-              "self-attention), maximum over heads, with the head. The paper's Table 4 shows 7 of the 30 relations (on, "
+              f"self-attention), then the mean {_over(A, 'relation')}, maximum over heads, with the head. The "
+              "paper's Table 4 shows 7 of the 30 relations (on, "
               "standing in, wearing, playing, eating, holds, covering): those come first, the others follow.")
     return t
 
