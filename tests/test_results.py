@@ -194,3 +194,22 @@ def test_eval_of_a_control_prober_with_the_raw_baseline_relabels_and_loads_as_tr
     assert {r["name"] for r in ev["layers"]} == {r["name"] for r in res["layers"]} >= {"raw", "layer_01"}
     acc = {r["name"]: r["test_acc"] for r in res["layers"]}
     assert {r["name"]: r["test_acc"] for r in ev["layers"]} == pytest.approx(acc)
+
+
+def test_selectivity_pairs_a_control_run_only_with_a_task_run_of_the_same_model_config(tmp_path):
+    """A control run's selectivity takes the task run beside it of the same backbone: the same weights built with
+    another model config (``config_sha256``) are another model; a task run written before the hash was recorded is
+    still taken (not comparable, not refused)."""
+    from value_pl.driver.results import matching_task_run
+
+    def res(h, control):
+        b = {"name": "minilm-uniter", "checksum": "c0"} | ({"config_sha256": h} if h else {})
+        return {"task": "vrc", "prober": "layer_emb", "seed": 0, "control": control, "backbone": b,
+                "data": {"root": "/shards/vg"}}
+
+    ctrl = tmp_path / "ctrl"
+    for h, want in (("aaa", True), ("bbb", False), (None, True)):
+        (tmp_path / "task").mkdir(exist_ok=True)
+        (tmp_path / "task" / "results.json").write_text(json.dumps(res(h, False)))
+        got = matching_task_run(res("aaa", {"types": 3}), ctrl)
+        assert (got is not None) == want, h
