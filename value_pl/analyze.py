@@ -15,10 +15,12 @@ from . import CONFIG_DIR
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="analyze")
 def main(cfg: DictConfig) -> None:
     from .analysis import Unsupported
+    from .data.options import refused_cleanly
     from .driver.analyze import analyze
 
     try:
-        analyze(cfg)
+        with refused_cleanly():
+            analyze(cfg)
     except Unsupported as e:
         print(f"[value-pl] analysis={cfg.analysis.name} cannot run on backbone {cfg.backbone.get('name')}: {e}",
               file=sys.stderr)

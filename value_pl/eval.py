@@ -7,12 +7,14 @@ import hydra
 from omegaconf import DictConfig
 
 from . import CONFIG_DIR
+from .data.options import refused_cleanly
 from .driver.train import evaluate
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with refused_cleanly():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

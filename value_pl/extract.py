@@ -11,9 +11,11 @@ from . import CONFIG_DIR
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="extract")
 def main(cfg: DictConfig) -> None:
+    from .data.options import refused_cleanly
     from .driver.extract import extract_cache
 
-    extract_cache(cfg)
+    with refused_cleanly():
+        extract_cache(cfg)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ import hydra
 from omegaconf import DictConfig
 
 from . import CONFIG_DIR
+from .data.options import refused_cleanly
 from .driver.train import train
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    with refused_cleanly():
+        train(cfg)
 
 
 if __name__ == "__main__":

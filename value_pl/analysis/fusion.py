@@ -147,6 +147,10 @@ class TSNE(Analysis):
         non_emb = [l for l in layers if l[0] > 0] or layers
         pick = cfg.get("tsne_layers") or [non_emb[0][0], non_emb[-1][0]]
         by = {l[0]: l for l in layers}
+        unknown = [p for p in pick if int(p) not in by]
+        if unknown:
+            raise ValueError(f"tsne_layers={list(pick)}: {unknown} are not image-text layers of this backbone; "
+                             f"it has {sorted(by)} (0 = the embeddings)")
         self.layers = [by[int(p)] for p in pick]
         self.target = int(cfg.get("tsne_sample", 0))
         self.seed = int(cfg.get("seed", 0))

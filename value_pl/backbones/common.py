@@ -208,7 +208,7 @@ def unwrap_checkpoint(sd: dict[str, Tensor], anchors: tuple[str, ...], source: s
                 break
     if len(found) > 1:
         raise KeyError(f"{source}: the checkpoint holds {len(found)} encoders ({', '.join(sorted(found.values()))}); "
-                       f"name the one to compare with +backbone.checkpoint_prefix=<one of {sorted(found)}>")
+                       f"name the one to load with backbone.checkpoint_prefix=<one of {sorted(found)}>")
     if not found:
         return sd
     (p,) = found

@@ -12,9 +12,11 @@ from .. import CONFIG_DIR
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
 def main(cfg: DictConfig) -> None:
+    from ..data.options import refused_cleanly
     from . import compare
 
-    compare(cfg)
+    with refused_cleanly():
+        compare(cfg)
 
 
 if __name__ == "__main__":

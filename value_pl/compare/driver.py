@@ -308,14 +308,16 @@ def compare(cfg: DictConfig) -> dict:
     from ..backbones import build_backbone
     from ..backbones.checks import check_inputs
     from ..driver.setup import close_logger, ensure_demo, make_logger, run_dir
+    from ..driver.validate import check_compare
 
+    check_compare(cfg)  # value ranges, before any file is read (the suite's: suite_config)
     t0 = time.time()
     rdir = Path(cfg.out) if cfg.get("out") else run_dir(cfg)
     rdir.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir) if cfg.get("cache_dir") else rdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     ensure_demo(cfg.data.root, cfg.data)
-    suite = suite_config(cfg.suite, seed=int(cfg.suite.get("seed", cfg.seed)))
+    suite = suite_config(cfg.suite)
     steps = OmegaConf.to_container(cfg.steps) if cfg.get("steps") is not None else None
     specs = cfg.checkpoints
     specs = OmegaConf.to_container(specs) if OmegaConf.is_config(specs) else specs

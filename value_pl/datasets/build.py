@@ -22,11 +22,46 @@ from .. import CONFIG_DIR
 from .common import BuildError
 
 
+def check_build(c: dict) -> None:
+    """The build config's numbers in their ranges (:class:`~value_pl.data.options.OptionError` naming the key)."""
+    from ..data.options import OptionError, choice, flag, number, numbers, value
+    from .regions import FORMATS
+
+    number(c, "feature_dim", 1, integer=True)
+    number(c, "maxcount", 1, integer=True)
+    number(c, "maxsize", 1)
+    number(c, "seed", 0, integer=True)
+    for k in ("strict", "progress", "hash_inputs"):
+        flag(c, k)
+    for k in ("supplied_iou", "iou_threshold"):
+        number(c, f"dataset.{k}", 0, 1, lo_open=True)
+    for k in ("max_regions", "top_k", "max_pairs_per_predicate", "max_same_predicate_per_caption"):
+        number(c, f"dataset.{k}", 1, integer=True)
+    for k in ("features_format", "annotated_features_format"):
+        choice(c, f"dataset.{k}", ("auto",) + tuple(FORMATS))
+    choice(c, "dataset.variant", ("normal", "mismatch"))
+    number(c, "dataset.uniter.conf_th", 0, 1)
+    number(c, "dataset.uniter.min_bb", 1, integer=True)
+    number(c, "dataset.uniter.max_bb", 1, integer=True)
+    lo, hi = value(c, "dataset.uniter.min_bb", None), value(c, "dataset.uniter.max_bb", None)
+    if lo is not None and hi is not None and lo > hi:
+        raise OptionError(f"dataset.uniter.min_bb={lo} > dataset.uniter.max_bb={hi}")
+    fr = value(c, "dataset.splits", None)
+    if isinstance(fr, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fr.values()):
+        if any(v < 0 for v in fr.values()) or sum(fr.values()) <= 0:
+            raise OptionError(f"dataset.splits={fr}: fractions must be >= 0 with a positive sum (they are normalised)")
+    numbers(c, "dataset.sentlen_bins", 0, integer=True)
+    bins = value(c, "dataset.sentlen_bins", None)
+    if bins and any(a >= b for a, b in zip(bins, bins[1:])):
+        raise OptionError(f"dataset.sentlen_bins={bins}: the bin edges must increase")
+
+
 def run_build(cfg) -> dict | list[dict]:
     """Dispatch on ``cfg.dataset.builder``; returns the manifest (a list of them for SentEval)."""
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(cfg, resolve=True)
+    check_build(c)
     builder = c["dataset"]["builder"]
     if builder == "flickr30k":
         from .flickr30k import build_flickr30k as fn
@@ -47,11 +82,13 @@ def _main():
     import hydra
     from omegaconf import DictConfig
 
+    from ..data.options import refused_cleanly
     from .writer import report
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="build")
     def main(cfg: DictConfig) -> None:
-        mans = run_build(cfg)
+        with refused_cleanly():
+            mans = run_build(cfg)
         for man in mans if isinstance(mans, list) else [mans]:
             print(report(man))
         print(f"shards written under {Path(cfg.out).resolve()}")

@@ -23,6 +23,7 @@ from ..data.progress import progress
 from ..data.safe_load import honours_switch
 from .results import backbone_record
 from .setup import close_logger, make_datamodule, make_logger, run_dir, teardown_distributed
+from .validate import check_analyze
 
 log = logging.getLogger("value_pl")
 
@@ -89,6 +90,7 @@ def log_wandb(logger, payload: dict, figs: list, rdir: Path, name: str) -> None:
 @honours_switch
 def analyze(cfg: DictConfig) -> dict:
     t0 = time.time()
+    check_analyze(cfg)  # value ranges, before any file is read
     torch.manual_seed(int(cfg.seed))
     rdir = run_dir(cfg)
     dm = make_datamodule(cfg)

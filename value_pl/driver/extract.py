@@ -18,6 +18,7 @@ from ..data.hashing import sha256_file
 from ..data.progress import progress as progress_bar
 from ..data.safe_load import honours_switch
 from .setup import build_module, cuda_defaults, make_datamodule
+from .validate import check_run
 
 
 #: the collator's counters that a sample can add to (samples/pairs are recounted from the cache's records)
@@ -146,6 +147,7 @@ def write_split(module, dm, stage: str, out: Path, dtype: str = "float16", devic
 def extract_cache(cfg) -> dict:
     """Build backbone + module from ``cfg`` (like ``train``) and write the cache to ``cfg.cache.root``."""
     t0 = time.time()
+    check_run(cfg, "extract")  # combinations and value ranges, before any file is read
     cc = cfg.cache
     dtype = str(cc.get("dtype", "float16"))
     if dtype not in DTYPES:

@@ -49,7 +49,7 @@ def ensure_demo(root: str | Path, data_cfg) -> None:
         from ..datasets.demo import build_demo
 
         print(f"[value-pl] {root} missing: writing the synthetic demo shards (python -m value_pl.datasets.demo)")
-        build_demo(root, seed=int(data_cfg.get("demo_seed", 0)))
+        build_demo(root)
 
 
 def make_datamodule(cfg: DictConfig) -> ShardDataModule:

@@ -12,12 +12,14 @@ from .mdl import train_mdl
 from .senteval import train_senteval
 from .results import log_results_table, results_dict, training_record, write_results
 from .throughput import ThroughputMonitor
+from .validate import check_run
 from .setup import (build_module, close_logger, is_rank_zero, make_datamodule, make_logger, make_trainer, prepare,
                     run_dir, teardown_distributed)
 
 
 @honours_switch
 def train(cfg: DictConfig) -> dict | None:
+    check_run(cfg, "train")  # combinations and value ranges, before any file is read
     if cfg.get("mdl", False):  # MDL online code (Voita & Titov 2020) instead of plain training
         return train_mdl(cfg)
     if cfg.task.get("kind") == "sentence" and str(cfg.prober.name).startswith("senteval"):
@@ -81,6 +83,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
         labelling = (state.get("value_pl") or {}).get("labelling")
         if labelling:
             cfg = OmegaConf.merge(cfg, labelling)
+    check_run(cfg, "eval")  # the checkpoint's task/prober/backbone with this command line's data and switches
     dm = make_datamodule(cfg)
     module, _ = build_module(cfg, dm)
     module.load_state_dict(state["state_dict"], strict=True)
