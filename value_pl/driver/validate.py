@@ -31,6 +31,19 @@ ROLES = ("train", "val", "test")
 __all__ = ["OptionError", "check_run", "check_analyze", "check_compare", "check_data", "check_backbone"]
 
 
+def _plain(cfg):
+    """The config as plain containers, resolved once (fast to check); as it is where something cannot resolve yet
+    (an interpolation to a value the user must still give: each key is then selected on its own)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001
+        return cfg
+
+
 def check_layers(cfg, key: str = "layers") -> None:
     """``all`` or a list of layer numbers (>= 0) / names (``layer_06``, ``all_heads``, ``raw``)."""
     v = value(cfg, key, None)
@@ -133,6 +146,7 @@ def _no_cache(cfg, entry: str) -> None:
 
 def check_run(cfg, entry: str = "train") -> None:
     """The config of ``train``/``eval``/``extract``: combinations first, then the values' ranges."""
+    cfg = _plain(cfg)
     _combination(cfg)
     check_layers(cfg)
     for k in ("control", "shuffle_labels", "raw_baseline", "mdl", "progress"):
@@ -169,6 +183,7 @@ def check_analyze(cfg) -> None:
     """The config of ``analyze``."""
     from ..analysis import ANALYSES
 
+    cfg = _plain(cfg)
     run = value(cfg, "analysis.run", None)
     if not isinstance(run, list) or not run:
         raise OptionError(f"analysis.run={run!r}: must be a non-empty list of analyses ({', '.join(ANALYSES)})")
@@ -196,6 +211,7 @@ def check_analyze(cfg) -> None:
 
 def check_compare(cfg) -> None:
     """The config of ``compare`` (the suite itself: :func:`value_pl.compare.suite.suite_config`)."""
+    cfg = _plain(cfg)
     choice(cfg, "checkpoint_key", ("auto", "checkpoint", "path"))
     numbers(cfg, "steps", 0, integer=True, null=True, why=" (null = parsed from the checkpoint names)")
     for k in ("progress", "plots"):
