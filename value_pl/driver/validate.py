@@ -217,6 +217,11 @@ def check_compare(cfg) -> None:
     for k in ("progress", "plots"):
         flag(cfg, k)
     _no_cache(cfg, "compare")
+    family, tasks = value(cfg, "backbone.family", None), value(cfg, "suite.tasks", None) or []
+    pairs = [t for t in tasks if isinstance(t, str) and pair_kind(t) != "sentence"]
+    if family in TEXT_ONLY and pairs:
+        raise OptionError(f"suite.tasks={tasks}: {pairs} are pair tasks, but backbone.family={family} is text-only "
+                          "(no regions): give it sentence tasks (e.g. suite.tasks=[bshift]) or suite.tasks=[]")
     check_data(cfg)
     check_backbone(cfg)
     check_logger(cfg)
