@@ -266,3 +266,20 @@ def test_cli_refusal_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "[value-pl] config: prober=attention" in p.stderr and "task=sentlen" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_eval_takes_the_checkpoints_backbone_whole_and_checks_it(tmp_path, hydra_compose):
+    """eval replaces backbone and prober by the checkpoint's (another backbone group on its command line no longer
+    fails on the other family's keys), then checks the combination it will run."""
+    import torch
+
+    from value_pl.driver.train import evaluate
+
+    uniter = dict(option("backbone", "minilm_uniter"), img_dim=64)
+    ck = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {
+        "backbone_cfg": uniter, "prober": {"name": "attention", "bias": False}, "seed": 3,
+        "task": {"name": "sentlen", "kind": "sentence", "labels": ["a", "b"]}}}, ck)
+    cfg = hydra_compose("eval", [f"ckpt_path={ck}", "backbone=bert_minilm", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(OptionError, match="prober=attention.*task=sentlen"):
+        evaluate(cfg)

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..data.safe_load import check_loadable, honours_switch, load_torch, unsafe_allowed
 from .mdl import train_mdl
@@ -72,8 +72,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
     hp = state.get("hyper_parameters", {})
     # the checkpoint's backbone/task/prober/layers win over the command line's (use_checkpoint_config=false: not)
     if cfg.get("use_checkpoint_config", True) and hp.get("backbone_cfg"):
-        cfg = OmegaConf.merge(cfg, {"backbone": hp["backbone_cfg"], "prober": hp["prober"],
-                                    "task": {"name": hp["task"]["name"], "kind": hp["task"]["kind"],
+        cfg = cfg.copy()
+        with open_dict(cfg):  # backbone and prober as saved, whole (not merged into this command line's groups)
+            cfg.backbone, cfg.prober = hp["backbone_cfg"], hp["prober"]
+        cfg = OmegaConf.merge(cfg, {"task": {"name": hp["task"]["name"], "kind": hp["task"]["kind"],
                                              "labels": hp["task"]["labels"]},
                                     "seed": hp.get("seed", cfg.seed)})
         if hp.get("layers") is not None:
