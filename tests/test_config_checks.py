@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf, open_dict
-
 from conftest import CONFIGS, REPO
+from omegaconf import OmegaConf, open_dict
 
 from value_pl.data.options import OptionError
 from value_pl.data.schema import pair_kind
@@ -31,7 +30,7 @@ def hydra_compose():
         yield lambda name="train", overrides=(): compose(config_name=name, overrides=list(overrides))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def option(group: str, name: str):
     """A group option as Hydra places it (``_group_`` package: the file's keys under ``group``)."""
     cfg = OmegaConf.load(CONFIGS / group / f"{name}.yaml")
@@ -144,6 +143,8 @@ def test_compare_suites_and_builds_pass(hydra_compose):
     for d in names("dataset"):
         check_build(hydra_compose("build", [f"dataset={d}"]))
     check_run(hydra_compose("eval", ["ckpt_path=x"]), "eval")
+    with pytest.raises(OptionError, match="mdl=true"):
+        check_run(hydra_compose("eval", ["ckpt_path=x", "mdl=true"]), "eval")
     check_run(hydra_compose("extract", ["cache.root=x"]), "extract")
 
 
@@ -172,7 +173,7 @@ BAD_RUN = [
     ("backbone.box_mode=xyxy5", "backbone.box_mode"), ("backbone.family=clip", "backbone.family"),
     ("control=yes", "control"), ("logger.name=tensorboard", "logger.name"), ("logger.mode=on", "logger.mode"),
     ("task.kind=sentence", "task.kind=sentence contradicts task=vrc"), ("control_seed=-1", "control_seed"),
-    ("data.splits=train", "data.splits"),
+    ("data.splits=train", "data.splits"), ("mdl=true ckpt_path=/x/last.ckpt", "ckpt_path"),
 ]
 BAD_SENTEVAL = [("prober.dropout=1.0", "prober.dropout"), ("prober.grid.nhid=[50,-1]", "prober.grid.nhid"),
                 ("prober.grid.l2=[]", "prober.grid.l2"), ("prober.lr=0", "prober.lr"),
@@ -183,7 +184,7 @@ BAD_SENTEVAL = [("prober.dropout=1.0", "prober.dropout"), ("prober.grid.nhid=[50
 @pytest.mark.parametrize("override,named", BAD_RUN + BAD_SENTEVAL)
 def test_out_of_range_values_are_refused_naming_the_key(override, named, hydra_compose):
     extra = ["task=sentlen", "prober=senteval_mlp"] if (override, named) in BAD_SENTEVAL else []
-    cfg = hydra_compose("train", [*extra, override])
+    cfg = hydra_compose("train", [*extra, *override.split()])
     with pytest.raises(OptionError, match=named.replace("[", r"\[")):
         check_run(cfg)
 

@@ -28,7 +28,7 @@ LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 ROLES = ("train", "val", "test")
 
-__all__ = ["OptionError", "check_run", "check_analyze", "check_compare", "check_data", "check_backbone"]
+__all__ = ["OptionError", "check_analyze", "check_backbone", "check_compare", "check_data", "check_run"]
 
 
 def _plain(cfg):
@@ -170,8 +170,16 @@ def check_run(cfg, entry: str = "train") -> None:
     number(cfg, "cuda_graphs.verify", 0, integer=True)
     for k in ("text", "regions", "rows"):
         number(cfg, f"cuda_graphs.multiples.{k}", 1, integer=True)
+    senteval = value(cfg, "task.kind", None) == "sentence" and str(value(cfg, "prober.name")).startswith("senteval")
+    outside = "mdl=true" if value(cfg, "mdl", False) else f"prober={value(cfg, 'prober.name')}" if senteval else None
+    if entry == "train" and outside and value(cfg, "ckpt_path", None):
+        raise OptionError(f"ckpt_path=... resumes Lightning training, but {outside} trains its probes outside Lightning "
+                          "(no checkpoints, nothing to resume): leave ckpt_path null")
     if entry == "eval":
         flag(cfg, "use_checkpoint_config")
+        if value(cfg, "mdl", False):
+            raise OptionError("mdl=true: eval evaluates a Lightning prober checkpoint; MDL runs (train mdl=true) write "
+                              "their codelengths to results.json and no checkpoint")
     if entry == "extract":
         choice(cfg, "cache.dtype", ("float16", "float32"))
         sp = value(cfg, "cache.splits", None)
