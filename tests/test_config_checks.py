@@ -284,3 +284,13 @@ def test_eval_takes_the_checkpoints_backbone_whole_and_checks_it(tmp_path, hydra
     cfg = hydra_compose("eval", [f"ckpt_path={ck}", "backbone=bert_minilm", f"run_dir={tmp_path / 'run'}"])
     with pytest.raises(OptionError, match="prober=attention.*task=sentlen"):
         evaluate(cfg)
+
+
+@pytest.mark.parametrize("name", ["train", "analyze"])
+def test_the_sweep_report_switch_is_a_config_key(name, hydra_compose):
+    """``hydra.callbacks.sweep_report.enabled=false`` (no ``+``) reaches SweepReport."""
+    from hydra import compose
+    from hydra.utils import instantiate
+
+    c = compose(config_name=name, overrides=["hydra.callbacks.sweep_report.enabled=false"], return_hydra_config=True)
+    assert instantiate(c.hydra.callbacks.sweep_report).enabled is False
