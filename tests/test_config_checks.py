@@ -294,3 +294,21 @@ def test_the_sweep_report_switch_is_a_config_key(name, hydra_compose):
 
     c = compose(config_name=name, overrides=["hydra.callbacks.sweep_report.enabled=false"], return_hydra_config=True)
     assert instantiate(c.hydra.callbacks.sweep_report).enabled is False
+
+
+def test_an_unset_checkpoint_prefix_keeps_compare_cache_keys(hydra_compose):
+    """backbone.checkpoint_prefix is now a config key (null): compare's cache rows keyed before it existed still hit."""
+    from types import SimpleNamespace
+
+    from value_pl.compare.driver import cache_identity
+
+    cfg = hydra_compose("compare", ["checkpoints=x"])
+    assert cfg.backbone.checkpoint_prefix is None
+    ck, suite, data = SimpleNamespace(path="/nonexistent/a.pt", is_dir=False), {"name": "quick"}, {"root": "r"}
+    old = cfg.copy()
+    with open_dict(old):
+        del old.backbone["checkpoint_prefix"]
+    assert cache_identity(cfg, suite, data, ck) == cache_identity(old, suite, data, ck)
+    with open_dict(cfg):
+        cfg.backbone.checkpoint_prefix = "ema"
+    assert cache_identity(cfg, suite, data, ck) != cache_identity(old, suite, data, ck)

@@ -86,6 +86,8 @@ def backbone_fields(cfg: DictConfig, ck) -> dict:
     b = OmegaConf.to_container(backbone_cfg_for(cfg, ck), resolve=True)
     b.pop(weights_key(cfg, ck), None)
     b.pop("name", None)
+    if b.get("checkpoint_prefix") is None:  # unset: the key of caches written before the configs had this field
+        b.pop("checkpoint_prefix", None)
     b["contents"] = {k: file_identity(b.get(k)) for k in FILE_FIELDS if b.get(k) not in (None, "", "null")}
     return b
 
