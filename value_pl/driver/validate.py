@@ -18,6 +18,7 @@ from ..backbones import REGISTRY
 from ..data.collate import BOX_DIMS
 from ..data.options import OptionError, choice, flag, number, numbers, value
 from ..data.schema import PAIR_TASKS, pair_kind
+from ..protocols.mdl import check_fractions
 
 KINDS = ("phrase_region", "region_region", "sentence")
 PAIR_PROBERS = ("layer_emb", "attention", "both")
@@ -158,8 +159,13 @@ def check_run(cfg, entry: str = "train") -> None:
     check_data(cfg)
     check_backbone(cfg)
     check_logger(cfg)
-    numbers(cfg, "mdl_opts.fractions", 0, 1, lo_open=True,
-            why=" (shares of the training set: the paper's 0.1 % ... 100 % are 0.001 ... 1.0)")
+    fractions = value(cfg, "mdl_opts.fractions", None)
+    if fractions is not None:  # null: the paper's blocks
+        try:
+            check_fractions(fractions if isinstance(fractions, list) else [fractions])
+        except (TypeError, ValueError) as e:
+            raise OptionError(str(e) if "mdl_opts.fractions" in str(e) else
+                              f"mdl_opts.fractions={fractions!r}: {e}") from None
     number(cfg, "mdl_opts.max_epochs", 1, integer=True)
     number(cfg, "mdl_opts.patience", 0, integer=True)
     number(cfg, "mdl_opts.batch_size", 1, integer=True)
