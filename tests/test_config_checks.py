@@ -193,7 +193,7 @@ def test_out_of_range_values_are_refused_naming_the_key(override, named, hydra_c
     ("max_samples=0", "max_samples"), ("batch_size=0", "batch_size"), ("num_workers=-2", "num_workers"),
     ("tsne_sample=-1", "tsne_sample"), ("tsne_layers=[1,-2]", "tsne_layers"), ("rand_iou=0", "rand_iou"),
     ("rand_iou=1.5", "rand_iou"), ("kmeans.n_init=0", "kmeans.n_init"), ("kmeans.max_iter=0", "kmeans.max_iter"),
-    ("i2t.threshold=1.5", "i2t.threshold"), ("analysis.run=[]", "analysis.run"),
+    ("i2t.threshold=1.5", "i2t.threshold"), ("maxattn.average=heads", "maxattn.average"), ("analysis.run=[]", "analysis.run"),
     ("analysis.run=[fusion,fussion]", "fussion"), ("data.cache=/x", "data.cache")])
 def test_analyze_values_are_refused(override, named, hydra_compose):
     with pytest.raises(OptionError, match=named.replace("[", r"\[")):
@@ -228,11 +228,13 @@ def test_suite_dict_refuses_a_misspelt_option():
     ("feature_dim=0", "feature_dim"), ("maxcount=0", "maxcount"), ("dataset.iou_threshold=0", "iou_threshold"),
     ("dataset.supplied_iou=1.2", "supplied_iou"), ("dataset.max_regions=0", "max_regions"),
     ("dataset.top_k=0", "top_k"), ("dataset.uniter.min_bb=200", "min_bb"), ("dataset.variant=mismatched", "variant"),
-    ("dataset.splits.val=-0.1", "dataset.splits"), ("dataset.features_format=tsv", "features_format")])
+    ("dataset.splits.val=-0.1", "dataset.splits"), ("dataset.features_format=tsv", "features_format"),
+    ("dataset.vcd_negatives=random", "vcd_negatives")])
 def test_build_values_are_refused(override, named, hydra_compose):
     from value_pl.datasets.build import check_build
 
-    cfg = hydra_compose("build", ["dataset=vg", override] if override.startswith("dataset.") else [override])
+    dataset = "dataset=flickr30k" if "vcd_negatives" in override else "dataset=vg"
+    cfg = hydra_compose("build", [dataset, override] if override.startswith("dataset.") else [override])
     with pytest.raises(OptionError, match=named):
         check_build(cfg)
 

@@ -25,6 +25,7 @@ from .common import BuildError
 def check_build(c: dict) -> None:
     """The build config's numbers in their ranges (:class:`~value_pl.data.options.OptionError` naming the key)."""
     from ..data.options import OptionError, choice, flag, number, numbers, value
+    from .flickr30k import VCD_NEGATIVES
     from .regions import FORMATS
 
     number(c, "feature_dim", 1, integer=True)
@@ -40,6 +41,7 @@ def check_build(c: dict) -> None:
     for k in ("features_format", "annotated_features_format"):
         choice(c, f"dataset.{k}", ("auto",) + tuple(FORMATS))
     choice(c, "dataset.variant", ("normal", "mismatch"))
+    choice(c, "dataset.vcd_negatives", VCD_NEGATIVES)
     number(c, "dataset.uniter.conf_th", 0, 1)
     number(c, "dataset.uniter.min_bb", 1, integer=True)
     number(c, "dataset.uniter.max_bb", 1, integer=True)

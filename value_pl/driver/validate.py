@@ -196,6 +196,7 @@ def check_run(cfg, entry: str = "train") -> None:
 def check_analyze(cfg) -> None:
     """The config of ``analyze``."""
     from ..analysis import ANALYSES
+    from ..analysis.maxattn import AVERAGES
 
     cfg = _plain(cfg)
     run = value(cfg, "analysis.run", None)
@@ -217,6 +218,7 @@ def check_analyze(cfg) -> None:
     flag(cfg, "fusion.include_special")
     number(cfg, "i2t.threshold", 0, 1)
     flag(cfg, "i2t.include_special")
+    choice(cfg, "maxattn.average", AVERAGES)
     _no_cache(cfg, "analyze")
     check_data(cfg)
     check_backbone(cfg)
