@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from fixtures_data import MAN, D, _o, _r, _reg, build, f30k_xml, read_samples, write_vg_small
 
+from value_pl.data.options import OptionError
 from value_pl.datasets.common import BuildError
+from value_pl.datasets.flickr30k import caption_pairs
 from value_pl.datasets.regions import write_features
 
 W, H = 500, 375
@@ -104,9 +106,13 @@ def test_vcd_negatives_fall_back_to_detections_and_count_them(tmp_path):
 
 
 def test_vcd_negatives_bad_setting_raises(tmp_path):
-    with pytest.raises(BuildError, match="dataset.vcd_negatives: one of annotated_first, uniform, got 'random'"):
+    """The build's start-up check refuses an unknown rule before anything is read; the builder itself does too."""
+    with pytest.raises(OptionError, match="dataset.vcd_negatives='random': must be one of annotated_first, uniform"):
         build("flickr30k", tmp_path / "out", dict(write_f30k(tmp_path / "f30k"), **{"dataset.vcd_negatives":
                                                                                      "random"}))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(BuildError, match="dataset.vcd_negatives: one of annotated_first, uniform, got 'random'"):
+        caption_pairs([], None, None, None, "x", negatives="random")
 
 
 def test_caption_overlap_counted_flickr30k(tmp_path):
