@@ -196,6 +196,11 @@ def model_config_record(config, **extra) -> dict:
     return out
 
 
+#: titles of the rows that are no single layer: the detector's features (``raw``), the geometry-only control
+#: (``boxes``: the regions' boxes alone, :data:`~value_pl.data.collate.GEOMETRY`) and all layers' heads
+ROW_TITLES = {"raw": "Original visual emb.", "boxes": "Box geometry only (control)", "all_heads": "All attention heads"}
+
+
 def layer_index(name: str) -> int | None:
     """``"layer_07"`` -> 7; None for ``raw`` / ``all_heads`` / other names."""
     head, _, num = str(name).rpartition("_")
@@ -204,11 +209,12 @@ def layer_index(name: str) -> int | None:
 
 def layer_title(name: str) -> str:
     """Single-stream / text-only titles: ``Embeddings`` (``layer_00``; never "Layer 1"), ``Layer k``,
-    ``Original visual emb.`` (``raw``, the detector's features), ``All attention heads``."""
+    ``Original visual emb.`` (``raw``, the detector's features), ``Box geometry only (control)`` (``boxes``),
+    ``All attention heads``."""
     k = layer_index(name)
     if k is not None:
         return "Embeddings" if k == 0 else f"Layer {k}"
-    return {"raw": "Original visual emb.", "all_heads": "All attention heads"}.get(name, name)
+    return ROW_TITLES.get(name, name)
 
 
 class Backbone(nn.Module):

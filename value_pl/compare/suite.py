@@ -244,12 +244,13 @@ def _task_labels(data: SuiteData, task: str) -> list[str]:
 
 def _layer_names(backbone, kind: str) -> list[str]:
     """The names ``layers=`` may use for ``kind`` tasks on ``backbone`` (none where it has no such tasks)."""
+    from ..probers.features import PSEUDO_LAYERS
     from ..probers.module import layer_number
 
     try:
         if kind == "sentence":
             return [f"layer_{layer_number(n):02d}" for n in backbone.sentence_layers()]
-        return [l.name for l in backbone.pair_layout(kind).layers] + ["raw"]
+        return [l.name for l in backbone.pair_layout(kind).layers] + list(PSEUDO_LAYERS)
     except (ValueError, NotImplementedError):
         return []
 

@@ -36,6 +36,7 @@ def encode_boxes(boxes: np.ndarray, width: float, height: float, mode: str) -> n
 
     ``uniter7``: x1/W, y1/H, x2/W, y2/H, w/W, h/H, (w/W)*(h/H)  (UNITER's norm_bb plus area).
     ``xyxy4``: x1/W, y1/H, x2/W, y2/H (LXMERT, VisualBERT-style).
+    Every mode starts with x1/W, y1/H, x2/W, y2/H: :func:`box_geometry` reads only those.
     """
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     n = b / np.array([width, height, width, height], dtype=np.float32)
@@ -48,6 +49,21 @@ def encode_boxes(boxes: np.ndarray, width: float, height: float, mode: str) -> n
 
 
 BOX_DIMS = {"uniter7": 7, "xyxy4": 4}
+
+#: the geometry-only control's encoding of a region (the ``boxes`` pseudo-layer), the same for every backbone: a
+#: constant 1 (so that the bias-free Eq. 4 form also has each side's linear terms), then x1/W, y1/H, x2/W, y2/H,
+#: w/W, h/H and the area fraction (w/W)*(h/H)
+GEOMETRY = ("1", "x1/W", "y1/H", "x2/W", "y2/H", "w/W", "h/H", "wh/WH")
+
+
+def box_geometry(region_boxes: torch.Tensor) -> torch.Tensor:
+    """Encoded boxes ``(..., box_dim)`` of any box mode -> :data:`GEOMETRY` ``(..., 8)`` float32.
+
+    Every mode of :func:`encode_boxes` starts with x1/W, y1/H, x2/W, y2/H (``tests/test_geometry.py`` checks it), so
+    the result does not depend on the backbone's box encoding; the rest is recomputed from those four columns."""
+    n = region_boxes[..., :4].float()
+    w, h = n[..., 2:3] - n[..., 0:1], n[..., 3:4] - n[..., 1:2]
+    return torch.cat([torch.ones_like(w), n, w, h, w * h], dim=-1)
 
 #: per-batch counters every collated batch carries (summed over batches and ranks per split)
 COUNTERS = ("samples", "pairs", "pairs_dropped", "texts_truncated", "phrases_dropped", "regions_truncated")

@@ -15,6 +15,8 @@ from ..probers.module import ProbeModule
 from ..protocols.control import control_info
 
 log = logging.getLogger("value_pl")
+#: rows that are controls, not layers: reported beside the layers, never chosen as the run's best layer
+CONTROLS = ("boxes",)
 
 
 def backbone_record(backbone) -> dict:
@@ -35,7 +37,8 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
     tested on (for the majority baseline)."""
     rows = module.layer_rows() if rows is None else rows
     seen = module.seen if counts is None else {s: ([c] if c is not None else []) for s, c in counts.items()}
-    finite = [r for r in rows if _num(r.get("test_acc")) and _num(r.get("val_acc"))]
+    # the best layer: a control row (the boxes alone, geometry_baseline) is no candidate
+    finite = [r for r in rows if _num(r.get("test_acc")) and _num(r.get("val_acc")) and r.get("name") not in CONTROLS]
     best_by_val = max(finite, key=lambda r: r["val_acc"]) if finite else None
     res = {
         "task": module.task["name"],
@@ -248,8 +251,8 @@ def log_results_table(logger, res: dict, rdir: Path | None = None, columns: tupl
     if not logger:
         return
     try:
-        cols = ["layer", "name", "val_acc", "test_acc", *[c for c in columns if c not in ("layer", "name", "val_acc",
-                                                                                         "test_acc")]]
+        base = ("layer", "name", "title", "val_acc", "test_acc")
+        cols = [*base, *[c for c in columns if c not in base]]
         if hasattr(logger, "log_table"):
             logger.log_table(key="results", columns=cols, data=[[r.get(c) for c in cols] for r in res["layers"]])
         chart = layer_chart(res, rdir)

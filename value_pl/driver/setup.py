@@ -215,7 +215,8 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
                          prober=OmegaConf.to_container(cfg.prober, resolve=True),
                          optim=OmegaConf.to_container(cfg.optim, resolve=True), layers=layers, seed=cfg.seed,
                          backbone_cfg=OmegaConf.to_container(cfg.backbone, resolve=True),
-                         raw_baseline=bool(cfg.get("raw_baseline", False)))
+                         raw_baseline=bool(cfg.get("raw_baseline", False)),
+                         geometry_baseline=bool(cfg.get("geometry_baseline", False)))
     # how the labels were made (saved in prober checkpoints: python -m value_pl.eval relabels the same way)
     module.labelling = {"control": bool(cfg.get("control", False)), "control_seed": cfg.get("control_seed"),
                         "shuffle_labels": bool(cfg.get("shuffle_labels", False))}

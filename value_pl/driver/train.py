@@ -80,8 +80,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
                                     "seed": hp.get("seed", cfg.seed)})
         if hp.get("layers") is not None:
             cfg = OmegaConf.merge(cfg, {"layers": hp["layers"]})
-        # the heads it has (raw region features) and the labels they were trained on (control task, shuffled)
-        cfg = OmegaConf.merge(cfg, {"raw_baseline": bool(hp.get("raw_baseline", False))})
+        # the heads it has (raw region features, box geometry) and the labels they were trained on (control task,
+        # shuffled)
+        cfg = OmegaConf.merge(cfg, {"raw_baseline": bool(hp.get("raw_baseline", False)),
+                                    "geometry_baseline": bool(hp.get("geometry_baseline", False))})
         labelling = (state.get("value_pl") or {}).get("labelling")
         if labelling:
             cfg = OmegaConf.merge(cfg, labelling)

@@ -4,8 +4,13 @@ Everything here reads only :class:`~value_pl.backbones.base.BackboneOutput` and 
 collator computed on the CPU (``a_pos``/``b_pos``, ``rows``, ``a_slot``/``b_slot``), so the step has no
 host synchronisation and no Python loop per layer or per pair: the hidden states of the probed layers are
 stacked once and every pair of every layer is gathered by one indexing op; the attention rows of all maps
-likewise. Heads of one class and size form a *group* (``emb``, ``raw``, ``attn``, ``attn_x<L>`` for the
-all-heads prober over L maps, ``sent``) whose inputs are ``(n heads, P, ...)`` tensors.
+likewise. Heads of one class and size form a *group* (``emb``, ``raw``, ``boxes``, ``attn``, ``attn_x<L>`` for
+the all-heads prober over L maps, ``sent``) whose inputs are ``(n heads, P, ...)`` tensors.
+
+Two pseudo-layers need no forward: ``raw`` (the detector's region features, region-region tasks) and ``boxes``
+(the geometry-only control: each region's :data:`~value_pl.data.collate.GEOMETRY`, read from the batch's encoded
+boxes; a phrase side has no geometry and is the constant alone, so on phrase-region tasks the Eq. 4 head is a linear
+map of the region's geometry).
 """
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ from torch import Tensor
 
 from ..backbones.base import REGION, TEXT, BackboneOutput, LayerSpec, PairLayout
 from ..backbones.capture import CaptureSpec, row_offset
+from ..data.collate import box_geometry
 
 SIDE_MODALITIES = {"phrase_region": (TEXT, REGION), "region_region": (REGION, REGION)}
+#: the pseudo-layers: names ``layers=`` accepts beside a backbone's layers (no backbone layer is called so)
+PSEUDO_LAYERS = ("raw", "boxes")
 
 
 @dataclass
@@ -25,7 +33,7 @@ class HeadGroup:
     """Heads of one kind and input size, fed by stacked inputs (slot ``i`` = ``keys[i]``)."""
 
     name: str
-    kind: str  # emb | raw | attn | sent
+    kind: str  # emb | raw | boxes | attn | sent
     keys: list[str]
     emb: tuple[list[str], list[str]] | None = None  # emb: hidden names of side a / side b per slot
     maps: list[list[int]] = field(default_factory=list)  # attn: per slot, indices into the plan's map lists
@@ -92,15 +100,16 @@ class PairPlan:
     emb_layers: list[LayerSpec]
     attn_layers: list[LayerSpec]
     raw: bool = False  # baseline head "emb:raw" on the raw region features (VALUE Fig. 4 dashed line)
+    boxes: bool = False  # control head "emb:boxes" on the regions' box geometry alone (GEOMETRY)
 
     @classmethod
     def make(cls, layout: PairLayout, pair_kind: str, prober: str, select: list[str] | None,
-             raw: bool = False) -> "PairPlan":
+             raw: bool = False, boxes: bool = False) -> "PairPlan":
         def keep(l: LayerSpec) -> bool:
             return select is None or l.name in select
 
         if select is not None:  # a name that is no layer of this backbone is a typo or another model's layer
-            known = [l.name for l in layout.layers] + ["raw"]
+            known = [l.name for l in layout.layers] + list(PSEUDO_LAYERS)
             unknown = [n for n in select if n not in known]
             if unknown:
                 raise ValueError(f"layers={list(select)}: {unknown} are not layers of this backbone for "
@@ -111,12 +120,14 @@ class PairPlan:
         # "original visual embedding": the detector's region features themselves, region-region tasks only
         raw = (pair_kind == "region_region" and prober in ("layer_emb", "both")
                and (raw or (select is not None and "raw" in select)))
-        if raw and not emb and not att:
-            return cls(pair_kind, [], [], True)
+        # the geometry-only control: the regions' boxes alone (phrase-region: the region's), any pair task
+        boxes = prober in ("layer_emb", "both") and (boxes or (select is not None and "boxes" in select))
+        if (raw or boxes) and not emb and not att:
+            return cls(pair_kind, [], [], raw, boxes)
         if not emb and not att:
             avail = [l.name for l in (layout.emb_layers() if prober == "layer_emb" else layout.attn_layers())]
             raise ValueError(f"no layer selected for prober={prober}; available: {avail}")
-        return cls(pair_kind, emb, att, raw)
+        return cls(pair_kind, emb, att, raw, boxes)
 
     # ------------------------------------------------------------------ groups
     def __post_init__(self):
@@ -133,6 +144,8 @@ class PairPlan:
                                          emb=([l.emb[0] for l in self.emb_layers], [l.emb[1] for l in self.emb_layers])))
         if self.raw:
             self.groups.append(HeadGroup("raw", "raw", ["emb:raw"]))
+        if self.boxes:
+            self.groups.append(HeadGroup("boxes", "boxes", ["emb:boxes"]))
         by_width: dict[int, HeadGroup] = {}
         for l in self.attn_layers:
             n = len(l.attn)
@@ -142,6 +155,11 @@ class PairPlan:
                 self.groups.append(g)
             g.keys.append("attn:" + l.name)
             g.maps.append([self.maps_ab.index(ab) for ab, _ in l.attn])
+
+    @property
+    def needs_forward(self) -> bool:
+        """False for a plan of pseudo-layers only (``raw``, ``boxes``): their inputs are in the batch."""
+        return bool(self.emb_layers or self.attn_layers)
 
     @property
     def head_keys(self) -> list[str]:
@@ -176,6 +194,8 @@ class PairPlan:
             elif g.kind == "raw":
                 rf = batch["region_feats"]
                 res[g.name] = (rf[b, batch["a_pos"][:, 0]].float()[None], rf[b, batch["b_pos"][:, 0]].float()[None])
+            elif g.kind == "boxes":
+                res[g.name] = pair_geometry(batch, self.pair_kind)
             else:
                 idx = g.map_index(ab.device)  # (n, m)
                 n, m = idx.shape
@@ -186,6 +206,21 @@ class PairPlan:
 
                 res[g.name] = (take(ab), take(ba))
         return res
+
+
+def pair_geometry(batch: dict, pair_kind: str) -> tuple[Tensor, Tensor]:
+    """The ``boxes`` control's inputs ``(1, P, 8)`` per side: each region's :data:`GEOMETRY`; the phrase side of a
+    phrase-region pair is the constant alone (``[1, 0, ..., 0]``), so Eq. 4 reduces to a linear map of the
+    region's geometry."""
+    geo = box_geometry(batch["region_boxes"])  # (B, R, 8), the same for every box mode
+    b = batch["pair_b"]
+    e_b = geo[b, batch["b_pos"][:, 0]]
+    if pair_kind == "region_region":
+        e_a = geo[b, batch["a_pos"][:, 0]]
+    else:
+        e_a = torch.zeros_like(e_b)
+        e_a[:, 0] = 1.0
+    return e_a[None], e_b[None]
 
 
 def sentence_groups(names: list[str]) -> list[HeadGroup]:

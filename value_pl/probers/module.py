@@ -33,6 +33,7 @@ from ..backbones.capture import CaptureSpec
 from ..backbones.checks import check_saved_backbone
 from ..backbones.graphs import GraphedForward
 from ..data.cache import unpack_cached
+from ..data.collate import GEOMETRY
 from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
 from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAttention, StackedLayerEmb,
                     StackedSentence, seeded)
@@ -44,6 +45,9 @@ warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_devi
 
 #: checkpoint layout of the heads (stacked groups); older checkpoints are refused with a clear message
 HEADS_FORMAT = 2
+#: Eq. 4 rank of the ``boxes`` control head unless ``prober.rank`` is set: fixed, so that the row does not depend on
+#: the backbone; 64 = 8 x 8 lets each class's bilinear form over the 8-d geometry be any 8 x 8 matrix
+GEOMETRY_RANK = 64
 
 
 def layer_number(name: str) -> int:
@@ -94,7 +98,7 @@ def _to_device(x, device):
 class ProbeModule(pl.LightningModule):
     def __init__(self, backbone: Backbone, task: dict, prober: dict, optim: dict | None = None,
                  layers: list[str] | None = None, seed: int = 0, backbone_cfg: dict | None = None,
-                 use_best_heads: bool = True, raw_baseline: bool = False):
+                 use_best_heads: bool = True, raw_baseline: bool = False, geometry_baseline: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         object.__setattr__(self, "_backbone", backbone.freeze())
@@ -123,7 +127,7 @@ class ProbeModule(pl.LightningModule):
             stacked = {"sent": StackedSentence(len(names), d, C, nhid, drop)}
         else:
             self.plan = PairPlan.make(backbone.pair_layout(self.kind), self.kind, self.prober_name, layers,
-                                      raw=raw_baseline)
+                                      raw=raw_baseline, boxes=geometry_baseline)
             self.groups = self.plan.groups
             rank = prober.get("rank") or d
             bias = bool(prober.get("bias", False))
@@ -139,6 +143,10 @@ class ProbeModule(pl.LightningModule):
                     r = prober.get("rank") or d
                     stacked[g.name] = StackedLayerEmb(1, dv, dv, C, r, bias)
                     single["emb:raw"] = seeded(seed, "emb:raw", lambda: LayerEmbProber(dv, dv, C, r, bias))
+                elif g.kind == "boxes":  # Eq. 4 on the box geometry alone (a control row; no backbone input)
+                    G, r = len(GEOMETRY), prober.get("rank") or GEOMETRY_RANK
+                    stacked[g.name] = StackedLayerEmb(1, G, G, C, r, bias)
+                    single["emb:boxes"] = seeded(seed, "emb:boxes", lambda: LayerEmbProber(G, G, C, r, bias))
                 else:
                     n_heads = backbone.num_heads * len(g.maps[0])
                     stacked[g.name] = StackedAttention(len(g.keys), n_heads, C, bias)
@@ -210,6 +218,8 @@ class ProbeModule(pl.LightningModule):
             return {"sent": (sentence_inputs(out, self.sentence_names),)}
         if batch["labels"].numel() == 0:
             return {}
+        if not self.plan.needs_forward:  # pseudo-layers only (raw, boxes): their inputs are in the batch
+            return self.plan.inputs(None, batch)
         out, spec = self._forward(batch, self.plan.capture(batch))
         return self.plan.inputs(out, batch, spec)
 

@@ -32,6 +32,8 @@ Layouts (``auto`` = all of them that have data):
 * ``fig4``: (a) attention probers on VRI/VRC, matched and mismatched, SS/TS; (b, c) = table9 and table10.
 * ``table9`` / ``table10``: layer (with "Original visual emb." = the ``raw`` pseudo-layer) x
   VRI/VRC x matched/mismatched, for SS (table9) and TS (table10).
+* Control rows: a run with the geometry-only control (``geometry_baseline=true``, the ``boxes`` pseudo-layer) adds
+  "Box geometry only (control)" above the layers of table3/table8 (VCD/VCC) and table9/table10 (VRI/VRC).
 * ``table5``: task x model, the test accuracy of the layer (of Layers 1..L, as the paper: not the embedding
   output) with the best mean dev (validation) accuracy over seeds, with the layer; ``table11``: layer x task x model.
 * ``selectivity``: accuracy, control-task accuracy and selectivity (paired by seed) per layer.

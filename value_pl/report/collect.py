@@ -341,9 +341,13 @@ class Runs:
         return list(self.by)
 
 
+#: the control rows that are no layer, in table order (above the layers): the detector's features, the boxes alone
+CONTROL_ROWS = ("raw", "boxes")
+
+
 def _layer_order(name: str):
-    if name == "raw":
-        return (-1, 0)
+    if name in CONTROL_ROWS:
+        return (-1, CONTROL_ROWS.index(name))
     m = re.match(r"layer_(\d+)$", name)
     if m:
         return (0, int(m.group(1)))
@@ -353,9 +357,12 @@ def _layer_order(name: str):
 def layer_title(name: str) -> str:
     """Row titles of the paper's tables: ``Layer k`` = output of the k-th layer (the paper's Tables 3, 5, 8-11;
     two-stream columns are explained in each table's note), ``Embeddings`` = the embedding output (index 0,
-    never "Layer 1"), ``Original visual emb.`` = the detector's region features."""
+    never "Layer 1"), ``Original visual emb.`` = the detector's region features, ``Box geometry only (control)`` =
+    the geometry-only control (Eq. 4 on the regions' boxes alone, ``boxes``)."""
     if name == "raw":
         return "Original visual emb."
+    if name == "boxes":
+        return "Box geometry only (control)"
     m = re.match(r"layer_(\d+)$", name)
     if m:
         k = int(m.group(1))

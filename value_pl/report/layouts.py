@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from .analyses import Analyses, build_analysis_tables
-from .collect import (ANALYSIS_LAYOUTS, LAYOUTS, PAIR_TASKS, SENT_TASKS, TASK_TITLES, Runs, Stat, Table, _layer_order,
-                      config_unknown_note, layer_title)
+from .collect import (ANALYSIS_LAYOUTS, CONTROL_ROWS, LAYOUTS, PAIR_TASKS, SENT_TASKS, TASK_TITLES, Runs, Stat, Table,
+                      _layer_order, config_unknown_note, layer_title)
 
 #: what the two-stream (LXMERT) rows are, in the paper's numbering
 NOTE_TS_CROSS = ("TS: Layer 1-5 are LXMERT's 5 cross-modality layers, numbered 0-4 in the paper's Table 1 "
@@ -32,12 +32,14 @@ def table_coref(R: Runs, name: str, keep_layers=None) -> Table:
         col = f"{TASK_TITLES[task]} ({m})"
         for layer in R.layers(task, "layer_emb", m):
             k = _layer_order(layer)[1] if layer.startswith("layer_") else None
-            if keep_layers is not None and k not in keep_layers:
-                continue
+            if keep_layers is not None and k not in keep_layers and layer not in CONTROL_ROWS:
+                continue  # a control row (the boxes alone) stays beside the kept layers
             s = R.stat(task, "layer_emb", m, layer)
             if s:
                 t.put(layer_title(layer), col, s)
-    t.rows = sorted(t.rows, key=lambda r: (r != "All attention heads", r != "Random guess",
+    controls = [layer_title(n) for n in CONTROL_ROWS]
+    t.rows = sorted(t.rows, key=lambda r: (r != "All attention heads", r != "Random guess", r not in controls,
+                                           controls.index(r) if r in controls else 0,
                                            int(r.split()[-1]) if r.startswith("Layer ") else 0))
     if "TS" in models:
         t.note = NOTE_TS_CROSS
@@ -67,7 +69,7 @@ def table_relations(R: Runs, model: str, name: str) -> Table:
                 s = R.stat(task, "layer_emb", model, layer, mismatch)
                 if s:
                     t.put(layer_title(layer), col, s)
-    order = {layer_title(n): _layer_order(n) for n in ["raw"] + [f"layer_{i:02d}" for i in range(64)]}
+    order = {layer_title(n): _layer_order(n) for n in [*CONTROL_ROWS] + [f"layer_{i:02d}" for i in range(64)]}
     t.rows = sorted(t.rows, key=lambda r: order.get(r, (2, r)))
     if model == "TS":
         t.note = NOTE_TS_VISUAL
