@@ -2,6 +2,7 @@
 alone, on a small Visual Genome set built by the real builder, with the predicate planted in the boxes or not."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -134,8 +135,9 @@ def test_boxes_row_learns_a_planted_geometry_and_stays_at_chance_otherwise(plant
     """VRC with the predicate planted in the boxes: the boxes row reads it; drawn independently of the boxes: it
     stays near chance (2 classes) -- on shards built by the real VG builder."""
     root = vg_sets["planted" if planted else "random"]
+    fit = [x for x in FIT if x != "logger=none"] + ["logger=csv"]
     res = _train(["task=vrc", "prober=layer_emb", f"data.root={root}", *bbs["SS"], "layers=[1]",
-                  "geometry_baseline=true", "trainer.max_epochs=25", *FIT], tmp_path)
+                  "geometry_baseline=true", "trainer.max_epochs=25", *fit], tmp_path)
     names = [r["name"] for r in res["layers"]]
     assert names == ["layer_01", "boxes"]
     box = _row(res, "boxes")
@@ -146,6 +148,11 @@ def test_boxes_row_learns_a_planted_geometry_and_stays_at_chance_otherwise(plant
         assert box["test_acc"] > 0.9 and box["val_acc"] > 0.9
     else:
         assert abs(box["test_acc"] - 0.5) < 0.2 and box["test_acc"] <= res["majority"] + 0.15
+    # the CSV log has the row's curve; the checkpoint monitor val/acc/best follows the layers, not the control
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        val = [r for r in csv.DictReader(f) if r.get("val/acc/layer_01")]
+    assert len(val) == 25 and all(r["val/acc/boxes"] for r in val)
+    assert [float(r["val/acc/best"]) for r in val] == pytest.approx([float(r["val/acc/layer_01"]) for r in val])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert _row(saved, "boxes")["title"] == "Box geometry only (control)"
     assert "Box geometry only (control)" in (tmp_path / "results.md").read_text()

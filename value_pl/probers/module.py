@@ -48,6 +48,8 @@ HEADS_FORMAT = 2
 #: Eq. 4 rank of the ``boxes`` control head unless ``prober.rank`` is set: fixed, so that the row does not depend on
 #: the backbone; 64 = 8 x 8 lets each class's bilinear form over the 8-d geometry be any 8 x 8 matrix
 GEOMETRY_RANK = 64
+#: heads that are controls, not layers: left out of ``val/acc/best`` (the checkpoint monitor) unless alone
+CONTROL_HEADS = ("emb:boxes",)
 
 
 def layer_number(name: str) -> int:
@@ -350,7 +352,8 @@ class ProbeModule(pl.LightningModule):
         for k, a in accs.items():
             if a == a:
                 self.log(f"val/acc/{self.display_name(k)}", a, sync_dist=False)
-        finite = [a for a in accs.values() if a == a]
+        layers = {k: a for k, a in accs.items() if k not in CONTROL_HEADS} or accs
+        finite = [a for a in layers.values() if a == a]
         self.log("val/acc/best", max(finite) if finite else 0.0, prog_bar=True)
         self.log("chance", 1.0 / len(self.labels))
         if getattr(self, "eval_only", False):  # evaluating a saved checkpoint: report, do not select
