@@ -65,6 +65,7 @@ def box_geometry(region_boxes: torch.Tensor) -> torch.Tensor:
     w, h = n[..., 2:3] - n[..., 0:1], n[..., 3:4] - n[..., 1:2]
     return torch.cat([torch.ones_like(w), n, w, h, w * h], dim=-1)
 
+
 #: per-batch counters every collated batch carries (summed over batches and ranks per split)
 COUNTERS = ("samples", "pairs", "pairs_dropped", "texts_truncated", "phrases_dropped", "regions_truncated")
 
