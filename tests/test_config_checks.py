@@ -174,6 +174,7 @@ BAD_RUN = [
     ("control=yes", "control"), ("logger.name=tensorboard", "logger.name"), ("logger.mode=on", "logger.mode"),
     ("task.kind=sentence", "task.kind=sentence contradicts task=vrc"), ("control_seed=-1", "control_seed"),
     ("data.splits=train", "data.splits"), ("mdl=true ckpt_path=/x/last.ckpt", "ckpt_path"),
+    ("geometry_baseline=yes", "geometry_baseline"),
 ]
 BAD_SENTEVAL = [("prober.dropout=1.0", "prober.dropout"), ("prober.grid.nhid=[50,-1]", "prober.grid.nhid"),
                 ("prober.grid.l2=[]", "prober.grid.l2"), ("prober.lr=0", "prober.lr"),
@@ -245,6 +246,8 @@ def test_build_values_are_refused(override, named, hydra_compose):
     (["task=vcd", "prober=senteval_lr"], "prober=senteval_lr"),
     (["task=vrc", "backbone=bert_minilm"], "backbone.family=bert"),
     (["task=vcc", "raw_baseline=true"], "raw_baseline=true"),
+    (["task=sentlen", "prober=senteval_lr", "geometry_baseline=true"], "geometry_baseline=true"),
+    (["task=sentlen", "prober=layer_emb", "layers=[1,boxes]"], "boxes control row"),
 ])
 def test_meaningless_runs_stop_before_loading_anything(overrides, named, hydra_compose, tmp_path, monkeypatch):
     """train() refuses at its first line: no backbone is built, no shard is read, no run dir is made."""

@@ -3,7 +3,8 @@
 * Combinations that cannot mean anything are refused with a message naming the options and what to pick
   instead: a sentence task with a pair prober (``prober=attention``), a pair task with SentEval's sentence
   classifier, a pair task on a text-only backbone, ``raw_baseline``/``layers=[raw]`` off the region-region
-  tasks, ``control`` together with ``shuffle_labels``, a task kind that contradicts the task's name.
+  tasks, ``geometry_baseline``/``layers=[boxes]`` on a sentence task, ``control`` together with ``shuffle_labels``,
+  a task kind that contradicts the task's name.
 * Values with a meaningful range (learning rates, fractions, batch sizes, worker counts, k-means restarts,
   thresholds, layer lists ...) are checked with :mod:`value_pl.data.options`: out of range is an
   :class:`~value_pl.data.options.OptionError` naming the key, never a silent clamp or a crash deep in a model.
@@ -46,7 +47,7 @@ def _plain(cfg):
 
 
 def check_layers(cfg, key: str = "layers") -> None:
-    """``all`` or a list of layer numbers (>= 0) / names (``layer_06``, ``all_heads``, ``raw``)."""
+    """``all`` or a list of layer numbers (>= 0) / names (``layer_06``, ``all_heads``, ``raw``, ``boxes``)."""
     v = value(cfg, key, None)
     if v is None or v == "all":
         return
@@ -134,6 +135,11 @@ def _combination(cfg) -> None:
         which = "raw_baseline=true" if value(cfg, "raw_baseline", False) else f"layers={layers}"
         raise OptionError(f"{which}: the raw pseudo-layer (Eq. 4 on the detector's region features) exists for the "
                           f"region-region tasks (vri, vrc) only; task={task} is a {kind} task")
+    boxes = bool(value(cfg, "geometry_baseline", False)) or (isinstance(layers, list) and "boxes" in layers)
+    if boxes and kind == "sentence":
+        which = "geometry_baseline=true" if value(cfg, "geometry_baseline", False) else f"layers={layers}"
+        raise OptionError(f"{which}: the boxes control row (Eq. 4 on the regions' box geometry) exists for the pair "
+                          f"tasks (vcd, vcc, vri, vrc) only; task={task} is a sentence task")
     if value(cfg, "control", False) and value(cfg, "shuffle_labels", False):
         raise OptionError("control=true and shuffle_labels=true: pick one (control task or shuffled labels)")
 
@@ -150,7 +156,7 @@ def check_run(cfg, entry: str = "train") -> None:
     cfg = _plain(cfg)
     _combination(cfg)
     check_layers(cfg)
-    for k in ("control", "shuffle_labels", "raw_baseline", "mdl", "progress"):
+    for k in ("control", "shuffle_labels", "raw_baseline", "geometry_baseline", "mdl", "progress"):
         flag(cfg, k)
     number(cfg, "control_seed", 0, integer=True, null=True, why=" (null = seed)")
     number(cfg, "optim.lr", 0, lo_open=True)
