@@ -213,3 +213,19 @@ def test_selectivity_pairs_a_control_run_only_with_a_task_run_of_the_same_model_
         (tmp_path / "task" / "results.json").write_text(json.dumps(res(h, False)))
         got = matching_task_run(res("aaa", {"types": 3}), ctrl)
         assert (got is not None) == want, h
+
+
+def test_control_rows_are_never_the_best_layer():
+    """The raw region features (``raw_baseline``, the paper's "Original visual emb." / Fig. 4's dashed line) and
+    the boxes alone (``geometry_baseline``) are baselines beside the layers: even when one scores best on
+    validation, the run's best layer is a layer."""
+    from value_pl.driver.results import best_layer
+    from value_pl.probers.module import CONTROL_HEADS
+
+    rows = [{"name": "layer_01", "layer": 1, "val_acc": 0.61, "test_acc": 0.60},
+            {"name": "layer_02", "layer": 2, "val_acc": 0.66, "test_acc": 0.64},
+            {"name": "raw", "layer": -1, "val_acc": 0.81, "test_acc": 0.80},
+            {"name": "boxes", "layer": -1, "val_acc": 0.91, "test_acc": 0.90}]
+    assert best_layer(rows)["name"] == "layer_02"
+    assert best_layer(rows[2:]) is None and best_layer([]) is None
+    assert set(CONTROL_HEADS) == {"emb:raw", "emb:boxes"}  # the checkpoint monitor val/acc/best skips both

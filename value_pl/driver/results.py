@@ -16,7 +16,7 @@ from ..protocols.control import control_info
 
 log = logging.getLogger("value_pl")
 #: rows that are controls, not layers: reported beside the layers, never chosen as the run's best layer
-CONTROLS = ("boxes",)
+CONTROLS = ("raw", "boxes")
 
 
 def backbone_record(backbone) -> dict:
@@ -24,6 +24,13 @@ def backbone_record(backbone) -> dict:
     ``model_config``, the effective model config that hash is of (so that python -m value_pl.report can name the
     fields in which two runs' backbones differ)."""
     return {**backbone.describe(), "model_config": backbone_config(backbone)}
+
+
+def best_layer(rows: list[dict]) -> dict | None:
+    """The row with the best validation accuracy among the layers: a control row (the raw region features,
+    ``raw_baseline``; the boxes alone, ``geometry_baseline``) is reported beside them but is no candidate."""
+    finite = [r for r in rows if _num(r.get("test_acc")) and _num(r.get("val_acc")) and r.get("name") not in CONTROLS]
+    return max(finite, key=lambda r: r["val_acc"]) if finite else None
 
 
 def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extra: dict | None = None,
@@ -37,9 +44,7 @@ def results_dict(cfg: DictConfig, module: ProbeModule, dm: ShardDataModule, extr
     tested on (for the majority baseline)."""
     rows = module.layer_rows() if rows is None else rows
     seen = module.seen if counts is None else {s: ([c] if c is not None else []) for s, c in counts.items()}
-    # the best layer: a control row (the boxes alone, geometry_baseline) is no candidate
-    finite = [r for r in rows if _num(r.get("test_acc")) and _num(r.get("val_acc")) and r.get("name") not in CONTROLS]
-    best_by_val = max(finite, key=lambda r: r["val_acc"]) if finite else None
+    best_by_val = best_layer(rows)
     res = {
         "task": module.task["name"],
         "prober": module.prober_name,

@@ -49,7 +49,7 @@ HEADS_FORMAT = 2
 #: the backbone; 64 = 8 x 8 lets each class's bilinear form over the 8-d geometry be any 8 x 8 matrix
 GEOMETRY_RANK = 64
 #: heads that are controls, not layers: left out of ``val/acc/best`` (the checkpoint monitor) unless alone
-CONTROL_HEADS = ("emb:boxes",)
+CONTROL_HEADS = ("emb:raw", "emb:boxes")
 
 
 def layer_number(name: str) -> int:
