@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -244,3 +245,24 @@ def test_report_labels_the_boxes_row_as_a_control(tmp_path):
     write_tables(list(tables.values()), tmp_path, len(runs), "table3,table9")
     md = (tmp_path / "report-table3-table9.md").read_text()
     assert "| Box geometry only (control) |" in md and "90.00" in md
+
+
+def test_baseline_switches_on_an_attention_only_run_are_said(bbs, vg_sets, caplog):
+    """``prober=attention`` trains no Eq. 4 head, so ``raw_baseline``/``geometry_baseline`` add no row there (the
+    fig4 sweep sets them for every prober): the run says so instead of dropping them silently."""
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    cfg = compose(["task=vrc", "prober=attention", f"data.root={vg_sets['planted']}", *bbs["SS"],
+                   "raw_baseline=true", "geometry_baseline=true", *FIT])
+    with caplog.at_level(logging.WARNING, logger="value_pl"):
+        module, _ = build_module(cfg, make_datamodule(cfg))
+    assert not module.plan.raw and not module.plan.boxes
+    msg = [r.getMessage() for r in caplog.records if "no such row" in r.getMessage()]
+    assert msg and "raw_baseline=true, geometry_baseline=true" in msg[0] and "prober=attention" in msg[0]
+    caplog.clear()
+    cfg = compose(["task=vrc", "prober=layer_emb", f"data.root={vg_sets['planted']}", *bbs["SS"], "raw_baseline=true",
+                   "geometry_baseline=true", *FIT])
+    with caplog.at_level(logging.WARNING, logger="value_pl"):
+        module, _ = build_module(cfg, make_datamodule(cfg))
+    assert module.plan.raw and module.plan.boxes
+    assert not [r for r in caplog.records if "no such row" in r.getMessage()]

@@ -198,6 +198,17 @@ def make_trainer(cfg: DictConfig, rdir: Path, logger, callbacks=None) -> pl.Trai
                       enable_model_summary=False, **t)
 
 
+def baseline_rows_not_trained(cfg, plan) -> list[str]:
+    """The baseline switches a run asks for (``raw_baseline``/``geometry_baseline``) that its prober trains no row
+    for: an attention-only run (``prober=attention``) has no Eq. 4 heads, so both are no-ops there (sweeps such as
+    ``experiment=fig4`` set them for every prober; the run says so rather than refusing)."""
+    if plan is None:
+        return []
+    asked = [("raw_baseline=true", bool(cfg.get("raw_baseline", False)), plan.raw),
+             ("geometry_baseline=true", bool(cfg.get("geometry_baseline", False)), plan.boxes)]
+    return [name for name, on, has in asked if on and not has]
+
+
 def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
     spec = task_spec(cfg, dm)
     if backbone is None:
@@ -217,6 +228,10 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
                          backbone_cfg=OmegaConf.to_container(cfg.backbone, resolve=True),
                          raw_baseline=bool(cfg.get("raw_baseline", False)),
                          geometry_baseline=bool(cfg.get("geometry_baseline", False)))
+    unmet = baseline_rows_not_trained(cfg, getattr(module, "plan", None))
+    if unmet:
+        log.warning("%s: no such row in this run: the baseline rows are Eq. 4 heads (prober=layer_emb or both), "
+                    "and prober=%s trains none", ", ".join(unmet), cfg.prober.name)
     # how the labels were made (saved in prober checkpoints: python -m value_pl.eval relabels the same way)
     module.labelling = {"control": bool(cfg.get("control", False)), "control_seed": cfg.get("control_seed"),
                         "shuffle_labels": bool(cfg.get("shuffle_labels", False))}
