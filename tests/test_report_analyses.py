@@ -171,7 +171,7 @@ def test_seeds_of_one_backbone_under_other_model_configs_are_refused(analyze_run
     T = _tables([analyze_runs, tmp_path / "other"], "table1,table2")
     for t in T.values():
         want = run / ("fusion.json" if t.name == "table1" else "coref.json")
-        assert f"**Config unknown:** 1 of the 4 analyze runs were written before" in t.note and str(want) in t.note
+        assert "**Config unknown:** 1 of the 4 analyze runs were written before" in t.note and str(want) in t.note
         assert str(analyze_runs / "ss0") not in t.note.split("Config unknown")[1]
     assert T["table2"].rows[0].startswith("SS untrained") and "/" in T["table2"].text(T["table2"].rows[0], "pairs")
 

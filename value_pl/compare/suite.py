@@ -72,7 +72,9 @@ QUICK = {
 def suite_config(cfg=None, **overrides) -> dict:
     """A plain dict: ``QUICK`` updated by ``cfg`` (dict or DictConfig) and keyword overrides. A key that is not
     one of ``QUICK``'s (a misspelt option) or a value out of its range is an
-    :class:`~value_pl.data.options.OptionError` naming it."""
+    :class:`~value_pl.data.options.OptionError` naming it (:func:`value_pl.driver.validate.check_suite`)."""
+    from ..driver.validate import check_suite
+
     out = json.loads(json.dumps(QUICK))
     if cfg is not None:
         try:
@@ -84,39 +86,8 @@ def suite_config(cfg=None, **overrides) -> dict:
             pass
         out.update(dict(cfg))
     out.update(overrides)
-    check_suite(out)
+    check_suite(out, QUICK)
     return out
-
-
-def check_suite(cfg: dict) -> None:
-    """The suite's options: known keys, and every value in its range."""
-    from ..data.options import OptionError, choice, known_keys, number
-
-    known_keys(cfg, QUICK, "suite")
-    for k in ("batch_size", "epochs", "pair_batch_size"):
-        number(cfg, k, 1, integer=True, why=f" (suite.{k})")
-    for k in ("analysis_samples", "train_samples", "val_samples", "test_samples"):
-        number(cfg, k, 0, integer=True, why=f" (suite.{k})")
-    number(cfg, "kmeans.n_init", 1, integer=True, why=" (suite.kmeans)")
-    number(cfg, "kmeans.max_iter", 1, integer=True, why=" (suite.kmeans)")
-    number(cfg, "rank", 1, integer=True, null=True, why=" (suite.rank; null = the hidden size)")
-    number(cfg, "lr", 0, lo_open=True, why=" (suite.lr)")
-    number(cfg, "weight_decay", 0, why=" (suite.weight_decay)")
-    number(cfg, "seed", 0, integer=True, why=" (suite.seed)")
-    number(cfg, "cpu_threads", 1, integer=True, null=True, why=" (suite.cpu_threads; null = torch's setting)")
-    choice(cfg, "prober", ("layer_emb", "attention", "both"), why=" (suite.prober)")
-    a = cfg.get("analyses")
-    if a is not None and (not isinstance(a, list) or any(x not in ("fusion", "modality") for x in a)):
-        raise OptionError(f"analyses={a!r} (suite.analyses): must be a list of fusion, modality")
-    t = cfg.get("tasks")
-    if t is not None and (not isinstance(t, list) or not all(isinstance(x, str) and x for x in t)):
-        raise OptionError(f"tasks={t!r} (suite.tasks): must be a list of task names (e.g. [vcc, vrc])")
-    if cfg.get("analyses") and not cfg.get("analysis_samples"):
-        raise OptionError(f"analysis_samples=0 (suite.analysis_samples) with analyses={cfg['analyses']}: the "
-                          "analyses would see no sample (set analyses=[] to run none)")
-    layers = cfg.get("layers")
-    if layers not in (None, "all") and not (isinstance(layers, list) and layers):
-        raise OptionError(f"layers={layers!r} (suite.layers): must be all or a non-empty list, e.g. [0, 6]")
 
 
 #: bump when the suite's code changes its numbers: cached rows of older versions are then recomputed

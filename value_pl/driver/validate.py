@@ -11,13 +11,13 @@
 
 Hydra's struct mode already refuses a misspelt key (``prober.lrr=...``); these checks cover the values.
 :func:`check_run` serves ``train``/``eval``/``extract``, :func:`check_analyze` ``analyze``, :func:`check_compare`
-``compare`` (its suite: :func:`value_pl.compare.suite.suite_config`).
+``compare`` (its suite's options: :func:`check_suite`, called by :func:`value_pl.compare.suite.suite_config`).
 """
 from __future__ import annotations
 
 from ..backbones import REGISTRY
 from ..data.collate import BOX_DIMS
-from ..data.options import OptionError, choice, flag, number, numbers, value
+from ..data.options import OptionError, choice, flag, known_keys, number, numbers, value
 from ..data.schema import PAIR_TASKS, pair_kind
 from ..protocols.mdl import check_fractions
 
@@ -30,7 +30,8 @@ LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 ROLES = ("train", "val", "test")
 
-__all__ = ["OptionError", "check_analyze", "check_backbone", "check_compare", "check_data", "check_run"]
+__all__ = ["OptionError", "check_analyze", "check_backbone", "check_compare", "check_data", "check_run",
+           "check_suite"]
 
 
 def _plain(cfg):
@@ -247,3 +248,33 @@ def check_compare(cfg) -> None:
     check_data(cfg)
     check_backbone(cfg)
     check_logger(cfg)
+
+
+def check_suite(cfg: dict, known: dict) -> None:
+    """The compare suite's options (``known``: its defaults, :data:`value_pl.compare.suite.QUICK`): known keys, and
+    every value in its range."""
+    known_keys(cfg, known, "suite")
+    for k in ("batch_size", "epochs", "pair_batch_size"):
+        number(cfg, k, 1, integer=True, why=f" (suite.{k})")
+    for k in ("analysis_samples", "train_samples", "val_samples", "test_samples"):
+        number(cfg, k, 0, integer=True, why=f" (suite.{k})")
+    number(cfg, "kmeans.n_init", 1, integer=True, why=" (suite.kmeans)")
+    number(cfg, "kmeans.max_iter", 1, integer=True, why=" (suite.kmeans)")
+    number(cfg, "rank", 1, integer=True, null=True, why=" (suite.rank; null = the hidden size)")
+    number(cfg, "lr", 0, lo_open=True, why=" (suite.lr)")
+    number(cfg, "weight_decay", 0, why=" (suite.weight_decay)")
+    number(cfg, "seed", 0, integer=True, why=" (suite.seed)")
+    number(cfg, "cpu_threads", 1, integer=True, null=True, why=" (suite.cpu_threads; null = torch's setting)")
+    choice(cfg, "prober", ("layer_emb", "attention", "both"), why=" (suite.prober)")
+    a = cfg.get("analyses")
+    if a is not None and (not isinstance(a, list) or any(x not in ("fusion", "modality") for x in a)):
+        raise OptionError(f"analyses={a!r} (suite.analyses): must be a list of fusion, modality")
+    t = cfg.get("tasks")
+    if t is not None and (not isinstance(t, list) or not all(isinstance(x, str) and x for x in t)):
+        raise OptionError(f"tasks={t!r} (suite.tasks): must be a list of task names (e.g. [vcc, vrc])")
+    if cfg.get("analyses") and not cfg.get("analysis_samples"):
+        raise OptionError(f"analysis_samples=0 (suite.analysis_samples) with analyses={cfg['analyses']}: the "
+                          "analyses would see no sample (set analyses=[] to run none)")
+    layers = cfg.get("layers")
+    if layers not in (None, "all") and not (isinstance(layers, list) and layers):
+        raise OptionError(f"layers={layers!r} (suite.layers): must be all or a non-empty list, e.g. [0, 6]")
