@@ -13,11 +13,16 @@ Rows, all in one run on one card:
    these rows out), after a check of the graphs against the plain forward (two shapes alternating, fresh data, every
    call compared: ``graphs_check`` in the JSON, ``disabled`` None when they agree);
 2. the loader alone on real-width shards (``python -m value_pl.datasets.demo`` sizes: 36 regions x 2048-d fp16 per
-   image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker;
+   image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker, over epochs 2..``--loader-epochs``
+   of persistent workers (each timed from its first batch; the first epoch, when every reused buffer is new to the
+   main process, and each epoch's wait for its first batch are reported apart);
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
-   runs) on those shards, batch 256: samples/s of the last training epoch, the share of time waiting for data,
-   and the GPU's utilisation (NVML, sampled every 0.1 s over the training epochs), against the bare forward at
-   the same batch size and sequence length (goal >= 0.7x); then again with CUDA graphs (``--e2e-graphs``).
+   runs) on those shards, batch 256, ``--epochs`` epochs validated after the last (``--val-every``), so that the
+   training epochs run back to back as the parts of a long epoch would: samples/s over epochs 2..N (wall time from
+   the second epoch's start to the last one's end), the share of time waiting for data, and the GPU's utilisation
+   over that window (NVML: the driver's timestamped samples), against the bare forward at the same batch size and
+   sequence length (goal >= 0.7x); with the CUDA graphs of the default ``cuda_graphs.enabled=null``
+   (``--e2e-graphs``) and with them off (``--e2e-probers``).
 
 Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
 ``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
@@ -137,10 +142,13 @@ def measure(fn, iters: int, warmup: int, device) -> tuple[float, float, float]:
 
 
 class Utilisation:
-    """Mean GPU utilisation (NVML) sampled every ``period`` seconds while active."""
+    """GPU utilisation (NVML) while active: the driver's own timestamped samples (``nvmlDeviceGetSamples``, each
+    the share of its sampling period in which a kernel ran), collected every second, and, where the driver gives
+    none, this thread's readings of ``nvmlDeviceGetUtilizationRates`` every ``period`` seconds."""
 
     def __init__(self, period: float = 0.1):
-        self.period, self.samples, self.active = period, [], False
+        self.period, self.samples, self.driver, self.active = period, [], [], False
+        self.last_seen = 0
         try:
             import pynvml
 
@@ -152,20 +160,48 @@ class Utilisation:
         self.stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
+    def _driver_samples(self) -> None:
+        try:
+            _, got = self.nvml.nvmlDeviceGetSamples(self.h, self.nvml.NVML_GPU_UTILIZATION_SAMPLES, self.last_seen)
+        except Exception:  # noqa: BLE001 - not supported / nothing new (NVML_ERROR_NOT_FOUND)
+            return
+        for s in got:
+            self.last_seen = max(self.last_seen, int(s.timeStamp))
+            self.driver.append((s.timeStamp / 1e6, int(s.sampleValue.uiVal)))
+
     def _run(self):
+        n = 0
         while not self.stop.is_set():
             if self.active and self.nvml is not None:
                 self.samples.append((time.time(), self.nvml.nvmlDeviceGetUtilizationRates(self.h).gpu))
+                n += 1
+                if n % 10 == 0:
+                    self._driver_samples()
             time.sleep(self.period)
 
     def window(self):
-        self.samples, self.active = [], True
+        self.samples, self.driver, self.active = [], [], True
+        if self.nvml is not None:
+            self.last_seen = int(time.time() * 1e6)
 
-    def mean(self, start: float = 0.0, end: float = float("inf")) -> float:
-        """Mean utilisation (%) of the samples taken between ``start`` and ``end`` (time.time())."""
+    def close(self):
+        """End the window: collect the driver's last samples."""
         self.active = False
-        xs = [u for t, u in self.samples if start <= t <= end]
-        return sum(xs) / len(xs) if xs else float("nan")
+        if self.nvml is not None:
+            self._driver_samples()
+
+    def mean(self, start: float = 0.0, end: float = float("inf")) -> tuple[float, str, dict]:
+        """Mean utilisation (%) over ``start``..``end`` (time.time()) and its source -- the driver's samples that
+        ended inside it, else the polled readings taken inside it -- and both means with their sample counts."""
+        self.close()
+        both = {}
+        for name, src in (("driver", self.driver), ("polled", self.samples)):
+            xs = [u for t, u in src if start <= t <= end]
+            both[name] = (sum(xs) / len(xs) if xs else float("nan"), len(xs))
+        for name, (m, k) in both.items():
+            if k:
+                return m, f"{name}, {k} samples", both
+        return float("nan"), "none", both
 
 
 def online_step(m, batch: dict, ac: dict):
@@ -366,20 +402,33 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
                              prefetch_factor=prefetch_for(workers, args.e2e_batch))
         dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
         loader = dm.loader("train", True)
-        it = iter(loader)
-        first = next(it)  # workers started
-        t, c, n, nb = time.perf_counter(), time.process_time(), 0, 0
-        for b in it:
-            n += len(b["keys"])
-            nb += 1
-        dt = time.perf_counter() - t
-        main_ms = 1e3 * (time.process_time() - c) / max(nb, 1)  # this process (+ its pin thread), not the workers
+        epochs = []  # (samples, samples timed, seconds, main-process CPU seconds, batches timed, first wait)
+        for e in range(max(1, args.loader_epochs)):  # persistent workers: epoch 0 starts them, later ones resume
+            t0 = time.perf_counter()
+            it = iter(loader)
+            first = next(it)
+            # timed from each epoch's first batch on: the flow, as in an epoch of a real split (hundreds of
+            # batches), not the wait for the first batch, which is reported apart
+            t, c, n, nb = time.perf_counter(), time.process_time(), 0, 0
+            for b in it:
+                n += len(b["keys"])
+                nb += 1
+            epochs.append((n + len(first["keys"]), n, time.perf_counter() - t, time.process_time() - c, nb, t - t0))
+        steady = epochs[1:] or epochs  # the later epochs: every reused buffer already mapped
+        n, dt = sum(x[1] for x in steady), sum(x[2] for x in steady)
+        main_ms = 1e3 * sum(x[3] for x in steady) / max(sum(x[4] for x in steady), 1)  # this process + pin thread
         sps = n / dt
+        first_sps = epochs[0][1] / epochs[0][2]
+        waits = [round(1e3 * x[5]) for x in epochs]
         out.append({"workers": workers, "samples_per_s": sps, "per_worker": sps / max(workers, 1),
-                    "epoch_samples": n + len(first["keys"]), "main_process_ms_per_batch": main_ms,
-                    "pinned": bool(loader.pin_memory)})
-        print(f"# loader, {workers} worker(s): {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker), main "
-              f"process {main_ms:.1f} ms CPU per batch{' (pinned)' if loader.pin_memory else ''}", flush=True)
+                    "first_epoch_samples_per_s": first_sps, "epochs": len(epochs),
+                    "epoch_samples": [x[0] for x in epochs], "main_process_ms_per_batch": main_ms,
+                    "first_batch_wait_ms": waits, "pinned": bool(loader.pin_memory)})
+        span = f"epochs 2-{len(epochs)}" if len(epochs) > 1 else "one epoch"
+        print(f"# loader, {workers} worker(s): {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker) over "
+              f"{span} (first epoch {first_sps:,.0f}), main process {main_ms:.1f} ms CPU per batch"
+              f"{' (pinned)' if loader.pin_memory else ''}; wait for each epoch's first batch {waits} ms, samples "
+              f"per epoch {[x[0] for x in epochs]}", flush=True)
         del it, loader
     return out
 
@@ -403,33 +452,54 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     from value_pl.driver.train import train
 
     out = [] if out is None else out
-    runs = ([(p, True, False) for p in args.e2e_probers] + [(p, True, True) for p in args.e2e_graphs]
-            + [(p, False, False) for p in args.e2e_plain])
-    for prober, ahead, graphs in runs:
-        run = tmp / f"run-{prober}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
+    counts = args.e2e_workers or args.workers[:1]
+    # graphs off and data.epoch_ahead=false only at the first worker count; the default set-up at every count
+    runs = ([(p, True, False, counts[0]) for p in args.e2e_probers]
+            + [(p, True, True, w) for w in counts for p in args.e2e_graphs]
+            + [(p, False, False, counts[0]) for p in args.e2e_plain])
+    for prober, ahead, graphs, workers in runs:
+        run = tmp / f"run-{prober}-{workers}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
-              f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={args.workers[0]}", "logger=none",
-              f"data.prefetch_factor={prefetch_for(args.workers[0], 2 * args.e2e_batch)}",
+              f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={workers}", "logger=none",
+              f"data.prefetch_factor={prefetch_for(workers, 2 * args.e2e_batch)}",
               f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", f"run_dir={run}",
               "trainer=gpu" if dev.type == "cuda" else "trainer=cpu", "backbone=uniter_untrained",
               f"backbone.config={model_config(tmp, args.layers, args.hidden, args.heads)}", f"backbone.tokenizer={tok}",
               "backbone.img_dim=2048"] + ([] if ahead else ["data.epoch_ahead=false"])  # default: on on a GPU
-        ov += ["cuda_graphs.enabled=true"] if graphs else []
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=ov)
-        util.window()
-        res = train(cfg)
-        tp = res["throughput"]["train"]
-        busy = util.mean(tp["start"], tp["end"])  # the last training epoch (validation excluded)
-        name = prober + ("" if ahead else ", data.epoch_ahead=false") + (", CUDA graphs" if graphs else "")
-        out.append({"prober": name, **tp, "gpu_util_pct": busy, "samples_seen": res["samples_seen"]["train"],
-                    "cuda_graphs": res["throughput"].get("cuda_graphs"),
-                    "epochs": res["throughput"].get("epochs"),
+        # graphs: the default (cuda_graphs.enabled=null: on when the model runs on a CUDA device); else forced off
+        ov += [] if graphs else ["cuda_graphs.enabled=false"]
+        ov += [f"+trainer.check_val_every_n_epoch={args.val_every or args.epochs}"]
+        name = (prober + ("" if ahead else ", data.epoch_ahead=false") + (", CUDA graphs" if graphs else "")
+                + f", {workers} workers")
+        try:
+            with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+                cfg = compose(config_name="train", overrides=ov)
+            util.window()
+            res = train(cfg)
+        except Exception as e:  # noqa: BLE001 - one failed run must not cost the others
+            import traceback
+
+            traceback.print_exc()
+            out.append({"prober": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"# e2e {name}: FAILED ({type(e).__name__}: {e})", flush=True)
+            done()
+            continue
+        eps = res["throughput"].get("epochs") or [res["throughput"]["train"]]
+        steady = eps[1:] or eps  # the first epoch (workers starting, graphs recorded, kernels tuned) left out
+        n = sum(x["samples_per_s"] * x["seconds"] for x in steady)
+        start, end = steady[0]["start"], steady[-1]["end"]
+        sps = n / max(end - start, 1e-9)  # wall time from the first steady epoch's start to the last one's end
+        wait = sum(x["data_wait_frac"] * x["seconds"] for x in steady) / max(sum(x["seconds"] for x in steady), 1e-9)
+        busy, source, both = util.mean(start, end)
+        out.append({"prober": name, "samples_per_s": sps, "data_wait_frac": wait, "gpu_util_pct": busy,
+                    "gpu_util_source": source, "gpu_util_both": both, "window_s": end - start, "steady_epochs": len(steady),
+                    "last_epoch": res["throughput"]["train"], "samples_seen": res["samples_seen"]["train"],
+                    "cuda_graphs": res["throughput"].get("cuda_graphs"), "epochs": eps,
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
-        print(f"# e2e {name}: {tp['samples_per_s']:,.0f} samples/s (last epoch), waiting for data "
-              f"{100 * tp['data_wait_frac']:.0f}%, GPU busy {busy:.0f}% (NVML, last training epoch), "
-              f"samples per epoch {res['samples_seen']['train']}"
-              + (f", cuda graphs {res['throughput']['cuda_graphs']}" if graphs else ""), flush=True)
+        print(f"# e2e {name}: {sps:,.0f} samples/s over epochs 2-{len(eps)} ({end - start:.1f} s; per epoch "
+              f"{[round(x['samples_per_s']) for x in eps]}), waiting for data {100 * wait:.0f}%, GPU busy {busy:.0f}% "
+              f"(NVML: {source}; {both}), samples per epoch {res['samples_seen']['train']}, cuda graphs "
+              f"{res['throughput'].get('cuda_graphs')}", flush=True)
         done()
     return out
 
@@ -472,8 +542,17 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-images", type=int, default=1000)
     ap.add_argument("--maxcount", type=int, default=1000)
     ap.add_argument("--e2e-batch", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--workers", type=int, nargs="+", default=[15, 4], help="loader workers; the first is used e2e")
+    ap.add_argument("--epochs", type=int, default=6, help="end-to-end training epochs (the first is left out)")
+    ap.add_argument("--val-every", type=int, default=None,
+                    help="end to end: validate every N epochs (default: after the last only, so that the training "
+                         "epochs run back to back as in a long epoch)")
+    ap.add_argument("--loader-epochs", type=int, default=3, help="epochs of the loader alone (the first left out)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[8, 15, 4],
+                    help="loader workers of the loader rows; the first is used end to end (8 of 16 cores fed the H200 "
+                         "best: docs/performance.md)")
+    ap.add_argument("--e2e-workers", type=int, nargs="*", default=[],
+                    help="loader workers of the end-to-end runs (default: the first of --workers); the runs with CUDA "
+                         "graphs at each count, the others at the first")
     ap.add_argument("--e2e-probers", nargs="+", default=["layer_emb", "attention"])
     ap.add_argument("--e2e-plain", nargs="*", default=[],
                     help="probers to run end to end also with data.epoch_ahead=false (after the others; ~20 s each)")
@@ -539,7 +618,7 @@ def main(argv=None) -> int:
             bare = bares["bare"]
             report["e2e"] = {"bare_samples_per_s": bare, "bare_graphs_samples_per_s": bares.get("graphs"), "runs": []}
             e2e = e2e_rows(root, tok, tmp, args, util, dev, out=report["e2e"]["runs"], done=save)
-            print(f"\n| end to end (batch {args.e2e_batch}, {args.workers[0]} workers) | samples/s | x bare forward | "
+            print(f"\n| end to end (batch {args.e2e_batch}) | samples/s | x bare forward | "
                   "waiting for data | GPU busy | samples per epoch |")
             print("|---|---:|---:|---:|---:|---|")
             print(f"| bare forward on shard batches | {bare:,.0f} | 1.00 | - | - | - |")
@@ -547,8 +626,12 @@ def main(argv=None) -> int:
                 print(f"| bare forward on shard batches, CUDA graphs | {bares['graphs']:,.0f} | "
                       f"{bares['graphs'] / bare:.2f} | - | - | - |")
             for r in e2e:
-                print(f"| train {r['prober']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / bare:.2f} | "
-                      f"{100 * r['data_wait_frac']:.0f}% | {r['gpu_util_pct']:.0f}% | {r['samples_seen']} |")
+                if "error" in r:
+                    print(f"| train {r['prober']} | failed: {r['error'][:80]} | - | - | - | - |")
+                    continue
+                print(f"| train {r['prober']} (epochs 2-{len(r['epochs'])}) | {r['samples_per_s']:,.0f} | "
+                      f"{r['samples_per_s'] / bare:.2f} | {100 * r['data_wait_frac']:.0f}% | {r['gpu_util_pct']:.0f}% | "
+                      f"{r['samples_seen']} |")
     util.stop.set()
     save()
     return 0

@@ -375,3 +375,51 @@ def test_cuda_graphs_replay_alternating_shapes(backbones, family):
                     compare(ref, spec, got, got_spec, batch, atol=3e-2, rtol=3e-2)
     st = g.stats()
     assert st["disabled"] is None and st["eager"] == {} and st["graphs"] == 2 and st["replays"] == calls, st
+
+
+class _Module:
+    """What ``use_cuda_graphs`` reads of a ProbeModule: ``graphs`` and ``use_cuda_graphs(...)``."""
+
+    def __init__(self):
+        self.graphs, self.calls = None, []
+
+    def use_cuda_graphs(self, enabled=True, **options):
+        self.calls.append(options)
+        self.graphs = object() if enabled else None
+
+
+class _Trainer:
+    def __init__(self, device: str):
+        self.strategy = type("S", (), {"root_device": torch.device(device)})()
+
+
+@pytest.mark.parametrize("enabled,device,cache,attached", [
+    (None, "cuda", False, True),    # the default on a GPU: on
+    (None, "cpu", False, False),    # the default on the CPU: off (nothing to replay)
+    (None, "cuda", True, False),    # a feature cache has no backbone forward
+    (None, None, False, False),     # no trainer (extract): only an explicit true turns them on
+    (False, "cuda", False, False),  # forced off
+    (True, "cpu", False, True),     # forced on: attached, every CPU call then runs eagerly and is counted
+])
+def test_graphs_are_on_by_default_on_a_gpu(enabled, device, cache, attached):
+    """``cuda_graphs.enabled=null`` (configs/train.yaml) turns the graphs on when the Trainer runs the model on a CUDA
+    device: measured on an H200, they cut the host's issue time of a step by 3-4 ms and raised end-to-end samples/s
+    (docs/performance.md). The composed config's default is null and passes the start-up checks."""
+    from hydra import compose, initialize_config_dir
+
+    from value_pl import CONFIG_DIR
+    from value_pl.driver.setup import use_cuda_graphs
+    from value_pl.driver.validate import check_run
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=gpu"])
+    assert cfg.cuda_graphs.enabled is None
+    check_run(cfg, "train")
+    cfg.cuda_graphs.enabled = enabled
+    module, dm = _Module(), type("DM", (), {"manifest": {"cache": {"heads": []}} if cache else {}})()
+    trainer = _Trainer(device) if device else None
+    assert use_cuda_graphs(cfg, module, dm, trainer) is attached
+    assert (module.graphs is not None) is attached
+    if attached:
+        assert module.calls == [{"max_graphs": 8, "verify": 2, "multiples": {"text": 8, "regions": 4, "rows": 4}}]
+        assert use_cuda_graphs(cfg, module, dm, trainer) and len(module.calls) == 1  # attached once

@@ -233,3 +233,35 @@ def test_a_loader_that_may_overfill_dev_shm_is_warned_about(shards, monkeypatch)
     from value_pl.data.cache import CacheCollate
 
     assert dm.check_shared_memory("train", 2, 4, CacheCollate([], {}, []), 0) is None
+
+
+def test_more_workers_than_half_the_cores_is_warned_about_on_a_gpu_run(shards, monkeypatch):
+    """On an H200 host with 16 cores, 8 loader workers fed training faster than 12 or 15 (the main process, which
+    drives the GPU, and its pin thread competed with them): a pinned training loader with more workers than half the
+    cores says so at start, naming the key and a count to try; fewer workers, or an unpinned (CPU) run, do not."""
+    from value_pl.data import datamodule, resources
+
+    root, collate = shards
+    monkeypatch.setattr(resources, "available_cores", lambda: 4)
+    monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": 10 ** 12)
+    assert not resources.check_cores(root, 2)
+    with pytest.warns(RuntimeWarning, match="data.num_workers=3 on 4 CPU cores"):
+        assert resources.check_cores(root, 3, cores=4) is True
+    monkeypatch.setattr(datamodule.torch.cuda, "is_available", lambda: True)  # a GPU run's pinned loader
+    for workers, warned in ((3, True), (2, False)):
+        dm = ShardDataModule(root, batch_size=4, num_workers=workers, seed=0, pin_memory=True, epoch_ahead=False)
+        dm.collate = collate
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            loader = dm.loader("train", train=True)
+            dm.loader("val", train=False)  # evaluation loaders are not checked (said once, for training)
+        said = [str(w.message) for w in got if "CPU cores" in str(w.message)]
+        assert loader.pin_memory and len(said) == int(warned)
+        if warned:
+            assert said[0].startswith(str(root)) and "data.num_workers=3 on 4 CPU cores" in said[0]
+            assert said[0].endswith("try data.num_workers=2")
+    dm = ShardDataModule(root, batch_size=4, num_workers=3, seed=0, pin_memory=False)  # a CPU run: not pinned
+    dm.collate = collate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dm.loader("train", train=True)

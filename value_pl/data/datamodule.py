@@ -18,28 +18,19 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
+from .resources import check_cores, shm_free
 from .schema import decode_sample, load_manifest
 from .stream import ShardStream, count_samples, no_collate, worker_init
 
 log = logging.getLogger(__name__)
 # our len() is exact per rank (each worker reads its own part): Lightning's generic caution does not apply
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
-
-
-def shm_free(path: str = "/dev/shm") -> int | None:
-    """Free bytes of the shared-memory filesystem that loader workers hand batches over through (None: unknown)."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -141,6 +132,8 @@ class ShardDataModule(pl.LightningDataModule):
             need = self.check_shared_memory(stage, workers, ds.batch_size, collate or self.collate, ring, alongside)
             if train:  # held during validation: its reused buffers, or one batch per worker of the next epoch
                 self._train_shm = (need // max(self.prefetch_factor, ring)) * (ring or 1) if need else 0
+                if pin:
+                    check_cores(self.root, workers)
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
         if workers > 0 and self._ahead() and (train or stage == "val"):

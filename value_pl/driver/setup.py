@@ -198,6 +198,26 @@ def make_trainer(cfg: DictConfig, rdir: Path, logger, callbacks=None) -> pl.Trai
                       enable_model_summary=False, **t)
 
 
+def use_cuda_graphs(cfg: DictConfig, module, dm: ShardDataModule, trainer: pl.Trainer | None = None) -> bool:
+    """Replay ``module``'s frozen forward from CUDA graphs (``cuda_graphs.*``; :mod:`value_pl.backbones.graphs`).
+    ``cuda_graphs.enabled``: true -- always (``build_module``; on the CPU every call runs eagerly and is counted);
+    false -- never; null (the default) -- when ``trainer`` runs the model on a CUDA device and the run has a
+    backbone forward (not a feature cache); measured in docs/performance.md#gpu-benchmark-measured. True if
+    attached."""
+    if module.graphs is not None:  # already attached (enabled=true, by build_module)
+        return True
+    graphs = cfg.get("cuda_graphs") or {}
+    enabled = graphs.get("enabled")
+    if enabled is None:
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        enabled = getattr(device, "type", "cpu") == "cuda" and not dm.manifest.get("cache")
+    if not enabled:
+        return False
+    module.use_cuda_graphs(True, max_graphs=int(graphs.get("max_graphs", 8)), verify=int(graphs.get("verify", 2)),
+                           multiples=OmegaConf.to_container(graphs.get("multiples") or {}, resolve=True))
+    return True
+
+
 def baseline_rows_not_trained(cfg, plan) -> list[str]:
     """The baseline switches a run asks for (``raw_baseline``/``geometry_baseline``) that its prober trains no row
     for: an attention-only run (``prober=attention``) has no Eq. 4 heads, so both are no-ops there (sweeps such as
@@ -235,10 +255,8 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
     # how the labels were made (saved in prober checkpoints: python -m value_pl.eval relabels the same way)
     module.labelling = {"control": bool(cfg.get("control", False)), "control_seed": cfg.get("control_seed"),
                         "shuffle_labels": bool(cfg.get("shuffle_labels", False))}
-    graphs = cfg.get("cuda_graphs") or {}
-    if graphs.get("enabled", False):
-        module.use_cuda_graphs(True, max_graphs=int(graphs.get("max_graphs", 8)), verify=int(graphs.get("verify", 2)),
-                               multiples=OmegaConf.to_container(graphs.get("multiples") or {}, resolve=True))
+    if (cfg.get("cuda_graphs") or {}).get("enabled") is True:
+        use_cuda_graphs(cfg, module, dm)
     if dm.manifest.get("cache"):  # training/evaluating from a feature cache: no backbone forward
         from ..data.cache import attach_cache
 

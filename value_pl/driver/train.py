@@ -14,7 +14,7 @@ from .results import log_results_table, results_dict, training_record, write_res
 from .throughput import ThroughputMonitor
 from .validate import check_run
 from .setup import (build_module, close_logger, is_rank_zero, make_datamodule, make_logger, make_trainer, prepare,
-                    run_dir, teardown_distributed)
+                    run_dir, teardown_distributed, use_cuda_graphs)
 
 
 @honours_switch
@@ -37,6 +37,7 @@ def train(cfg: DictConfig) -> dict | None:
                               save_last=True, filename="best", auto_insert_metric_name=False)
     speed = ThroughputMonitor()
     trainer = make_trainer(cfg, rdir, logger, [ckpt_cb, speed])
+    use_cuda_graphs(cfg, module, dm, trainer)  # cuda_graphs.enabled=null: on when the model runs on a CUDA device
     resume = cfg.get("ckpt_path")
     if resume:  # refused here, naming the file and the switch, if it needs pickle (Lightning would say less)
         check_loadable(resume, "prober checkpoint (ckpt_path)")
@@ -95,6 +96,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     module.use_best_snapshots()
     logger = make_logger(cfg, rdir)
     trainer = make_trainer(cfg, rdir, logger)
+    use_cuda_graphs(cfg, module, dm, trainer)
     trainer.validate(module, datamodule=dm, verbose=False)
     # eval reports the checkpoint's own best validation accuracies where it has them
     trainer.test(module, datamodule=dm, verbose=False)

@@ -178,7 +178,7 @@ def check_run(cfg, entry: str = "train") -> None:
     number(cfg, "mdl_opts.batch_size", 1, integer=True)
     number(cfg, "mdl_opts.lr", 0, lo_open=True)
     number(cfg, "mdl_opts.max_train", 1, integer=True, null=True, why=" (null = every training example)")
-    flag(cfg, "cuda_graphs.enabled")
+    flag(cfg, "cuda_graphs.enabled", null=True)
     number(cfg, "cuda_graphs.max_graphs", 1, integer=True)
     number(cfg, "cuda_graphs.verify", 0, integer=True)
     for k in ("text", "regions", "rows"):
