@@ -115,6 +115,23 @@ def test_experiment_sweeps_pass_the_checks(exp, hydra_compose):
             OmegaConf.merge(with_groups(base, backbone="bert", task="tense"), own)
 
 
+@pytest.mark.parametrize("exp", [e for e in names("experiment") if e not in ("demo_vrc",)])
+def test_experiments_read_each_tasks_own_shard_set(exp, hydra_compose):
+    """An experiment's ``data.root`` is its task's shard set (``task.data_root``) for every task it may be given, not
+    only those of its own sweep: ``experiment=mdl task=sentlen`` reads ``<paths.senteval>/sentlen`` (it once read
+    ``paths.senteval`` itself), a pair task its ``paths.*`` set; experiments that sweep ``data.root`` themselves
+    (table9/10, fig4: matched and mismatched captions) keep their own."""
+    paths = ["paths.vg=/d/vg", "paths.flickr30k=/d/f30k", "paths.senteval=/d/senteval"]
+    own = {"vri": "/d/vg", "vrc": "/d/vg", "vcd": "/d/f30k", "vcc": "/d/f30k", "sentlen": "/d/senteval/sentlen",
+           "tense": "/d/senteval/tense"}
+    for task, want in own.items():
+        cfg = hydra_compose("train", [f"experiment={exp}", f"task={task}", *paths])
+        assert cfg.task.data_root == want
+        raw = OmegaConf.load(CONFIGS / "experiment" / f"{exp}.yaml")
+        if "data.root" not in (OmegaConf.select(raw, "hydra.sweeper.params", default=None) or {}):
+            assert cfg.data.root == want, (exp, task, cfg.data.root)
+
+
 def test_analyze_grid_and_paper_sweep(hydra_compose):
     base = hydra_compose("analyze")
     assert OmegaConf.is_struct(base)
@@ -317,3 +334,16 @@ def test_an_unset_checkpoint_prefix_keeps_compare_cache_keys(hydra_compose):
     with open_dict(cfg):
         cfg.backbone.checkpoint_prefix = "ema"
     assert cache_identity(cfg, suite, data, ck) != cache_identity(old, suite, data, ck)
+
+
+def test_eq4_options_on_a_sentence_task_are_said_to_be_ignored(hydra_compose):
+    """``task=<sentence> prober=layer_emb`` trains one classifier per layer: ``prober.rank``/``prober.bias`` (Eq. 4)
+    are not read there, and the run names them instead of ignoring them silently; pair tasks read them."""
+    from value_pl.driver.setup import prober_options_ignored
+
+    sent = hydra_compose("train", ["task=sentlen", "prober=layer_emb"])
+    assert prober_options_ignored(sent, "sentence") == []  # the defaults: rank null, bias false
+    sent.prober.rank, sent.prober.bias = 64, True
+    assert prober_options_ignored(sent, "sentence") == ["prober.rank=64", "prober.bias=True"]
+    pair = hydra_compose("train", ["task=vrc", "prober=layer_emb", "prober.rank=64", "prober.bias=true"])
+    assert prober_options_ignored(pair, "region_region") == []

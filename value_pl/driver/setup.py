@@ -218,6 +218,16 @@ def use_cuda_graphs(cfg: DictConfig, module, dm: ShardDataModule, trainer: pl.Tr
     return True
 
 
+def prober_options_ignored(cfg, kind: str) -> list[str]:
+    """``prober.*`` keys a run asks for that its heads do not read: a sentence task's ``layer_emb`` heads are one
+    linear classifier (or SentEval MLP, ``prober.nhid``) per layer, so Eq. 4's ``rank`` and ``bias`` mean nothing
+    there (the run says so rather than ignoring them silently)."""
+    if kind != "sentence":
+        return []
+    p = cfg.get("prober") or {}
+    return [f"prober.{k}={p.get(k)}" for k in ("rank", "bias") if p.get(k) not in (None, False)]
+
+
 def baseline_rows_not_trained(cfg, plan) -> list[str]:
     """The baseline switches a run asks for (``raw_baseline``/``geometry_baseline``) that its prober trains no row
     for: an attention-only run (``prober=attention``) has no Eq. 4 heads, so both are no-ops there (sweeps such as
@@ -248,6 +258,11 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
                          backbone_cfg=OmegaConf.to_container(cfg.backbone, resolve=True),
                          raw_baseline=bool(cfg.get("raw_baseline", False)),
                          geometry_baseline=bool(cfg.get("geometry_baseline", False)))
+    ignored = prober_options_ignored(cfg, spec.kind)
+    if ignored:
+        log.warning("%s: not read by task=%s, a sentence task, whose heads are one classifier per layer over the "
+                    "sentence's mean word state (prober.nhid, prober.dropout): Eq. 4's rank and bias are pair-task "
+                    "options", ", ".join(ignored), spec.name)
     unmet = baseline_rows_not_trained(cfg, getattr(module, "plan", None))
     if unmet:
         log.warning("%s: no such row in this run: the baseline rows are Eq. 4 heads (prober=layer_emb or both), "
