@@ -201,16 +201,17 @@ def make_trainer(cfg: DictConfig, rdir: Path, logger, callbacks=None) -> pl.Trai
 def use_cuda_graphs(cfg: DictConfig, module, dm: ShardDataModule, trainer: pl.Trainer | None = None) -> bool:
     """Replay ``module``'s frozen forward from CUDA graphs (``cuda_graphs.*``; :mod:`value_pl.backbones.graphs`).
     ``cuda_graphs.enabled``: true -- always (``build_module``; on the CPU every call runs eagerly and is counted);
-    false -- never; null (the default) -- when ``trainer`` runs the model on a CUDA device and the run has a
-    backbone forward (not a feature cache); measured in docs/performance.md#gpu-benchmark-measured. True if
-    attached."""
+    false -- never; null (the default) -- when ``trainer`` runs the model on one CUDA device (not DDP: graphs on
+    several GPUs are not measured yet) and the run has a backbone forward (not a feature cache); measured in
+    docs/performance.md#gpu-benchmark-measured. True if attached."""
     if module.graphs is not None:  # already attached (enabled=true, by build_module)
         return True
     graphs = cfg.get("cuda_graphs") or {}
     enabled = graphs.get("enabled")
     if enabled is None:
         device = getattr(getattr(trainer, "strategy", None), "root_device", None)
-        enabled = getattr(device, "type", "cpu") == "cuda" and not dm.manifest.get("cache")
+        enabled = getattr(device, "type", "cpu") == "cuda" and getattr(trainer, "world_size", 1) == 1 \
+            and not dm.manifest.get("cache")
     if not enabled:
         return False
     module.use_cuda_graphs(True, max_graphs=int(graphs.get("max_graphs", 8)), verify=int(graphs.get("verify", 2)),
