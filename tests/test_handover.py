@@ -247,6 +247,10 @@ def test_more_workers_than_half_the_cores_is_warned_about_on_a_gpu_run(shards, m
     assert not resources.check_cores(root, 2)
     with pytest.warns(RuntimeWarning, match="data.num_workers=3 on 4 CPU cores"):
         assert resources.check_cores(root, 3, cores=4) is True
+    assert not resources.check_cores(root, 8, cores=64, ranks=4)  # 16 cores per GPU: 8 workers each is fine
+    with pytest.warns(RuntimeWarning, match=r"data.num_workers=8 on 64 CPU cores shared by 8 processes .*"
+                                            r"try data.num_workers=4"):
+        assert resources.check_cores(root, 8, cores=64, ranks=8)
     monkeypatch.setattr(datamodule.torch.cuda, "is_available", lambda: True)  # a GPU run's pinned loader
     for workers, warned in ((3, True), (2, False)):
         dm = ShardDataModule(root, batch_size=4, num_workers=workers, seed=0, pin_memory=True, epoch_ahead=False)

@@ -132,8 +132,8 @@ class ShardDataModule(pl.LightningDataModule):
             need = self.check_shared_memory(stage, workers, ds.batch_size, collate or self.collate, ring, alongside)
             if train:  # held during validation: its reused buffers, or one batch per worker of the next epoch
                 self._train_shm = (need // max(self.prefetch_factor, ring)) * (ring or 1) if need else 0
-                if pin:
-                    check_cores(self.root, workers)
+                if pin:  # a GPU run: this node's ranks share its cores
+                    check_cores(self.root, workers, ranks=getattr(trainer, "num_devices", 1) if trainer else 1)
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
         if workers > 0 and self._ahead() and (train or stage == "val"):
