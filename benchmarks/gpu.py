@@ -22,7 +22,10 @@ Rows, all in one run on one card:
    the second epoch's start to the last one's end), the share of time waiting for data, and the GPU's utilisation
    over that window (NVML: the driver's timestamped samples), against the bare forward at the same batch size and
    sequence length (goal >= 0.7x); with the CUDA graphs of the default ``cuda_graphs.enabled=null``
-   (``--e2e-graphs``) and with them off (``--e2e-probers``).
+   (``--e2e-graphs``) and with them off (``--e2e-probers``); and, for the probers named by ``--e2e-switch``, with the
+   CUDA graphs and the GIL's switch interval lowered from Python's 5 ms to ``--switch-interval``: whether the pin
+   thread, starved of the GIL while the host issues a step, is what the main thread waits for (the CPU proxy:
+   ``benchmarks/gil_handover.py``).
 
 Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
 ``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
@@ -454,11 +457,13 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     out = [] if out is None else out
     counts = args.e2e_workers or args.workers[:1]
     # graphs off and data.epoch_ahead=false only at the first worker count; the default set-up at every count
-    runs = ([(p, True, False, counts[0]) for p in args.e2e_probers]
-            + [(p, True, True, w) for w in counts for p in args.e2e_graphs]
-            + [(p, False, False, counts[0]) for p in args.e2e_plain])
-    for prober, ahead, graphs, workers in runs:
-        run = tmp / f"run-{prober}-{workers}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
+    runs = ([(p, True, False, counts[0], None) for p in args.e2e_probers]
+            + [(p, True, True, w, None) for w in counts for p in args.e2e_graphs]
+            + [(p, False, False, counts[0], None) for p in args.e2e_plain]
+            + [(p, True, True, counts[0], s) for p in args.e2e_switch for s in args.switch_interval])
+    for prober, ahead, graphs, workers, switch in runs:
+        run = tmp / (f"run-{prober}-{workers}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
+                     + (f"-switch{switch:g}" if switch else ""))
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
               f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={workers}", "logger=none",
               f"data.prefetch_factor={prefetch_for(workers, 2 * args.e2e_batch)}",
@@ -470,11 +475,13 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
         ov += [] if graphs else ["cuda_graphs.enabled=false"]
         ov += [f"+trainer.check_val_every_n_epoch={args.val_every or args.epochs}"]
         name = (prober + ("" if ahead else ", data.epoch_ahead=false") + (", CUDA graphs" if graphs else "")
-                + f", {workers} workers")
+                + f", {workers} workers" + (f", switch interval {1e3 * switch:g} ms" if switch else ""))
+        default = sys.getswitchinterval()
         try:
             with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
                 cfg = compose(config_name="train", overrides=ov)
             util.window()
+            sys.setswitchinterval(switch or default)  # this process's GIL (and the loader workers it forks)
             res = train(cfg)
         except Exception as e:  # noqa: BLE001 - one failed run must not cost the others
             import traceback
@@ -484,6 +491,8 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
             print(f"# e2e {name}: FAILED ({type(e).__name__}: {e})", flush=True)
             done()
             continue
+        finally:
+            sys.setswitchinterval(default)
         eps = res["throughput"].get("epochs") or [res["throughput"]["train"]]
         steady = eps[1:] or eps  # the first epoch (workers starting, graphs recorded, kernels tuned) left out
         n = sum(x["samples_per_s"] * x["seconds"] for x in steady)
@@ -495,6 +504,7 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
                     "gpu_util_source": source, "gpu_util_both": both, "window_s": end - start, "steady_epochs": len(steady),
                     "last_epoch": res["throughput"]["train"], "samples_seen": res["samples_seen"]["train"],
                     "cuda_graphs": res["throughput"].get("cuda_graphs"), "epochs": eps,
+                    "switch_interval_s": switch or default,
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
         print(f"# e2e {name}: {sps:,.0f} samples/s over epochs 2-{len(eps)} ({end - start:.1f} s; per epoch "
               f"{[round(x['samples_per_s']) for x in eps]}), waiting for data {100 * wait:.0f}%, GPU busy {busy:.0f}% "
@@ -558,6 +568,11 @@ def main(argv=None) -> int:
                     help="probers to run end to end also with data.epoch_ahead=false (after the others; ~20 s each)")
     ap.add_argument("--e2e-graphs", nargs="*", default=["layer_emb", "attention"],
                     help="probers to run end to end also with cuda_graphs.enabled=true (after the plain ones)")
+    ap.add_argument("--e2e-switch", nargs="*", default=[],
+                    help="probers to run end to end also with CUDA graphs and sys.setswitchinterval(--switch-interval) "
+                         "(after the others; does the GIL starve the pin thread while the host issues a step?)")
+    ap.add_argument("--switch-interval", type=float, nargs="+", default=[0.0002],
+                    help="seconds (Python's default: 0.005); one --e2e-switch run per value and prober")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false",
                     help="leave out the in-memory rows with CUDA graphs")
     ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: memory loader e2e")
