@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import shutil
 import statistics
 import sys
 import tempfile
@@ -180,9 +181,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.batch, args.step_ms, args.batches, args.repeats = 400, 64, [4.0], 30, 2
+    tmp = Path(tempfile.mkdtemp(prefix="gil-"))
+    try:
+        return run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, tmp: Path) -> int:
     from value_pl.datasets.demo import build_demo
 
-    tmp = Path(tempfile.mkdtemp(prefix="gil-"))
     root = Path(args.root) if args.root else tmp / "shards"
     if not (root / "manifest.json").exists():
         build_demo(root, splits={"train": args.images, "val": 8, "test": 8}, num_regions=36, feature_dim=2048)
