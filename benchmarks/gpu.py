@@ -567,7 +567,7 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-plain", nargs="*", default=[],
                     help="probers to run end to end also with data.epoch_ahead=false (after the others; ~20 s each)")
     ap.add_argument("--e2e-graphs", nargs="*", default=["layer_emb", "attention"],
-                    help="probers to run end to end also with cuda_graphs.enabled=true (after the plain ones)")
+                    help="probers to run end to end also with the CUDA graphs (the default on one GPU; after the plain ones)")
     ap.add_argument("--e2e-switch", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and sys.setswitchinterval(--switch-interval) "
                          "(after the others; does the GIL starve the pin thread while the host issues a step?)")
