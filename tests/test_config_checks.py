@@ -191,7 +191,8 @@ BAD_RUN = [
     ("control=yes", "control"), ("logger.name=tensorboard", "logger.name"), ("logger.mode=on", "logger.mode"),
     ("task.kind=sentence", "task.kind=sentence contradicts task=vrc"), ("control_seed=-1", "control_seed"),
     ("data.splits=train", "data.splits"), ("mdl=true ckpt_path=/x/last.ckpt", "ckpt_path"),
-    ("geometry_baseline=yes", "geometry_baseline"),
+    ("geometry_baseline=yes", "geometry_baseline"), ("data.register_buffers=maybe", "data.register_buffers"),
+    ("data.register_buffers=null", "data.register_buffers"), ("data.register_buffers=2", "data.register_buffers"),
 ]
 BAD_SENTEVAL = [("prober.dropout=1.0", "prober.dropout"), ("prober.grid.nhid=[50,-1]", "prober.grid.nhid"),
                 ("prober.grid.l2=[]", "prober.grid.l2"), ("prober.lr=0", "prober.lr"),

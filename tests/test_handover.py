@@ -64,7 +64,10 @@ def test_a_ring_buffer_is_reused_only_after_its_batch_was_copied_out():
     fb = crossed(ring.ref(b))
     c = ring.tensor((2, 3), torch.float16)  # both busy, at the cap: a one-off segment, not a busy buffer
     assert ring.fallbacks == 1 and c.data_ptr() not in (a.data_ptr(), b.data_ptr())
-    assert ring.ref(c) is None  # crosses as an ordinary tensor
+    c.fill_(4)
+    fc = crossed(ring.ref(c))  # crosses as an ordinary tensor, counted by the main process
+    assert type(fc) is torch.Tensor and fc.is_shared() and torch.equal(fc, torch.full((2, 3), 4, dtype=torch.float16))
+    assert handover.pinning.stats(["unit"])["fallback_batches"] == 1
     assert torch.equal(fa.copy_out(torch.clone), torch.ones(2, 3, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="already copied out"):
         fa.copy_out(torch.clone)
@@ -269,3 +272,82 @@ def test_more_workers_than_half_the_cores_is_warned_about_on_a_gpu_run(shards, m
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         dm.loader("train", train=True)
+
+
+def test_lent_buffers_with_real_workers_are_reused_only_after_their_copy(shards, monkeypatch):
+    """data.register_buffers with two real workers (as on a GPU: pinned training batches, the pin thread's call made
+    here), a consumer slower than the workers and copies that complete one transfer late: every batch's features
+    are the in-process ones and stay untouched until their copy completes; every buffer is registered once, and
+    freed and unregistered when the loader is gone."""
+    from test_pinning import META, use_fake_cuda
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from value_pl.data import datamodule, pinning, resources
+
+    root, collate = shards
+    fake = use_fake_cuda(monkeypatch)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, device=None: self.clone())  # no accelerator here
+    monkeypatch.setattr(datamodule.torch.cuda, "is_available", lambda: True)  # the loader decides to pin
+    monkeypatch.setattr(resources, "available_cores", lambda: 64)
+    monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": 10 ** 12)
+    want = {}
+    for (epoch, keys), b in _batches(root, collate, 0, 0, stage="train").items():
+        for i, k in enumerate(keys):
+            want[(epoch, k)] = b["region_feats"][i]
+    dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=True, prefetch_factor=2,
+                         register_buffers=True)
+    dm.collate = collate
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: pin_memory set but no accelerator
+        dl = dm.loader("train", train=True)
+        assert dl.dataset.ring_buffers == 2 + 2 + pinning.extra_buffers(2)
+        rng, in_flight, batches, lent = random.Random(0), [], 0, 0
+        for epoch in range(2):
+            for b in dl:
+                b = pin_memory(b)  # the DataLoader's pin thread, on a GPU
+                feats = b["region_feats"]
+                lent += fake.covers(feats)
+                time.sleep(rng.uniform(0, 0.02))  # the workers run ahead
+                pinning.to_device(b, META)  # releases the copies completed since the last call
+                if fake.covers(feats):
+                    in_flight.append((fake.events[-1], feats, feats.clone()))
+                for ev, view, seen in in_flight[:-1]:  # copies complete one transfer late: until then, untouched
+                    assert torch.equal(view, seen)
+                    ev.done = True
+                in_flight = in_flight[-1:]
+                for i, k in enumerate(b["keys"]):
+                    r = int(b["region_mask"][i].sum())
+                    assert torch.equal(feats[i, :r], want.pop((epoch, k))[:r]), (epoch, k)
+                batches += 1
+                del b, feats
+    assert not want and lent > 0
+    assert not fake.events[-1].done and len(fake.events) == lent
+    dm.teardown("fit")  # waits for the queued copies (the last one still running) and frees their buffers
+    assert fake.synced >= 1 and all(e.done for e in fake.events) and not pinning._PENDING
+    s = dm.buffer_stats()
+    assert s["register"] and s["zero_copy_batches"] == lent and s["zero_copy_batches"] + s["fallback_batches"] == batches
+    assert s["copy_path_batches"] == 0 and 0 < s["registered_buffers"] <= 2 * dl.dataset.ring_buffers
+    assert len([c for c in fake.calls if c[0] == "register"]) == s["registered_buffers"]  # once per buffer
+    del dl, dm, in_flight
+    gc.collect()
+    assert not fake.registered  # unregistered with the loader's ring, before its buffers were unmapped
+
+
+def test_register_buffers_off_registers_nothing(shards, monkeypatch):
+    from test_pinning import use_fake_cuda
+
+    from value_pl.data import datamodule, pinning, resources
+
+    root, collate = shards
+    fake = use_fake_cuda(monkeypatch)
+    monkeypatch.setattr(datamodule.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(resources, "available_cores", lambda: 64)
+    dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=True)
+    dm.collate = collate
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dl = dm.loader("train", train=True)
+        assert dl.dataset.ring_buffers == dm.prefetch_factor + 2 and dl.dataset.ring_token not in pinning._WANT
+        assert dm.loader("val", train=False).dataset.ring_buffers == 0
+    assert dm.buffer_stats() is None  # not used yet
+    assert not fake.calls

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from . import pinning
 from .resources import check_cores, shm_free
 from .schema import decode_sample, load_manifest
 from .stream import ShardStream, count_samples, no_collate, worker_init
@@ -37,7 +38,8 @@ class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, shuffle_buffer: int = 256,
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
-                 prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool | None = None):
+                 prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool | None = None,
+                 register_buffers: bool = False):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -55,6 +57,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory  # None: when a CUDA device is used
         self.prefetch_factor = int(prefetch_factor)
         self.reuse_buffers = bool(reuse_buffers)
+        self.register_buffers = bool(register_buffers)  # page-lock the reused buffers (value_pl.data.pinning)
+        self._ring_tokens: list[str] = []  # the training loaders' rings: their counts are the run's (buffer_stats)
         self.epoch_ahead = epoch_ahead  # None: when the model runs on an accelerator (:meth:`_ahead`)
         self._counts: dict[str, list[int]] = {}
         self._train_shm = 0  # bytes the training loader may hold in /dev/shm (check_shared_memory)
@@ -93,7 +97,7 @@ class ShardDataModule(pl.LightningDataModule):
         return int(self.split_entry(stage)["samples"])
 
     def stream(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
-               start_epoch: int = 0, ring_buffers: int = 0) -> ShardStream:
+               start_epoch: int = 0, ring_buffers: int = 0, register_buffers: bool = False) -> ShardStream:
         collate = collate or self.collate
         if collate is None:
             raise RuntimeError("ShardDataModule.collate is not set (the backbone's collator)")
@@ -101,7 +105,8 @@ class ShardDataModule(pl.LightningDataModule):
                            batch_size or (self.batch_size if train else self.eval_batch_size), train=train,
                            seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
                            start_epoch=start_epoch, transform=self.transform,
-                           cap_batches=self.train_batches if train else None, ring_buffers=ring_buffers)
+                           cap_batches=self.train_batches if train else None, ring_buffers=ring_buffers,
+                           register_buffers=register_buffers)
 
     def _pin(self) -> bool:
         if self.pin_memory is not None:
@@ -121,7 +126,11 @@ class ShardDataModule(pl.LightningDataModule):
         # pinned training batches: the pin thread copies features out of reused worker buffers (value_pl.data.handover);
         # eval loaders keep one-off segments, so their buffers do not stay resident in /dev/shm while training runs
         ring = self.prefetch_factor + 2 if (pin and train and workers > 0 and self.reuse_buffers) else 0
-        ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring)
+        register = bool(ring) and self.register_buffers  # then held until copied to the GPU: more per worker
+        ring += pinning.extra_buffers(workers) if register else 0
+        ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring,
+                         register_buffers=register)
+        self._ring_tokens += [ds.ring_token] if ds.ring_token else []  # (training loaders only have rings)
         nb = len(ds)
         if workers > 1 and nb < workers:
             log.info("%s: split %s gives %d batch(es) per rank: %d of the %d loader worker(s) stay idle",
@@ -248,6 +257,11 @@ class ShardDataModule(pl.LightningDataModule):
                 loader.shutdown()  # a run started ahead that nobody will read
         self._loaders.clear()
         self._train_shm = 0
+        pinning.release(set(self._ring_tokens))  # lent buffers whose copies were queued: waited for and freed
+
+    def buffer_stats(self) -> dict | None:
+        """The training loaders' reused buffers' counts (:func:`value_pl.data.pinning.stats`; None: none used)."""
+        return pinning.stats(self._ring_tokens)
 
     def on_exception(self, exception: BaseException) -> None:
         self.teardown("exception")  # Lightning calls only this on the way out of a failed run

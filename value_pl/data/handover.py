@@ -17,8 +17,12 @@ Here:
   batches name only (ring, worker, buffer). Pinning copies the features out of the buffer
   (:meth:`RingFeatures.pin_memory`, called by the DataLoader's pin thread) and then marks the buffer free in
   its header; a worker writes only into a free buffer, and when none is free (the main process is behind) it
-  allocates a new one, up to ``prefetch_factor + 2`` per worker, then falls back to a one-off segment. A
-  buffer is never written while the main process may still read it.
+  allocates a new one, up to ``prefetch_factor + 2`` per worker, then falls back to a one-off segment (counted
+  in the main process: :func:`value_pl.data.pinning.stats`). A buffer is never written while the main process
+  may still read it.
+* With ``data.register_buffers=true`` the main process page-locks each buffer with CUDA once, and pinning lends
+  the buffer's view instead of copying it; the buffer is freed once the copy to the GPU has completed
+  (:mod:`value_pl.data.pinning`).
 * Without pinning (CPU training) the features tensor is the model's input, so it gets a fresh segment per
   batch as before; so do evaluation batches (a ring per eval loader would stay resident in ``/dev/shm`` all run).
 
@@ -35,6 +39,9 @@ import weakref
 import numpy as np
 import torch
 
+from . import pinning
+from .pinning import fence as _fence
+
 #: tensors up to this size are pickled by value (one copy into the message) instead of one segment each
 INLINE_BYTES = 1 << 20
 _HEADER = 64  # bytes before a ring buffer's payload; int64 at 0: 1 while the main process may read it
@@ -46,18 +53,6 @@ _OPEN: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
 _OPEN_LOCK = threading.Lock()
 # a loader worker: the ring it writes into (one per dataset, set by ShardStream in the worker)
 _ACTIVE: Ring | None = None
-_tls = threading.local()
-
-
-def _fence() -> None:
-    """A full memory barrier between the payload copy and the flag write (release then acquire of a held lock);
-    x86 keeps that order anyway, weaker memory models (ARM) need it."""
-    lock = getattr(_tls, "lock", None)
-    if lock is None:
-        lock = _tls.lock = threading.Lock()
-        lock.acquire()
-    lock.release()
-    lock.acquire()
 
 
 class Ring:
@@ -71,6 +66,7 @@ class Ring:
         self.retired: list[int] = []  # indices the main process should forget (next message says so)
         self.by_ptr: dict[int, int] = {}  # payload data_ptr -> index
         self.fallbacks = 0  # batches that got a one-off segment (no free buffer)
+        self.fallback_ptrs: set[int] = set()  # their data_ptrs, until they are sent (counted by the main process)
         # tensor() runs in the worker's main thread, ref() in its queue's feeder thread (pickling)
         self.lock = threading.Lock()
 
@@ -95,7 +91,9 @@ class Ring:
         if i is None or self.buffers[i] is None:
             if len([b for b in self.buffers if b is not None]) >= self.max_buffers:
                 self.fallbacks += 1
-                return _shared(shape, dtype)
+                t = _shared(shape, dtype)
+                self.fallback_ptrs.add(t.data_ptr())
+                return t
             size = _HEADER + nbytes + nbytes // 4  # headroom for batches with more regions
             buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size), 0, (size,))
             if i is None:
@@ -109,9 +107,12 @@ class Ring:
         _fence()
         return self.buffers[i][_HEADER:_HEADER + nbytes].view(dtype).view(shape)
 
-    def ref(self, t: torch.Tensor) -> _RingRef | None:
+    def ref(self, t: torch.Tensor) -> _RingRef | _Fallback | None:
         with self.lock:
             i = self.by_ptr.get(t.data_ptr())
+            if i is None and t.data_ptr() in self.fallback_ptrs:
+                self.fallback_ptrs.discard(t.data_ptr())
+                return _Fallback(self.token, t)
             if i is None or not t.is_contiguous():
                 return None
             first = i not in self.sent
@@ -148,26 +149,33 @@ def activate(token: str | None, max_buffers: int) -> Ring | None:
 
 
 def forget(token: str) -> None:
-    """Main process: drop the buffers of a ring (its loader is gone), unmapping them."""
+    """Main process: drop the buffers of a ring (its loader is gone), unmapping them (page-locked ones are
+    unregistered first, once the copies reading them are done: :func:`value_pl.data.pinning.forget`)."""
     with _OPEN_LOCK:
-        _OPEN.pop(token, None)
+        bufs = _OPEN.pop(token, None)
+    pinning.forget(token, list((bufs or {}).values()))
 
 
-def new_token(owner) -> str:
-    """A ring token for ``owner`` (a dataset in the main process); its buffers are forgotten with it."""
+def new_token(owner, register: bool = False) -> str:
+    """A ring token for ``owner`` (a dataset in the main process); its buffers are forgotten with it.
+    ``register``: page-lock its buffers with CUDA and lend them to the transfer (``data.register_buffers``)."""
     token = uuid.uuid4().hex
+    if register:
+        pinning.want(token)
     weakref.finalize(owner, forget, token)
     return token
 
 
 class RingFeatures:
     """Main process: a batch's features inside a worker's ring buffer. The DataLoader's pin thread calls
-    :meth:`pin_memory`, which copies them out and frees the buffer; nothing else may hold this object."""
+    :meth:`pin_memory`, which copies them out and frees the buffer -- or, when the buffer is page-locked
+    (``data.register_buffers``), lends the buffer's view itself, freed after the copy to the GPU
+    (:mod:`value_pl.data.pinning`); nothing else may hold this object."""
 
-    __slots__ = ("flag", "view")
+    __slots__ = ("base", "flag", "token", "view")
 
-    def __init__(self, view: torch.Tensor, flag: torch.Tensor):
-        self.view, self.flag = view, flag
+    def __init__(self, view: torch.Tensor, flag: torch.Tensor, token: str = "", base: int = 0):
+        self.view, self.flag, self.token, self.base = view, flag, token, base
 
     def copy_out(self, copy) -> torch.Tensor:
         if self.flag is None:
@@ -179,6 +187,10 @@ class RingFeatures:
         return out
 
     def pin_memory(self, device=None) -> torch.Tensor:
+        if self.flag is not None and pinning.is_registered(self.base):
+            view, flag, self.view, self.flag = self.view, self.flag, None, None
+            return pinning.lend(view, flag, self.token)
+        pinning.count(self.token, "copy_path_batches")
         return self.copy_out(torch.Tensor.pin_memory)
 
     def __del__(self):
@@ -203,17 +215,38 @@ class _RingRef:
 def _open_ring_features(token, pid, index, buffer, shape, dtype, retired) -> RingFeatures:
     with _OPEN_LOCK:
         bufs = _OPEN.setdefault(token, {})
-        for i in retired:
-            bufs.pop((pid, i), None)
+        for i in retired:  # free (so released, no copy reads it): unregistered before it is unmapped
+            old = bufs.pop((pid, i), None)
+            if old is not None:
+                pinning.unregister(old)
         if buffer is not None:
             bufs[(pid, index)] = buffer
+            pinning.register(token, buffer)  # once per buffer, if its ring asks for it
         buf = bufs.get((pid, index))
     if buf is None:
         raise RuntimeError(f"batch features name ring buffer {index} of loader worker {pid}, which this process "
                            "was never sent (or has forgotten): a message from that worker was lost")
     dt = getattr(torch, dtype)
     n = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
-    return RingFeatures(buf[_HEADER:_HEADER + n].view(dt).view(shape), buf[:8].view(torch.int64))
+    return RingFeatures(buf[_HEADER:_HEADER + n].view(dt).view(shape), buf[:8].view(torch.int64), token,
+                        buf.data_ptr())
+
+
+class _Fallback:
+    """A batch's features in a one-off segment (its worker had no free buffer): crosses as the tensor, counted."""
+
+    __slots__ = ("tensor", "token")
+
+    def __init__(self, token: str, tensor: torch.Tensor):
+        self.token, self.tensor = token, tensor
+
+    def __reduce__(self):
+        return _fallback_features, (self.token, self.tensor)
+
+
+def _fallback_features(token: str, tensor: torch.Tensor) -> torch.Tensor:
+    pinning.count(token, "fallback_batches")
+    return tensor
 
 
 class _Inline:

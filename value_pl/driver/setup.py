@@ -71,7 +71,8 @@ def make_datamodule(cfg: DictConfig) -> ShardDataModule:
                            decode=decode, pin_memory=d.get("pin_memory"),
                            prefetch_factor=int(d.get("prefetch_factor") or 4),
                            reuse_buffers=bool(d.get("reuse_buffers", True)),
-                           epoch_ahead=d.get("epoch_ahead"))
+                           epoch_ahead=d.get("epoch_ahead"),
+                           register_buffers=bool(d.get("register_buffers", False)))
 
 
 def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:

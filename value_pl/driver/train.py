@@ -49,6 +49,11 @@ def train(cfg: DictConfig) -> dict | None:
         throughput["cuda_graphs"] = module.graphs.stats()
         if is_rank_zero(trainer):
             print(f"[value-pl] cuda graphs: {throughput['cuda_graphs']}")
+    buffers = dm.buffer_stats()
+    if buffers is not None:  # pinned training batches through reused buffers (data.register_buffers: page-locked)
+        throughput["ring_buffers"] = buffers
+        if is_rank_zero(trainer):
+            print(f"[value-pl] loader buffers: {buffers}")
     if is_rank_zero(trainer):
         res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1), "throughput": throughput,
                                              "training": training_record(cfg, trainer.world_size),

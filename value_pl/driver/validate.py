@@ -70,6 +70,7 @@ def check_data(cfg) -> None:
     for k in ("data.pin_memory", "data.epoch_ahead"):
         flag(cfg, k, null=True)
     flag(cfg, "data.reuse_buffers")
+    flag(cfg, "data.register_buffers")
     splits = value(cfg, "data.splits", None)
     if splits is not None:
         if not isinstance(splits, dict) or not all(isinstance(s, str) and s for s in splits.values()):
