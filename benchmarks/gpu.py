@@ -15,7 +15,11 @@ Rows, all in one run on one card:
 2. the loader alone on real-width shards (``python -m value_pl.datasets.demo`` sizes: 36 regions x 2048-d fp16 per
    image, ~12-word captions, 6 vrc pairs): samples/s with N workers and per worker, over epochs 2..``--loader-epochs``
    of persistent workers (each timed from its first batch; the first epoch, when every reused buffer is new to the
-   main process, and each epoch's wait for its first batch are reported apart);
+   main process, and each epoch's wait for its first batch are reported apart); and at the first worker count,
+   each batch also moved to the device through the training's transfer (``value_pl.data.pinning.to_device``), with
+   the pin thread's copy (the default) and with ``data.register_buffers=true`` (the buffers page-locked and lent
+   to the copy): the main process's CPU per batch of each (its own thread and the pin thread) and the buffer counts
+   (``--no-loader-registered`` leaves these two rows out);
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
    runs) on those shards, batch 256, ``--epochs`` epochs validated after the last (``--val-every``), so that the
    training epochs run back to back as the parts of a long epoch would: samples/s over epochs 2..N (wall time from
@@ -25,7 +29,8 @@ Rows, all in one run on one card:
    (``--e2e-graphs``) and with them off (``--e2e-probers``); and, for the probers named by ``--e2e-switch``, with the
    CUDA graphs and the GIL's switch interval lowered from Python's 5 ms to ``--switch-interval``: whether the pin
    thread, starved of the GIL while the host issues a step, is what the main thread waits for (the CPU proxy:
-   ``benchmarks/gil_handover.py``).
+   ``benchmarks/gil_handover.py``); for the probers named by ``--e2e-registered``, with the CUDA graphs and
+   ``data.register_buffers=true`` (each run's buffer counts: ``ring_buffers`` in the JSON).
 
 Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
 ``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
@@ -395,14 +400,21 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
     from value_pl.backbones.uniter import build_uniter
     from value_pl.data.collate import TaskSpec
     from value_pl.data.datamodule import ShardDataModule
+    from value_pl.data.pinning import to_device
 
     bb = build_uniter(OmegaConf.create({"pretrained": False, "tokenizer": tok, "seed": 0,
                                         "config": model_config(Path(tempfile.mkdtemp()), 1, 64, 2)}), img_dim=2048)
+    dev = torch.device(args.device)
     out = []
-    for workers in args.workers:
-        # pinned on a GPU, as training gets them (the pin thread copies features out of the workers' reused buffers)
+    # (workers, data.register_buffers, batches moved to the device): the loader alone at each count; then, at the
+    # first, moved to the device as training moves them, with the pin thread's copy and with lent buffers
+    runs = [(w, False, False) for w in args.workers]
+    runs += [(args.workers[0], False, True), (args.workers[0], True, True)] if args.loader_registered else []
+    for workers, register, move in runs:
+        # pinned on a GPU, as training gets them (the pin thread copies features out of the workers' reused buffers,
+        # or lends them, page-locked, when register)
         dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=workers, shuffle_buffer=1000, pin_memory=None,
-                             prefetch_factor=prefetch_for(workers, args.e2e_batch))
+                             prefetch_factor=prefetch_for(workers, args.e2e_batch), register_buffers=register)
         dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
         loader = dm.loader("train", True)
         epochs = []  # (samples, samples timed, seconds, main-process CPU seconds, batches timed, first wait)
@@ -410,28 +422,40 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
             t0 = time.perf_counter()
             it = iter(loader)
             first = next(it)
+            if move:
+                first = to_device(first, dev)
             # timed from each epoch's first batch on: the flow, as in an epoch of a real split (hundreds of
             # batches), not the wait for the first batch, which is reported apart
             t, c, n, nb = time.perf_counter(), time.process_time(), 0, 0
             for b in it:
+                if move:  # the copy to the device, then the lent buffer's release (the next call's)
+                    b = to_device(b, dev)
                 n += len(b["keys"])
                 nb += 1
-            epochs.append((n + len(first["keys"]), n, time.perf_counter() - t, time.process_time() - c, nb, t - t0))
+            n_first, b, first = len(first["keys"]), None, None  # lent buffers: freed once copied or collected
+            if move and dev.type == "cuda":
+                torch.cuda.synchronize()  # the epoch's copies done
+            epochs.append((n + n_first, n, time.perf_counter() - t, time.process_time() - c, nb, t - t0))
         steady = epochs[1:] or epochs  # the later epochs: every reused buffer already mapped
         n, dt = sum(x[1] for x in steady), sum(x[2] for x in steady)
         main_ms = 1e3 * sum(x[3] for x in steady) / max(sum(x[4] for x in steady), 1)  # this process + pin thread
         sps = n / dt
         first_sps = epochs[0][1] / epochs[0][2]
         waits = [round(1e3 * x[5]) for x in epochs]
+        dm.teardown("fit")  # lent buffers: the last copies waited for and the buffers freed
+        buffers = dm.buffer_stats()
+        how = (f", moved to {dev.type}" + (", data.register_buffers=true" if register else ", pin-thread copy")
+               if move else "")
         out.append({"workers": workers, "samples_per_s": sps, "per_worker": sps / max(workers, 1),
                     "first_epoch_samples_per_s": first_sps, "epochs": len(epochs),
                     "epoch_samples": [x[0] for x in epochs], "main_process_ms_per_batch": main_ms,
-                    "first_batch_wait_ms": waits, "pinned": bool(loader.pin_memory)})
+                    "first_batch_wait_ms": waits, "pinned": bool(loader.pin_memory), "moved_to_device": move,
+                    "register_buffers": register, "ring_buffers": buffers})
         span = f"epochs 2-{len(epochs)}" if len(epochs) > 1 else "one epoch"
-        print(f"# loader, {workers} worker(s): {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker) over "
-              f"{span} (first epoch {first_sps:,.0f}), main process {main_ms:.1f} ms CPU per batch"
+        print(f"# loader, {workers} worker(s){how}: {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker) "
+              f"over {span} (first epoch {first_sps:,.0f}), main process {main_ms:.1f} ms CPU per batch"
               f"{' (pinned)' if loader.pin_memory else ''}; wait for each epoch's first batch {waits} ms, samples "
-              f"per epoch {[x[0] for x in epochs]}", flush=True)
+              f"per epoch {[x[0] for x in epochs]}" + (f"; buffers {buffers}" if move else ""), flush=True)
         del it, loader
     return out
 
@@ -457,13 +481,14 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     out = [] if out is None else out
     counts = args.e2e_workers or args.workers[:1]
     # graphs off and data.epoch_ahead=false only at the first worker count; the default set-up at every count
-    runs = ([(p, True, False, counts[0], None) for p in args.e2e_probers]
-            + [(p, True, True, w, None) for w in counts for p in args.e2e_graphs]
-            + [(p, False, False, counts[0], None) for p in args.e2e_plain]
-            + [(p, True, True, counts[0], s) for p in args.e2e_switch for s in args.switch_interval])
-    for prober, ahead, graphs, workers, switch in runs:
+    runs = ([(p, True, False, counts[0], None, False) for p in args.e2e_probers]
+            + [(p, True, True, w, None, False) for w in counts for p in args.e2e_graphs]
+            + [(p, False, False, counts[0], None, False) for p in args.e2e_plain]
+            + [(p, True, True, counts[0], s, False) for p in args.e2e_switch for s in args.switch_interval]
+            + [(p, True, True, counts[0], None, True) for p in args.e2e_registered])
+    for prober, ahead, graphs, workers, switch, register in runs:
         run = tmp / (f"run-{prober}-{workers}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
-                     + (f"-switch{switch:g}" if switch else ""))
+                     + (f"-switch{switch:g}" if switch else "") + ("-registered" if register else ""))
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
               f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={workers}", "logger=none",
               f"data.prefetch_factor={prefetch_for(workers, 2 * args.e2e_batch)}",
@@ -473,9 +498,11 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
               "backbone.img_dim=2048"] + ([] if ahead else ["data.epoch_ahead=false"])  # default: on on a GPU
         # graphs: the default (cuda_graphs.enabled=null: on when the model runs on a CUDA device); else forced off
         ov += [] if graphs else ["cuda_graphs.enabled=false"]
+        ov += ["data.register_buffers=true"] if register else []
         ov += [f"+trainer.check_val_every_n_epoch={args.val_every or args.epochs}"]
         name = (prober + ("" if ahead else ", data.epoch_ahead=false") + (", CUDA graphs" if graphs else "")
-                + f", {workers} workers" + (f", switch interval {1e3 * switch:g} ms" if switch else ""))
+                + f", {workers} workers" + (f", switch interval {1e3 * switch:g} ms" if switch else "")
+                + (", data.register_buffers=true" if register else ""))
         default = sys.getswitchinterval()
         try:
             with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -504,12 +531,13 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
                     "gpu_util_source": source, "gpu_util_both": both, "window_s": end - start, "steady_epochs": len(steady),
                     "last_epoch": res["throughput"]["train"], "samples_seen": res["samples_seen"]["train"],
                     "cuda_graphs": res["throughput"].get("cuda_graphs"), "epochs": eps,
-                    "switch_interval_s": switch or default,
+                    "switch_interval_s": switch or default, "ring_buffers": res["throughput"].get("ring_buffers"),
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
         print(f"# e2e {name}: {sps:,.0f} samples/s over epochs 2-{len(eps)} ({end - start:.1f} s; per epoch "
               f"{[round(x['samples_per_s']) for x in eps]}), waiting for data {100 * wait:.0f}%, GPU busy {busy:.0f}% "
               f"(NVML: {source}; {both}), samples per epoch {res['samples_seen']['train']}, cuda graphs "
-              f"{res['throughput'].get('cuda_graphs')}", flush=True)
+              f"{res['throughput'].get('cuda_graphs')}"
+              + (f", buffers {res['throughput'].get('ring_buffers')}" if register else ""), flush=True)
         done()
     return out
 
@@ -571,6 +599,11 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-switch", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and sys.setswitchinterval(--switch-interval) "
                          "(after the others; does the GIL starve the pin thread while the host issues a step?)")
+    ap.add_argument("--e2e-registered", nargs="*", default=[],
+                    help="probers to run end to end also with CUDA graphs and data.register_buffers=true (loader "
+                         "buffers page-locked and lent to the copy to the GPU; after the others)")
+    ap.add_argument("--no-loader-registered", dest="loader_registered", action="store_false",
+                    help="leave out the loader rows that move batches to the device (pin-thread copy, registered)")
     ap.add_argument("--switch-interval", type=float, nargs="+", default=[0.0002],
                     help="seconds (Python's default: 0.005); one --e2e-switch run per value and prober")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false",
