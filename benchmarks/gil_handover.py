@@ -134,6 +134,7 @@ def pin_thread(loader, q: queue.Queue, stop: threading.Event) -> None:
 
 
 def window(q: queue.Queue, n: int, every: int, batches: int, interval: float, busy_s: float) -> dict:
+    before = sys.getswitchinterval()
     sys.setswitchinterval(interval)
     while not q.full():  # the pin thread idle (blocked on the full queue): the step alone
         time.sleep(0.05)
@@ -157,7 +158,7 @@ def window(q: queue.Queue, n: int, every: int, batches: int, interval: float, bu
         while not q.empty():
             got += len(q.get()["keys"])
     busy = got / (time.perf_counter() - t0) if n else samples / dt
-    sys.setswitchinterval(0.005)
+    sys.setswitchinterval(before)
     return {"samples_per_s": samples / dt, "wait_frac": wait / dt, "step_ms": 1e3 * step / batches,
             "alone_ms": 1e3 * alone, "busy_samples_per_s": busy}
 
