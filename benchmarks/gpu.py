@@ -17,20 +17,23 @@ Rows, all in one run on one card:
    of persistent workers (each timed from its first batch; the first epoch, when every reused buffer is new to the
    main process, and each epoch's wait for its first batch are reported apart); and at the first worker count,
    each batch also moved to the device through the training's transfer (``value_pl.data.pinning.to_device``), with
-   the pin thread's copy (the default) and with ``data.register_buffers=true`` (the buffers page-locked and lent
-   to the copy): the main process's CPU per batch of each (its own thread and the pin thread) and the buffer counts
-   (``--no-loader-registered`` leaves these two rows out);
+   the pin thread's copy (the default: split across ``data.pin_threads=null`` threads, value_pl.data.pincopy), with
+   that copy in one thread (``data.pin_threads=1``, as before) and with ``data.register_buffers=true`` (the buffers
+   page-locked and lent to the copy): the main process's CPU per batch of each (its own thread, the pin thread and
+   its copy threads) and the buffer counts (``--no-loader-registered`` leaves these three rows out);
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
    runs) on those shards, batch 256, ``--epochs`` epochs validated after the last (``--val-every``), so that the
    training epochs run back to back as the parts of a long epoch would: samples/s over epochs 2..N (wall time from
-   the second epoch's start to the last one's end), the share of time waiting for data, and the GPU's utilisation
-   over that window (NVML: the driver's timestamped samples), against the bare forward at the same batch size and
-   sequence length (goal >= 0.7x); with the CUDA graphs of the default ``cuda_graphs.enabled=null``
+   the second epoch's start to the last one's end; also without the last epoch, at whose last batch the validation
+   loader's workers are first forked: ``worker_start_s`` and the main process's peak RSS say what that took), the
+   share of time waiting for data, and the GPU's utilisation over that window (NVML: the driver's timestamped
+   samples), against the bare forward at the same batch size and sequence length (goal >= 0.7x); with the CUDA graphs of the default ``cuda_graphs.enabled=null``
    (``--e2e-graphs``) and with them off (``--e2e-probers``); and, for the probers named by ``--e2e-switch``, with the
    CUDA graphs and the GIL's switch interval lowered from Python's 5 ms to ``--switch-interval``: whether the pin
    thread, starved of the GIL while the host issues a step, is what the main thread waits for (the CPU proxy:
    ``benchmarks/gil_handover.py``); for the probers named by ``--e2e-registered``, with the CUDA graphs and
-   ``data.register_buffers=true`` (each run's buffer counts: ``ring_buffers`` in the JSON).
+   ``data.register_buffers=true``; for the probers named by ``--e2e-one-copy-thread``, with the CUDA graphs and
+   ``data.pin_threads=1`` (each run's buffer counts and copy threads: ``ring_buffers`` in the JSON).
 
 Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
 ``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
@@ -41,6 +44,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -408,13 +412,16 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
     out = []
     # (workers, data.register_buffers, batches moved to the device): the loader alone at each count; then, at the
     # first, moved to the device as training moves them, with the pin thread's copy and with lent buffers
-    runs = [(w, False, False) for w in args.workers]
-    runs += [(args.workers[0], False, True), (args.workers[0], True, True)] if args.loader_registered else []
-    for workers, register, move in runs:
+    # (workers, register_buffers, moved, pin_threads: None = the default, a quarter of the cores, 1-4)
+    runs = [(w, False, False, None) for w in args.workers]
+    runs += [(args.workers[0], False, True, None), (args.workers[0], False, True, 1),
+             (args.workers[0], True, True, None)] if args.loader_registered else []
+    for workers, register, move, threads in runs:
         # pinned on a GPU, as training gets them (the pin thread copies features out of the workers' reused buffers,
         # or lends them, page-locked, when register)
         dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=workers, shuffle_buffer=1000, pin_memory=None,
-                             prefetch_factor=prefetch_for(workers, args.e2e_batch), register_buffers=register)
+                             prefetch_factor=prefetch_for(workers, args.e2e_batch), register_buffers=register,
+                             pin_threads=threads)
         dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
         loader = dm.loader("train", True)
         epochs = []  # (samples, samples timed, seconds, main-process CPU seconds, batches timed, first wait)
@@ -444,13 +451,15 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
         waits = [round(1e3 * x[5]) for x in epochs]
         dm.teardown("fit")  # lent buffers: the last copies waited for and the buffers freed
         buffers = dm.buffer_stats()
-        how = (f", moved to {dev.type}" + (", data.register_buffers=true" if register else ", pin-thread copy")
+        how = (f", moved to {dev.type}" + (", data.register_buffers=true" if register else
+                                           f", pin-thread copy in {(buffers or {}).get('copy_threads') or threads or 'default'} "
+                                           "thread(s)")
                if move else "")
         out.append({"workers": workers, "samples_per_s": sps, "per_worker": sps / max(workers, 1),
                     "first_epoch_samples_per_s": first_sps, "epochs": len(epochs),
                     "epoch_samples": [x[0] for x in epochs], "main_process_ms_per_batch": main_ms,
                     "first_batch_wait_ms": waits, "pinned": bool(loader.pin_memory), "moved_to_device": move,
-                    "register_buffers": register, "ring_buffers": buffers})
+                    "register_buffers": register, "pin_threads": threads, "ring_buffers": buffers})
         span = f"epochs 2-{len(epochs)}" if len(epochs) > 1 else "one epoch"
         print(f"# loader, {workers} worker(s){how}: {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker) "
               f"over {span} (first epoch {first_sps:,.0f}), main process {main_ms:.1f} ms CPU per batch"
@@ -481,14 +490,17 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     out = [] if out is None else out
     counts = args.e2e_workers or args.workers[:1]
     # graphs off and data.epoch_ahead=false only at the first worker count; the default set-up at every count
-    runs = ([(p, True, False, counts[0], None, False) for p in args.e2e_probers]
-            + [(p, True, True, w, None, False) for w in counts for p in args.e2e_graphs]
-            + [(p, False, False, counts[0], None, False) for p in args.e2e_plain]
-            + [(p, True, True, counts[0], s, False) for p in args.e2e_switch for s in args.switch_interval]
-            + [(p, True, True, counts[0], None, True) for p in args.e2e_registered])
-    for prober, ahead, graphs, workers, switch, register in runs:
+    # (prober, epoch_ahead, graphs, workers, switch interval, register_buffers, pin_threads: None = the default)
+    runs = ([(p, True, False, counts[0], None, False, None) for p in args.e2e_probers]
+            + [(p, True, True, w, None, False, None) for w in counts for p in args.e2e_graphs]
+            + [(p, False, False, counts[0], None, False, None) for p in args.e2e_plain]
+            + [(p, True, True, counts[0], s, False, None) for p in args.e2e_switch for s in args.switch_interval]
+            + [(p, True, True, counts[0], None, True, None) for p in args.e2e_registered]
+            + [(p, True, True, counts[0], None, False, 1) for p in args.e2e_one_copy_thread])
+    for prober, ahead, graphs, workers, switch, register, threads in runs:
         run = tmp / (f"run-{prober}-{workers}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
-                     + (f"-switch{switch:g}" if switch else "") + ("-registered" if register else ""))
+                     + (f"-switch{switch:g}" if switch else "") + ("-registered" if register else "")
+                     + (f"-threads{threads}" if threads else ""))
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
               f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={workers}", "logger=none",
               f"data.prefetch_factor={prefetch_for(workers, 2 * args.e2e_batch)}",
@@ -499,10 +511,12 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
         # graphs: the default (cuda_graphs.enabled=null: on when the model runs on a CUDA device); else forced off
         ov += [] if graphs else ["cuda_graphs.enabled=false"]
         ov += ["data.register_buffers=true"] if register else []
+        ov += [f"data.pin_threads={threads}"] if threads else []
         ov += [f"+trainer.check_val_every_n_epoch={args.val_every or args.epochs}"]
         name = (prober + ("" if ahead else ", data.epoch_ahead=false") + (", CUDA graphs" if graphs else "")
                 + f", {workers} workers" + (f", switch interval {1e3 * switch:g} ms" if switch else "")
-                + (", data.register_buffers=true" if register else ""))
+                + (", data.register_buffers=true" if register else "")
+                + (f", data.pin_threads={threads}" if threads else ""))
         default = sys.getswitchinterval()
         try:
             with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -527,17 +541,28 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
         sps = n / max(end - start, 1e-9)  # wall time from the first steady epoch's start to the last one's end
         wait = sum(x["data_wait_frac"] * x["seconds"] for x in steady) / max(sum(x["seconds"] for x in steady), 1e-9)
         busy, source, both = util.mean(start, end)
+        # the last epoch is where the validation loader's workers are first forked (its last batch starts the run):
+        # the same samples/s without it, and what those starts took (worker_start_s) with the process's peak RSS
+        head = steady[:-1]
+        head_sps = (sum(x["samples_per_s"] * x["seconds"] for x in head) / max(head[-1]["end"] - head[0]["start"], 1e-9)
+                    if head else None)
+        rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         out.append({"prober": name, "samples_per_s": sps, "data_wait_frac": wait, "gpu_util_pct": busy,
                     "gpu_util_source": source, "gpu_util_both": both, "window_s": end - start, "steady_epochs": len(steady),
                     "last_epoch": res["throughput"]["train"], "samples_seen": res["samples_seen"]["train"],
                     "cuda_graphs": res["throughput"].get("cuda_graphs"), "epochs": eps,
                     "switch_interval_s": switch or default, "ring_buffers": res["throughput"].get("ring_buffers"),
+                    "samples_per_s_before_last_epoch": head_sps, "main_peak_rss_gib": rss_gib,
+                    "worker_start_s": res["throughput"].get("worker_start_s"),
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
         print(f"# e2e {name}: {sps:,.0f} samples/s over epochs 2-{len(eps)} ({end - start:.1f} s; per epoch "
               f"{[round(x['samples_per_s']) for x in eps]}), waiting for data {100 * wait:.0f}%, GPU busy {busy:.0f}% "
               f"(NVML: {source}; {both}), samples per epoch {res['samples_seen']['train']}, cuda graphs "
               f"{res['throughput'].get('cuda_graphs')}"
-              + (f", buffers {res['throughput'].get('ring_buffers')}" if register else ""), flush=True)
+              + f", buffers {res['throughput'].get('ring_buffers')}"
+              + (f"; {head_sps:,.0f} samples/s without the last epoch" if head_sps else "")
+              + f"; workers started in {res['throughput'].get('worker_start_s')} s, main process peak RSS "
+              f"{rss_gib:.1f} GiB", flush=True)
         done()
     return out
 
@@ -591,7 +616,8 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-workers", type=int, nargs="*", default=[],
                     help="loader workers of the end-to-end runs (default: the first of --workers); the runs with CUDA "
                          "graphs at each count, the others at the first")
-    ap.add_argument("--e2e-probers", nargs="+", default=["layer_emb", "attention"])
+    ap.add_argument("--e2e-probers", nargs="*", default=["layer_emb", "attention"],
+                    help="probers to run end to end with CUDA graphs off (none: leave these runs out)")
     ap.add_argument("--e2e-plain", nargs="*", default=[],
                     help="probers to run end to end also with data.epoch_ahead=false (after the others; ~20 s each)")
     ap.add_argument("--e2e-graphs", nargs="*", default=["layer_emb", "attention"],
@@ -602,8 +628,12 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-registered", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.register_buffers=true (loader "
                          "buffers page-locked and lent to the copy to the GPU; after the others)")
+    ap.add_argument("--e2e-one-copy-thread", nargs="*", default=[],
+                    help="probers to run end to end also with CUDA graphs and data.pin_threads=1 (the pin thread "
+                         "copies each batch's features alone, as before value_pl.data.pincopy; after the others)")
     ap.add_argument("--no-loader-registered", dest="loader_registered", action="store_false",
-                    help="leave out the loader rows that move batches to the device (pin-thread copy, registered)")
+                    help="leave out the loader rows that move batches to the device (pin-thread copy in the default "
+                         "threads and in one, registered)")
     ap.add_argument("--switch-interval", type=float, nargs="+", default=[0.0002],
                     help="seconds (Python's default: 0.005); one --e2e-switch run per value and prober")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false",
@@ -666,20 +696,21 @@ def main(argv=None) -> int:
             bare = bares["bare"]
             report["e2e"] = {"bare_samples_per_s": bare, "bare_graphs_samples_per_s": bares.get("graphs"), "runs": []}
             e2e = e2e_rows(root, tok, tmp, args, util, dev, out=report["e2e"]["runs"], done=save)
-            print(f"\n| end to end (batch {args.e2e_batch}) | samples/s | x bare forward | "
+            print(f"\n| end to end (batch {args.e2e_batch}) | samples/s | x bare forward | without the last epoch | "
                   "waiting for data | GPU busy | samples per epoch |")
-            print("|---|---:|---:|---:|---:|---|")
-            print(f"| bare forward on shard batches | {bare:,.0f} | 1.00 | - | - | - |")
+            print("|---|---:|---:|---:|---:|---:|---|")
+            print(f"| bare forward on shard batches | {bare:,.0f} | 1.00 | - | - | - | - |")
             if "graphs" in bares:
                 print(f"| bare forward on shard batches, CUDA graphs | {bares['graphs']:,.0f} | "
-                      f"{bares['graphs'] / bare:.2f} | - | - | - |")
+                      f"{bares['graphs'] / bare:.2f} | - | - | - | - |")
             for r in e2e:
                 if "error" in r:
-                    print(f"| train {r['prober']} | failed: {r['error'][:80]} | - | - | - | - |")
+                    print(f"| train {r['prober']} | failed: {r['error'][:80]} | - | - | - | - | - |")
                     continue
+                head = r["samples_per_s_before_last_epoch"]
                 print(f"| train {r['prober']} (epochs 2-{len(r['epochs'])}) | {r['samples_per_s']:,.0f} | "
-                      f"{r['samples_per_s'] / bare:.2f} | {100 * r['data_wait_frac']:.0f}% | {r['gpu_util_pct']:.0f}% | "
-                      f"{r['samples_seen']} |")
+                      f"{r['samples_per_s'] / bare:.2f} | " + (f"{head / bare:.2f}x" if head else "-")
+                      + f" | {100 * r['data_wait_frac']:.0f}% | {r['gpu_util_pct']:.0f}% | {r['samples_seen']} |")
     util.stop.set()
     save()
     return 0

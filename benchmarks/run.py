@@ -18,7 +18,9 @@ Prints one table of ratios, all measured in this run on this machine:
    every call (plain autocast);
 7. the main process's CPU time per batch of those shards from 2 loader workers (receive, then copy the features
    out as the pin thread does): torch's default handover vs ours (value_pl.data.handover); and the same for a
-   feature cache's batches (one float32 tensor per head input vs one fp16 tensor per batch).
+   feature cache's batches (one float32 tensor per head input vs one fp16 tensor per batch);
+8. (the last row) the wall time of that copy for a batch of 256, on 2-4 intra-op threads of the copying thread
+   (``data.pin_threads``, value_pl.data.pincopy) / on one, as torch's pin thread makes it.
 
 Model: a randomly initialised UNITER of MiniLM-L12 size (12 layers, 384 hidden, 12 heads, 1536 FFN; ``--quick``:
 6 layers) with 2048-d region features; shards: synthetic demo scenes with 80 regions of 2048-d fp16 features and
@@ -154,6 +156,29 @@ def handover_cost(tmp: Path, bb, reps: int, batch: int = 128, workers: int = 2, 
                     del b, f
             out[name] = min(out[name], 1e3 * (time.process_time() - t) / nb)
     loaders.clear()
+    return out
+
+
+def pin_copy_cost(reps: int, batch: int = 256, threads=(1, 2)) -> dict:
+    """Wall ms of the pin thread's copy of one batch's features (``batch`` x 36 x 2048 fp16) out of a mapped shared
+    buffer into memory the copy has written before (as the caching host allocator hands a reused pinned block
+    back), with each intra-op thread count of ``data.pin_threads`` (value_pl.data.pincopy; min of interleaved
+    runs). Wall time, not CPU time: the split copy does the same work, on more cores at once."""
+    from value_pl.data import pincopy
+
+    src = torch.empty(0, dtype=torch.float16).set_(torch.UntypedStorage._new_shared(batch * 36 * 2048 * 2), 0,
+                                                   (batch, 36, 2048))
+    src.normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    with pincopy.intra_op_threads(1):  # as torch's pin thread runs
+        out = {n: float("inf") for n in threads}
+        for _ in range(max(reps, 5) * 4):
+            for n in threads:
+                with pincopy.intra_op_threads(n):  # what pincopy.pinned does around Tensor.pin_memory()
+                    t = time.perf_counter()
+                    dst.copy_(src)
+                    out[n] = min(out[n], 1e3 * (time.perf_counter() - t))
     return out
 
 
@@ -609,6 +634,15 @@ def main(argv=None) -> list[dict]:
         rows.append({"measure": "data loader samples/s per worker / layer_emb training samples/s",
                      "value": f"{r:.1f}x ({loader_sps:.0f} / {model_sps:.1f} samples/s)", "goal": ">= 3x",
                      "met": r >= 3, "ratio": r})
+
+        # ---- the pin thread's copy of a batch's features, on several intra-op threads (data.pin_threads)
+        k = max(2, min(4, os.cpu_count() or 1))
+        pc = pin_copy_cost(reps, threads=(1, k))
+        one, many = pc[1], pc[k]
+        rows.append({"measure": f"pin thread's copy of a batch's features (256 x 36 x 2048 fp16, 38 MB), wall ms: "
+                                f"{k} threads / 1 (data.pin_threads)",
+                     "value": f"{many / one:.2f}x ({many:.2f} / {one:.2f} ms)", "goal": "-", "met": None,
+                     "ratio": many / one})
 
     print()
     print("| measure | measured | goal | met |")

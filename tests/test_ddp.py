@@ -39,6 +39,8 @@ def test_ddp_train_and_eval_match_single_process_with_one_shard_per_split(tmp_pa
     # an epoch is an epoch: 97 samples; 2 ranks read 48 each (the odd one waits for a later epoch)
     assert r1["samples_seen"]["train"] == [97] * 5 and r2["samples_seen"]["train"] == [96] * 5
     assert r1["throughput"]["train"]["samples_per_s"] > 0 and 0 <= r1["throughput"]["train"]["data_wait_frac"] <= 1
+    for res in (r1, r2):  # persistent workers: each split's loader started its workers once in the run
+        assert {k: len(v) for k, v in res["throughput"]["worker_start_s"].items()} == {"train": 1, "val": 1, "test": 1}
     acc1 = max(r["test_acc"] for r in r1["layers"])
     acc2 = max(r["test_acc"] for r in r2["layers"])
     assert acc2 > r2["majority"] and abs(acc1 - acc2) < 0.15, (r1["layers"], r2["layers"])

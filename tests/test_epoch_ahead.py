@@ -277,3 +277,20 @@ def test_fit_without_the_datamodule_starts_the_training_epochs_only(uneven, tmp_
     trainer.fit(m, train_dataloaders=dm.train_dataloader())
     assert m.started_at_end == [(True, False), (True, False)]
     assert ("val", False, id(dm.collate)) not in dm._loaders
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_each_start_of_a_loaders_workers_is_timed_once_per_run(uneven, ahead):
+    """Persistent workers start once per run, whether epochs are started ahead or not: that start (forking the
+    worker processes, which takes longer the more memory the main process holds) is what ``worker_start_s`` in
+    results.json reports, per split; a loader without workers reports nothing."""
+    dm = module(uneven, ahead=ahead)
+    loader = dm.train_dataloader()
+    assert epochs(loader, 3) and dm.worker_starts().keys() == {"train"}
+    list(dm.val_dataloader())
+    list(dm.val_dataloader())
+    got = dm.worker_starts()
+    assert got.keys() == {"train", "val"} and all(len(v) == 1 and v[0] > 0 for v in got.values())
+    dm.teardown("fit")
+    fresh = module(uneven, ahead=ahead, workers=0)
+    assert epochs(fresh.train_dataloader(), 2) and fresh.worker_starts() == {}

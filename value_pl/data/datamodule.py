@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
-from . import pinning
+from . import pincopy, pinning, resources
 from .resources import check_cores, shm_free
 from .schema import decode_sample, load_manifest
 from .stream import ShardStream, count_samples, no_collate, worker_init
@@ -39,7 +40,7 @@ class ShardDataModule(pl.LightningDataModule):
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
                  prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool | None = None,
-                 register_buffers: bool = False):
+                 register_buffers: bool = False, pin_threads: int | None = None):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -58,7 +59,14 @@ class ShardDataModule(pl.LightningDataModule):
         self.prefetch_factor = int(prefetch_factor)
         self.reuse_buffers = bool(reuse_buffers)
         self.register_buffers = bool(register_buffers)  # page-lock the reused buffers (value_pl.data.pinning)
+        # threads that copy a pinned training batch's features (value_pl.data.pincopy); None: from the cores
+        self.pin_threads = None if pin_threads is None else int(pin_threads)
+        if self.pin_threads is not None and not 1 <= self.pin_threads <= pincopy.MAX_THREADS:
+            raise ValueError(f"data.pin_threads must be from 1 to {pincopy.MAX_THREADS} (or null: chosen from the "
+                             f"cores), got {pin_threads}")
         self._ring_tokens: list[str] = []  # the training loaders' rings: their counts are the run's (buffer_stats)
+        self._worker_starts: dict[str, list[float]] = {}  # stage -> seconds each start of its workers took
+        self._copy_threads = 1  # the training loader's pin_threads, as resolved (buffer_stats)
         self.epoch_ahead = epoch_ahead  # None: when the model runs on an accelerator (:meth:`_ahead`)
         self._counts: dict[str, list[int]] = {}
         self._train_shm = 0  # bytes the training loader may hold in /dev/shm (check_shared_memory)
@@ -97,7 +105,8 @@ class ShardDataModule(pl.LightningDataModule):
         return int(self.split_entry(stage)["samples"])
 
     def stream(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
-               start_epoch: int = 0, ring_buffers: int = 0, register_buffers: bool = False) -> ShardStream:
+               start_epoch: int = 0, ring_buffers: int = 0, register_buffers: bool = False,
+               pin_threads: int = 1) -> ShardStream:
         collate = collate or self.collate
         if collate is None:
             raise RuntimeError("ShardDataModule.collate is not set (the backbone's collator)")
@@ -106,7 +115,7 @@ class ShardDataModule(pl.LightningDataModule):
                            seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
                            start_epoch=start_epoch, transform=self.transform,
                            cap_batches=self.train_batches if train else None, ring_buffers=ring_buffers,
-                           register_buffers=register_buffers)
+                           register_buffers=register_buffers, pin_threads=pin_threads)
 
     def _pin(self) -> bool:
         if self.pin_memory is not None:
@@ -128,9 +137,13 @@ class ShardDataModule(pl.LightningDataModule):
         ring = self.prefetch_factor + 2 if (pin and train and workers > 0 and self.reuse_buffers) else 0
         register = bool(ring) and self.register_buffers  # then held until copied to the GPU: more per worker
         ring += pinning.extra_buffers(workers) if register else 0
+        ranks = getattr(trainer, "num_devices", 1) if trainer is not None else 1
+        threads = self.pin_threads or pincopy.auto_threads(resources.available_cores(), ranks)
         ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring,
-                         register_buffers=register)
-        self._ring_tokens += [ds.ring_token] if ds.ring_token else []  # (training loaders only have rings)
+                         register_buffers=register, pin_threads=threads)
+        if ds.ring_token:  # (training loaders only have rings)
+            self._ring_tokens.append(ds.ring_token)
+            self._copy_threads = threads
         nb = len(ds)
         if workers > 1 and nb < workers:
             log.info("%s: split %s gives %d batch(es) per rank: %d of the %d loader worker(s) stay idle",
@@ -142,7 +155,7 @@ class ShardDataModule(pl.LightningDataModule):
             if train:  # held during validation: its reused buffers, or one batch per worker of the next epoch
                 self._train_shm = (need // max(self.prefetch_factor, ring)) * (ring or 1) if need else 0
                 if pin:  # a GPU run: this node's ranks share its cores
-                    check_cores(self.root, workers, ranks=getattr(trainer, "num_devices", 1) if trainer else 1)
+                    check_cores(self.root, workers, ranks=ranks)
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
         if workers > 0 and self._ahead() and (train or stage == "val"):
@@ -151,9 +164,19 @@ class ShardDataModule(pl.LightningDataModule):
             ahead = {"another_epoch": self._another_epoch, "then": self._validation_ahead} if train else \
                 {"another_epoch": lambda: False, "on_first": self._training_ahead}
             return EpochAheadLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
-                                    pin_memory=pin, **ahead, **kw)
-        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
-                                           pin_memory=pin, **kw)
+                                    pin_memory=pin, on_workers=self._started(stage), **ahead, **kw)
+        return WorkerLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate, pin_memory=pin,
+                            on_workers=self._started(stage), **kw)
+
+    def _started(self, stage: str):
+        return lambda seconds: self._worker_starts.setdefault(stage, []).append(round(seconds, 3))
+
+    def worker_starts(self) -> dict[str, list[float]]:
+        """Per stage, the seconds that each start of its loader's workers took in the main process (the workers'
+        processes forked, their queues and the pin thread made): once per run with persistent workers. A fork copies
+        the main process's page tables, so it takes longer the more memory the process holds (on the 2-core CPU:
+        ~3 ms at no resident memory, ~25 ms at 1 GiB, ~57 ms at 4 GiB)."""
+        return {k: list(v) for k, v in self._worker_starts.items()}
 
     def _ahead(self) -> bool:
         """Whether loaders start epochs and validation runs ahead (``epoch_ahead``; None: when the trainer's model
@@ -260,8 +283,12 @@ class ShardDataModule(pl.LightningDataModule):
         pinning.release(set(self._ring_tokens))  # lent buffers whose copies were queued: waited for and freed
 
     def buffer_stats(self) -> dict | None:
-        """The training loaders' reused buffers' counts (:func:`value_pl.data.pinning.stats`; None: none used)."""
-        return pinning.stats(self._ring_tokens)
+        """The training loaders' reused buffers' counts (:func:`value_pl.data.pinning.stats`; None: none used), with
+        the threads that copied them into pinned memory (``copy_threads``)."""
+        out = pinning.stats(self._ring_tokens)
+        if out is not None:
+            out["copy_threads"] = self._copy_threads
+        return out
 
     def on_exception(self, exception: BaseException) -> None:
         self.teardown("exception")  # Lightning calls only this on the way out of a failed run
@@ -285,7 +312,22 @@ def validates_after_epoch(trainer) -> bool:
     return check == float("inf") or (batches != float("inf") and int(batches) % int(check) == 0)
 
 
-class EpochAheadLoader(torch.utils.data.DataLoader):
+class WorkerLoader(torch.utils.data.DataLoader):
+    """A DataLoader that reports how long each start of its worker processes took (``on_workers(seconds)``)."""
+
+    def __init__(self, *args, on_workers=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_workers = on_workers
+
+    def _get_iterator(self):
+        t = time.perf_counter()
+        it = super()._get_iterator()
+        if self.num_workers > 0 and self._on_workers is not None:  # (persistent workers: the first epoch only)
+            self._on_workers(time.perf_counter() - t)
+        return it
+
+
+class EpochAheadLoader(WorkerLoader):
     """A DataLoader with persistent workers that starts its next epoch before it is asked for.
 
     Torch resumes persistent workers only when the next ``iter()`` is called, so every epoch began with the whole

@@ -15,7 +15,8 @@ Here:
   (``ShardStream(ring_buffers=...)``, set by the DataModule), each worker keeps a small ring of shared buffers: a
   buffer's segment crosses to the main process once, the main process keeps it mapped (:data:`_OPEN`), and later
   batches name only (ring, worker, buffer). Pinning copies the features out of the buffer
-  (:meth:`RingFeatures.pin_memory`, called by the DataLoader's pin thread) and then marks the buffer free in
+  (:meth:`RingFeatures.pin_memory`, called by the DataLoader's pin thread; split across ``data.pin_threads``
+  threads: :mod:`value_pl.data.pincopy`) and then marks the buffer free in
   its header; a worker writes only into a free buffer, and when none is free (the main process is behind) it
   allocates a new one, up to ``prefetch_factor + 2`` per worker, then falls back to a one-off segment (counted
   in the main process: :func:`value_pl.data.pinning.stats`). A buffer is never written while the main process
@@ -39,7 +40,7 @@ import weakref
 import numpy as np
 import torch
 
-from . import pinning
+from . import pincopy, pinning
 from .pinning import fence as _fence
 
 #: tensors up to this size are pickled by value (one copy into the message) instead of one segment each
@@ -153,13 +154,16 @@ def forget(token: str) -> None:
     unregistered first, once the copies reading them are done: :func:`value_pl.data.pinning.forget`)."""
     with _OPEN_LOCK:
         bufs = _OPEN.pop(token, None)
+    pincopy.forget(token)
     pinning.forget(token, list((bufs or {}).values()))
 
 
-def new_token(owner, register: bool = False) -> str:
+def new_token(owner, register: bool = False, copy_threads: int = 1) -> str:
     """A ring token for ``owner`` (a dataset in the main process); its buffers are forgotten with it.
-    ``register``: page-lock its buffers with CUDA and lend them to the transfer (``data.register_buffers``)."""
+    ``register``: page-lock its buffers with CUDA and lend them to the transfer (``data.register_buffers``);
+    ``copy_threads``: else copy them into pinned memory with this many threads (``data.pin_threads``)."""
     token = uuid.uuid4().hex
+    pincopy.want(token, copy_threads)
     if register:
         pinning.want(token)
     weakref.finalize(owner, forget, token)
@@ -191,7 +195,8 @@ class RingFeatures:
             view, flag, self.view, self.flag = self.view, self.flag, None, None
             return pinning.lend(view, flag, self.token)
         pinning.count(self.token, "copy_path_batches")
-        return self.copy_out(torch.Tensor.pin_memory)
+        n = pincopy.threads(self.token)
+        return self.copy_out(lambda v: pincopy.pinned(v, n))
 
     def __del__(self):
         if self.flag is not None:  # dropped unread (e.g. a loader shut down mid-epoch): nobody reads it now

@@ -301,7 +301,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: list[str], counts: list[int], decode: Callable, collate: Callable, batch_size: int,
                  train: bool, seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None,
                  world: int | None = None, start_epoch: int = 0, transform: Callable | None = None,
-                 cap_batches: int | None = None, ring_buffers: int = 0, register_buffers: bool = False):
+                 cap_batches: int | None = None, ring_buffers: int = 0, register_buffers: bool = False,
+                 pin_threads: int = 1):
         super().__init__()
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} shard(s) but {len(counts)} sample count(s)")
@@ -315,9 +316,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch = int(start_epoch)
         self.cap = None if cap_batches is None else int(cap_batches) * self.batch_size
         # > 0 (batches are pinned): workers hand features over through this many reused buffers each;
-        # register_buffers: the main process page-locks them and lends them to the GPU copy (value_pl.data.pinning)
+        # register_buffers: the main process page-locks them and lends them to the GPU copy (value_pl.data.pinning);
+        # else its pin thread copies them out with pin_threads threads (value_pl.data.pincopy)
         self.ring_buffers = int(ring_buffers)
-        self.ring_token = handover.new_token(self, bool(register_buffers)) if self.ring_buffers > 0 else None
+        self.ring_token = handover.new_token(self, bool(register_buffers), pin_threads) \
+            if self.ring_buffers > 0 else None
 
     def __len__(self) -> int:
         return batches_per_rank(self.total, self.rank, self.world, self.batch_size, self.train, self.cap)

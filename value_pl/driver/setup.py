@@ -72,7 +72,8 @@ def make_datamodule(cfg: DictConfig) -> ShardDataModule:
                            prefetch_factor=int(d.get("prefetch_factor") or 4),
                            reuse_buffers=bool(d.get("reuse_buffers", True)),
                            epoch_ahead=d.get("epoch_ahead"),
-                           register_buffers=bool(d.get("register_buffers", False)))
+                           register_buffers=bool(d.get("register_buffers", False)),
+                           pin_threads=d.get("pin_threads"))
 
 
 def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:

@@ -54,6 +54,9 @@ def train(cfg: DictConfig) -> dict | None:
         throughput["ring_buffers"] = buffers
         if is_rank_zero(trainer):
             print(f"[value-pl] loader buffers: {buffers}")
+    starts = dm.worker_starts()
+    if starts:  # seconds each start of a loader's worker processes took (persistent workers: once per run)
+        throughput["worker_start_s"] = starts
     if is_rank_zero(trainer):
         res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1), "throughput": throughput,
                                              "training": training_record(cfg, trainer.world_size),

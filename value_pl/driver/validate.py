@@ -18,6 +18,7 @@ from __future__ import annotations
 from ..backbones import REGISTRY
 from ..data.collate import BOX_DIMS
 from ..data.options import OptionError, choice, flag, known_keys, number, numbers, value
+from ..data.pincopy import MAX_THREADS as MAX_PIN_THREADS
 from ..data.schema import PAIR_TASKS, pair_kind
 from ..protocols.mdl import check_fractions
 
@@ -71,6 +72,7 @@ def check_data(cfg) -> None:
         flag(cfg, k, null=True)
     flag(cfg, "data.reuse_buffers")
     flag(cfg, "data.register_buffers")
+    number(cfg, "data.pin_threads", 1, MAX_PIN_THREADS, integer=True, null=True, why=" (null = a quarter of each GPU's cores, 1-4)")
     splits = value(cfg, "data.splits", None)
     if splits is not None:
         if not isinstance(splits, dict) or not all(isinstance(s, str) and s for s in splits.values()):
