@@ -491,12 +491,13 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     counts = args.e2e_workers or args.workers[:1]
     # graphs off and data.epoch_ahead=false only at the first worker count; the default set-up at every count
     # (prober, epoch_ahead, graphs, workers, switch interval, register_buffers, pin_threads: None = the default)
+    # (in the order of what a run cut short by gpu.sh's time limit should keep first)
     runs = ([(p, True, False, counts[0], None, False, None) for p in args.e2e_probers]
             + [(p, True, True, w, None, False, None) for w in counts for p in args.e2e_graphs]
-            + [(p, False, False, counts[0], None, False, None) for p in args.e2e_plain]
-            + [(p, True, True, counts[0], s, False, None) for p in args.e2e_switch for s in args.switch_interval]
+            + [(p, True, True, counts[0], None, False, 1) for p in args.e2e_one_copy_thread]
             + [(p, True, True, counts[0], None, True, None) for p in args.e2e_registered]
-            + [(p, True, True, counts[0], None, False, 1) for p in args.e2e_one_copy_thread])
+            + [(p, True, True, counts[0], s, False, None) for p in args.e2e_switch for s in args.switch_interval]
+            + [(p, False, False, counts[0], None, False, None) for p in args.e2e_plain])
     for prober, ahead, graphs, workers, switch, register, threads in runs:
         run = tmp / (f"run-{prober}-{workers}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
                      + (f"-switch{switch:g}" if switch else "") + ("-registered" if register else "")
@@ -619,18 +620,19 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-probers", nargs="*", default=["layer_emb", "attention"],
                     help="probers to run end to end with CUDA graphs off (none: leave these runs out)")
     ap.add_argument("--e2e-plain", nargs="*", default=[],
-                    help="probers to run end to end also with data.epoch_ahead=false (after the others; ~20 s each)")
+                    help="probers to run end to end also with data.epoch_ahead=false (last; ~20 s each)")
     ap.add_argument("--e2e-graphs", nargs="*", default=["layer_emb", "attention"],
-                    help="probers to run end to end also with the CUDA graphs (the default on one GPU; after the plain ones)")
+                    help="probers to run end to end also with the CUDA graphs (the default on one GPU; after the runs with graphs off)")
     ap.add_argument("--e2e-switch", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and sys.setswitchinterval(--switch-interval) "
-                         "(after the others; does the GIL starve the pin thread while the host issues a step?)")
+                         "(after the registered runs; does the GIL starve the pin thread while the host issues a step?)")
     ap.add_argument("--e2e-registered", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.register_buffers=true (loader "
-                         "buffers page-locked and lent to the copy to the GPU; after the others)")
+                         "buffers page-locked and lent to the copy to the GPU; after the one-copy-thread runs)")
     ap.add_argument("--e2e-one-copy-thread", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.pin_threads=1 (the pin thread "
-                         "copies each batch's features alone, as before value_pl.data.pincopy; after the others)")
+                         "copies each batch's features alone, as before value_pl.data.pincopy; right after the runs "
+                         "with CUDA graphs)")
     ap.add_argument("--no-loader-registered", dest="loader_registered", action="store_false",
                     help="leave out the loader rows that move batches to the device (pin-thread copy in the default "
                          "threads and in one, registered)")
