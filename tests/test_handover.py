@@ -149,6 +149,15 @@ def _batches(root, collate, workers: int, ring: int, stage: str = "val", slow: b
     return out
 
 
+def features_per_sample(root, collate) -> dict:
+    """(epoch, sample key) -> its row of the batch features, over the 2 training epochs read in this process."""
+    out = {}
+    for (epoch, keys), b in _batches(root, collate, 0, 0, stage="train").items():
+        for i, k in enumerate(keys):
+            out[(epoch, k)] = b["region_feats"][i]
+    return out
+
+
 def _same(a: dict, b: dict) -> None:
     assert set(a) == set(b)
     for key in a:
@@ -170,13 +179,9 @@ def test_worker_batches_equal_in_process_batches(shards, ring):
     root, collate = shards
     ref = _batches(root, collate, 0, 0)
     _same(_batches(root, collate, 2, ring, slow=True), ref)
-    train_ref = _batches(root, collate, 0, 0, stage="train")
-    got = _batches(root, collate, 2, ring, stage="train", slow=True)
+    per_sample = features_per_sample(root, collate)
     # training order differs by worker count (each worker shuffles its own part): compare per sample
-    per_sample = {}
-    for (epoch, keys), b in train_ref.items():
-        for i, k in enumerate(keys):
-            per_sample[(epoch, k)] = b["region_feats"][i]
+    got = _batches(root, collate, 2, ring, stage="train", slow=True)
     n = 0
     for (epoch, keys), b in got.items():
         for i, k in enumerate(keys):
@@ -290,10 +295,7 @@ def test_lent_buffers_with_real_workers_are_reused_only_after_their_copy(shards,
     monkeypatch.setattr(datamodule.torch.cuda, "is_available", lambda: True)  # the loader decides to pin
     monkeypatch.setattr(resources, "available_cores", lambda: 64)
     monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": 10 ** 12)
-    want = {}
-    for (epoch, keys), b in _batches(root, collate, 0, 0, stage="train").items():
-        for i, k in enumerate(keys):
-            want[(epoch, k)] = b["region_feats"][i]
+    want = features_per_sample(root, collate)
     dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=True, prefetch_factor=2,
                          register_buffers=True)
     dm.collate = collate

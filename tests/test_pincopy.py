@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from test_handover import _batches, shards  # noqa: F401  (the module-scoped shard fixture)
+from test_handover import features_per_sample, shards  # noqa: F401  (the module-scoped shard fixture)
 
 from value_pl.data import handover, pincopy
 from value_pl.data.datamodule import ShardDataModule
@@ -119,10 +119,7 @@ def test_copies_out_of_real_workers_buffers_on_several_threads_are_exact(shards,
     monkeypatch.setattr(datamodule.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(resources, "available_cores", lambda: 64)
     monkeypatch.setattr(datamodule, "shm_free", lambda path="/dev/shm": 10 ** 12)
-    want = {}
-    for (epoch, keys), b in _batches(root, collate, 0, 0, stage="train").items():
-        for i, k in enumerate(keys):
-            want[(epoch, k)] = b["region_feats"][i]
+    want = features_per_sample(root, collate)
     dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=True, prefetch_factor=2,
                          pin_threads=3)
     dm.collate = collate
