@@ -1,4 +1,4 @@
-"""The training loader starts its next epoch while the current one ends (value_pl.data.datamodule.EpochAheadLoader).
+"""The training loader starts its next epoch while the current one ends (value_pl.data.loaders.EpochAheadLoader).
 
 Without it every epoch began with an empty pipeline: the first batch waited for a worker to read and collate a whole
 batch (on the CPU benchmark more than half of an epoch's waiting for data). Started ahead, an epoch must still be
@@ -15,7 +15,8 @@ import pytorch_lightning as pl
 import torch
 
 from test_cache import small_demo
-from value_pl.data.datamodule import EpochAheadLoader, ShardDataModule, validates_after_epoch
+from value_pl.data.datamodule import ShardDataModule
+from value_pl.data.loaders import EpochAheadLoader, validates_after_epoch
 
 
 @pytest.fixture(scope="module")
