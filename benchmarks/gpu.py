@@ -17,7 +17,7 @@ Rows, all in one run on one card:
    of persistent workers (each timed from its first batch; the first epoch, when every reused buffer is new to the
    main process, and each epoch's wait for its first batch are reported apart); and at the first worker count,
    each batch also moved to the device through the training's transfer (``value_pl.data.pinning.to_device``), with
-   the pin thread's copy (the default: split across ``data.pin_threads=null`` threads, value_pl.data.pincopy), with
+   the pin thread's copy (the default: on ``data.pin_threads=null`` intra-op threads, value_pl.data.pincopy), with
    that copy in one thread (``data.pin_threads=1``, as before) and with ``data.register_buffers=true`` (the buffers
    page-locked and lent to the copy): the main process's CPU per batch of each (its own thread, the pin thread and
    its copy threads) and the buffer counts (``--no-loader-registered`` leaves these three rows out);
@@ -27,11 +27,11 @@ Rows, all in one run on one card:
    the second epoch's start to the last one's end; also without the last epoch, at whose last batch the validation
    loader's workers are first forked: ``worker_start_s`` and the main process's peak RSS say what that took), the
    share of time waiting for data, and the GPU's utilisation over that window (NVML: the driver's timestamped
-   samples), against the bare forward at the same batch size and sequence length (goal >= 0.7x); with the CUDA graphs of the default ``cuda_graphs.enabled=null``
-   (``--e2e-graphs``) and with them off (``--e2e-probers``); and, for the probers named by ``--e2e-switch``, with the
-   CUDA graphs and the GIL's switch interval lowered from Python's 5 ms to ``--switch-interval``: whether the pin
-   thread, starved of the GIL while the host issues a step, is what the main thread waits for (the CPU proxy:
-   ``benchmarks/gil_handover.py``); for the probers named by ``--e2e-registered``, with the CUDA graphs and
+   samples), against the bare forward at the same batch size and sequence length (goal >= 0.7x); with the CUDA
+   graphs of the default ``cuda_graphs.enabled=null`` (``--e2e-graphs``) and with them off (``--e2e-probers``);
+   and, for the probers named by ``--e2e-switch``, with the CUDA graphs and the GIL's switch interval lowered from
+   Python's 5 ms to ``--switch-interval``: whether the pin thread, starved of the GIL while the host issues a step,
+   is what the main thread waits for (the CPU proxy: ``benchmarks/gil_handover.py``); for the probers named by ``--e2e-registered``, with the CUDA graphs and
    ``data.register_buffers=true``; for the probers named by ``--e2e-one-copy-thread``, with the CUDA graphs and
    ``data.pin_threads=1`` (each run's buffer counts and copy threads: ``ring_buffers`` in the JSON).
 
@@ -410,9 +410,9 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
                                         "config": model_config(Path(tempfile.mkdtemp()), 1, 64, 2)}), img_dim=2048)
     dev = torch.device(args.device)
     out = []
-    # (workers, data.register_buffers, batches moved to the device): the loader alone at each count; then, at the
-    # first, moved to the device as training moves them, with the pin thread's copy and with lent buffers
-    # (workers, register_buffers, moved, pin_threads: None = the default, a quarter of the cores, 1-4)
+    # (workers, data.register_buffers, batches moved to the device, data.pin_threads: None = the default): the loader
+    # alone at each count; then, at the first, moved to the device as training moves them, with the pin thread's copy
+    # on the default threads and on one, and with lent buffers
     runs = [(w, False, False, None) for w in args.workers]
     runs += [(args.workers[0], False, True, None), (args.workers[0], False, True, 1),
              (args.workers[0], True, True, None)] if args.loader_registered else []
@@ -451,10 +451,9 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
         waits = [round(1e3 * x[5]) for x in epochs]
         dm.teardown("fit")  # lent buffers: the last copies waited for and the buffers freed
         buffers = dm.buffer_stats()
+        copy_threads = (buffers or {}).get("copy_threads") or threads or "default"
         how = (f", moved to {dev.type}" + (", data.register_buffers=true" if register else
-                                           f", pin-thread copy in {(buffers or {}).get('copy_threads') or threads or 'default'} "
-                                           "thread(s)")
-               if move else "")
+                                           f", pin-thread copy in {copy_threads} thread(s)") if move else "")
         out.append({"workers": workers, "samples_per_s": sps, "per_worker": sps / max(workers, 1),
                     "first_epoch_samples_per_s": first_sps, "epochs": len(epochs),
                     "epoch_samples": [x[0] for x in epochs], "main_process_ms_per_batch": main_ms,
@@ -622,7 +621,8 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-plain", nargs="*", default=[],
                     help="probers to run end to end also with data.epoch_ahead=false (last; ~20 s each)")
     ap.add_argument("--e2e-graphs", nargs="*", default=["layer_emb", "attention"],
-                    help="probers to run end to end also with the CUDA graphs (the default on one GPU; after the runs with graphs off)")
+                    help="probers to run end to end also with the CUDA graphs (the default on one GPU; after the runs "
+                         "with graphs off)")
     ap.add_argument("--e2e-switch", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and sys.setswitchinterval(--switch-interval) "
                          "(after the registered runs; does the GIL starve the pin thread while the host issues a step?)")

@@ -60,10 +60,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.reuse_buffers = bool(reuse_buffers)
         self.register_buffers = bool(register_buffers)  # page-lock the reused buffers (value_pl.data.pinning)
         # threads that copy a pinned training batch's features (value_pl.data.pincopy); None: from the cores
-        self.pin_threads = None if pin_threads is None else int(pin_threads)
-        if self.pin_threads is not None and not 1 <= self.pin_threads <= pincopy.MAX_THREADS:
-            raise ValueError(f"data.pin_threads must be from 1 to {pincopy.MAX_THREADS} (or null: chosen from the "
-                             f"cores), got {pin_threads}")
+        self.pin_threads = pincopy.check_threads(pin_threads)
         self._ring_tokens: list[str] = []  # the training loaders' rings: their counts are the run's (buffer_stats)
         self._worker_starts: dict[str, list[float]] = {}  # stage -> seconds each start of its workers took
         self._copy_threads = 1  # the training loader's pin_threads, as resolved (buffer_stats)

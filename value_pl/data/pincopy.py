@@ -33,12 +33,19 @@ def auto_threads(cores: int, ranks: int = 1) -> int:
     return max(1, min(4, (int(cores) // max(1, int(ranks))) // 4))
 
 
-def want(token: str, threads: int) -> None:
-    """Copy the features of ring ``token`` with ``threads`` threads (main process, when its stream is made)."""
-    threads = int(threads)
-    if not 1 <= threads <= MAX_THREADS:
+def check_threads(threads) -> int | None:
+    """``data.pin_threads`` as an int (None stays None: chosen from the cores); a ValueError outside 1..MAX_THREADS."""
+    if threads is None:
+        return None
+    if not 1 <= int(threads) <= MAX_THREADS:
         raise ValueError(f"data.pin_threads must be from 1 to {MAX_THREADS} (or null: chosen from the cores), "
                          f"got {threads}")
+    return int(threads)
+
+
+def want(token: str, threads: int) -> None:
+    """Copy the features of ring ``token`` with ``threads`` threads (main process, when its stream is made)."""
+    threads = check_threads(threads)
     with _LOCK:
         _THREADS[token] = threads
 
