@@ -201,7 +201,8 @@ def test_every_documented_override_names_a_config_key():
 
 def test_every_documented_script_flag_exists():
     """``python benchmarks/<x>.py --flag`` and ``python examples/<x>.py --flag`` (``bash benchmarks/gpu.sh`` passes its
-    arguments to ``benchmarks/gpu.py``): the script exists and defines each flag."""
+    arguments to ``benchmarks/gpu.py``, and so does ``benchmarks/device.sh`` through it): the script exists and defines
+    each flag."""
     bad, n = [], 0
     for p in PAGES:
         for s in _snippets(p.read_text()):
@@ -210,7 +211,8 @@ def test_every_documented_script_flag_exists():
                 if not script.exists():
                     bad.append(f"{p.name}: no {m[1]}")
                     continue
-                src = (script.with_suffix(".py") if script.suffix == ".sh" else script).read_text()
+                src = (script.with_suffix(".py") if script.suffix == ".sh" else script).read_text() \
+                    if script.name != "device.sh" else script.read_text() + (script.parent / "gpu.py").read_text()
                 for flag in re.findall(r"(?:^|\s)\[?(--[\w-]+)", m[2]):
                     n += 1
                     if f'"{flag}"' not in src:
