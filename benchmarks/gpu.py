@@ -33,7 +33,9 @@ Rows, all in one run on one card:
    Python's 5 ms to ``--switch-interval``: whether the pin thread, starved of the GIL while the host issues a step,
    is what the main thread waits for (the CPU proxy: ``benchmarks/gil_handover.py``); for the probers named by ``--e2e-registered``, with the CUDA graphs and
    ``data.register_buffers=true``; for the probers named by ``--e2e-one-copy-thread``, with the CUDA graphs and
-   ``data.pin_threads=1`` (each run's buffer counts and copy threads: ``ring_buffers`` in the JSON).
+   ``data.pin_threads=1`` (each run's buffer counts and copy threads: ``ring_buffers`` in the JSON); for those named
+   by ``--e2e-no-copy-stream``, with the CUDA graphs and ``data.copy_stream=false`` (batches copied to the GPU on the
+   compute stream, as before).
 
 Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
 ``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
@@ -488,35 +490,30 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
 
     out = [] if out is None else out
     counts = args.e2e_workers or args.workers[:1]
-    # graphs off and data.epoch_ahead=false only at the first worker count; the default set-up at every count
-    # (prober, epoch_ahead, graphs, workers, switch interval, register_buffers, pin_threads: None = the default)
-    # (in the order of what a run cut short by gpu.sh's time limit should keep first)
-    runs = ([(p, True, False, counts[0], None, False, None) for p in args.e2e_probers]
-            + [(p, True, True, w, None, False, None) for w in counts for p in args.e2e_graphs]
-            + [(p, True, True, counts[0], None, False, 1) for p in args.e2e_one_copy_thread]
-            + [(p, True, True, counts[0], None, True, None) for p in args.e2e_registered]
-            + [(p, True, True, counts[0], s, False, None) for p in args.e2e_switch for s in args.switch_interval]
-            + [(p, False, False, counts[0], None, False, None) for p in args.e2e_plain])
-    for prober, ahead, graphs, workers, switch, register, threads in runs:
-        run = tmp / (f"run-{prober}-{workers}-{'ahead' if ahead else 'plain'}{'-graphs' if graphs else ''}"
-                     + (f"-switch{switch:g}" if switch else "") + ("-registered" if register else "")
-                     + (f"-threads{threads}" if threads else ""))
+    # graphs off and data.epoch_ahead=false only at the first worker count; the default set-up at every count; each
+    # run: (prober, workers, switch interval or None, its overrides), in the order of what a run cut short by
+    # gpu.sh's time limit should keep first
+    w0, off, plain = counts[0], "cuda_graphs.enabled=false", "data.epoch_ahead=false"
+    runs = ([(p, w0, None, [off]) for p in args.e2e_probers]
+            + [(p, w, None, []) for w in counts for p in args.e2e_graphs]
+            + [(p, w0, None, ["data.copy_stream=false"]) for p in args.e2e_no_copy_stream]
+            + [(p, w0, None, ["data.pin_threads=1"]) for p in args.e2e_one_copy_thread]
+            + [(p, w0, None, ["data.register_buffers=true"]) for p in args.e2e_registered]
+            + [(p, w0, s, []) for p in args.e2e_switch for s in args.switch_interval]
+            + [(p, w0, None, [off, plain]) for p in args.e2e_plain])
+    for prober, workers, switch, extra in runs:
+        graphs = off not in extra  # else the default (cuda_graphs.enabled=null: on when the model runs on a GPU)
+        name = (prober + (f", {plain}" if plain in extra else "") + (", CUDA graphs" if graphs else "")
+                + f", {workers} workers" + (f", switch interval {1e3 * switch:g} ms" if switch else "")
+                + "".join(f", {x}" for x in extra if x not in (off, plain)))
+        run = tmp / ("run-" + "-".join("".join(c if c.isalnum() else " " for c in name).split()))
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
               f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={workers}", "logger=none",
               f"data.prefetch_factor={prefetch_for(workers, 2 * args.e2e_batch)}",
               f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", f"run_dir={run}",
               "trainer=gpu" if dev.type == "cuda" else "trainer=cpu", "backbone=uniter_untrained",
               f"backbone.config={model_config(tmp, args.layers, args.hidden, args.heads)}", f"backbone.tokenizer={tok}",
-              "backbone.img_dim=2048"] + ([] if ahead else ["data.epoch_ahead=false"])  # default: on on a GPU
-        # graphs: the default (cuda_graphs.enabled=null: on when the model runs on a CUDA device); else forced off
-        ov += [] if graphs else ["cuda_graphs.enabled=false"]
-        ov += ["data.register_buffers=true"] if register else []
-        ov += [f"data.pin_threads={threads}"] if threads else []
-        ov += [f"+trainer.check_val_every_n_epoch={args.val_every or args.epochs}"]
-        name = (prober + ("" if ahead else ", data.epoch_ahead=false") + (", CUDA graphs" if graphs else "")
-                + f", {workers} workers" + (f", switch interval {1e3 * switch:g} ms" if switch else "")
-                + (", data.register_buffers=true" if register else "")
-                + (f", data.pin_threads={threads}" if threads else ""))
+              "backbone.img_dim=2048", *extra, f"+trainer.check_val_every_n_epoch={args.val_every or args.epochs}"]
         default = sys.getswitchinterval()
         try:
             with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -629,10 +626,13 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-registered", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.register_buffers=true (loader "
                          "buffers page-locked and lent to the copy to the GPU; after the one-copy-thread runs)")
+    ap.add_argument("--e2e-no-copy-stream", nargs="*", default=[],
+                    help="probers to run end to end also with CUDA graphs and data.copy_stream=false (each batch copied "
+                         "to the GPU on the compute stream, as before; right after the runs with CUDA graphs)")
     ap.add_argument("--e2e-one-copy-thread", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.pin_threads=1 (the pin thread "
-                         "copies each batch's features alone, as before value_pl.data.pincopy; right after the runs "
-                         "with CUDA graphs)")
+                         "copies each batch's features alone, as before value_pl.data.pincopy; after the "
+                         "no-copy-stream runs)")
     ap.add_argument("--no-loader-registered", dest="loader_registered", action="store_false",
                     help="leave out the loader rows that move batches to the device (pin-thread copy in the default "
                          "threads and in one, registered)")

@@ -15,4 +15,5 @@ else
   echo "nvidia-smi not found" >&2
 fi
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch')"
-exec timeout 300 "$PY" benchmarks/gpu.py "$@"
+# GPU_SH_TIMEOUT: seconds (default 300, the default run's budget); a longer list of end-to-end runs needs more
+exec timeout "${GPU_SH_TIMEOUT:-300}" "$PY" benchmarks/gpu.py "$@"

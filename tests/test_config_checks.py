@@ -195,6 +195,7 @@ BAD_RUN = [
     ("data.register_buffers=null", "data.register_buffers"), ("data.register_buffers=2", "data.register_buffers"),
     ("data.pin_threads=0", "data.pin_threads"), ("data.pin_threads=9", "data.pin_threads"),
     ("data.pin_threads=1.5", "data.pin_threads"),
+    ("data.copy_stream=maybe", "data.copy_stream"), ("data.copy_stream=null", "data.copy_stream"),
 ]
 BAD_SENTEVAL = [("prober.dropout=1.0", "prober.dropout"), ("prober.grid.nhid=[50,-1]", "prober.grid.nhid"),
                 ("prober.grid.l2=[]", "prober.grid.l2"), ("prober.lr=0", "prober.lr"),

@@ -219,3 +219,87 @@ def test_switched_off_nothing_is_registered_and_pinning_copies(cuda):
 def test_more_buffers_per_worker_when_lent():
     assert [pinning.extra_buffers(w) for w in (1, 2, 3, 4, 8, 16)] == [4, 2, 2, 1, 1, 1]
     assert pinning.stats(["never used"]) is None
+
+
+class FakeStream:
+    def __init__(self, name: str):
+        self.name, self.waited = name, []
+
+    def wait_stream(self, other) -> None:
+        self.waited.append(other)
+
+
+def test_copies_on_a_side_stream_are_waited_for_and_marked_used_on_the_current_one(cuda, monkeypatch):
+    """data.copy_stream: every copy (and a lent buffer's release event) is issued on the side stream; then the current
+    stream waits for it, and each tensor made is recorded as used on the current stream (so the caching allocator
+    does not give its memory back to the side stream while the step still reads it); the rest is left as it was."""
+    import contextlib
+
+    side, main = FakeStream("side"), FakeStream("main")
+    current = [main]
+
+    @contextlib.contextmanager
+    def on(stream):
+        before, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    issued, recorded, events_on = [], [], []
+    monkeypatch.setattr(pinning.torch.cuda, "stream", on)
+    monkeypatch.setattr(pinning.torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self, s)), raising=False)
+    real_to, real_event = torch.Tensor.to, cuda.event
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: issued.append(current[0]) or real_to(self, *a, **k))
+    monkeypatch.setattr(cuda, "event", lambda: events_on.append(current[0]) or real_event())
+    _owner, token, r = ring(True)
+    _, fa = send(r, 1)
+    already = torch.ones(2, device=META)
+    batch = {"region_feats": fa.pin_memory(), "rows": {"region": torch.zeros(3)}, "keys": ["x"],
+             "pair": (torch.ones(1), 5), "on_device": already}
+    out = pinning.to_device(batch, META, side)
+    assert issued == [side] * 3 and events_on == [side]  # the lent buffer's release follows its copy's stream
+    assert main.waited == [side] and current == [main]
+    made = [out["region_feats"], out["rows"]["region"], out["pair"][0]]
+    assert [s for _, s in recorded] == [main] * 3 and [id(t) for t, _ in recorded] == [id(t) for t in made]
+    assert all(t.device == META for t in made) and out["on_device"] is already  # not copied, not recorded
+    assert out["keys"] == ["x"] and out["pair"][1] == 5
+    handover.forget(token)
+
+
+def test_the_module_copies_on_one_side_stream_per_cuda_device_only_while_asked(tmp_path, monkeypatch):
+    from test_capture import tiny_uniter
+
+    from value_pl.probers.module import ProbeModule
+
+    m = ProbeModule(tiny_uniter(tmp_path), task={"name": "vrc", "kind": "region_region", "labels": ["a", "b"]},
+                    prober={"name": "layer_emb"})
+    made = []
+
+    class CudaStream(FakeStream):  # (a class: torch.cuda.Stream also serves in annotations)
+        def __init__(self, device=None):
+            super().__init__(f"s{device}")
+            made.append(device)
+
+    monkeypatch.setattr(torch.cuda, "Stream", CudaStream)
+    assert m.copy_stream and m._side_stream(torch.device("cpu")) is None
+    s0 = m._side_stream(torch.device("cuda", 0))
+    assert m._side_stream(torch.device("cuda", 0)) is s0 and m._side_stream(torch.device("cuda", 1)) is not s0
+    assert made == [0, 1]
+    m.copy_stream = False  # data.copy_stream=false
+    assert m._side_stream(torch.device("cuda", 0)) is None
+
+
+@pytest.mark.parametrize("override,on", [([], True), (["data.copy_stream=false"], False)])
+def test_data_copy_stream_reaches_the_module(tmp_path, override, on):
+    from conftest import compose
+    from test_cache import small_demo, tiny_backbone
+
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    small_demo(tmp_path / "demo", splits={"train": 8, "val": 4, "test": 4})
+    cfg = compose(["task=vrc", "prober=layer_emb", f"data.root={tmp_path / 'demo'}", *tiny_backbone(tmp_path),
+                   "logger=none", *override])
+    module, _ = build_module(cfg, make_datamodule(cfg))
+    assert module.copy_stream is on
