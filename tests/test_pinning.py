@@ -271,6 +271,7 @@ def test_copies_on_a_side_stream_are_waited_for_and_marked_used_on_the_current_o
 def test_the_module_copies_on_one_side_stream_per_cuda_device_only_while_asked(tmp_path, monkeypatch):
     from test_capture import tiny_uniter
 
+    from value_pl.probers import module as module_py
     from value_pl.probers.module import ProbeModule
 
     m = ProbeModule(tiny_uniter(tmp_path), task={"name": "vrc", "kind": "region_region", "labels": ["a", "b"]},
@@ -283,12 +284,17 @@ def test_the_module_copies_on_one_side_stream_per_cuda_device_only_while_asked(t
             made.append(device)
 
     monkeypatch.setattr(torch.cuda, "Stream", CudaStream)
-    assert m.copy_stream and m._side_stream(torch.device("cpu")) is None
-    s0 = m._side_stream(torch.device("cuda", 0))
-    assert m._side_stream(torch.device("cuda", 0)) is s0 and m._side_stream(torch.device("cuda", 1)) is not s0
+    streams = m.copy_streams
+    assert streams.enabled and streams.for_device(torch.device("cpu")) is None
+    s0 = streams.for_device(torch.device("cuda", 0))
+    assert streams.for_device(torch.device("cuda", 0)) is s0 and streams.for_device(torch.device("cuda", 1)) is not s0
     assert made == [0, 1]
-    m.copy_stream = False  # data.copy_stream=false
-    assert m._side_stream(torch.device("cuda", 0)) is None
+    sent = []
+    monkeypatch.setattr(module_py, "to_device", lambda batch, device, stream=None: sent.append(stream) or batch)
+    m.transfer_batch_to_device({"x": torch.ones(1)}, torch.device("cuda", 1), 0)
+    assert sent == [streams.for_device(torch.device("cuda", 1))]  # the module's copies go on that stream
+    streams.enabled = False  # data.copy_stream=false
+    assert streams.for_device(torch.device("cuda", 0)) is None
 
 
 @pytest.mark.parametrize("override,on", [([], True), (["data.copy_stream=false"], False)])
@@ -302,4 +308,4 @@ def test_data_copy_stream_reaches_the_module(tmp_path, override, on):
     cfg = compose(["task=vrc", "prober=layer_emb", f"data.root={tmp_path / 'demo'}", *tiny_backbone(tmp_path),
                    "logger=none", *override])
     module, _ = build_module(cfg, make_datamodule(cfg))
-    assert module.copy_stream is on
+    assert module.copy_streams.enabled is on

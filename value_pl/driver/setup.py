@@ -273,7 +273,7 @@ def build_module(cfg: DictConfig, dm: ShardDataModule, backbone=None):
     # how the labels were made (saved in prober checkpoints: python -m value_pl.eval relabels the same way)
     module.labelling = {"control": bool(cfg.get("control", False)), "control_seed": cfg.get("control_seed"),
                         "shuffle_labels": bool(cfg.get("shuffle_labels", False))}
-    module.copy_stream = bool((cfg.get("data") or {}).get("copy_stream", True))
+    module.copy_streams.enabled = bool((cfg.get("data") or {}).get("copy_stream", True))
     if (cfg.get("cuda_graphs") or {}).get("enabled") is True:
         use_cuda_graphs(cfg, module, dm)
     if dm.manifest.get("cache"):  # training/evaluating from a feature cache: no backbone forward

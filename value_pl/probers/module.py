@@ -34,7 +34,7 @@ from ..backbones.checks import check_saved_backbone
 from ..backbones.graphs import GraphedForward
 from ..data.cache import unpack_cached
 from ..data.collate import GEOMETRY
-from ..data.pinning import to_device
+from ..data.pinning import CopyStreams, to_device
 from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
 from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAttention, StackedLayerEmb,
                     StackedSentence, seeded)
@@ -165,8 +165,7 @@ class ProbeModule(pl.LightningModule):
         self.test_results: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
         self.graphs: GraphedForward | None = None  # use_cuda_graphs()
-        self.copy_stream = True  # data.copy_stream: batches copied to a CUDA device on a side stream (to_device)
-        self._copy_streams: dict[int, torch.cuda.Stream] = {}  # device index -> that stream
+        self.copy_streams = CopyStreams()  # data.copy_stream: batches copied to a CUDA device on a side stream
 
     # ------------------------------------------------------------------ names
     @property
@@ -290,21 +289,10 @@ class ProbeModule(pl.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         """Our batches (dicts of tensors, nested dicts/tuples, lists of keys) moved by a direct walk: Lightning's
         generic one costs ~0.4 ms of host time per batch. Pinned tensors copy asynchronously, on a CUDA device on a
-        side stream (:meth:`_side_stream`, :func:`value_pl.data.pinning.to_device`)."""
+        side stream (:class:`value_pl.data.pinning.CopyStreams`, :func:`value_pl.data.pinning.to_device`)."""
         if type(batch) is not dict:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        return to_device(batch, device, self._side_stream(device))
-
-    def _side_stream(self, device: torch.device):
-        """The stream this module's batches are copied to ``device`` on (None: the current one): a side stream per CUDA
-        device while ``copy_stream`` is on, so that a batch's copy overlaps with the previous step's queued work."""
-        if not self.copy_stream or device.type != "cuda":
-            return None
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = self._copy_streams.get(index)
-        if stream is None:
-            stream = self._copy_streams[index] = torch.cuda.Stream(device=index)
-        return stream
+        return to_device(batch, device, self.copy_streams.for_device(device))
 
     def _eval_step(self, batch, metric, stage):
         getattr(self, f"counts_{stage}").update(batch.get("counts", {}))
