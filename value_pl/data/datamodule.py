@@ -135,7 +135,8 @@ class ShardDataModule(pl.LightningDataModule):
         register = bool(ring) and self.register_buffers  # then held until copied to the GPU: more per worker
         ring += pinning.extra_buffers(workers) if register else 0
         ranks = getattr(trainer, "num_devices", 1) if trainer is not None else 1
-        threads = self.pin_threads or pincopy.auto_threads(resources.available_cores(), ranks)
+        # the pin thread's copy threads: only a ring's features are copied that way (cores read only then)
+        threads = (self.pin_threads or pincopy.auto_threads(resources.available_cores(), ranks)) if ring else 1
         ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring,
                          register_buffers=register, pin_threads=threads)
         if ds.ring_token:  # (training loaders only have rings)

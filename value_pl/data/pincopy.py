@@ -15,6 +15,7 @@ The count is thread-local (OpenMP's ``omp_set_num_threads``): the main thread's 
 count for threads that start in between, sizes the thread pool of torch's quantized CPU kernels, and clears oneDNN's
 cache of CPU primitives, which a GPU run's main thread does not use. A pair of calls, there and back, took 0.3 us on
 the 2-core CPU.
+
 Thread counts are kept per ring token (:func:`want`, set when the training stream is made); ``data.pin_threads=null``
 picks :func:`auto_threads` from the cores this node gives each GPU. With one thread the copy is exactly torch's own.
 """
