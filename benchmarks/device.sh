@@ -5,8 +5,8 @@
 #   bash benchmarks/device.sh --fetch-wheels
 # There (in the repo root, with .whl carried along; $OUT, if set, gets the JSON and the log):
 #   bash benchmarks/device.sh [benchmarks/gpu.py args...]
-# e.g. the next run of docs/performance.md ("Where the time goes"), ~6 minutes:
-#   GPU_SH_TIMEOUT=540 bash benchmarks/device.sh --skip memory --e2e-probers \
+# e.g. the next run of docs/performance.md ("Where the time goes"), ~7 minutes:
+#   GPU_SH_TIMEOUT=540 bash benchmarks/device.sh --skip memory --e2e-probers --e2e-unpacked layer_emb attention \
 #       --e2e-no-copy-stream layer_emb attention --e2e-one-copy-thread layer_emb attention \
 #       --e2e-registered layer_emb attention --e2e-switch attention
 set -euo pipefail

@@ -4,8 +4,9 @@ Real-width shards (36 regions x 2048-d fp16 per image, the demo's captions and v
 in ``--workers`` loader workers, training batches handed over through the workers' reused ring buffers
 (``value_pl.data.handover``). A background thread plays the DataLoader's pin thread: one intra-op thread, it
 iterates the loader (pipe read + unpickle), "pins" each batch as torch's ``pin_memory()`` walks it (every tensor
-copied by a torch call that releases the GIL; the features copied out of their ring buffer into reused buffers,
-``RingFeatures.copy_out``) and puts it in a bounded ``queue.Queue``. The main thread takes batches from that queue
+copied by a torch call that releases the GIL; a batch packed into its ring buffer copied out in one call into
+reused buffers, ``RingBatch.copy_out``; ``--no-pack``: only the features are in the buffer, the other tensors
+cross by value and are copied one by one, as before ``data.pack_batches``) and puts it in a bounded ``queue.Queue``. The main thread takes batches from that queue
 and runs a GIL-holding step of ``--step-ms`` per batch (0: the loader alone): a pure-Python loop (``python``), or
 the same with a tiny torch call every ~25 us (``torch``: each releases the GIL for a moment, as the ops of a real
 step do). Each window of ``--batches`` steps runs under one ``sys.setswitchinterval`` (``--intervals``); windows
@@ -16,6 +17,7 @@ runs steps back to back and never waits (``--busy-s``): medians.
 
     python benchmarks/gil_handover.py --quick        # ~1 min on 2 cores
     python benchmarks/gil_handover.py                # ~6 min: replayed batches of 256, steps 4 / 8 ms
+    python benchmarks/gil_handover.py --no-pack      # the same, the batch's other tensors by value
 ``--replay 0`` decodes for real (then 1-2 workers on 2 cores bound the loader, not the main process).
 """
 from __future__ import annotations
@@ -48,16 +50,17 @@ class Pin:
         self.keep, self.pool = keep, {}
 
     def _into(self, v: torch.Tensor) -> torch.Tensor:
-        bufs = self.pool.setdefault((tuple(v.shape), v.dtype), [])
+        size = -(-v.numel() // (1 << 20)) << 20  # blocks rounded up, as the caching host allocator's
+        bufs = self.pool.setdefault((size, v.dtype), [])
         if len(bufs) < self.keep:
-            bufs.append(torch.empty(v.shape, dtype=v.dtype))
+            bufs.append(torch.zeros(size, dtype=v.dtype))
         bufs.append(bufs.pop(0))
-        return bufs[-1].copy_(v)
+        return bufs[-1][:v.numel()].view_as(v).copy_(v)
 
     def __call__(self, x):
-        from value_pl.data.handover import RingFeatures
+        from value_pl.data.handover import RingBatch
 
-        if isinstance(x, RingFeatures):
+        if isinstance(x, RingBatch):
             return x.copy_out(self._into)
         if isinstance(x, torch.Tensor):
             return x.clone()
@@ -100,11 +103,11 @@ class Replay(torch.utils.data.IterableDataset):
         if self.kept is None:  # collated before the ring is on: one-off segments, never handed over
             it = self.ds.samples()
             self.kept = [self.ds.collate([next(it) for _ in range(self.ds.batch_size)]) for _ in range(self.n)]
-        handover.activate(self.ds.ring_token, self.ds.ring_buffers)
+        handover.activate(self.ds.ring_token, self.ds.ring_buffers, self.ds.pack_batches)
         for i in range(len(self.ds)):
             b = dict(self.kept[i % self.n])
             b["region_feats"] = handover.batch_tensor(tuple(b["region_feats"].shape), b["region_feats"].dtype)
-            yield handover.Handover(b)
+            yield handover.leave(b)  # packed into the ring buffer (unless --no-pack)
 
 
 def make_loader(root: Path, tok: str, args):
@@ -117,7 +120,8 @@ def make_loader(root: Path, tok: str, args):
                                         "config": model_config(root.parent, 1, 64, 2)}), img_dim=2048)
     dm = ShardDataModule(root, batch_size=args.batch, num_workers=args.workers, shuffle_buffer=256, pin_memory=False)
     dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
-    ds = dm.stream("train", True, ring_buffers=args.prefetch + 2)  # as a GPU run's training loader has
+    ds = dm.stream("train", True, ring_buffers=args.prefetch + 2,  # as a GPU run's training loader has
+                   pack_batches=not args.no_pack)
     return torch.utils.data.DataLoader(Replay(ds, args.replay) if args.replay else ds, batch_size=None,
                                        num_workers=args.workers, collate_fn=no_collate, persistent_workers=True,
                                        prefetch_factor=args.prefetch, worker_init_fn=worker_init)
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--busy-s", type=float, default=1.5, help="seconds of steps back to back per window")
     ap.add_argument("--root", default=None, help="shards to reuse (built there if missing)")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="data.pack_batches=false: a batch's other tensors cross by value, pinned one by one")
     ap.add_argument("--quick", action="store_true", help="400 images, batch 64, a 4 ms step, 2 rounds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

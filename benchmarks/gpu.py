@@ -17,10 +17,12 @@ Rows, all in one run on one card:
    of persistent workers (each timed from its first batch; the first epoch, when every reused buffer is new to the
    main process, and each epoch's wait for its first batch are reported apart); and at the first worker count,
    each batch also moved to the device through the training's transfer (``value_pl.data.pinning.to_device``), with
-   the pin thread's copy (the default: on ``data.pin_threads=null`` intra-op threads, value_pl.data.pincopy), with
-   that copy in one thread (``data.pin_threads=1``, as before) and with ``data.register_buffers=true`` (the buffers
-   page-locked and lent to the copy): the main process's CPU per batch of each (its own thread, the pin thread and
-   its copy threads) and the buffer counts (``--no-loader-registered`` leaves these three rows out);
+   the pin thread's copy (the default: on ``data.pin_threads=null`` intra-op threads, value_pl.data.pincopy; each
+   batch packed into its buffer, value_pl.data.packing), with that copy in one thread (``data.pin_threads=1``, as
+   before), with ``data.register_buffers=true`` (the buffers page-locked and lent to the copy) and with
+   ``data.pack_batches=false`` (the other tensors by value): the main process's CPU per batch of each (its own
+   thread, the pin thread and its copy threads) and the buffer counts (``--no-loader-registered`` leaves these four
+   rows out);
 3. end to end: ``value_pl.driver.train.train`` (DataModule + Trainer, exactly what ``python -m value_pl.train``
    runs) on those shards, batch 256, ``--epochs`` epochs validated after the last (``--val-every``), so that the
    training epochs run back to back as the parts of a long epoch would: samples/s over epochs 2..N (wall time from
@@ -35,7 +37,8 @@ Rows, all in one run on one card:
    ``data.register_buffers=true``; for the probers named by ``--e2e-one-copy-thread``, with the CUDA graphs and
    ``data.pin_threads=1`` (each run's buffer counts and copy threads: ``ring_buffers`` in the JSON); for those named
    by ``--e2e-no-copy-stream``, with the CUDA graphs and ``data.copy_stream=false`` (batches copied to the GPU on the
-   compute stream, as before).
+   compute stream, as before); for those named by ``--e2e-unpacked``, with the CUDA graphs and
+   ``data.pack_batches=false`` (a batch's other tensors by value, pinned and copied one by one, as before).
 
 Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
 ``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
@@ -412,18 +415,19 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
                                         "config": model_config(Path(tempfile.mkdtemp()), 1, 64, 2)}), img_dim=2048)
     dev = torch.device(args.device)
     out = []
-    # (workers, data.register_buffers, batches moved to the device, data.pin_threads: None = the default): the loader
-    # alone at each count; then, at the first, moved to the device as training moves them, with the pin thread's copy
-    # on the default threads and on one, and with lent buffers
-    runs = [(w, False, False, None) for w in args.workers]
-    runs += [(args.workers[0], False, True, None), (args.workers[0], False, True, 1),
-             (args.workers[0], True, True, None)] if args.loader_registered else []
-    for workers, register, move, threads in runs:
+    # (workers, data.register_buffers, batches moved to the device, data.pin_threads: None = the default,
+    # data.pack_batches): the loader alone at each count; then, at the first, moved to the device as training moves
+    # them, with the pin thread's copy on the default threads and on one, with lent buffers, and not packed
+    runs = [(w, False, False, None, True) for w in args.workers]
+    runs += [(args.workers[0], False, True, None, True), (args.workers[0], False, True, 1, True),
+             (args.workers[0], True, True, None, True), (args.workers[0], False, True, None, False)] \
+        if args.loader_registered else []
+    for workers, register, move, threads, pack in runs:
         # pinned on a GPU, as training gets them (the pin thread copies features out of the workers' reused buffers,
         # or lends them, page-locked, when register)
         dm = ShardDataModule(root, batch_size=args.e2e_batch, num_workers=workers, shuffle_buffer=1000, pin_memory=None,
                              prefetch_factor=prefetch_for(workers, args.e2e_batch), register_buffers=register,
-                             pin_threads=threads)
+                             pin_threads=threads, pack_batches=pack)
         dm.collate = bb.collator(TaskSpec("vrc", "region_region", dm.manifest["labels"]["vrc"]))
         loader = dm.loader("train", True)
         epochs = []  # (samples, samples timed, seconds, main-process CPU seconds, batches timed, first wait)
@@ -455,12 +459,14 @@ def loader_rows(root: Path, tok: str, args) -> list[dict]:
         buffers = dm.buffer_stats()
         copy_threads = (buffers or {}).get("copy_threads") or threads or "default"
         how = (f", moved to {dev.type}" + (", data.register_buffers=true" if register else
-                                           f", pin-thread copy in {copy_threads} thread(s)") if move else "")
+                                           f", pin-thread copy in {copy_threads} thread(s)")
+               + ("" if pack else ", data.pack_batches=false") if move else "")
         out.append({"workers": workers, "samples_per_s": sps, "per_worker": sps / max(workers, 1),
                     "first_epoch_samples_per_s": first_sps, "epochs": len(epochs),
                     "epoch_samples": [x[0] for x in epochs], "main_process_ms_per_batch": main_ms,
                     "first_batch_wait_ms": waits, "pinned": bool(loader.pin_memory), "moved_to_device": move,
-                    "register_buffers": register, "pin_threads": threads, "ring_buffers": buffers})
+                    "register_buffers": register, "pin_threads": threads, "pack_batches": pack,
+                    "ring_buffers": buffers})
         span = f"epochs 2-{len(epochs)}" if len(epochs) > 1 else "one epoch"
         print(f"# loader, {workers} worker(s){how}: {sps:,.0f} samples/s ({sps / max(workers, 1):,.0f} per worker) "
               f"over {span} (first epoch {first_sps:,.0f}), main process {main_ms:.1f} ms CPU per batch"
@@ -496,6 +502,7 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     w0, off, plain = counts[0], "cuda_graphs.enabled=false", "data.epoch_ahead=false"
     runs = ([(p, w0, None, [off]) for p in args.e2e_probers]
             + [(p, w, None, []) for w in counts for p in args.e2e_graphs]
+            + [(p, w0, None, ["data.pack_batches=false"]) for p in args.e2e_unpacked]
             + [(p, w0, None, ["data.copy_stream=false"]) for p in args.e2e_no_copy_stream]
             + [(p, w0, None, ["data.pin_threads=1"]) for p in args.e2e_one_copy_thread]
             + [(p, w0, None, ["data.register_buffers=true"]) for p in args.e2e_registered]
@@ -626,16 +633,20 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-registered", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.register_buffers=true (loader "
                          "buffers page-locked and lent to the copy to the GPU; after the one-copy-thread runs)")
+    ap.add_argument("--e2e-unpacked", nargs="*", default=[],
+                    help="probers to run end to end also with CUDA graphs and data.pack_batches=false (a batch's other "
+                         "tensors cross by value and are pinned and copied one by one, as before value_pl.data.packing; "
+                         "right after the runs with CUDA graphs)")
     ap.add_argument("--e2e-no-copy-stream", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.copy_stream=false (each batch copied "
-                         "to the GPU on the compute stream, as before; right after the runs with CUDA graphs)")
+                         "to the GPU on the compute stream, as before; after the unpacked runs)")
     ap.add_argument("--e2e-one-copy-thread", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.pin_threads=1 (the pin thread "
                          "copies each batch's features alone, as before value_pl.data.pincopy; after the "
                          "no-copy-stream runs)")
     ap.add_argument("--no-loader-registered", dest="loader_registered", action="store_false",
                     help="leave out the loader rows that move batches to the device (pin-thread copy in the default "
-                         "threads and in one, registered)")
+                         "threads and in one, registered, not packed)")
     ap.add_argument("--switch-interval", type=float, nargs="+", default=[0.0002],
                     help="seconds (Python's default: 0.005); one --e2e-switch run per value and prober")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false",

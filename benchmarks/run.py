@@ -16,9 +16,10 @@ Prints one table of ratios, all measured in this run on this machine:
    ``Trainer.fit`` (Lightning's loop, hooks, logging, batch transfer) / in a plain loop; the operators each issues;
    and the bare forward with the frozen Linear weights cast for bf16 autocast once (value_pl's backbones) / on
    every call (plain autocast);
-7. the main process's CPU time per batch of those shards from 2 loader workers (receive, then copy the features
-   out as the pin thread does): torch's default handover vs ours (value_pl.data.handover); and the same for a
-   feature cache's batches (one float32 tensor per head input vs one fp16 tensor per batch);
+7. the main process's CPU time per batch of those shards from 2 loader workers (receive, then copy every tensor
+   as the pin thread does: one copy per tensor, or one per packed batch): torch's default handover vs ours
+   (value_pl.data.handover; reused buffers with the batch packed into them, ``data.pack_batches``, or not); and
+   the same for a feature cache's batches (one float32 tensor per head input vs one fp16 tensor per batch);
 8. (the last row) the wall time of that copy for a batch of 256, on 2-4 intra-op threads of the copying thread
    (``data.pin_threads``, value_pl.data.pincopy) / on one, as torch's pin thread makes it.
 
@@ -116,9 +117,10 @@ class _DefaultCollate:
 
 
 def handover_cost(tmp: Path, bb, reps: int, batch: int = 128, workers: int = 2, epochs: int = 3) -> dict:
-    """Main-process CPU ms per batch to receive a batch from a loader worker and copy its features out (what the
-    pin thread does before a GPU step), on the real-width shards of :func:`loader_per_worker`: torch's default
-    handover, ours with a fresh features segment per batch (CPU training), ours with reused buffers (pinned)."""
+    """Main-process CPU ms per batch to receive a batch from a loader worker and copy it as the pin thread does
+    before a GPU step (every tensor by its own copy; a packed batch's block by one), on the real-width shards of
+    :func:`loader_per_worker`: torch's default handover, ours with a fresh features segment per batch (CPU
+    training), ours with reused buffers (pinned), the other tensors by value or packed into the buffer."""
     from value_pl.data import handover
     from value_pl.data.collate import TaskSpec
     from value_pl.data.datamodule import ShardDataModule
@@ -129,14 +131,30 @@ def handover_cost(tmp: Path, bb, reps: int, batch: int = 128, workers: int = 2, 
     dm = ShardDataModule(root, batch_size=batch, num_workers=workers, shuffle_buffer=256, seed=0)
     col = bb.collator(TaskSpec("vrc", "region_region", man["labels"]["vrc"]))
     loaders = {}
-    for name, collate, ring in (("torch default", _DefaultCollate(col), 0), ("ours, fresh segment", col, 0),
-                                ("ours, reused buffers", col, 6)):
-        ds = dm.stream("train", True, collate=collate, ring_buffers=ring)
+    for name, collate, ring, pack in (("torch default", _DefaultCollate(col), 0, False),
+                                      ("ours, fresh segment", col, 0, False),
+                                      ("ours, reused buffers, other tensors by value", col, 6, False),
+                                      ("ours, reused buffers, packed (data.pack_batches)", col, 6, True)):
+        ds = dm.stream("train", True, collate=collate, ring_buffers=ring, pack_batches=pack)
         loaders[name] = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate,
                                                     persistent_workers=True, prefetch_factor=4,
                                                     worker_init_fn=worker_init)
     out = {k: float("inf") for k in loaders}
-    dest = None
+    dest: dict = {}
+
+    def copy(v):  # into memory written before, as the caching host allocator hands pinned blocks back
+        d = dest.get(v.dtype)
+        if d is None or d.numel() < v.numel():
+            d = dest[v.dtype] = torch.empty(2 * v.numel(), dtype=v.dtype)
+            d.zero_()
+        return d[:v.numel()].view_as(v).copy_(v)
+
+    def pin(x):  # the pin thread's walk
+        if isinstance(x, handover.RingBatch):
+            return x.copy_out(copy)
+        if isinstance(x, torch.Tensor):
+            return x.clone() if x.numel() * x.element_size() < 1 << 20 else copy(x)
+        return {k: pin(v) for k, v in x.items()} if isinstance(x, dict) else x
     for r in range(reps + 1):
         for name, dl in loaders.items():
             nb, t = 0, None
@@ -144,16 +162,9 @@ def handover_cost(tmp: Path, bb, reps: int, batch: int = 128, workers: int = 2, 
                 if t is None and (r > 0 or e > 0):
                     t = time.process_time()  # this process only: the workers are other processes
                 for b in dl:
-                    f = b["region_feats"]
-                    if dest is None:
-                        dest = torch.empty(4 * f.numel(), dtype=f.dtype)
-
-                    def copy(v):
-                        return dest[:v.numel()].view_as(v).copy_(v)
-
-                    f = f.copy_out(copy) if isinstance(f, handover.RingFeatures) else copy(f)
+                    b = pin(b)
                     nb += t is not None
-                    del b, f
+                    del b
             out[name] = min(out[name], 1e3 * (time.process_time() - t) / nb)
     loaders.clear()
     return out

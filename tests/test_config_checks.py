@@ -196,6 +196,7 @@ BAD_RUN = [
     ("data.pin_threads=0", "data.pin_threads"), ("data.pin_threads=9", "data.pin_threads"),
     ("data.pin_threads=1.5", "data.pin_threads"),
     ("data.copy_stream=maybe", "data.copy_stream"), ("data.copy_stream=null", "data.copy_stream"),
+    ("data.pack_batches=maybe", "data.pack_batches"), ("data.pack_batches=null", "data.pack_batches"),
 ]
 BAD_SENTEVAL = [("prober.dropout=1.0", "prober.dropout"), ("prober.grid.nhid=[50,-1]", "prober.grid.nhid"),
                 ("prober.grid.l2=[]", "prober.grid.l2"), ("prober.lr=0", "prober.lr"),

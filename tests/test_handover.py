@@ -19,7 +19,7 @@ import torch
 from helpers_backbones import tiny_tokenizer
 from test_cache import small_demo
 
-from value_pl.data import handover
+from value_pl.data import handover, packing
 from value_pl.data.collate import Collator, InputEncoder, TaskSpec
 from value_pl.data.datamodule import ShardDataModule
 from value_pl.data.stream import no_collate, worker_init
@@ -53,6 +53,12 @@ def test_small_tensors_travel_by_value_and_arrive_as_a_plain_dict():
     assert got["pair_modalities"] == ("region", "region")
 
 
+def out_of(ring_batch) -> torch.Tensor:
+    """The features of a ring batch that holds only them, copied out (the buffer is free after)."""
+    (feats,) = ring_batch.copy_out(torch.clone).tensors()
+    return feats
+
+
 def test_a_ring_buffer_is_reused_only_after_its_batch_was_copied_out():
     ring = handover.Ring("unit", max_buffers=2)
     a = ring.tensor((2, 3), torch.float16)
@@ -65,10 +71,11 @@ def test_a_ring_buffer_is_reused_only_after_its_batch_was_copied_out():
     c = ring.tensor((2, 3), torch.float16)  # both busy, at the cap: a one-off segment, not a busy buffer
     assert ring.fallbacks == 1 and c.data_ptr() not in (a.data_ptr(), b.data_ptr())
     c.fill_(4)
-    fc = crossed(ring.ref(c))  # crosses as an ordinary tensor, counted by the main process
+    assert ring.ref(c) is None
+    fc = crossed(ring.fallback(c))  # crosses as an ordinary tensor, counted by the main process
     assert type(fc) is torch.Tensor and fc.is_shared() and torch.equal(fc, torch.full((2, 3), 4, dtype=torch.float16))
     assert handover.pinning.stats(["unit"])["fallback_batches"] == 1
-    assert torch.equal(fa.copy_out(torch.clone), torch.ones(2, 3, dtype=torch.float16))
+    assert torch.equal(out_of(fa), torch.ones(2, 3, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="already copied out"):
         fa.copy_out(torch.clone)
     d = ring.tensor((2, 3), torch.float16)
@@ -81,30 +88,140 @@ def test_a_ring_buffer_is_reused_only_after_its_batch_was_copied_out():
     gc.collect()
     e = ring.tensor((2, 3), torch.float16)
     assert e.data_ptr() == b.data_ptr() and ring.fallbacks == 1
-    assert torch.equal(fd.copy_out(torch.clone), torch.full((2, 3), 3, dtype=torch.float16))
+    assert torch.equal(out_of(fd), torch.full((2, 3), 3, dtype=torch.float16))
     handover.forget("unit")
 
 
 def test_a_buffer_too_small_is_retired_and_the_main_process_forgets_it():
     ring = handover.Ring("retire", max_buffers=1)
     a = ring.tensor((4,), torch.float32)
-    crossed(ring.ref(a)).copy_out(torch.clone)
+    out_of(crossed(ring.ref(a)))
     assert set(handover._OPEN["retire"]) == {(ring.pid, 0)}
     old = handover._OPEN["retire"][(ring.pid, 0)]
-    big = ring.tensor((1000,), torch.float32)  # no free buffer is big enough and the ring is full: replace it
-    big.copy_(torch.arange(1000.0))
+    big = ring.tensor((100_000,), torch.float32)  # no free buffer is big enough and the ring is full: replace it
+    big.copy_(torch.arange(100_000.0))
     ref = ring.ref(big)
     assert ref.retired == [0] and ref.buffer is not None
-    got = crossed(ref).copy_out(torch.clone)
-    assert torch.equal(got, torch.arange(1000.0))
+    got = out_of(crossed(ref))
+    assert torch.equal(got, torch.arange(100_000.0))
     assert handover._OPEN["retire"][(ring.pid, 0)].data_ptr() != old.data_ptr()
     handover.forget("retire")
     assert "retire" not in handover._OPEN
 
 
+def a_batch(feats: torch.Tensor) -> dict:
+    """A collated pair batch's kinds of values (int64, bool, float32 tensors; nested rows; keys, counts, a tuple)."""
+    return {"input_ids": torch.tensor([[2, 7, 3], [2, 9, 0]]), "region_feats": feats,
+            "region_boxes": torch.rand(2, 4, 7), "a_valid": torch.tensor([[True], [False]]),
+            "a_pos": torch.arange(6).view(3, 2).t(),  # not contiguous
+            "empty": torch.zeros(0, 3, dtype=torch.int64), "rows": {"region": torch.tensor([[0, 1, -1]])},
+            "keys": ["a", "b"], "counts": {"samples": 2}, "pair_modalities": ("region", "region")}
+
+
+def same_batch(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+        elif type(v) is dict:
+            same_batch(got[k], v)
+        else:
+            assert got[k] == v, k
+
+
+def test_a_ring_batch_travels_whole_in_its_buffer_and_unpacks_to_the_collated_dict():
+    """Every tensor of a batch whose features are in a ring buffer is written into that buffer: what crosses is a
+    message of a few hundred bytes (slots, the layout, keys, counts); unpacked, it is the collator's dict, in order."""
+    ring = handover.Ring("pack", max_buffers=2)
+    feats = ring.tensor((2, 5, 8), torch.float16)
+    feats.normal_()
+    batch = a_batch(feats)
+    want = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    msg = ForkingPickler.dumps(handover.leave(batch, ring))
+    got = pickle.loads(msg)
+    assert type(got) is dict and isinstance(got[packing.RING_KEY], handover.RingBatch)
+    assert all(isinstance(got[k], packing.Slot) for k in ("input_ids", "region_feats", "a_valid", "a_pos", "empty"))
+    assert isinstance(got["rows"]["region"], packing.Slot)
+    assert len(msg) < 1500 + len(pickle.dumps(ring.buffers[0]))  # no tensor by value (the segment: first use only)
+    out = packing.unpack(got)
+    same_batch(out, want)
+    assert packing.RING_KEY not in out
+    assert int(ring._flag(0)[0]) == 0  # copied out: the worker may write the buffer again
+    assert all(t.data_ptr() % packing.ALIGN == 0 for t in (out["input_ids"], out["region_boxes"], out["a_valid"]))
+    again = ring.tensor((2, 5, 8), torch.float16)  # the same buffer, reused: only its index crosses now
+    again.fill_(1)
+    msg = ForkingPickler.dumps(handover.leave(a_batch(again), ring))
+    assert len(msg) < 1500
+    assert torch.equal(packing.unpack(pickle.loads(msg))["region_feats"], torch.ones(2, 5, 8, dtype=torch.float16))
+    handover.forget("pack")
+
+
+def test_tensors_that_do_not_fit_cross_by_value_counted_and_the_next_buffer_has_room():
+    ring = handover.Ring("room", max_buffers=1)
+    feats = ring.tensor((2, 3), torch.float16)
+    feats.fill_(2)
+    batch = {"region_feats": feats, "input_ids": torch.arange(40_000).view(2, -1), "keys": ["a", "b"]}
+    got = crossed(handover.leave(batch, ring))  # 320 KB of ids: more than a new buffer's 64 KiB of spare room
+    assert isinstance(got["region_feats"], packing.Slot) and type(got["input_ids"]) is torch.Tensor
+    assert handover.pinning.stats(["room"])["inline_batches"] == 1
+    out = packing.unpack(got)
+    assert torch.equal(out["region_feats"], torch.full((2, 3), 2, dtype=torch.float16))
+    assert torch.equal(out["input_ids"], torch.arange(40_000).view(2, -1))
+    feats = ring.tensor((2, 3), torch.float16)  # the ring now keeps room for them: the buffer is replaced
+    feats.fill_(3)
+    got = crossed(handover.leave({"region_feats": feats, "input_ids": torch.arange(40_000).view(2, -1)}, ring))
+    assert isinstance(got["input_ids"], packing.Slot) and handover.pinning.stats(["room"])["inline_batches"] == 1
+    out = packing.unpack(got)
+    assert torch.equal(out["input_ids"], torch.arange(40_000).view(2, -1)) and float(out["region_feats"][0, 0]) == 3
+    handover.forget("room")
+
+
+def test_the_pin_thread_pins_a_packed_batch_with_one_call_and_the_transfer_copies_it_once(monkeypatch):
+    """What the packing is for: each torch call of the pin thread gives up the GIL (and waits to take it back while
+    the main thread runs Python). A packed batch is one pin_memory() call and one copy to the device."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from value_pl.data.pinning import to_device
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, device=None: calls.append(self.numel()) or self.clone())
+    real_to = torch.Tensor.to
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(self.numel()) or real_to(self, *a, **k))
+    ring = handover.Ring(handover.new_token(ring_owner := type("Owner", (), {})()), max_buffers=2)
+    feats = ring.tensor((2, 5, 8), torch.float16)
+    feats.normal_()
+    batch = a_batch(feats)
+    want = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    pinned = pin_memory(crossed(handover.leave(batch, ring)))  # the DataLoader's pin thread
+    assert len(calls) == 1 and isinstance(pinned[packing.RING_KEY], packing.Packed)
+    meta = to_device(pinned, torch.device("meta"))
+    assert len(moved) == 1 and moved[0] == calls[0]  # the whole block, once
+    assert meta["region_feats"].device.type == "meta" and meta["rows"]["region"].shape == (1, 3)
+    same_batch(to_device(pinned, torch.device("cpu")), want)  # on the block's own device: views, no copy
+    assert len(moved) == 1
+    del ring_owner
+
+
+def test_a_layout_past_its_buffer_is_a_clear_error():
+    ring = handover.Ring("overrun", max_buffers=1)
+    t = ring.tensor((4,), torch.float16)
+    ref = ring.ref(t, [(0, "float16", (4,)), (1 << 20, "int64", (8,))])
+    with pytest.raises(RuntimeError, match="overruns ring buffer 0"):
+        crossed(ref)
+    handover.forget("overrun")
+
+
+def test_packed_views_are_checked():
+    with pytest.raises(ValueError, match="contiguous 1-d uint8"):
+        packing.views(torch.zeros(64, dtype=torch.int64), [])
+    with pytest.raises(ValueError, match="shorter than its layout"):
+        packing.views(torch.zeros(64, dtype=torch.uint8), [(0, "int64", (9,))])
+
+
 def test_unknown_ring_buffer_is_a_clear_error():
     with pytest.raises(RuntimeError, match="was never sent"):
-        handover._open_ring_features("nope", 1, 0, None, (2,), "float16", [])
+        handover._open_ring_batch("nope", 1, 0, None, [(0, "float16", (2,))], False, [])
 
 
 @pytest.fixture(scope="module")
@@ -119,26 +236,31 @@ def shards(tmp_path_factory):
     return root, collate
 
 
-def _batches(root, collate, workers: int, ring: int, stage: str = "val", slow: bool = False) -> dict:
-    """keys of each batch -> every tensor of it, read with ``workers`` loader workers (ring: reused buffers)."""
+def _batches(root, collate, workers: int, ring: int, stage: str = "val", slow: bool = False, pack: bool = True) -> dict:
+    """keys of each batch -> every tensor of it, read with ``workers`` loader workers (ring: reused buffers; pack:
+    the batch's other tensors packed into them too)."""
     dm = ShardDataModule(root, batch_size=4, eval_batch_size=3, num_workers=workers, seed=0, pin_memory=False)
     dm.collate = collate
-    ds = dm.stream(stage, stage == "train", ring_buffers=ring)
+    ds = dm.stream(stage, stage == "train", ring_buffers=ring, pack_batches=pack)
     kw = {"prefetch_factor": 2, "worker_init_fn": worker_init, "persistent_workers": True} if workers else {}
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate, **kw)
     rng = random.Random(0)
-    out = {}
+    out, packed = {}, 0
     for epoch in range(2):
         for b in dl:
-            feats = b["region_feats"]
-            if isinstance(feats, handover.RingFeatures):
+            if packing.RING_KEY in b:  # packed: no tensor crosses by value (not packed: all but the features do)
+                assert isinstance(b["region_feats"], packing.Slot)
+                slots = [k for k, v in b.items() if isinstance(v, packing.Slot)]
+                by_value = [k for k, v in (*b.items(), *b["rows"].items()) if isinstance(v, torch.Tensor)]
+                assert (not by_value) if pack else (slots == ["region_feats"] and "input_ids" in by_value)
+                packed += 1
                 if slow:
                     time.sleep(rng.uniform(0, 0.03))  # the workers run ahead while this batch is unread
-                feats = feats.copy_out(torch.clone)
-            b["region_feats"] = feats
+                b = packing.unpack(b)  # copied out of its buffer, which is free after
             key = (epoch, tuple(b["keys"]))
             assert key not in out
             out[key] = b
+    assert bool(packed) == bool(ring)
     if ring:
         assert ds.ring_token in handover._OPEN  # the ring was used: its buffers are mapped here
         assert 0 < len(handover._OPEN[ds.ring_token]) <= workers * ring
@@ -191,6 +313,12 @@ def test_worker_batches_equal_in_process_batches(shards, ring):
             assert not b["region_feats"][i, r:].any()
             n += 1
     assert n == 80 and not per_sample
+
+
+def test_unpacked_ring_batches_equal_in_process_batches(shards):
+    """data.pack_batches=false: only the features go through the ring buffer, the rest by value, as before."""
+    root, collate = shards
+    _same(_batches(root, collate, 2, 2, slow=True, pack=False), _batches(root, collate, 0, 0))
 
 
 def test_ring_only_for_pinned_training_batches(shards):
@@ -307,21 +435,23 @@ def test_lent_buffers_with_real_workers_are_reused_only_after_their_copy(shards,
         for epoch in range(2):
             for b in dl:
                 b = pin_memory(b)  # the DataLoader's pin thread, on a GPU
-                feats = b["region_feats"]
-                lent += fake.covers(feats)
+                block = b[packing.RING_KEY].block if packing.RING_KEY in b else None  # else a one-off segment
+                on_cpu = packing.unpack(b)  # views of the lent buffer (or of the pinned copy)
+                feats = on_cpu["region_feats"]
+                lent += block is not None and fake.covers(block)
                 time.sleep(rng.uniform(0, 0.02))  # the workers run ahead
                 pinning.to_device(b, META)  # releases the copies completed since the last call
-                if fake.covers(feats):
-                    in_flight.append((fake.events[-1], feats, feats.clone()))
+                if block is not None and fake.covers(block):
+                    in_flight.append((fake.events[-1], block, block.clone()))
                 for ev, view, seen in in_flight[:-1]:  # copies complete one transfer late: until then, untouched
                     assert torch.equal(view, seen)
                     ev.done = True
                 in_flight = in_flight[-1:]
                 for i, k in enumerate(b["keys"]):
-                    r = int(b["region_mask"][i].sum())
+                    r = int(on_cpu["region_mask"][i].sum())
                     assert torch.equal(feats[i, :r], want.pop((epoch, k))[:r]), (epoch, k)
                 batches += 1
-                del b, feats
+                del b, feats, block, on_cpu
     assert not want and lent > 0
     assert not fake.events[-1].done and len(fake.events) == lent
     dm.teardown("fit")  # waits for the queued copies (the last one still running) and frees their buffers

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_handover import features_per_sample, shards  # noqa: F401  (the module-scoped shard fixture)
 
-from value_pl.data import handover, pincopy
+from value_pl.data import handover, packing, pincopy
 from value_pl.data.datamodule import ShardDataModule
 
 
@@ -105,9 +105,9 @@ def test_each_training_loader_gets_its_configured_or_chosen_count(shards, monkey
 
 def test_copies_out_of_real_workers_buffers_on_several_threads_are_exact(shards, monkeypatch):  # noqa: F811
     """Two real workers write their reused buffers while the pin step (run here in a thread as the DataLoader's pin
-    thread runs it on a GPU) copies each batch's features out on 3 intra-op threads: every batch's features are the
-    in-process ones, every batch took the copy path, and the buffers were reused (no batch needed a one-off
-    segment)."""
+    thread runs it on a GPU) copies each batch out -- features and the tensors packed after them, in one call -- on
+    3 intra-op threads: every batch's features are the in-process ones, every batch took the copy path, and the
+    buffers were reused (no batch needed a one-off segment)."""
     from torch.utils.data._utils.pin_memory import pin_memory
 
     from value_pl.data import datamodule, resources
@@ -129,10 +129,11 @@ def test_copies_out_of_real_workers_buffers_on_several_threads_are_exact(shards,
         dl = dm.loader("train", train=True)
         for epoch in range(2):
             for b in dl:
-                assert isinstance(b["region_feats"], handover.RingFeatures)
+                assert isinstance(b[packing.RING_KEY], handover.RingBatch)
                 threads.clear()
                 b = _in_a_pin_thread(lambda b=b: pin_memory(b))[0]  # the DataLoader's pin thread, on a GPU
-                assert threads.count(3) == 1 and set(threads) <= {1, 3}  # the features, then small tensors
+                assert threads == [3]  # the whole batch, packed in its buffer: one copy
+                b = packing.unpack(b)
                 for i, k in enumerate(b["keys"]):
                     r = int(b["region_mask"][i].sum())
                     assert torch.equal(b["region_feats"][i, :r], want.pop((epoch, k))[:r]), (epoch, k)

@@ -12,7 +12,7 @@ from multiprocessing.reduction import ForkingPickler
 import pytest
 import torch
 
-from value_pl.data import handover, pinning
+from value_pl.data import handover, packing, pinning
 
 META = torch.device("meta")  # a "device" the transfer copies to, on a CPU-only machine
 
@@ -100,6 +100,16 @@ def send(r: handover.Ring, value: float, shape=(2, 3)):
     return t, crossed(r.ref(t))
 
 
+def feats(p: packing.Packed) -> torch.Tensor:
+    (t,) = p.tensors()
+    return t
+
+
+def as_batch(p: packing.Packed) -> dict:
+    """A pinned ring batch that holds only its features, as the transfer receives it."""
+    return {"region_feats": packing.Slot(0), packing.RING_KEY: p}
+
+
 def flag(token, r, i) -> int:
     return int(handover._OPEN[token][(r.pid, i)][:8].view(torch.int64)[0])
 
@@ -110,11 +120,11 @@ def test_a_buffer_is_registered_once_and_lent_without_a_copy_until_its_copy_comp
     buf0 = handover._OPEN[token][(r.pid, 0)]
     assert len(cuda.registered) == 1 and cuda.covers(buf0)  # the whole buffer, header included
     pinned = fa.pin_memory()
-    assert pinned.data_ptr() == buf0.data_ptr() + handover._HEADER  # the buffer itself: no copy
-    assert not cuda.copies and torch.equal(pinned, torch.ones(2, 3, dtype=torch.float16))
+    assert pinned.block.data_ptr() == buf0.data_ptr() + handover._HEADER  # the buffer itself: no copy
+    assert not cuda.copies and torch.equal(feats(pinned), torch.ones(2, 3, dtype=torch.float16))
     b, fb = send(r, 2)  # buffer 0 is lent: the worker takes buffer 1
     assert b.data_ptr() != a.data_ptr() and len(cuda.registered) == 2
-    out = pinning.to_device({"region_feats": pinned, "ids": torch.arange(3)}, META)
+    out = pinning.to_device({**as_batch(pinned), "ids": torch.arange(3)}, META)
     assert out["region_feats"].device == META and len(cuda.events) == 1  # one event: the lent tensor's copy
     assert pinning.to_device({}, META) == {} and flag(token, r, 0) == 1  # copy not done: still held
     c = r.tensor((2, 3), torch.float16)  # both held, at the cap: a one-off segment, never a lent buffer
@@ -129,7 +139,7 @@ def test_a_buffer_is_registered_once_and_lent_without_a_copy_until_its_copy_comp
     assert d.data_ptr() == a.data_ptr()  # buffer 0 again, right after
     assert len(cuda.calls) == 2  # registered once, however many batches use it
     again = fd.pin_memory()
-    assert again.data_ptr() == buf0.data_ptr() + handover._HEADER and float(again[0, 0]) == 3
+    assert again.block.data_ptr() == buf0.data_ptr() + handover._HEADER and float(feats(again)[0, 0]) == 3
     s = pinning.stats([token])
     assert (s["register"], s["registered_buffers"], s["zero_copy_batches"], s["copy_path_batches"]) == (True, 2, 2, 0)
     del again, fb
@@ -143,7 +153,7 @@ def test_a_buffer_is_registered_once_and_lent_without_a_copy_until_its_copy_comp
 def test_a_dropped_batch_frees_its_buffer(cuda):
     _owner, token, r = ring(True, max_buffers=1)
     _, fa = send(r, 1)
-    del fa  # dropped before pinning (RingFeatures.__del__)
+    del fa  # dropped before pinning (RingBatch.__del__)
     gc.collect()
     assert flag(token, r, 0) == 0
     _, fb = send(r, 2)
@@ -160,7 +170,7 @@ def test_a_dropped_batch_frees_its_buffer(cuda):
 def test_teardown_waits_for_queued_copies_then_frees_and_unregisters(cuda):
     _owner, token, r = ring(True)
     _, fa = send(r, 1)
-    pinning.to_device({"f": fa.pin_memory()}, META)
+    pinning.to_device(as_batch(fa.pin_memory()), META)
     held = handover._OPEN[token][(r.pid, 0)][:8].view(torch.int64)
     assert int(held[0]) == 1
     assert pinning.release({"another ring"}) == 0 and int(held[0]) == 1
@@ -174,13 +184,13 @@ def test_a_retired_buffer_is_unregistered_once_free(cuda):
     _, fa = send(r, 1, shape=(4,))
     old = handover._OPEN[token][(r.pid, 0)]
     old_ptr = next(iter(cuda.registered))
-    pinning.to_device({"f": fa.pin_memory()}, META)
+    pinning.to_device(as_batch(fa.pin_memory()), META)
     cuda.events[-1].done = True
     pinning.to_device({}, META)
-    _, fb = send(r, 2, shape=(1000,))  # too big for the free buffer at the cap: retired, a bigger one made
+    _, fb = send(r, 2, shape=(100_000,))  # too big for the free buffer at the cap: retired, a bigger one made
     assert ("unregister", old_ptr) in cuda.calls and handover._OPEN[token][(r.pid, 0)].data_ptr() != old.data_ptr()
     assert len(cuda.registered) == 1 and cuda.covers(handover._OPEN[token][(r.pid, 0)])
-    assert torch.equal(fb.pin_memory(), torch.full((1000,), 2, dtype=torch.float16))
+    assert torch.equal(feats(fb.pin_memory()), torch.full((100_000,), 2, dtype=torch.float16))
     handover.forget(token)
     assert not cuda.registered
 
@@ -195,8 +205,8 @@ def test_a_failed_registration_takes_the_copy_path_and_says_why(cuda, caplog):
     assert len(said) == 1 and "out of memory" in said[0] and "copied into pinned memory" in said[0]
     assert len(cuda.calls) == 1 and not cuda.registered
     got = fa.pin_memory()  # the copy path: copied out, the buffer freed at once
-    assert cuda.copies and got.data_ptr() != a.data_ptr() and flag(token, r, 0) == 0
-    assert torch.equal(got, torch.ones(2, 3, dtype=torch.float16))
+    assert cuda.copies and got.block.data_ptr() != a.data_ptr() and flag(token, r, 0) == 0
+    assert torch.equal(feats(got), torch.ones(2, 3, dtype=torch.float16))
     fb.pin_memory()
     s = pinning.stats([token])
     assert s["register_error"] == cuda.fail and s["copy_path_batches"] == 2 and s["zero_copy_batches"] == 0
@@ -207,8 +217,8 @@ def test_switched_off_nothing_is_registered_and_pinning_copies(cuda):
     _owner, token, r = ring(False)
     a, fa = send(r, 1)
     got = fa.pin_memory()
-    assert not cuda.calls and cuda.copies and got.data_ptr() != a.data_ptr() and flag(token, r, 0) == 0
-    pinning.to_device({"f": got}, META)
+    assert not cuda.calls and cuda.copies and got.block.data_ptr() != a.data_ptr() and flag(token, r, 0) == 0
+    pinning.to_device(as_batch(got), META)
     assert not cuda.events
     s = pinning.stats([token])
     assert (s["register"], s["registered_buffers"], s["copy_path_batches"]) == (False, 0, 1)
@@ -251,18 +261,26 @@ def test_copies_on_a_side_stream_are_waited_for_and_marked_used_on_the_current_o
     monkeypatch.setattr(pinning.torch.cuda, "current_stream", lambda device=None: current[0])
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self, s)), raising=False)
     real_to, real_event = torch.Tensor.to, cuda.event
-    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: issued.append(current[0]) or real_to(self, *a, **k))
+    copies = []  # what each copy made
+
+    def to(self, *a, **k):
+        issued.append(current[0])
+        copies.append(real_to(self, *a, **k))
+        return copies[-1]
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(cuda, "event", lambda: events_on.append(current[0]) or real_event())
     _owner, token, r = ring(True)
     _, fa = send(r, 1)
     already = torch.ones(2, device=META)
-    batch = {"region_feats": fa.pin_memory(), "rows": {"region": torch.zeros(3)}, "keys": ["x"],
+    batch = {**as_batch(fa.pin_memory()), "rows": {"region": torch.zeros(3)}, "keys": ["x"],
              "pair": (torch.ones(1), 5), "on_device": already}
     out = pinning.to_device(batch, META, side)
     assert issued == [side] * 3 and events_on == [side]  # the lent buffer's release follows its copy's stream
     assert main.waited == [side] and current == [main]
-    made = [out["region_feats"], out["rows"]["region"], out["pair"][0]]
-    assert [s for _, s in recorded] == [main] * 3 and [id(t) for t, _ in recorded] == [id(t) for t in made]
+    made = [out["rows"]["region"], out["pair"][0]]
+    assert [s for _, s in recorded] == [main] * 3 and [id(t) for t, _ in recorded] == [id(t) for t in copies]
+    assert copies[0].dtype == torch.uint8 and all(any(t is c for c in copies) for t in made)  # the block's copy first
     assert all(t.device == META for t in made) and out["on_device"] is already  # not copied, not recorded
     assert out["keys"] == ["x"] and out["pair"][1] == 5
     handover.forget(token)
@@ -297,8 +315,8 @@ def test_the_module_copies_on_one_side_stream_per_cuda_device_only_while_asked(t
     assert streams.for_device(torch.device("cuda", 0)) is None
 
 
-@pytest.mark.parametrize("override,on", [([], True), (["data.copy_stream=false"], False)])
-def test_data_copy_stream_reaches_the_module(tmp_path, override, on):
+@pytest.mark.parametrize("override,on", [([], True), (["data.copy_stream=false", "data.pack_batches=false"], False)])
+def test_data_copy_stream_and_pack_batches_reach_the_module_and_the_loader(tmp_path, override, on):
     from conftest import compose
     from test_cache import small_demo, tiny_backbone
 
@@ -307,5 +325,7 @@ def test_data_copy_stream_reaches_the_module(tmp_path, override, on):
     small_demo(tmp_path / "demo", splits={"train": 8, "val": 4, "test": 4})
     cfg = compose(["task=vrc", "prober=layer_emb", f"data.root={tmp_path / 'demo'}", *tiny_backbone(tmp_path),
                    "logger=none", *override])
-    module, _ = build_module(cfg, make_datamodule(cfg))
+    dm = make_datamodule(cfg)
+    module, _ = build_module(cfg, dm)
     assert module.copy_streams.enabled is on
+    assert dm.pack_batches is on and dm.loader("train", True).dataset.pack_batches is on

@@ -40,7 +40,7 @@ class ShardDataModule(pl.LightningDataModule):
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
                  prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool | None = None,
-                 register_buffers: bool = False, pin_threads: int | None = None):
+                 register_buffers: bool = False, pin_threads: int | None = None, pack_batches: bool = True):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -59,6 +59,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.prefetch_factor = int(prefetch_factor)
         self.reuse_buffers = bool(reuse_buffers)
         self.register_buffers = bool(register_buffers)  # page-lock the reused buffers (value_pl.data.pinning)
+        self.pack_batches = bool(pack_batches)  # a batch's other tensors ride in its reused buffer (data.packing)
         # threads that copy a pinned training batch's features (value_pl.data.pincopy); None: from the cores
         self.pin_threads = pincopy.check_threads(pin_threads)
         self._ring_tokens: list[str] = []  # the training loaders' rings: their counts are the run's (buffer_stats)
@@ -103,7 +104,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def stream(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
                start_epoch: int = 0, ring_buffers: int = 0, register_buffers: bool = False,
-               pin_threads: int = 1) -> ShardStream:
+               pin_threads: int = 1, pack_batches: bool = True) -> ShardStream:
         collate = collate or self.collate
         if collate is None:
             raise RuntimeError("ShardDataModule.collate is not set (the backbone's collator)")
@@ -112,7 +113,7 @@ class ShardDataModule(pl.LightningDataModule):
                            seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
                            start_epoch=start_epoch, transform=self.transform,
                            cap_batches=self.train_batches if train else None, ring_buffers=ring_buffers,
-                           register_buffers=register_buffers, pin_threads=pin_threads)
+                           register_buffers=register_buffers, pin_threads=pin_threads, pack_batches=pack_batches)
 
     def _pin(self) -> bool:
         if self.pin_memory is not None:
@@ -138,7 +139,7 @@ class ShardDataModule(pl.LightningDataModule):
         # the pin thread's copy threads: only a ring's features are copied that way (cores read only then)
         threads = (self.pin_threads or pincopy.auto_threads(resources.available_cores(), ranks)) if ring else 1
         ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring,
-                         register_buffers=register, pin_threads=threads)
+                         register_buffers=register, pin_threads=threads, pack_batches=self.pack_batches)
         if ds.ring_token:  # (training loaders only have rings)
             self._ring_tokens.append(ds.ring_token)
             self._copy_threads = threads
@@ -282,10 +283,12 @@ class ShardDataModule(pl.LightningDataModule):
 
     def buffer_stats(self) -> dict | None:
         """The training loaders' reused buffers' counts (:func:`value_pl.data.pinning.stats`; None: none used), with
-        the threads that copied them into pinned memory (``copy_threads``)."""
+        the threads that copied them into pinned memory (``copy_threads``) and whether batches were packed into
+        them (``packed``: ``data.pack_batches``)."""
         out = pinning.stats(self._ring_tokens)
         if out is not None:
             out["copy_threads"] = self._copy_threads
+            out["packed"] = self.pack_batches
         return out
 
     def on_exception(self, exception: BaseException) -> None:

@@ -14,21 +14,28 @@ Here:
   collator straight into shared memory (:func:`batch_tensor`). When training batches are pinned for a GPU
   (``ShardStream(ring_buffers=...)``, set by the DataModule), each worker keeps a small ring of shared buffers: a
   buffer's segment crosses to the main process once, the main process keeps it mapped (:data:`_OPEN`), and later
-  batches name only (ring, worker, buffer). Pinning copies the features out of the buffer
-  (:meth:`RingFeatures.pin_memory`, called by the DataLoader's pin thread; split across ``data.pin_threads``
-  threads: :mod:`value_pl.data.pincopy`) and then marks the buffer free in
-  its header; a worker writes only into a free buffer, and when none is free (the main process is behind) it
-  allocates a new one, up to ``prefetch_factor + 2`` per worker, then falls back to a one-off segment (counted
-  in the main process: :func:`value_pl.data.pinning.stats`). A buffer is never written while the main process
-  may still read it.
+  batches name only (ring, worker, buffer). A worker never writes a buffer that the main process may still read:
+  the main process marks it free in its header once it has copied it out; when none is free (the main process is
+  behind) the worker allocates a new one, up to ``prefetch_factor + 2`` per worker, then falls back to a one-off
+  segment (counted in the main process: :func:`value_pl.data.pinning.stats`).
+* **Such a batch travels whole in its buffer.** The worker also writes the batch's other tensors into the buffer,
+  after the features (:meth:`Ring.pack`, :mod:`value_pl.data.packing`), and the message carries only their layout,
+  the sample keys and the counts. The pin thread copies the buffer's used part into pinned memory with one call
+  (:meth:`RingBatch.pin_memory`; split across ``data.pin_threads`` threads: :mod:`value_pl.data.pincopy`) and
+  frees the buffer; the transfer copies that block to the GPU with one copy and cuts the tensors out of it there.
+  Each torch call gives up the GIL, which the pin thread then waits to take back while the main thread runs Python,
+  so one call per batch instead of ~18 (and one pipe read of a few KB instead of ~0.7 MB) is what keeps the pin
+  thread fed. Tensors that do not fit the buffer's spare room cross by value (counted: ``inline_batches``).
 * With ``data.register_buffers=true`` the main process page-locks each buffer with CUDA once, and pinning lends
   the buffer's view instead of copying it; the buffer is freed once the copy to the GPU has completed
   (:mod:`value_pl.data.pinning`).
 * Without pinning (CPU training) the features tensor is the model's input, so it gets a fresh segment per
   batch as before; so do evaluation batches (a ring per eval loader would stay resident in ``/dev/shm`` all run).
 
-The main process receives a plain ``dict`` of tensors, exactly what the collator built
-(``tests/test_handover.py``); the main-process cost per batch is a row of ``benchmarks/run.py``.
+The main process receives a ``dict``: exactly what the collator built, or, for a batch packed into its ring
+buffer, the same dict with :class:`~value_pl.data.packing.Slot` s in place of its tensors until the transfer (or
+:func:`value_pl.data.packing.unpack`) puts them back (``tests/test_handover.py``); the main-process cost per batch
+is a row of ``benchmarks/run.py``.
 """
 from __future__ import annotations
 
@@ -40,11 +47,12 @@ import weakref
 import numpy as np
 import torch
 
-from . import pincopy, pinning
+from . import packing, pincopy, pinning
 from .pinning import fence as _fence
 
 #: tensors up to this size are pickled by value (one copy into the message) instead of one segment each
 INLINE_BYTES = 1 << 20
+_ROOM = 64 << 10  # spare bytes in a new buffer for a batch's other tensors, at least
 _HEADER = 64  # bytes before a ring buffer's payload; int64 at 0: 1 while the main process may read it
 _NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                  torch.float32, torch.float64}
@@ -59,8 +67,8 @@ _ACTIVE: Ring | None = None
 class Ring:
     """A loader worker's reusable shared buffers for batch features (see the module docstring)."""
 
-    def __init__(self, token: str, max_buffers: int):
-        self.token, self.max_buffers = token, int(max_buffers)
+    def __init__(self, token: str, max_buffers: int, pack: bool = True):
+        self.token, self.max_buffers, self.pack_others = token, int(max_buffers), bool(pack)
         self.pid = os.getpid()
         self.buffers: list[torch.Tensor] = []  # uint8, header + payload
         self.sent: set[int] = set()  # buffers whose segment the main process has been sent
@@ -68,6 +76,7 @@ class Ring:
         self.by_ptr: dict[int, int] = {}  # payload data_ptr -> index
         self.fallbacks = 0  # batches that got a one-off segment (no free buffer)
         self.fallback_ptrs: set[int] = set()  # their data_ptrs, until they are sent (counted by the main process)
+        self.reserve = 0  # room a batch's other tensors took after its features (the most seen): kept free
         # tensor() runs in the worker's main thread, ref() in its queue's feeder thread (pickling)
         self.lock = threading.Lock()
 
@@ -81,8 +90,9 @@ class Ring:
 
     def _tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        need = packing.align(nbytes) + self.reserve  # the batch's other tensors go after the features
         free = [i for i, b in enumerate(self.buffers) if b is not None and int(self._flag(i)[0]) == 0]
-        i = next((i for i in free if self.buffers[i].numel() - _HEADER >= nbytes), None)
+        i = next((i for i in free if self.buffers[i].numel() - _HEADER >= need), None)
         if i is None and free and len([b for b in self.buffers if b is not None]) >= self.max_buffers:
             i = free[0]  # too small: retire it for a bigger one
             self.by_ptr.pop(self.buffers[i].data_ptr() + _HEADER, None)
@@ -95,7 +105,8 @@ class Ring:
                 t = _shared(shape, dtype)
                 self.fallback_ptrs.add(t.data_ptr())
                 return t
-            size = _HEADER + nbytes + nbytes // 4  # headroom for batches with more regions
+            # headroom for batches with more regions, and room for the other tensors
+            size = _HEADER + packing.align(nbytes + nbytes // 4) + max(2 * self.reserve, _ROOM)
             buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size), 0, (size,))
             if i is None:
                 i = len(self.buffers)
@@ -108,19 +119,102 @@ class Ring:
         _fence()
         return self.buffers[i][_HEADER:_HEADER + nbytes].view(dtype).view(shape)
 
-    def ref(self, t: torch.Tensor) -> _RingRef | _Fallback | None:
+    def ref(self, t: torch.Tensor, layout=None, inline: bool = False) -> _RingRef | None:
+        """What crosses for ``t`` (at pickling, in the queue's feeder thread): its ring buffer's reference, with
+        the ``layout`` of what :meth:`pack` wrote into it (None: ``t`` alone); None if ``t`` is in no buffer."""
         with self.lock:
             i = self.by_ptr.get(t.data_ptr())
-            if i is None and t.data_ptr() in self.fallback_ptrs:
-                self.fallback_ptrs.discard(t.data_ptr())
-                return _Fallback(self.token, t)
             if i is None or not t.is_contiguous():
                 return None
             first = i not in self.sent
             self.sent.add(i)
             retired, self.retired = self.retired, []
-        return _RingRef(self.token, self.pid, i, self.buffers[i] if first else None, tuple(t.shape),
-                        str(t.dtype).removeprefix("torch."), retired)
+        return _RingRef(self.token, self.pid, i, self.buffers[i] if first else None,
+                        layout or [packing.entry(0, t)], inline, retired)
+
+    def fallback(self, t: torch.Tensor) -> _Fallback | None:
+        """``t`` as a counted one-off segment, if it is one of this ring's fallbacks (none was free)."""
+        with self.lock:
+            if t.data_ptr() not in self.fallback_ptrs:
+                return None
+            self.fallback_ptrs.discard(t.data_ptr())
+        return _Fallback(self.token, t)
+
+    def pack(self, batch: dict) -> dict:
+        """In the worker, before ``batch`` is queued: if a tensor of it lives in one of this ring's buffers (its
+        features), write the batch's other tensors into the same buffer after it, and return the batch with
+        :class:`~value_pl.data.packing.Slot` s in their place and the buffer under
+        :data:`~value_pl.data.packing.RING_KEY`. Tensors that do not fit the buffer's spare room stay in the batch
+        (they cross by value), as do all of them when the ring does not pack (``data.pack_batches=false``). Any other
+        batch is returned as it is."""
+        found: list[torch.Tensor] = []
+        with self.lock:
+            _walk(batch, lambda t: found.append(t) if t.data_ptr() in self.by_ptr else None)
+            if len({t.data_ptr() for t in found}) > 1:
+                raise RuntimeError(f"a batch holds tensors in {len(found)} loader ring buffers; one (its features) "
+                                   "is allowed")
+            base = max(found, key=lambda t: t.nbytes, default=None)  # (any other: a view of it, copied as the rest)
+            if base is None or not base.is_contiguous():
+                return batch
+            buf = self.buffers[self.by_ptr[base.data_ptr()]]
+        others = []
+        if self.pack_others:
+            _walk(batch, lambda t: others.append(t) if (t is not base and _packable(t)) else None)
+        layout, off = [packing.entry(0, base)], packing.align(base.nbytes)
+        for t in others:
+            layout.append(packing.entry(off, t))
+            off = packing.align(off + t.nbytes)
+        self.reserve = max(self.reserve, off - packing.align(base.nbytes))
+        fits = _HEADER + off <= buf.numel()
+        if fits and others:
+            room = buf[_HEADER:_HEADER + off].numpy()
+            for (o, _, shape), t in zip(layout[1:], others):
+                src = t.numpy()
+                room[o:o + src.nbytes].view(src.dtype).reshape(src.shape)[...] = src
+        slots = {id(base): packing.Slot(0)}
+        if fits:
+            slots.update((id(t), packing.Slot(j)) for j, t in enumerate(others, 1))
+        out = _slotted(batch, slots)
+        out[packing.RING_KEY] = _Block(self, base, layout if fits else layout[:1], inline=bool(others) and not fits)
+        return out
+
+
+def _walk(batch: dict, fn) -> None:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor):
+            fn(v)
+        elif type(v) is dict:
+            _walk(v, fn)
+
+
+def _packable(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
+
+
+def _slotted(batch: dict, slots: dict) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and id(v) in slots:
+            v = slots[id(v)]
+        elif type(v) is dict:
+            v = _slotted(v, slots)
+        out[k] = v
+    return out
+
+
+class _Block:
+    """A packed batch's ring buffer, leaving a worker: crosses as its ring reference (:meth:`Ring.ref`)."""
+
+    __slots__ = ("base", "inline", "layout", "ring")
+
+    def __init__(self, ring: Ring, base: torch.Tensor, layout, inline: bool):
+        self.ring, self.base, self.layout, self.inline = ring, base, layout, inline
+
+    def __reduce__(self):
+        ref = self.ring.ref(self.base, self.layout, self.inline)
+        if ref is None:
+            raise RuntimeError("a packed batch's ring buffer is no longer known to its ring")
+        return ref.__reduce__()
 
 
 def _shared(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -139,13 +233,14 @@ def batch_tensor(shape: tuple, dtype) -> torch.Tensor:
     return _shared(tuple(shape), dt)
 
 
-def activate(token: str | None, max_buffers: int) -> Ring | None:
-    """In a loader worker: use the ring of ``token`` (None: no ring) for the batches made from now on."""
+def activate(token: str | None, max_buffers: int, pack: bool = True) -> Ring | None:
+    """In a loader worker: use the ring of ``token`` (None: no ring) for the batches made from now on; ``pack``:
+    write each batch's other tensors into its buffer too (``data.pack_batches``)."""
     global _ACTIVE
     if token is None:
         _ACTIVE = None
     elif _ACTIVE is None or _ACTIVE.token != token or _ACTIVE.pid != os.getpid():
-        _ACTIVE = Ring(token, max_buffers)
+        _ACTIVE = Ring(token, max_buffers, pack)
     return _ACTIVE
 
 
@@ -170,30 +265,35 @@ def new_token(owner, register: bool = False, copy_threads: int = 1) -> str:
     return token
 
 
-class RingFeatures:
-    """Main process: a batch's features inside a worker's ring buffer. The DataLoader's pin thread calls
-    :meth:`pin_memory`, which copies them out and frees the buffer -- or, when the buffer is page-locked
+class RingBatch:
+    """Main process: a training batch in a worker's ring buffer (its features first, then, packed, its other
+    tensors: :mod:`value_pl.data.packing`). The DataLoader's pin thread calls :meth:`pin_memory`, which copies the
+    buffer's used part out with one call and frees the buffer -- or, when the buffer is page-locked
     (``data.register_buffers``), lends the buffer's view itself, freed after the copy to the GPU
     (:mod:`value_pl.data.pinning`); nothing else may hold this object."""
 
-    __slots__ = ("base", "flag", "token", "view")
+    __slots__ = ("base", "flag", "layout", "token", "view")
 
-    def __init__(self, view: torch.Tensor, flag: torch.Tensor, token: str = "", base: int = 0):
-        self.view, self.flag, self.token, self.base = view, flag, token, base
+    def __init__(self, view: torch.Tensor, flag: torch.Tensor, layout, token: str = "", base: int = 0):
+        self.view, self.flag, self.layout, self.token, self.base = view, flag, layout, token, base
 
-    def copy_out(self, copy) -> torch.Tensor:
+    def copy_out(self, copy) -> packing.Packed:
+        """The block copied out by ``copy`` (a function of a uint8 tensor); the buffer is free after."""
         if self.flag is None:
-            raise RuntimeError("these ring features were already copied out (the buffer may hold another batch)")
+            raise RuntimeError("this ring batch was already copied out (the buffer may hold another batch)")
         out = copy(self.view)
         _fence()
         self.flag[0] = 0  # the worker may write the buffer again
         self.view = self.flag = None
-        return out
+        return packing.Packed(out, self.layout)
 
-    def pin_memory(self, device=None) -> torch.Tensor:
+    def materialize(self) -> packing.Packed:
+        return self.copy_out(torch.clone)
+
+    def pin_memory(self, device=None) -> packing.Packed:
         if self.flag is not None and pinning.is_registered(self.base):
             view, flag, self.view, self.flag = self.view, self.flag, None, None
-            return pinning.lend(view, flag, self.token)
+            return packing.Packed(pinning.lend(view, flag, self.token), self.layout)
         pinning.count(self.token, "copy_path_batches")
         n = pincopy.threads(self.token)
         return self.copy_out(lambda v: pincopy.pinned(v, n))
@@ -204,20 +304,20 @@ class RingFeatures:
 
 
 class _RingRef:
-    """What crosses for ring features: the buffer's segment the first time, its index afterwards."""
+    """What crosses for a ring batch: the buffer's segment the first time, its index afterwards, and the layout."""
 
-    __slots__ = ("buffer", "dtype", "index", "pid", "retired", "shape", "token")
+    __slots__ = ("buffer", "index", "inline", "layout", "pid", "retired", "token")
 
-    def __init__(self, token, pid, index, buffer, shape, dtype, retired):
+    def __init__(self, token, pid, index, buffer, layout, inline, retired):
         self.token, self.pid, self.index, self.buffer = token, pid, index, buffer
-        self.shape, self.dtype, self.retired = shape, dtype, retired
+        self.layout, self.inline, self.retired = layout, inline, retired
 
     def __reduce__(self):
-        return _open_ring_features, (self.token, self.pid, self.index, self.buffer, self.shape, self.dtype,
-                                     self.retired)
+        return _open_ring_batch, (self.token, self.pid, self.index, self.buffer, self.layout, self.inline,
+                                  self.retired)
 
 
-def _open_ring_features(token, pid, index, buffer, shape, dtype, retired) -> RingFeatures:
+def _open_ring_batch(token, pid, index, buffer, layout, inline, retired) -> RingBatch:
     with _OPEN_LOCK:
         bufs = _OPEN.setdefault(token, {})
         for i in retired:  # free (so released, no copy reads it): unregistered before it is unmapped
@@ -229,12 +329,15 @@ def _open_ring_features(token, pid, index, buffer, shape, dtype, retired) -> Rin
             pinning.register(token, buffer)  # once per buffer, if its ring asks for it
         buf = bufs.get((pid, index))
     if buf is None:
-        raise RuntimeError(f"batch features name ring buffer {index} of loader worker {pid}, which this process "
+        raise RuntimeError(f"a batch names ring buffer {index} of loader worker {pid}, which this process "
                            "was never sent (or has forgotten): a message from that worker was lost")
-    dt = getattr(torch, dtype)
-    n = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
-    return RingFeatures(buf[_HEADER:_HEADER + n].view(dt).view(shape), buf[:8].view(torch.int64), token,
-                        buf.data_ptr())
+    if inline:
+        pinning.count(token, "inline_batches")
+    n = packing.nbytes(layout)
+    if _HEADER + n > buf.numel():
+        raise RuntimeError(f"a batch's layout ({n} bytes) overruns ring buffer {index} of loader worker {pid} "
+                           f"({buf.numel() - _HEADER} bytes)")
+    return RingBatch(buf[_HEADER:_HEADER + n], buf[:8].view(torch.int64), layout, token, buf.data_ptr())
 
 
 class _Fallback:
@@ -269,7 +372,7 @@ class _Inline:
 def _pack(value):
     if isinstance(value, torch.Tensor):
         if _ACTIVE is not None and value.is_shared():
-            ref = _ACTIVE.ref(value)
+            ref = _ACTIVE.fallback(value)
             if ref is not None:
                 return ref
         if (value.device.type == "cpu" and value.dtype in _NUMPY_DTYPES and not value.requires_grad
@@ -282,8 +385,17 @@ def _pack(value):
 
 
 class Handover(dict):
-    """A batch leaving a loader worker: pickles its small tensors by value and its features as a ring
-    reference, and unpickles as a plain ``dict``."""
+    """A batch leaving a loader worker (made by :func:`leave`): pickles its small tensors by value and a packed
+    batch's buffer as a ring reference, and unpickles as a plain ``dict``."""
 
     def __reduce__(self):
         return dict, ([(k, _pack(v)) for k, v in self.items()],)
+
+
+def leave(batch, ring: Ring | None = None):
+    """In a loader worker: ``batch`` (a collated dict) as it is to be queued for the main process -- packed into
+    its ring buffer when its features are in one of ``ring`` (None: the worker's active ring; :meth:`Ring.pack`)."""
+    if type(batch) is not dict:
+        return batch
+    ring = ring if ring is not None else _ACTIVE
+    return Handover(ring.pack(batch) if ring is not None else batch)

@@ -1,7 +1,7 @@
 """The copy of a training batch's region features into pinned memory, on several cores (``data.pin_threads``).
 
-On a GPU run the DataLoader's pin thread copies each batch's features out of the loader worker's reused shared buffer
-into pinned memory (:meth:`value_pl.data.handover.RingFeatures.pin_memory`). torch runs that thread with one intra-op
+On a GPU run the DataLoader's pin thread copies each batch's features (and, packed after them, its other tensors) out
+of the loader worker's reused shared buffer into pinned memory (:meth:`value_pl.data.handover.RingBatch.pin_memory`). torch runs that thread with one intra-op
 thread (its pin loop calls ``torch.set_num_threads(1)``), so at batch 256 the ~38 MB of fp16 features are one core's
 memcpy: ~4 ms at 10 GB/s, the largest part of the ~9 ms of CPU the main process spent per batch on the H200 host
 (docs/performance.md), and every batch passes through that one thread. Here the pin thread raises its own intra-op

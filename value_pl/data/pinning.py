@@ -1,7 +1,7 @@
 """Ring buffers page-locked with CUDA, lent to the host-to-device copy (``data.register_buffers``; off by default).
 
 Without the switch, the DataLoader's pin thread copies each training batch's features out of the loader worker's
-reused shared buffer into pinned memory (:meth:`value_pl.data.handover.RingFeatures.pin_memory`): at batch 256,
+reused shared buffer into pinned memory (:meth:`value_pl.data.handover.RingBatch.pin_memory`): at batch 256,
 ~38 MB per batch, most of the main process's CPU time per batch. With it, the main process registers every ring
 buffer with CUDA as page-locked memory once, when the buffer's segment first arrives (:func:`register`,
 ``cudaHostRegister``), and pinning *lends* the buffer's view itself (:func:`lend`: no copy). The host-to-device copy
@@ -30,6 +30,8 @@ import threading
 import weakref
 
 import torch
+
+from . import packing
 
 log = logging.getLogger(__name__)
 PAGE = mmap.PAGESIZE
@@ -94,7 +96,7 @@ _PENDING: list[tuple[object, _Loan]] = []  # (event after the copy, loan): freed
 _STATS: dict[str, dict] = {}  # ring token -> counts (kept after the ring is forgotten, for the run's report)
 _DISABLED: str | None = None  # why registration failed in this process (then: the copy path)
 COUNTS = ("registered_buffers", "unregistered_buffers", "zero_copy_batches", "copy_path_batches",
-          "fallback_batches")
+          "fallback_batches", "inline_batches")
 
 
 class _Loan:
@@ -300,7 +302,8 @@ class CopyStreams:
 
 def to_device(batch, device: torch.device, stream=None):
     """``batch`` (dicts, tuples and lists of tensors) moved to ``device`` by a direct walk (Lightning's generic one
-    costs ~0.4 ms of host time per batch); pinned tensors copy asynchronously. Lent loader buffers are handed back to
+    costs ~0.4 ms of host time per batch); pinned tensors copy asynchronously. A packed batch
+    (:mod:`value_pl.data.packing`) is one copy of its block, its tensors cut out of the copy on ``device``. Lent loader buffers are handed back to
     their workers once the copies reading them are done: those of earlier calls, as their events complete.
 
     ``stream``: a CUDA side stream to issue the copies on (``data.copy_stream``). On the current stream a copy waits
@@ -322,6 +325,11 @@ def to_device(batch, device: torch.device, stream=None):
 
 
 def _to_device(x, device, made: list | None = None):
+    if type(x) is dict and packing.RING_KEY in x:  # a packed batch: one copy, its tensors cut out on the device
+        block = x[packing.RING_KEY]
+        if not isinstance(block, packing.Packed):
+            block = block.materialize()  # not pinned (no pin thread): copied out of its worker's buffer here
+        x = packing.resolve(x, packing.views(_to_device(block.block, device, made), block.layout))
     if isinstance(x, torch.Tensor):
         if x.device == device:
             return x

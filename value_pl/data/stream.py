@@ -283,7 +283,7 @@ def _same(batch):
 
 
 def _handover(batch):
-    return handover.Handover(batch) if type(batch) is dict else batch
+    return handover.leave(batch)
 
 
 def no_collate(batch):
@@ -302,7 +302,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  train: bool, seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None,
                  world: int | None = None, start_epoch: int = 0, transform: Callable | None = None,
                  cap_batches: int | None = None, ring_buffers: int = 0, register_buffers: bool = False,
-                 pin_threads: int = 1):
+                 pin_threads: int = 1, pack_batches: bool = True):
         super().__init__()
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} shard(s) but {len(counts)} sample count(s)")
@@ -317,8 +317,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.cap = None if cap_batches is None else int(cap_batches) * self.batch_size
         # > 0 (batches are pinned): workers hand features over through this many reused buffers each;
         # register_buffers: the main process page-locks them and lends them to the GPU copy (value_pl.data.pinning);
-        # else its pin thread copies them out with pin_threads threads (value_pl.data.pincopy)
-        self.ring_buffers = int(ring_buffers)
+        # else its pin thread copies them out with pin_threads threads (value_pl.data.pincopy); pack_batches: a
+        # batch's other tensors ride in the same buffer (value_pl.data.packing), else they cross by value
+        self.ring_buffers, self.pack_batches = int(ring_buffers), bool(pack_batches)
         self.ring_token = handover.new_token(self, bool(register_buffers), pin_threads) \
             if self.ring_buffers > 0 else None
 
@@ -370,7 +371,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             seed = [self.seed & 0xFFFFFFFF, epoch, self.rank, worker, zlib.crc32(b"buffer")]
             it = _buffer_shuffle(it, self.shuffle_buffer, np.random.default_rng(seed))
         if info is not None:  # leaving a worker: small tensors travel by value, features maybe through the ring
-            handover.activate(self.ring_token, self.ring_buffers)
+            handover.activate(self.ring_token, self.ring_buffers, self.pack_batches)
         out = _handover if info is not None else _same
         batch = []
         for raw in it:

@@ -73,6 +73,7 @@ def check_data(cfg) -> None:
     flag(cfg, "data.reuse_buffers")
     flag(cfg, "data.register_buffers")
     flag(cfg, "data.copy_stream")
+    flag(cfg, "data.pack_batches")
     number(cfg, "data.pin_threads", 1, MAX_PIN_THREADS, integer=True, null=True, why=" (null = a quarter of each GPU's cores, 1-4)")
     splits = value(cfg, "data.splits", None)
     if splits is not None:
