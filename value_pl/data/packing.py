@@ -20,7 +20,8 @@ entry is a strided view of the block reinterpreted as its dtype (:func:`views`: 
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
 #: the key under which a packed batch's block travels (removed again by :func:`unpack` and the transfer)
@@ -54,11 +55,22 @@ def entry(offset: int, t: torch.Tensor) -> tuple[int, str, tuple[int, ...]]:
 
 def nbytes(layout) -> int:
     """The block length ``layout`` needs (aligned)."""
-    return max((align(off + int(np.prod(shape)) * _itemsize(dt)) for off, dt, shape in layout), default=0)
+    return max((align(off + math.prod(shape) * _itemsize(dt)) for off, dt, shape in layout), default=0)
 
 
-def _itemsize(dtype: str) -> int:
-    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+_DTYPES: dict[str, tuple[torch.dtype, int]] = {}  # dtype name -> (dtype, bytes per element)
+
+
+def _dtype(name: str) -> tuple[torch.dtype, int]:
+    got = _DTYPES.get(name)
+    if got is None:
+        dt = getattr(torch, name)
+        got = _DTYPES[name] = (dt, torch.empty(0, dtype=dt).element_size())
+    return got
+
+
+def _itemsize(name: str) -> int:
+    return _dtype(name)[1]
 
 
 def views(block: torch.Tensor, layout) -> list[torch.Tensor]:
@@ -68,18 +80,20 @@ def views(block: torch.Tensor, layout) -> list[torch.Tensor]:
         raise ValueError(f"a packed block must be a contiguous 1-d uint8 tensor, got {block.dtype} {tuple(block.shape)}")
     if block.numel() < nbytes(layout):
         raise ValueError(f"a packed block of {block.numel()} bytes is shorter than its layout ({nbytes(layout)} bytes)")
-    typed: dict[str, torch.Tensor] = {}
+    typed: dict[str, tuple[torch.Tensor, int, int]] = {}  # dtype name -> (block as it, its offset, element bytes)
     out = []
     for off, dt, shape in layout:
-        base = typed.get(dt)
-        if base is None:
-            base = typed[dt] = block.view(getattr(torch, dt))
-        size = _itemsize(dt)
-        strides, s = [], 1
-        for d in reversed(shape):
-            strides.append(s)
-            s *= max(int(d), 1)
-        out.append(base.as_strided(shape, tuple(reversed(strides)), base.storage_offset() + off // size))
+        got = typed.get(dt)
+        if got is None:
+            dtype, size = _dtype(dt)
+            base = block.view(dtype)
+            got = typed[dt] = (base, base.storage_offset(), size)
+        base, start, size = got
+        stride, n = [1] * len(shape), 1
+        for i in range(len(shape) - 1, -1, -1):
+            stride[i] = n
+            n *= shape[i] or 1
+        out.append(base.as_strided(shape, stride, start + off // size))
     return out
 
 
