@@ -184,7 +184,8 @@ def test_the_pin_thread_pins_a_packed_batch_with_one_call_and_the_transfer_copie
     from value_pl.data.pinning import to_device
 
     calls = []
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, device=None: calls.append(self.numel()) or self.clone())
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self, device=None: calls.append(self.numel()) or self.clone())
     real_to = torch.Tensor.to
     moved = []
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(self.numel()) or real_to(self, *a, **k))

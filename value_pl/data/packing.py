@@ -55,29 +55,22 @@ def entry(offset: int, t: torch.Tensor) -> tuple[int, str, tuple[int, ...]]:
 
 def nbytes(layout) -> int:
     """The block length ``layout`` needs (aligned)."""
-    return max((align(off + math.prod(shape) * _itemsize(dt)) for off, dt, shape in layout), default=0)
+    return max((align(off + math.prod(shape) * _dtype(dt).itemsize) for off, dt, shape in layout), default=0)
 
 
-_DTYPES: dict[str, tuple[torch.dtype, int]] = {}  # dtype name -> (dtype, bytes per element)
-
-
-def _dtype(name: str) -> tuple[torch.dtype, int]:
-    got = _DTYPES.get(name)
-    if got is None:
-        dt = getattr(torch, name)
-        got = _DTYPES[name] = (dt, torch.empty(0, dtype=dt).element_size())
-    return got
-
-
-def _itemsize(name: str) -> int:
-    return _dtype(name)[1]
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"a packed batch's layout names an unknown dtype {name!r}")
+    return dt
 
 
 def views(block: torch.Tensor, layout) -> list[torch.Tensor]:
     """The tensors of ``layout`` as views of ``block`` (a contiguous uint8 tensor on any device, its length and
     storage offset multiples of :data:`ALIGN`)."""
     if block.dtype != torch.uint8 or block.dim() != 1 or not block.is_contiguous():
-        raise ValueError(f"a packed block must be a contiguous 1-d uint8 tensor, got {block.dtype} {tuple(block.shape)}")
+        raise ValueError(f"a packed block must be a contiguous 1-d uint8 tensor, got {block.dtype} "
+                         f"{tuple(block.shape)}")
     if block.numel() < nbytes(layout):
         raise ValueError(f"a packed block of {block.numel()} bytes is shorter than its layout ({nbytes(layout)} bytes)")
     typed: dict[str, tuple[torch.Tensor, int, int]] = {}  # dtype name -> (block as it, its offset, element bytes)
@@ -85,9 +78,9 @@ def views(block: torch.Tensor, layout) -> list[torch.Tensor]:
     for off, dt, shape in layout:
         got = typed.get(dt)
         if got is None:
-            dtype, size = _dtype(dt)
+            dtype = _dtype(dt)
             base = block.view(dtype)
-            got = typed[dt] = (base, base.storage_offset(), size)
+            got = typed[dt] = (base, base.storage_offset(), dtype.itemsize)
         base, start, size = got
         stride, n = [1] * len(shape), 1
         for i in range(len(shape) - 1, -1, -1):

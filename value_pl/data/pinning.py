@@ -303,8 +303,9 @@ class CopyStreams:
 def to_device(batch, device: torch.device, stream=None):
     """``batch`` (dicts, tuples and lists of tensors) moved to ``device`` by a direct walk (Lightning's generic one
     costs ~0.4 ms of host time per batch); pinned tensors copy asynchronously. A packed batch
-    (:mod:`value_pl.data.packing`) is one copy of its block, its tensors cut out of the copy on ``device``. Lent loader buffers are handed back to
-    their workers once the copies reading them are done: those of earlier calls, as their events complete.
+    (:mod:`value_pl.data.packing`) is one copy of its block, its tensors cut out of the copy on ``device``. Lent
+    loader buffers are handed back to their workers once the copies reading them are done: those of earlier calls,
+    as their events complete.
 
     ``stream``: a CUDA side stream to issue the copies on (``data.copy_stream``). On the current stream a copy waits
     for the work queued before it -- the previous training step's backward and optimizer -- and the GPU runs no
