@@ -218,6 +218,8 @@ def test_packed_views_are_checked():
         packing.views(torch.zeros(64, dtype=torch.int64), [])
     with pytest.raises(ValueError, match="shorter than its layout"):
         packing.views(torch.zeros(64, dtype=torch.uint8), [(0, "int64", (9,))])
+    with pytest.raises(ValueError, match="unknown dtype 'nope'"):
+        packing.views(torch.zeros(64, dtype=torch.uint8), [(0, "nope", (1,))])
 
 
 def test_unknown_ring_buffer_is_a_clear_error():
