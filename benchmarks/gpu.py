@@ -634,12 +634,12 @@ def main(argv=None) -> int:
                     help="probers to run end to end also with CUDA graphs and data.register_buffers=true (loader "
                          "buffers page-locked and lent to the copy to the GPU; after the one-copy-thread runs)")
     ap.add_argument("--e2e-unpacked", nargs="*", default=[],
-                    help="probers to run end to end also with CUDA graphs and data.pack_batches=false (a batch's other "
-                         "tensors cross by value and are pinned and copied one by one, as before value_pl.data.packing; "
-                         "right after the runs with CUDA graphs)")
+                    help="probers to run end to end also with CUDA graphs and data.pack_batches=false (a batch's "
+                         "other tensors cross by value and are pinned and copied one by one, as before "
+                         "value_pl.data.packing; right after the runs with CUDA graphs)")
     ap.add_argument("--e2e-no-copy-stream", nargs="*", default=[],
-                    help="probers to run end to end also with CUDA graphs and data.copy_stream=false (each batch copied "
-                         "to the GPU on the compute stream, as before; after the unpacked runs)")
+                    help="probers to run end to end also with CUDA graphs and data.copy_stream=false (each batch "
+                         "copied to the GPU on the compute stream, as before; after the unpacked runs)")
     ap.add_argument("--e2e-one-copy-thread", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.pin_threads=1 (the pin thread "
                          "copies each batch's features alone, as before value_pl.data.pincopy; after the "

@@ -282,10 +282,6 @@ def _same(batch):
     return batch
 
 
-def _handover(batch):
-    return handover.leave(batch)
-
-
 def no_collate(batch):
     return batch  # batches are made (and collated) inside the stream
 
@@ -372,7 +368,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             it = _buffer_shuffle(it, self.shuffle_buffer, np.random.default_rng(seed))
         if info is not None:  # leaving a worker: small tensors travel by value, features maybe through the ring
             handover.activate(self.ring_token, self.ring_buffers, self.pack_batches)
-        out = _handover if info is not None else _same
+        out = handover.leave if info is not None else _same
         batch = []
         for raw in it:
             batch.append(self._decode(raw))
