@@ -4,16 +4,16 @@ Real-width shards (36 regions x 2048-d fp16 per image, the demo's captions and v
 in ``--workers`` loader workers, training batches handed over through the workers' reused ring buffers
 (``value_pl.data.handover``). A background thread plays the DataLoader's pin thread: one intra-op thread, it
 iterates the loader (pipe read + unpickle), "pins" each batch as torch's ``pin_memory()`` walks it (every tensor
-copied by a torch call that releases the GIL; a batch packed into its ring buffer copied out in one call into
-reused buffers, ``RingBatch.copy_out``; ``--no-pack``: only the features are in the buffer, the other tensors
-cross by value and are copied one by one, as before ``data.pack_batches``) and puts it in a bounded
-``queue.Queue``. The main thread takes batches from that queue and runs a GIL-holding step of ``--step-ms`` per
-batch (0: the loader alone): a pure-Python loop (``python``), or the same with a tiny torch call every ~25 us
-(``torch``: each releases the GIL for a moment, as the ops of a real step do). Each window of ``--batches`` steps runs under one ``sys.setswitchinterval`` (``--intervals``); windows
-are interleaved over ``--repeats`` rounds. Per step and interval: samples/s (best and median round), the main
-thread's share of time waiting for data, the step's own time inside the run (GIL hand-offs to the pin thread
-included) and alone (the pin thread idle on a full queue), and what the pin thread delivers while the main thread
-runs steps back to back and never waits (``--busy-s``): medians.
+copied by a torch call that releases the GIL; a batch packed into its ring buffer copied out in one call into reused
+buffers, ``RingBatch.copy_out``; ``--no-pack``: only the features are in the buffer, the other tensors cross by
+value and are copied one by one, as before ``data.pack_batches``) and puts it in a bounded ``queue.Queue``. The main
+thread takes batches from that queue and runs a GIL-holding step of ``--step-ms`` per batch (0: the loader alone): a
+pure-Python loop (``python``), or the same with a tiny torch call every ~25 us (``torch``: each releases the GIL for
+a moment, as the ops of a real step do). Each window of ``--batches`` steps runs under one ``sys.setswitchinterval``
+(``--intervals``); windows are interleaved over ``--repeats`` rounds. Per step and interval: samples/s (best and
+median round), the main thread's share of time waiting for data, the step's own time inside the run (GIL hand-offs
+to the pin thread included) and alone (the pin thread idle on a full queue), and what the pin thread delivers while
+the main thread runs steps back to back and never waits (``--busy-s``): medians.
 
     python benchmarks/gil_handover.py --quick        # ~1 min on 2 cores
     python benchmarks/gil_handover.py                # ~6 min: replayed batches of 256, steps 4 / 8 ms
