@@ -5,10 +5,10 @@
 #   bash benchmarks/device.sh --fetch-wheels
 # There (in the repo root, with .whl carried along; $OUT, if set, gets the JSON and the log):
 #   bash benchmarks/device.sh [benchmarks/gpu.py args...]
-# e.g. the next run of docs/performance.md ("Where the time goes"), ~7 minutes:
+# e.g. the next run of docs/performance.md ("Where the time goes"), ~8 minutes:
 #   GPU_SH_TIMEOUT=540 bash benchmarks/device.sh --skip memory --e2e-probers --e2e-unpacked layer_emb attention \
-#       --e2e-no-copy-stream layer_emb attention --e2e-one-copy-thread layer_emb attention \
-#       --e2e-registered layer_emb attention --e2e-switch attention
+#       --e2e-forked layer_emb attention --e2e-no-gc-freeze attention --e2e-no-copy-stream attention \
+#       --e2e-one-copy-thread attention --e2e-registered layer_emb attention --e2e-switch attention
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(hydra-core==1.3.8 omegaconf==2.3.1 webdataset==1.0.2 braceexpand==0.1.7 orjson==3.13.0)

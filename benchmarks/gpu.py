@@ -38,7 +38,11 @@ Rows, all in one run on one card:
    ``data.pin_threads=1`` (each run's buffer counts and copy threads: ``ring_buffers`` in the JSON); for those named
    by ``--e2e-no-copy-stream``, with the CUDA graphs and ``data.copy_stream=false`` (batches copied to the GPU on the
    compute stream, as before); for those named by ``--e2e-unpacked``, with the CUDA graphs and
-   ``data.pack_batches=false`` (a batch's other tensors by value, pinned and copied one by one, as before).
+   ``data.pack_batches=false`` (a batch's other tensors by value, pinned and copied one by one, as before); for those
+   named by ``--e2e-forked``, with ``data.worker_start=fork`` (loader workers forked from the training process, as
+   before the forkserver default); for those named by ``--e2e-no-gc-freeze``, with ``gc_freeze=false``. Each run's
+   per-epoch seconds in garbage collection are in its ``epochs`` (``gc_s``, ``gc_full``), and the CPU share of each
+   thread of the main process and of the loader workers over its window in ``cpu_shares`` (``cpu_share.py``).
 
 Needs only what a GPU image has plus this repo (no MiniLM: a synthetic WordPiece vocabulary is written).
 ``--device cpu --layers 2 --hidden 64 --batch 4 --iters 2 --train-images 64 --epochs 2`` checks the script on CPU.
@@ -494,7 +498,10 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
 
     from value_pl.driver.train import train
 
+    from cpu_share import CpuShares
+
     out = [] if out is None else out
+    cpu = CpuShares()  # who used the CPU in each run's window (cpu_share.py)
     counts = args.e2e_workers or args.workers[:1]
     # graphs off and data.epoch_ahead=false only at the first worker count; the default set-up at every count; each
     # run: (prober, workers, switch interval or None, its overrides), in the order of what a run cut short by
@@ -503,6 +510,8 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     runs = ([(p, w0, None, [off]) for p in args.e2e_probers]
             + [(p, w, None, []) for w in counts for p in args.e2e_graphs]
             + [(p, w0, None, ["data.pack_batches=false"]) for p in args.e2e_unpacked]
+            + [(p, w0, None, ["data.worker_start=fork"]) for p in args.e2e_forked]
+            + [(p, w0, None, ["gc_freeze=false"]) for p in args.e2e_no_gc_freeze]
             + [(p, w0, None, ["data.copy_stream=false"]) for p in args.e2e_no_copy_stream]
             + [(p, w0, None, ["data.pin_threads=1"]) for p in args.e2e_one_copy_thread]
             + [(p, w0, None, ["data.register_buffers=true"]) for p in args.e2e_registered]
@@ -521,12 +530,15 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
               "trainer=gpu" if dev.type == "cuda" else "trainer=cpu", "backbone=uniter_untrained",
               f"backbone.config={model_config(tmp, args.layers, args.hidden, args.heads)}", f"backbone.tokenizer={tok}",
               "backbone.img_dim=2048", *extra, f"+trainer.check_val_every_n_epoch={args.val_every or args.epochs}"]
+        if dev.type == "cuda" and not any(x.startswith("data.worker_start=") for x in extra):
+            # what python -m value_pl.train does on a GPU (null keeps fork under a script's __main__, as this one)
+            ov.append("data.worker_start=forkserver")
         default = sys.getswitchinterval()
         try:
             with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
                 cfg = compose(config_name="train", overrides=ov)
             util.window()
-            sys.setswitchinterval(switch or default)  # this process's GIL (and the loader workers it forks)
+            sys.setswitchinterval(switch or default)  # this process's GIL (forked loader workers inherit it)
             res = train(cfg)
         except Exception as e:  # noqa: BLE001 - one failed run must not cost the others
             import traceback
@@ -545,29 +557,39 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
         sps = n / max(end - start, 1e-9)  # wall time from the first steady epoch's start to the last one's end
         wait = sum(x["data_wait_frac"] * x["seconds"] for x in steady) / max(sum(x["seconds"] for x in steady), 1e-9)
         busy, source, both = util.mean(start, end)
+        shares = cpu.shares(start, end)
+        xfer = sum((x.get("transfer_frac") or 0) * x["seconds"] for x in steady) / max(sum(x["seconds"] for x in steady),
+                                                                                       1e-9)
         # the last epoch is where the validation loader's workers are first forked (its last batch starts the run):
         # the same samples/s without it, and what those starts took (worker_start_s) with the process's peak RSS
         head = steady[:-1]
         head_sps = (sum(x["samples_per_s"] * x["seconds"] for x in head) / max(head[-1]["end"] - head[0]["start"], 1e-9)
                     if head else None)
         rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        out.append({"prober": name, "samples_per_s": sps, "data_wait_frac": wait, "gpu_util_pct": busy,
+        out.append({"prober": name, "samples_per_s": sps, "data_wait_frac": wait, "transfer_frac": xfer,
+                    "gpu_util_pct": busy,
                     "gpu_util_source": source, "gpu_util_both": both, "window_s": end - start, "steady_epochs": len(steady),
                     "last_epoch": res["throughput"]["train"], "samples_seen": res["samples_seen"]["train"],
                     "cuda_graphs": res["throughput"].get("cuda_graphs"), "epochs": eps,
                     "switch_interval_s": switch or default, "ring_buffers": res["throughput"].get("ring_buffers"),
                     "samples_per_s_before_last_epoch": head_sps, "main_peak_rss_gib": rss_gib,
                     "worker_start_s": res["throughput"].get("worker_start_s"),
+                    "worker_start_method": res["throughput"].get("worker_start_method"),
+                    "gc_s": sum(x.get("gc_s", 0) for x in steady), "cpu_shares": shares,
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
         print(f"# e2e {name}: {sps:,.0f} samples/s over epochs 2-{len(eps)} ({end - start:.1f} s; per epoch "
-              f"{[round(x['samples_per_s']) for x in eps]}), waiting for data {100 * wait:.0f}%, GPU busy {busy:.0f}% "
+              f"{[round(x['samples_per_s']) for x in eps]}), waiting for data {100 * wait:.0f}% (copying to the device "
+              f"{100 * xfer:.0f}%), GPU busy {busy:.0f}% "
               f"(NVML: {source}; {both}), samples per epoch {res['samples_seen']['train']}, cuda graphs "
               f"{res['throughput'].get('cuda_graphs')}"
               + f", buffers {res['throughput'].get('ring_buffers')}"
               + (f"; {head_sps:,.0f} samples/s without the last epoch" if head_sps else "")
-              + f"; workers started in {res['throughput'].get('worker_start_s')} s, main process peak RSS "
+              + f"; workers started ({res['throughput'].get('worker_start_method')}) in "
+              f"{res['throughput'].get('worker_start_s')} s, garbage collection "
+              f"{sum(x.get('gc_s', 0) for x in steady):.2f} s, CPU shares {shares}, main process peak RSS "
               f"{rss_gib:.1f} GiB", flush=True)
         done()
+    cpu.stop.set()
     return out
 
 
@@ -644,6 +666,12 @@ def main(argv=None) -> int:
                     help="probers to run end to end also with CUDA graphs and data.pin_threads=1 (the pin thread "
                          "copies each batch's features alone, as before value_pl.data.pincopy; after the "
                          "no-copy-stream runs)")
+    ap.add_argument("--e2e-forked", nargs="*", default=[],
+                    help="probers to run end to end also with CUDA graphs and data.worker_start=fork (loader workers "
+                         "forked from the training process, as before; after the unpacked runs)")
+    ap.add_argument("--e2e-no-gc-freeze", nargs="*", default=[],
+                    help="probers to run end to end also with CUDA graphs and gc_freeze=false (full garbage "
+                         "collections walk the whole heap, as before; after the forked runs)")
     ap.add_argument("--no-loader-registered", dest="loader_registered", action="store_false",
                     help="leave out the loader rows that move batches to the device (pin-thread copy in the default "
                          "threads and in one, registered, not packed)")

@@ -49,7 +49,8 @@ def test_ddp_train_and_eval_match_single_process_with_one_shard_per_split(tmp_pa
     ckpt = d2 / "checkpoints" / "last.ckpt"
     e2d = tmp_path / "eval2"
     ev = [f"ckpt_path={ckpt}", f"data.root={root}", "data.eval_batch_size=4", "data.num_workers=2", *FAST]
-    run_cli("value_pl.eval", ev + DDP, e2d, timeout=300)
+    # (its workers started from a forkserver, the default on a GPU: the entry module preloaded into it, per rank)
+    run_cli("value_pl.eval", ev + DDP + ["data.worker_start=forkserver"], e2d, timeout=300)
     e2 = json.loads((e2d / "results.json").read_text())
     e1 = evaluate(compose(ev + [f"run_dir={tmp_path / 'eval1'}"], config_name="eval"))
     assert [(r["name"], r["val_acc"], r["test_acc"]) for r in e1["layers"]] == \

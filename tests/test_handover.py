@@ -22,6 +22,7 @@ from test_cache import small_demo
 from value_pl.data import handover, packing
 from value_pl.data.collate import Collator, InputEncoder, TaskSpec
 from value_pl.data.datamodule import ShardDataModule
+from value_pl.data.loaders import pickled_modules, worker_context
 from value_pl.data.stream import no_collate, worker_init
 
 
@@ -239,13 +240,16 @@ def shards(tmp_path_factory):
     return root, collate
 
 
-def _batches(root, collate, workers: int, ring: int, stage: str = "val", slow: bool = False, pack: bool = True) -> dict:
+def _batches(root, collate, workers: int, ring: int, stage: str = "val", slow: bool = False, pack: bool = True,
+             start: str | None = None) -> dict:
     """keys of each batch -> every tensor of it, read with ``workers`` loader workers (ring: reused buffers; pack:
-    the batch's other tensors packed into them too)."""
+    the batch's other tensors packed into them too; start: how the workers start, None: forked)."""
     dm = ShardDataModule(root, batch_size=4, eval_batch_size=3, num_workers=workers, seed=0, pin_memory=False)
     dm.collate = collate
     ds = dm.stream(stage, stage == "train", ring_buffers=ring, pack_batches=pack)
     kw = {"prefetch_factor": 2, "worker_init_fn": worker_init, "persistent_workers": True} if workers else {}
+    if start:
+        kw["multiprocessing_context"] = worker_context(start, pickled_modules(collate))
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=no_collate, **kw)
     rng = random.Random(0)
     out, packed = {}, 0
@@ -322,6 +326,13 @@ def test_unpacked_ring_batches_equal_in_process_batches(shards):
     """data.pack_batches=false: only the features go through the ring buffer, the rest by value, as before."""
     root, collate = shards
     _same(_batches(root, collate, 2, 2, slow=True, pack=False), _batches(root, collate, 0, 0))
+
+
+def test_ring_batches_from_workers_started_by_a_forkserver_equal_in_process_batches(shards):
+    """data.worker_start=forkserver (the default on a GPU): the workers share no memory with this process but their
+    ring buffers, whose segments reach it once each, as from forked workers."""
+    root, collate = shards
+    _same(_batches(root, collate, 2, 2, slow=True, start="forkserver"), _batches(root, collate, 0, 0))
 
 
 def test_ring_only_for_pinned_training_batches(shards):

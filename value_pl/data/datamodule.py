@@ -12,12 +12,14 @@ Loader workers collate (tokenise, encode boxes, build pair indices) in parallel,
 validation runs (``persistent_workers``), and hand over pinned batches when training on a GPU. There (by default),
 when the training loader hands out an epoch's last batch, the validation run that follows is started, and its first
 batch starts the next training epoch (:class:`EpochAheadLoader`): neither begins by waiting for its first batch to
-be decoded.
+be decoded. Workers of a loader whose batches are pinned for a GPU are started from a server process, not forked
+from the main process (``data.worker_start``, :func:`value_pl.data.loaders.start_method`).
 """
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,7 +27,8 @@ import pytorch_lightning as pl
 import torch
 
 from . import pincopy, pinning, resources
-from .loaders import EpochAheadLoader, WorkerLoader, validates_after_epoch
+from .loaders import (EpochAheadLoader, WorkerLoader, main_reimport_safe, pickled_modules, refers_to_main, start_method,
+                      validates_after_epoch, worker_context)
 from .resources import check_cores, shm_free
 from .schema import decode_sample, load_manifest
 from .stream import ShardStream, count_samples, no_collate, worker_init
@@ -40,7 +43,8 @@ class ShardDataModule(pl.LightningDataModule):
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
                  prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool | None = None,
-                 register_buffers: bool = False, pin_threads: int | None = None, pack_batches: bool = True):
+                 register_buffers: bool = False, pin_threads: int | None = None, pack_batches: bool = True,
+                 worker_start: str | None = None):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -60,6 +64,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.reuse_buffers = bool(reuse_buffers)
         self.register_buffers = bool(register_buffers)  # page-lock the reused buffers (value_pl.data.pinning)
         self.pack_batches = bool(pack_batches)  # a batch's other tensors ride in its reused buffer (data.packing)
+        self.worker_start = start_method(worker_start, False) if worker_start is not None else None  # (checked)
+        self._start_methods: dict[str, str] = {}  # stage -> how its loader's workers were started
+        self._said_fork = False  # warned that a collator that cannot be pickled keeps fork
         # threads that copy a pinned training batch's features (value_pl.data.pincopy); None: from the cores
         self.pin_threads = pincopy.check_threads(pin_threads)
         self._ring_tokens: list[str] = []  # the training loaders' rings: their counts are the run's (buffer_stats)
@@ -157,6 +164,10 @@ class ShardDataModule(pl.LightningDataModule):
                     check_cores(self.root, workers, ranks=ranks)
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
               "worker_init_fn": worker_init} if workers > 0 else {}
+        if workers > 0:  # forked, or from a server process (a GPU run: value_pl.data.loaders.start_method)
+            method, preload = self._start_method(pin, collate or self.collate)
+            kw["multiprocessing_context"] = worker_context(method, preload)
+            self._start_methods[stage] = method
         if workers > 0 and self._ahead() and (train or stage == "val"):
             # training: an epoch's last batch starts the validation run that follows (then), else the next epoch;
             # validation: started by the training loader, and its first batch starts the next training epoch
@@ -172,10 +183,16 @@ class ShardDataModule(pl.LightningDataModule):
 
     def worker_starts(self) -> dict[str, list[float]]:
         """Per stage, the seconds that each start of its loader's workers took in the main process (the workers'
-        processes forked, their queues and the pin thread made): once per run with persistent workers. A fork copies
-        the main process's page tables, so it takes longer the more memory the process holds (on the 2-core CPU:
-        ~3 ms at no resident memory, ~25 ms at 1 GiB, ~57 ms at 4 GiB)."""
+        processes forked or started from the forkserver, their queues and the pin thread made): once per run with
+        persistent workers. A fork copies the main process's page tables, so it takes longer the more memory the
+        process holds (on the 2-core CPU: ~3 ms at no resident memory, ~25 ms at 1 GiB, ~57 ms at 4 GiB); a start
+        from the forkserver pickles each worker's dataset instead (:meth:`start_methods`)."""
         return {k: list(v) for k, v in self._worker_starts.items()}
+
+    def start_methods(self) -> dict[str, str]:
+        """Per stage, how its loader's worker processes were started (``fork``, ``forkserver``, ``spawn``:
+        ``data.worker_start``)."""
+        return dict(self._start_methods)
 
     def _ahead(self) -> bool:
         """Whether loaders start epochs and validation runs ahead (``epoch_ahead``; None: when the trainer's model
@@ -256,6 +273,46 @@ class ShardDataModule(pl.LightningDataModule):
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return need
+
+    def _start_method(self, pin: bool, collate) -> tuple[str, list[str]]:
+        """How a loader's workers start (``data.worker_start``; null: forkserver for pinned batches, else fork), and
+        the modules a worker started from a server imports to unpickle its dataset. Under null, ``fork`` is kept
+        where a worker could not do that safely (said once): a collator, decoder or transform that cannot be
+        pickled, or that lives in a script's ``__main__``, or a script as the main module
+        (:func:`value_pl.data.loaders.main_reimport_safe`). Asked for explicitly, a pickling failure is an error."""
+        method = start_method(self.worker_start, pin)
+        if method == "fork":
+            return method, []
+        auto = self.worker_start is None
+        why = None
+        try:
+            mods = pickled_modules((collate, self.decode, self.transform))
+        except Exception as e:  # noqa: BLE001 - whatever pickling raises
+            why = (f"the loader's collator, decoder or transform cannot be pickled ({type(e).__name__}: {e}), so "
+                   f"workers cannot be started from a {method} server")
+            if not auto:
+                raise ValueError(f"{self.root}: {why}: set data.worker_start=fork") from e
+        if auto and why is None and not main_reimport_safe():
+            why = (f"the main module {getattr(sys.modules.get('__main__'), '__file__', '?')} would be run again in "
+                   f"the server and each worker (set data.worker_start=forkserver if its work is under "
+                   f"if __name__ == '__main__')")
+        elif auto and why is None and refers_to_main(mods):
+            why = "the loader's collator, decoder or transform is defined in the main module"
+        if why is None:
+            return method, mods
+        if not self._said_fork:
+            log.warning("%s: loader workers are forked from this process, not started from a %s: %s", self.root,
+                        method, why)
+            self._said_fork = True
+        return "fork", []
+
+    def setup(self, stage: str | None = None) -> None:
+        """At the start of ``fit``/``validate``/``test``: if workers will start from a forkserver, start it now, so
+        that it imports while the trainer sets up rather than when the first loader waits for a worker."""
+        if self.num_workers > 0 and self.collate is not None:
+            method, preload = self._start_method(self._pin() and torch.cuda.is_available(), self.collate)
+            if method == "forkserver":
+                worker_context(method, preload)
 
     def _cached_loader(self, stage: str, train: bool):
         """One loader per stage for the whole run: workers persist across epochs and validation runs."""

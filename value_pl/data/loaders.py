@@ -1,12 +1,116 @@
 """DataLoaders with persistent workers for :class:`value_pl.data.datamodule.ShardDataModule`: one that reports how
 long each start of its worker processes took (:class:`WorkerLoader`), and one that also starts its next epoch before
 it is asked for (:class:`EpochAheadLoader`), with Lightning's test of whether a validation run follows an epoch
-(:func:`validates_after_epoch`)."""
+(:func:`validates_after_epoch`); and how their worker processes are started (:func:`start_method`,
+:func:`worker_context`)."""
 from __future__ import annotations
 
+import io
+import logging
+import multiprocessing
+import pickle
+import sys
 import time
 
 import torch
+
+log = logging.getLogger(__name__)
+
+#: ``data.worker_start``: how loader workers are started (null: :func:`start_method` chooses)
+START_METHODS = ("fork", "forkserver", "spawn")
+_PRELOAD = "value_pl.data.stream"  # what every worker runs: torch and the loader's code
+_PRELOADED = False
+
+
+def start_method(choice: str | None, pinned: bool) -> str:
+    """``data.worker_start``, or when it is null: ``forkserver`` for a loader whose batches are pinned for a GPU, else
+    ``fork``.
+
+    A forked worker starts as a copy of the main process. In a GPU run that process holds GiBs (the CUDA libraries
+    and context, the backbone, pinned buffers) and runs threads (the pin thread and its copy threads, CUDA's).
+    Forking then costs the main process in three ways: the fork copies its page tables (tens of ms per worker), every
+    page it writes afterwards while a worker lives is copied first (copy-on-write: on the 2-core CPU one write over 4
+    GiB took 4.2-4.6 s with 2 forked workers alive instead of 15 ms; ``benchmarks/worker_start.py``), and a lock that another thread held at the fork stays held in the
+    child for good. A validation loader's workers start in the middle of training (``data.epoch_ahead``), so all
+    three fall on training steps. ``forkserver`` forks workers from a small server process started once, which has
+    imported only what workers run: the main process sends each worker its dataset (pickled: the collator and its
+    tokenizer, ~1 MB) and shares no memory with it. CPU runs keep ``fork``: there the main process is small, and
+    ``fork`` starts a worker with no pickling. (The DataModule also keeps ``fork`` under null where a worker could
+    not import the main module safely or unpickle the dataset: :func:`main_reimport_safe`.)"""
+    if choice is None:
+        return "forkserver" if pinned else "fork"
+    if choice not in START_METHODS:
+        raise ValueError(f"data.worker_start={choice!r}: must be one of {', '.join(START_METHODS)} (or null)")
+    return choice
+
+
+def main_reimport_safe() -> bool:
+    """Whether a worker started from a server may import this process's ``__main__`` (it does, before it unpickles
+    its dataset): one of value-pl's entry points (``python -m value_pl.train``), a package's ``__main__`` (``python
+    -m pytest``: never imported by workers) or none (an interactive session). A script (``python pretrain.py``, say
+    with :class:`value_pl.callbacks.ProbeCallback`) would be run again as ``__mp_main__`` in the server and in each
+    worker, all of it unless it keeps its work under ``if __name__ == "__main__":``; that cannot be known from here,
+    so ``data.worker_start=null`` forks workers for it."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name:
+        return name.startswith("value_pl.") or name.endswith(".__main__")
+    return getattr(main, "__file__", None) is None
+
+
+def _main_preload() -> list[str]:
+    """What a spawned or forkserver worker imports as its ``__main__`` (``python -m value_pl.train``: that module,
+    which imports Lightning, transformers and Hydra): preloaded into the server once, so that each worker only
+    re-runs the module's few lines. Nothing for ``python -m pkg`` mains (``pkg.__main__``, e.g. pytest: never
+    re-run in workers) or an interactive session."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name:
+        return [] if name == "__main__" or name.endswith(".__main__") else [name]
+    return ["__main__"] if getattr(main, "__file__", None) else []  # a script: the server imports it once
+
+
+def pickled_modules(obj) -> list[str]:
+    """The modules whose classes and functions pickling ``obj`` refers to: what a worker imports to unpickle its
+    dataset (e.g. the tokenizer's, which alone takes ~1.5 s to import on the 2-core CPU). Raises what pickling
+    raises (an object a worker started from a server cannot receive)."""
+    mods: set[str] = set()
+
+    class Recorder(pickle.Pickler):
+        def persistent_id(self, o):
+            for m in (getattr(o, "__module__", None) if isinstance(o, type) or callable(o) else None,
+                      getattr(type(o), "__module__", None)):
+                if isinstance(m, str) and m != "builtins":
+                    mods.add(m)
+            return None
+
+    Recorder(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return sorted(mods)
+
+
+def refers_to_main(modules: list[str]) -> bool:
+    """Whether a pickle that refers to ``modules`` (:func:`pickled_modules`) needs the ``__main__`` module."""
+    return any(m in ("__main__", "__mp_main__") for m in modules)
+
+
+def worker_context(method: str, preload: list[str] = ()):
+    """The multiprocessing context a DataLoader starts its workers with (:func:`start_method`). For ``forkserver``
+    the server is started here, once per process, with the loader's code, ``preload`` (the modules the datasets'
+    pickles refer to: :func:`pickled_modules`) and the main module imported: it imports them while the main process
+    goes on, and the first worker start waits for that (once per run)."""
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        from multiprocessing import forkserver
+
+        global _PRELOADED
+        if not _PRELOADED:  # (read when the server starts: the first time, or again if it has died)
+            mods = [m for m in preload if not refers_to_main([m])]  # (the main module: as _main_preload says)
+            ctx.set_forkserver_preload(list(dict.fromkeys([_PRELOAD, *mods, *_main_preload()])))
+            _PRELOADED = True
+        t = time.perf_counter()
+        forkserver.ensure_running()
+        log.debug("forkserver for loader workers running (%.3f s)", time.perf_counter() - t)
+    return ctx
 
 
 def validates_after_epoch(trainer) -> bool:

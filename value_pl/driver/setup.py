@@ -73,7 +73,8 @@ def make_datamodule(cfg: DictConfig) -> ShardDataModule:
                            reuse_buffers=bool(d.get("reuse_buffers", True)),
                            epoch_ahead=d.get("epoch_ahead"),
                            register_buffers=bool(d.get("register_buffers", False)),
-                           pin_threads=d.get("pin_threads"), pack_batches=bool(d.get("pack_batches", True)))
+                           pin_threads=d.get("pin_threads"), pack_batches=bool(d.get("pack_batches", True)),
+                           worker_start=d.get("worker_start"))
 
 
 def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:

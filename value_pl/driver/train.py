@@ -11,6 +11,7 @@ from ..data.safe_load import check_loadable, honours_switch, load_torch, unsafe_
 from .mdl import train_mdl
 from .senteval import train_senteval
 from .results import log_results_table, results_dict, training_record, write_results
+from .heap import frozen_heap
 from .throughput import ThroughputMonitor
 from .validate import check_run
 from .setup import (build_module, close_logger, is_rank_zero, make_datamodule, make_logger, make_trainer, prepare,
@@ -41,8 +42,9 @@ def train(cfg: DictConfig) -> dict | None:
     resume = cfg.get("ckpt_path")
     if resume:  # refused here, naming the file and the switch, if it needs pickle (Lightning would say less)
         check_loadable(resume, "prober checkpoint (ckpt_path)")
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=not unsafe_allowed())
-    trainer.test(module, datamodule=dm, verbose=False)
+    with frozen_heap(bool(cfg.get("gc_freeze", True))):  # full collections skip the run's long-lived objects
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=not unsafe_allowed())
+        trainer.test(module, datamodule=dm, verbose=False)
     res = None
     throughput = speed.summary()
     if module.graphs is not None:  # this rank's graphs: how many, how many calls they served, what ran eagerly
@@ -57,6 +59,7 @@ def train(cfg: DictConfig) -> dict | None:
     starts = dm.worker_starts()
     if starts:  # seconds each start of a loader's worker processes took (persistent workers: once per run)
         throughput["worker_start_s"] = starts
+        throughput["worker_start_method"] = dm.start_methods()  # fork / forkserver (data.worker_start)
     if is_rank_zero(trainer):
         res = results_dict(cfg, module, dm, {"seconds": round(time.time() - t0, 1), "throughput": throughput,
                                              "training": training_record(cfg, trainer.world_size),
@@ -105,9 +108,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
     logger = make_logger(cfg, rdir)
     trainer = make_trainer(cfg, rdir, logger)
     use_cuda_graphs(cfg, module, dm, trainer)
-    trainer.validate(module, datamodule=dm, verbose=False)
-    # eval reports the checkpoint's own best validation accuracies where it has them
-    trainer.test(module, datamodule=dm, verbose=False)
+    with frozen_heap(bool(cfg.get("gc_freeze", True))):
+        trainer.validate(module, datamodule=dm, verbose=False)
+        # eval reports the checkpoint's own best validation accuracies where it has them
+        trainer.test(module, datamodule=dm, verbose=False)
     res = None
     if is_rank_zero(trainer):
         res = results_dict(cfg, module, dm, {"evaluated_checkpoint": str(ckpt)})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ..backbones import REGISTRY
 from ..data.collate import BOX_DIMS
+from ..data.loaders import START_METHODS
 from ..data.options import OptionError, choice, flag, known_keys, number, numbers, value
 from ..data.pincopy import MAX_THREADS as MAX_PIN_THREADS
 from ..data.schema import PAIR_TASKS, pair_kind
@@ -74,6 +75,7 @@ def check_data(cfg) -> None:
     flag(cfg, "data.register_buffers")
     flag(cfg, "data.copy_stream")
     flag(cfg, "data.pack_batches")
+    choice(cfg, "data.worker_start", START_METHODS, null=True, why=" (null = forkserver on a GPU, fork on the CPU)")
     number(cfg, "data.pin_threads", 1, MAX_PIN_THREADS, integer=True, null=True, why=" (null = a quarter of each GPU's cores, 1-4)")
     splits = value(cfg, "data.splits", None)
     if splits is not None:
@@ -164,6 +166,7 @@ def check_run(cfg, entry: str = "train") -> None:
     check_layers(cfg)
     for k in ("control", "shuffle_labels", "raw_baseline", "geometry_baseline", "mdl", "progress"):
         flag(cfg, k)
+    flag(cfg, "gc_freeze")
     number(cfg, "control_seed", 0, integer=True, null=True, why=" (null = seed)")
     number(cfg, "optim.lr", 0, lo_open=True)
     number(cfg, "optim.weight_decay", 0)

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -94,6 +95,7 @@ class ProbeModule(pl.LightningModule):
                  use_best_heads: bool = True, raw_baseline: bool = False, geometry_baseline: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        self.transfer_s = 0.0  # host seconds spent moving batches to the device (value_pl.driver.throughput)
         object.__setattr__(self, "_backbone", backbone.freeze())
         self.task = task
         self.kind = task["kind"]
@@ -292,7 +294,10 @@ class ProbeModule(pl.LightningModule):
         side stream (:class:`value_pl.data.pinning.CopyStreams`, :func:`value_pl.data.pinning.to_device`)."""
         if type(batch) is not dict:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        return to_device(batch, device, self.copy_streams.for_device(device))
+        t = time.perf_counter()
+        out = to_device(batch, device, self.copy_streams.for_device(device))
+        self.transfer_s += time.perf_counter() - t  # (the host's part: non-blocking copies are only issued here)
+        return out
 
     def _eval_step(self, batch, metric, stage):
         getattr(self, f"counts_{stage}").update(batch.get("counts", {}))
