@@ -27,7 +27,8 @@ Rows, all in one run on one card:
    runs) on those shards, batch 256, ``--epochs`` epochs validated after the last (``--val-every``), so that the
    training epochs run back to back as the parts of a long epoch would: samples/s over epochs 2..N (wall time from
    the second epoch's start to the last one's end; also without the last epoch, at whose last batch the validation
-   loader's workers are first forked: ``worker_start_s`` and the main process's peak RSS say what that took), the
+   run starts: before this version its workers were first started there; now they start with the run's, when epochs
+   start ahead: ``worker_start_s`` and the main process's peak RSS say what that took), the
    share of time waiting for data, and the GPU's utilisation over that window (NVML: the driver's timestamped
    samples), against the bare forward at the same batch size and sequence length (goal >= 0.7x); with the CUDA
    graphs of the default ``cuda_graphs.enabled=null`` (``--e2e-graphs``) and with them off (``--e2e-probers``);
@@ -560,8 +561,8 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
         shares = cpu.shares(start, end)
         xfer = sum((x.get("transfer_frac") or 0) * x["seconds"] for x in steady) / max(sum(x["seconds"] for x in steady),
                                                                                        1e-9)
-        # the last epoch is where the validation loader's workers are first forked (its last batch starts the run):
-        # the same samples/s without it, and what those starts took (worker_start_s) with the process's peak RSS
+        # the last epoch's last batch starts the validation run (before this version also its workers): the same
+        # samples/s without it, and what the workers' starts took (worker_start_s) with the process's peak RSS
         head = steady[:-1]
         head_sps = (sum(x["samples_per_s"] * x["seconds"] for x in head) / max(head[-1]["end"] - head[0]["start"], 1e-9)
                     if head else None)

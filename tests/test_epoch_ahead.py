@@ -257,13 +257,44 @@ def test_inside_trainer_fit_every_epoch_is_exact(uneven, tmp_path, ahead):
     assert m.train_started_in_validation == ([True, True, False] if ahead else [False] * 3)
 
 
+class FirstBatchProbe(KeysModule):
+    """Also records, at the first training step, which loaders have started workers and what the validation
+    loader's started run has asked its workers for."""
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 0 and batch_idx == 0:
+            val = self.dm._loaders.get(("val", False, id(self.dm.collate)))
+            it = getattr(val, "_started", None)
+            self.at_first_step = (sorted(self.dm.worker_starts()), getattr(it, "_tasks_outstanding", None),
+                                  getattr(val, "_top_up", None))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_the_validation_workers_start_with_the_run_light_when_epochs_start_ahead(uneven, tmp_path, ahead):
+    """Started ahead (a GPU run), the validation loader's workers start with the training loader's, before the first
+    step, each asked for one batch (the rest of its prefetch when the run is read): never in the middle of training.
+    Otherwise the first validation run starts them. Either way each validation run reads every sample once."""
+    dm = module(uneven, ahead=ahead, eval_batch_size=4)
+    m = FirstBatchProbe(dm)
+    fit(dm, m, tmp_path, check_val_every_n_epoch=3)
+    starts, asked, top_up = m.at_first_step
+    if ahead:
+        assert starts == ["train", "val"] and asked == 2 and top_up == 2 * 2  # 2 workers x 1; then x prefetch 2
+    else:
+        assert starts == ["train"] and asked is None
+    assert sorted(m.val_seen) == [2] and sorted(m.val_seen[2]) == sorted(f"demo_val_{i:05d}" for i in range(6))
+    assert {k: len(v) for k, v in dm.worker_starts().items()} == {"train": 1, "val": 1}
+
+
 def test_no_validation_run_is_started_where_none_follows(uneven, tmp_path):
     dm = module(uneven, ahead=True, eval_batch_size=4)
     m = KeysModule(dm)
     fit(dm, m, tmp_path, check_val_every_n_epoch=2)
-    # no validation after epochs 0 and 2: epoch 1 is started with epoch 0's last batch; after epoch 1 (validated)
-    # the validation run starts, and epoch 2 with its first batch
-    assert m.started_at_end == [(True, False), (False, True), (False, False)]
+    # no validation after epochs 0 and 2: epoch 1 is started with epoch 0's last batch (the first validation run's
+    # workers were started with the run, and wait unread); after epoch 1 (validated) the validation run starts, and
+    # epoch 2 with its first batch; after epoch 2 nothing is started
+    assert m.started_at_end == [(True, True), (False, True), (False, False)]
     assert m.train_started_in_validation == [True]
     assert sorted(m.val_seen) == [1]
 

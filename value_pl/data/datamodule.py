@@ -322,7 +322,24 @@ class ShardDataModule(pl.LightningDataModule):
         return self._loaders[key]
 
     def train_dataloader(self):
-        return self._cached_loader("train", True)
+        loader = self._cached_loader("train", True)
+        self._start_validation_workers()
+        return loader
+
+    def _start_validation_workers(self) -> None:
+        """When epochs start ahead (a GPU run), start the validation loader's workers with the training loader's, at
+        the run's start, light (one batch each). Otherwise the first validation run starts them, with the last
+        batch of a training epoch: on a GPU that start (forking or sending each worker its dataset) stopped the
+        training step, and in a run that validates only at its end, it fell on the last epoch (docs/performance.md).
+        The batches are the ones that run reads anyway (persistent workers count their own epochs)."""
+        trainer = getattr(self, "trainer", None)
+        if (self.num_workers <= 0 or not self._ahead() or trainer is None
+                or getattr(trainer, "datamodule", None) is not self or not getattr(trainer, "enable_validation", False)
+                or getattr(trainer, "overfit_batches", 0)):
+            return
+        loader = self._cached_loader("val", False)
+        if isinstance(loader, EpochAheadLoader) and loader._iterator is None:
+            loader.start_ahead(light=True)
 
     def val_dataloader(self):
         return self._cached_loader("val", False)

@@ -209,6 +209,17 @@ class EpochAheadLoader(WorkerLoader):
         if self._current is not None:
             self._current.left = 0  # never read the next epoch through it
         it = self._iterator
+        if light and it is None and self.num_workers > 0 and isinstance(self.prefetch_factor, int):
+            # the first start (the workers made now): one request per worker too, the rest when it is iterated
+            full = self.prefetch_factor
+            self.prefetch_factor = 1
+            try:
+                self._started = super().__iter__()
+            finally:
+                self.prefetch_factor = full
+            self._started._prefetch_factor = full
+            self._top_up = full * self.num_workers
+            return
         full = getattr(it, "_prefetch_factor", None)
         if not light or not isinstance(full, int) or not hasattr(it, "_try_put_index"):
             self._started = super().__iter__()
