@@ -47,10 +47,10 @@ def start_method(choice: str | None, pinned: bool) -> str:
 def main_reimport_safe() -> bool:
     """Whether a worker started from a server may import this process's ``__main__`` (it does, before it unpickles
     its dataset): one of value-pl's entry points (``python -m value_pl.train``), a package's ``__main__`` (``python
-    -m pytest``: never imported by workers) or none (an interactive session). A script (``python pretrain.py``, say
-    with :class:`value_pl.callbacks.ProbeCallback`) would be run again as ``__mp_main__`` in the server and in each
-    worker, all of it unless it keeps its work under ``if __name__ == "__main__":``; that cannot be known from here,
-    so ``data.worker_start=null`` forks workers for it."""
+    -m pytest``: never imported by workers) or none (an interactive session). A script (``python my_probe.py`` that
+    builds a ShardDataModule itself) would be run again as ``__mp_main__`` in the server and in each worker, all of
+    it unless it keeps its work under ``if __name__ == "__main__":``; that cannot be known from here, so
+    ``data.worker_start=null`` forks workers for it."""
     main = sys.modules.get("__main__")
     name = getattr(getattr(main, "__spec__", None), "name", None)
     if name:
