@@ -26,7 +26,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from . import pincopy, pinning, resources
+from . import handover, pincopy, pinning, resources
 from .loaders import (EpochAheadLoader, WorkerLoader, main_reimport_safe, pickled_modules, refers_to_main, start_method,
                       validates_after_epoch, worker_context)
 from .resources import check_cores, shm_free
@@ -241,7 +241,8 @@ class ShardDataModule(pl.LightningDataModule):
     def check_shared_memory(self, stage: str, workers: int, batch_size: int, collate, ring: int,
                             alongside: int = 0) -> int | None:
         """Warn when the batches a loader may hold in ``/dev/shm`` (the fp16 region features of ``prefetch_factor``
-        batches per worker, or of its ``ring`` reused buffers), plus ``alongside`` bytes that another loader holds at
+        batches per worker, or its ``ring`` reused buffers per worker, each sized by
+        :func:`value_pl.data.handover.buffer_bytes`), plus ``alongside`` bytes that another loader holds at
         the same time, exceed its free space: a worker that runs out dies with a bus error (a container's default
         /dev/shm is 64 MB). Returns this loader's estimate in bytes (None: its batches carry no region features,
         e.g. a feature cache's or text-only ones)."""
@@ -260,13 +261,16 @@ class ShardDataModule(pl.LightningDataModule):
         if not per_batch:
             return None
         held = max(self.prefetch_factor, ring)
+        if ring:  # reused buffers are made a quarter larger, with room for the batch's other tensors
+            per_batch = handover.buffer_bytes(per_batch)
         need = workers * held * per_batch
         free = shm_free()
         if free is not None and need + alongside > free:
             also = (f" plus {alongside / 2**20:,.0f} MiB that the training loader holds meanwhile (its reused buffers, "
                     f"or the first batches of its next epoch, which start during validation)" if alongside else "")
+            what = "reused buffer(s)" if ring else "batch(es)"
             msg = (f"{self.root}: the {stage} loader may hold {need / 2**20:,.0f} MiB of batches in /dev/shm "
-                   f"({workers} worker(s) x {held} batch(es) x {per_batch / 2**20:,.1f} MiB of fp16 region features)"
+                   f"({workers} worker(s) x {held} {what} x {per_batch / 2**20:,.1f} MiB of fp16 region features)"
                    f"{also} but /dev/shm has {free / 2**20:,.0f} MiB free: a loader worker that runs out dies with a "
                    f"bus error. Lower data.num_workers, data.prefetch_factor or the batch size, or give the container "
                    f"more shared memory (docker run --shm-size=...)")

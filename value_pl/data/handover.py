@@ -64,6 +64,13 @@ _OPEN_LOCK = threading.Lock()
 _ACTIVE: Ring | None = None
 
 
+def buffer_bytes(nbytes: int, reserve: int = 0) -> int:
+    """The size of a new ring buffer for features of ``nbytes``: its header, the features with a quarter more
+    (headroom for batches with more regions) and room for the batch's other tensors (``reserve``: the most they took
+    so far). What ``/dev/shm`` holds per buffer (:meth:`value_pl.data.datamodule.ShardDataModule.check_shared_memory`)."""
+    return _HEADER + packing.align(nbytes + nbytes // 4) + max(2 * int(reserve), _ROOM)
+
+
 class Ring:
     """A loader worker's reusable shared buffers for batch features (see the module docstring)."""
 
@@ -106,7 +113,7 @@ class Ring:
                 self.fallback_ptrs.add(t.data_ptr())
                 return t
             # headroom for batches with more regions, and room for the other tensors
-            size = _HEADER + packing.align(nbytes + nbytes // 4) + max(2 * self.reserve, _ROOM)
+            size = buffer_bytes(nbytes, self.reserve)
             buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size), 0, (size,))
             if i is None:
                 i = len(self.buffers)
