@@ -44,6 +44,12 @@ def start_method(choice: str | None, pinned: bool) -> str:
     return choice
 
 
+def _main() -> tuple[str | None, str | None]:
+    """This process's ``__main__``: (its module name when run with ``-m``, its file)."""
+    main = sys.modules.get("__main__")
+    return getattr(getattr(main, "__spec__", None), "name", None), getattr(main, "__file__", None)
+
+
 def main_reimport_safe() -> bool:
     """Whether a worker started from a server may import this process's ``__main__`` (it does, before it unpickles
     its dataset): one of value-pl's entry points (``python -m value_pl.train``), a package's ``__main__`` (``python
@@ -51,11 +57,10 @@ def main_reimport_safe() -> bool:
     builds a ShardDataModule itself) would be run again as ``__mp_main__`` in the server and in each worker, all of
     it unless it keeps its work under ``if __name__ == "__main__":``; that cannot be known from here, so
     ``data.worker_start=null`` forks workers for it."""
-    main = sys.modules.get("__main__")
-    name = getattr(getattr(main, "__spec__", None), "name", None)
+    name, file = _main()
     if name:
         return name.startswith("value_pl.") or name.endswith(".__main__")
-    return getattr(main, "__file__", None) is None
+    return file is None
 
 
 def _main_preload() -> list[str]:
@@ -63,11 +68,10 @@ def _main_preload() -> list[str]:
     which imports Lightning, transformers and Hydra): preloaded into the server once, so that each worker only
     re-runs the module's few lines. Nothing for ``python -m pkg`` mains (``pkg.__main__``, e.g. pytest: never
     re-run in workers) or an interactive session."""
-    main = sys.modules.get("__main__")
-    name = getattr(getattr(main, "__spec__", None), "name", None)
+    name, file = _main()
     if name:
         return [] if name == "__main__" or name.endswith(".__main__") else [name]
-    return ["__main__"] if getattr(main, "__file__", None) else []  # a script: the server imports it once
+    return ["__main__"] if file else []  # a script: the server imports it once
 
 
 def pickled_modules(obj) -> list[str]:
