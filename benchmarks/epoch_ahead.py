@@ -1,13 +1,18 @@
-"""What epochs and validation runs wait for their data, with and without starting them ahead (``data.epoch_ahead``).
+"""What epochs and validation runs wait for their data, with and without starting them ahead (``data.epoch_ahead``)
+and with and without each worker reading its next epoch's first batch ahead (``data.read_ahead``).
 
 ``Trainer.fit`` over real-width shards (36 regions x 2048-d fp16 per image, ~12-word captions, 6 vrc pairs; the
 backbone's collator in ``--workers`` loader workers per loader) with a module that stands in for a GPU: each
 training step takes ``--step-ms`` and each validation step ``--val-step-ms`` (slept, so the workers have the CPU
 to themselves, as on a GPU machine). Per mode, over the epochs after the first (which includes worker start-up):
 the wait for a training epoch's first batch, the wait for all its batches, the wait for a validation run's first
-batch, and samples/s over the whole cycle of a training epoch and its validation run (wall clock).
+batch, and samples/s over the whole cycle of a training epoch and its validation run (wall clock). Modes
+(``--modes``): ``plain`` (both off), ``ahead`` (``data.epoch_ahead=true``, ``data.read_ahead=false``) and ``read``
+(both on: the default on a GPU). ``--val-every N`` validates every N epochs (a number above ``--epochs``: once, after
+the last, as ``benchmarks/gpu.py`` does: epochs back to back).
 
     python benchmarks/epoch_ahead.py                     # ~1.5 min on 2 cores
+    python benchmarks/epoch_ahead.py --val-every 100 --epochs 8 --reps 3   # back to back
     python benchmarks/epoch_ahead.py --workers 4 --batch 256 --train-images 8000
 """
 from __future__ import annotations
@@ -65,6 +70,7 @@ class Sleeper(pl.LightningModule):
         time.sleep(self.val_step_s)
 
     def on_train_epoch_end(self):  # after the epoch's validation run
+        self.rec.setdefault("val_first_wait_s", float("nan"))  # (no validation run after this epoch)
         self.rec["cycle_s"] = time.perf_counter() - self.rec.pop("t0")
         self.rec["samples_per_s"] = self.rec["samples"] / self.rec["cycle_s"]
         self.epochs.append(self.rec)
@@ -73,16 +79,22 @@ class Sleeper(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def run(root: Path, collate, args, ahead: bool, tmp: Path) -> list[dict]:
+MODES = {"plain": (False, False), "ahead": (True, False), "read": (True, True)}  # (epoch_ahead, read_ahead)
+NAMES = {"plain": "plain (an epoch starts at `iter()`)", "ahead": "`data.epoch_ahead=true`, `data.read_ahead=false`",
+         "read": "both on (the default on a GPU)"}
+
+
+def run(root: Path, collate, args, mode: str, tmp: Path) -> list[dict]:
     from value_pl.data.datamodule import ShardDataModule
 
+    ahead, read = MODES[mode]
     dm = ShardDataModule(root, batch_size=args.batch, eval_batch_size=2 * args.batch, num_workers=args.workers,
-                         seed=0, prefetch_factor=args.prefetch, epoch_ahead=ahead)
+                         seed=0, prefetch_factor=args.prefetch, epoch_ahead=ahead, read_ahead=read)
     dm.collate = collate
     m = Sleeper(args.step_ms / 1e3, args.val_step_ms / 1e3)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=str(tmp))
+                         default_root_dir=str(tmp), check_val_every_n_epoch=args.val_every)
     trainer.fit(m, datamodule=dm)
     return m.epochs[1:]  # the first includes worker start-up
 
@@ -98,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--val-step-ms", type=float, default=20.0, help="a validation step's time")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2, help="runs per mode, interleaved")
+    ap.add_argument("--val-every", type=int, default=1, help="validate every N epochs (above --epochs: after the last)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -116,21 +130,24 @@ def main(argv=None) -> int:
         man = build_demo(tmp / "shards", splits={"train": args.train_images, "val": args.val_images, "test": 16},
                          num_regions=36, feature_dim=2048, maxcount=1000)
         collate = bb.collator(TaskSpec("vrc", "region_region", man["labels"]["vrc"]))
-        res = {False: [], True: []}
+        res = {m: [] for m in args.modes}
         for _ in range(args.reps):
-            for ahead in (False, True):
-                res[ahead] += run(tmp / "shards", collate, args, ahead, tmp)
+            for mode in args.modes:
+                res[mode] += run(tmp / "shards", collate, args, mode, tmp)
     print(f"# {args.train_images} training / {args.val_images} validation images x 36 x 2048-d fp16, batch "
           f"{args.batch} (validation {2 * args.batch}), {args.workers} worker(s) per loader, prefetch {args.prefetch}, "
-          f"step {args.step_ms:g} ms, validation step {args.val_step_ms:g} ms; median of {len(res[True])} epochs per "
-          f"mode (the first epoch of each run left out)")
+          f"step {args.step_ms:g} ms, validation step {args.val_step_ms:g} ms, validation every {args.val_every} "
+          f"epoch(s); median of {len(res[args.modes[0]])} epochs per mode (the first epoch of each run left out)")
     print("\n| loaders | training epoch: first batch wait | all batches wait | validation run: first batch wait "
           "| epoch + validation | samples/s |")
     print("|---|---:|---:|---:|---:|---:|")
-    for ahead, name in ((False, "plain (an epoch starts at `iter()`)"), (True, "`data.epoch_ahead=true` (the default on a GPU)")):
-        med = {k: statistics.median(e[k] for e in res[ahead]) for k in res[ahead][0]}
-        print(f"| {name} | {1e3 * med['first_wait_s']:.0f} ms | {1e3 * med['wait_s']:.0f} ms | "
-              f"{1e3 * med['val_first_wait_s']:.0f} ms | {med['cycle_s']:.2f} s | {med['samples_per_s']:,.0f} |")
+    for mode in args.modes:
+        name = NAMES[mode]
+        med = {k: statistics.median(e[k] for e in res[mode]) for k in res[mode][0]}
+        val = med["val_first_wait_s"]
+        val = "-" if val != val else f"{1e3 * val:.0f} ms"  # (nan: no validation run after those epochs)
+        print(f"| {name} | {1e3 * med['first_wait_s']:.0f} ms | {1e3 * med['wait_s']:.0f} ms | {val} | "
+              f"{med['cycle_s']:.2f} s | {med['samples_per_s']:,.0f} |")
     return 0
 
 

@@ -41,7 +41,9 @@ Rows, all in one run on one card:
    compute stream, as before); for those named by ``--e2e-unpacked``, with the CUDA graphs and
    ``data.pack_batches=false`` (a batch's other tensors by value, pinned and copied one by one, as before); for those
    named by ``--e2e-forked``, with ``data.worker_start=fork`` (loader workers forked from the training process, as
-   before the forkserver default); for those named by ``--e2e-no-gc-freeze``, with ``gc_freeze=false``. Each run's
+   before the forkserver default); for those named by ``--e2e-no-gc-freeze``, with ``gc_freeze=false``; each
+   ``--e2e-set PROBER:OVERRIDES`` with those overrides (combinations); the list ``--e2e-rounds`` times (then one row
+   per set-up: its rounds and their median, ``rounds`` in the JSON). Each run's
    per-epoch seconds in garbage collection are in its ``epochs`` (``gc_s``, ``gc_full``), and the CPU share of each
    thread of the main process and of the loader workers over its window in ``cpu_shares`` (``cpu_share.py``).
 
@@ -517,12 +519,16 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
             + [(p, w0, None, ["data.pin_threads=1"]) for p in args.e2e_one_copy_thread]
             + [(p, w0, None, ["data.register_buffers=true"]) for p in args.e2e_registered]
             + [(p, w0, s, []) for p in args.e2e_switch for s in args.switch_interval]
-            + [(p, w0, None, [off, plain]) for p in args.e2e_plain])
-    for prober, workers, switch, extra in runs:
+            + [(p, w0, None, [off, plain]) for p in args.e2e_plain]
+            + [(spec.split(":", 1)[0], w0, None, spec.split(":", 1)[1].split(",")) for spec in args.e2e_set])
+    # --e2e-rounds: the whole list again, in the same order (drift between runs shows as a gap between rounds)
+    runs = [(p, w, s, x, k) for k in range(args.e2e_rounds) for p, w, s, x in runs]
+    for prober, workers, switch, extra, rnd in runs:
         graphs = off not in extra  # else the default (cuda_graphs.enabled=null: on when the model runs on a GPU)
         name = (prober + (f", {plain}" if plain in extra else "") + (", CUDA graphs" if graphs else "")
                 + f", {workers} workers" + (f", switch interval {1e3 * switch:g} ms" if switch else "")
-                + "".join(f", {x}" for x in extra if x not in (off, plain)))
+                + "".join(f", {x}" for x in extra if x not in (off, plain))
+                + (f", round {rnd + 1}" if args.e2e_rounds > 1 else ""))
         run = tmp / ("run-" + "-".join("".join(c if c.isalnum() else " " for c in name).split()))
         ov = [f"prober={prober}", "task=vrc", "data=shards", f"data.root={root}", f"data.batch_size={args.e2e_batch}",
               f"data.eval_batch_size={2 * args.e2e_batch}", f"data.num_workers={workers}", "logger=none",
@@ -563,11 +569,14 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
                                                                                        1e-9)
         # the last epoch's last batch starts the validation run (before this version also its workers): the same
         # samples/s without it, and what the workers' starts took (worker_start_s) with the process's peak RSS
+        first = [x["first_wait_s"] for x in steady if x.get("first_wait_s") is not None]  # each epoch's start
+        first_ms = 1e3 * sum(first) / len(first) if first else None
         head = steady[:-1]
         head_sps = (sum(x["samples_per_s"] * x["seconds"] for x in head) / max(head[-1]["end"] - head[0]["start"], 1e-9)
                     if head else None)
         rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         out.append({"prober": name, "samples_per_s": sps, "data_wait_frac": wait, "transfer_frac": xfer,
+                    "first_wait_ms": first_ms,
                     "gpu_util_pct": busy,
                     "gpu_util_source": source, "gpu_util_both": both, "window_s": end - start, "steady_epochs": len(steady),
                     "last_epoch": res["throughput"]["train"], "samples_seen": res["samples_seen"]["train"],
@@ -580,7 +589,9 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
                     "best_test": res["best"]["test_acc"] if res.get("best") else None})
         print(f"# e2e {name}: {sps:,.0f} samples/s over epochs 2-{len(eps)} ({end - start:.1f} s; per epoch "
               f"{[round(x['samples_per_s']) for x in eps]}), waiting for data {100 * wait:.0f}% (copying to the device "
-              f"{100 * xfer:.0f}%), GPU busy {busy:.0f}% "
+              f"{100 * xfer:.0f}%" + (f"; before each epoch's first batch {first_ms:.0f} ms" if first_ms is not None
+                                     else "")
+              + f"), GPU busy {busy:.0f}% "
               f"(NVML: {source}; {both}), samples per epoch {res['samples_seen']['train']}, cuda graphs "
               f"{res['throughput'].get('cuda_graphs')}"
               + f", buffers {res['throughput'].get('ring_buffers')}"
@@ -591,6 +602,31 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
               f"{rss_gib:.1f} GiB", flush=True)
         done()
     cpu.stop.set()
+    return out
+
+
+def rounds_summary(runs: list[dict], bare: float, graphs: float | None = None) -> list[dict]:
+    """``--e2e-rounds``: per set-up, its rounds' samples/s and GPU busy, and the median, in the list's order."""
+    import statistics
+
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        if "error" not in r:
+            groups.setdefault(r["prober"].rsplit(", round ", 1)[0], []).append(r)
+    out = []
+    print(f"\n| set-up, {max(len(g) for g in groups.values()) if groups else 0} rounds | samples/s per round | "
+          "median | x bare forward (with CUDA graphs) | GPU busy per round | waiting for data per round |")
+    print("|---|---|---:|---:|---|---|")
+    for name, g in groups.items():
+        sps = [r["samples_per_s"] for r in g]
+        med = statistics.median(sps)
+        out.append({"setup": name, "samples_per_s": sps, "median": med, "x_bare": med / bare,
+                    "x_bare_graphs": med / graphs if graphs else None,
+                    "gpu_util_pct": [r["gpu_util_pct"] for r in g], "data_wait_frac": [r["data_wait_frac"] for r in g]})
+        print(f"| {name} | {' / '.join(f'{x:,.0f}' for x in sps)} | {med:,.0f} | {med / bare:.2f}"
+              + (f" ({med / graphs:.2f})" if graphs else "") + " | "
+              + " / ".join(f"{r['gpu_util_pct']:.0f}%" for r in g) + " | "
+              + " / ".join(f"{100 * r['data_wait_frac']:.0f}%" for r in g) + " |")
     return out
 
 
@@ -655,7 +691,8 @@ def main(argv=None) -> int:
                          "(after the registered runs; does the GIL starve the pin thread while the host issues a step?)")
     ap.add_argument("--e2e-registered", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.register_buffers=true (loader "
-                         "buffers page-locked and lent to the copy to the GPU; after the one-copy-thread runs)")
+                         "buffers page-locked and lent to the copy to the GPU; the default since runs 6-8, so these "
+                         "repeat the default rows; after the one-copy-thread runs)")
     ap.add_argument("--e2e-unpacked", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and data.pack_batches=false (a batch's "
                          "other tensors cross by value and are pinned and copied one by one, as before "
@@ -673,6 +710,11 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-no-gc-freeze", nargs="*", default=[],
                     help="probers to run end to end also with CUDA graphs and gc_freeze=false (full garbage "
                          "collections walk the whole heap, as before; after the forked runs)")
+    ap.add_argument("--e2e-set", nargs="*", default=[],
+                    help="more end-to-end runs with CUDA graphs, each PROBER:OVERRIDE[,OVERRIDE...] (e.g. "
+                         "attention:data.register_buffers=true,data.worker_start=fork); after all the others")
+    ap.add_argument("--e2e-rounds", type=int, default=1,
+                    help="run the whole end-to-end list this many times, in order (each row says its round)")
     ap.add_argument("--no-loader-registered", dest="loader_registered", action="store_false",
                     help="leave out the loader rows that move batches to the device (pin-thread copy in the default "
                          "threads and in one, registered, not packed)")
@@ -753,6 +795,8 @@ def main(argv=None) -> int:
                 print(f"| train {r['prober']} (epochs 2-{len(r['epochs'])}) | {r['samples_per_s']:,.0f} | "
                       f"{r['samples_per_s'] / bare:.2f} | " + (f"{head / bare:.2f}x" if head else "-")
                       + f" | {100 * r['data_wait_frac']:.0f}% | {r['gpu_util_pct']:.0f}% | {r['samples_seen']} |")
+            if args.e2e_rounds > 1:
+                report["e2e"]["rounds"] = rounds_summary(e2e, bare, bares.get("graphs"))
     util.stop.set()
     save()
     return 0

@@ -490,7 +490,7 @@ def test_register_buffers_off_registers_nothing(shards, monkeypatch):
     fake = use_fake_cuda(monkeypatch)
     monkeypatch.setattr(datamodule.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(resources, "available_cores", lambda: 64)
-    dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=True)
+    dm = ShardDataModule(root, batch_size=4, num_workers=2, seed=0, pin_memory=True, register_buffers=False)
     dm.collate = collate
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -1,5 +1,6 @@
 """The per-epoch throughput record: samples/s, the share of time waiting for data, and within that wait the share
-spent moving batches to the device (``transfer_frac``); validation's transfers are not counted in it."""
+spent moving batches to the device (``transfer_frac``); validation's transfers are not counted in it; the wait
+before each epoch's first batch (``first_wait_s``)."""
 from __future__ import annotations
 
 import time
@@ -41,6 +42,8 @@ def test_the_transfer_share_counts_training_transfers_only():
     assert abs(rec["transfer_frac"] * rec["seconds"] - 0.06) < 1e-3  # (seconds: rounded to the ms)
     assert 0 < rec["transfer_frac"] <= rec["data_wait_frac"] <= 1
     assert m.logged[-1]["perf/transfer_frac"] == rec["transfer_frac"]
+    # the wait before the first batch, alone: one of the three waits, part of the epoch's
+    assert 0.015 <= rec["first_wait_s"] <= rec["data_wait_frac"] * rec["seconds"] - 0.03
     # the next epoch counts from its own start
     mon.on_train_epoch_start(trainer, m)
     mon.on_train_batch_start(trainer, m, {"counts": {"samples": 4}}, 0)

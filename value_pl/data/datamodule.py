@@ -43,8 +43,8 @@ class ShardDataModule(pl.LightningDataModule):
                  seed: int = 0, splits: dict | None = None, train_batches: int | None = None,
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
                  prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool | None = None,
-                 register_buffers: bool = False, pin_threads: int | None = None, pack_batches: bool = True,
-                 worker_start: str | None = None):
+                 read_ahead: bool | None = None, register_buffers: bool = True, pin_threads: int | None = None,
+                 pack_batches: bool = True, worker_start: str | None = None):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -73,6 +73,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._worker_starts: dict[str, list[float]] = {}  # stage -> seconds each start of its workers took
         self._copy_threads = 1  # the training loader's pin_threads, as resolved (buffer_stats)
         self.epoch_ahead = epoch_ahead  # None: when the model runs on an accelerator (:meth:`_ahead`)
+        self.read_ahead = read_ahead  # training workers make their next epoch's first batch early; None: as _ahead()
         self._counts: dict[str, list[int]] = {}
         self._train_shm = 0  # bytes the training loader may hold in /dev/shm (check_shared_memory)
         self._deferred_train = None  # the training loader whose next epoch the validation run's first batch starts
@@ -111,7 +112,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def stream(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
                start_epoch: int = 0, ring_buffers: int = 0, register_buffers: bool = False,
-               pin_threads: int = 1, pack_batches: bool = True) -> ShardStream:
+               pin_threads: int = 1, pack_batches: bool = True, read_ahead: bool = False) -> ShardStream:
         collate = collate or self.collate
         if collate is None:
             raise RuntimeError("ShardDataModule.collate is not set (the backbone's collator)")
@@ -120,7 +121,8 @@ class ShardDataModule(pl.LightningDataModule):
                            seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
                            start_epoch=start_epoch, transform=self.transform,
                            cap_batches=self.train_batches if train else None, ring_buffers=ring_buffers,
-                           register_buffers=register_buffers, pin_threads=pin_threads, pack_batches=pack_batches)
+                           register_buffers=register_buffers, pin_threads=pin_threads, pack_batches=pack_batches,
+                           read_ahead=read_ahead)
 
     def _pin(self) -> bool:
         if self.pin_memory is not None:
@@ -145,8 +147,10 @@ class ShardDataModule(pl.LightningDataModule):
         ranks = getattr(trainer, "num_devices", 1) if trainer is not None else 1
         # the pin thread's copy threads: only a ring's features are copied that way (cores read only then)
         threads = (self.pin_threads or pincopy.auto_threads(resources.available_cores(), ranks)) if ring else 1
+        ahead = self._ahead() if self.read_ahead is None else bool(self.read_ahead)
         ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring,
-                         register_buffers=register, pin_threads=threads, pack_batches=self.pack_batches)
+                         register_buffers=register, pin_threads=threads, pack_batches=self.pack_batches,
+                         read_ahead=train and workers > 0 and ahead)
         if ds.ring_token:  # (training loaders only have rings)
             self._ring_tokens.append(ds.ring_token)
             self._copy_threads = threads

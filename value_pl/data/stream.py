@@ -21,6 +21,7 @@ truncated shard is a :class:`~value_pl.data.schema.SchemaError` naming the file 
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import os
 import zlib
@@ -298,7 +299,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  train: bool, seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None,
                  world: int | None = None, start_epoch: int = 0, transform: Callable | None = None,
                  cap_batches: int | None = None, ring_buffers: int = 0, register_buffers: bool = False,
-                 pin_threads: int = 1, pack_batches: bool = True):
+                 pin_threads: int = 1, pack_batches: bool = True, read_ahead: bool = False):
         super().__init__()
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} shard(s) but {len(counts)} sample count(s)")
@@ -318,6 +319,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.ring_buffers, self.pack_batches = int(ring_buffers), bool(pack_batches)
         self.ring_token = handover.new_token(self, bool(register_buffers), pin_threads) \
             if self.ring_buffers > 0 else None
+        # read_ahead: a worker that has made its epoch's last batch makes its next epoch's first one at once (the
+        # same batch, only earlier), so that a persistent worker's next epoch starts with a batch ready
+        self.read_ahead, self._ahead = bool(read_ahead), None
 
     def __len__(self) -> int:
         return batches_per_rank(self.total, self.rank, self.world, self.batch_size, self.train, self.cap)
@@ -357,26 +361,46 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Decoded samples of this (rank, worker) for ``epoch``, in reading order (no shuffle)."""
         return map(self._decode, self.raw(worker, workers, epoch))
 
+    def batches(self, worker: int = 0, workers: int = 1, epoch: int = 0) -> Iterator:
+        """The collated batches of this (rank, worker) for ``epoch``, in order (training: shuffled)."""
+        it = self.raw(worker, workers, epoch)
+        if self.train and self.shuffle_buffer > 1:  # shuffle bytes, decode late: few live objects, cheap GC
+            seed = [self.seed & 0xFFFFFFFF, epoch, self.rank, worker, zlib.crc32(b"buffer")]
+            it = _buffer_shuffle(it, self.shuffle_buffer, np.random.default_rng(seed))
+        batch = []
+        for raw in it:
+            batch.append(self._decode(raw))
+            if len(batch) == self.batch_size:
+                yield self.collate(batch)
+                batch = []
+        if batch:
+            yield self.collate(batch)
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
         self.epoch += 1  # this copy's next iter() is the next epoch (persistent workers keep their copy)
-        it = self.raw(worker, workers, epoch)
-        if self.train and self.shuffle_buffer > 1:  # shuffle bytes, decode late: few live objects, cheap GC
-            seed = [self.seed & 0xFFFFFFFF, epoch, self.rank, worker, zlib.crc32(b"buffer")]
-            it = _buffer_shuffle(it, self.shuffle_buffer, np.random.default_rng(seed))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (epoch, worker, workers):  # this epoch's first batch, made already
+            first, rest = ahead[1], ahead[2]
+            batches = iter(()) if first is _END else itertools.chain((first,), rest)
+        else:
+            batches = self.batches(worker, workers, epoch)
         if info is not None:  # leaving a worker: small tensors travel by value, features maybe through the ring
             handover.activate(self.ring_token, self.ring_buffers, self.pack_batches)
         out = handover.leave if info is not None else _same
-        batch = []
-        for raw in it:
-            batch.append(self._decode(raw))
-            if len(batch) == self.batch_size:
-                yield out(self.collate(batch))
-                batch = []
-        if batch:
-            yield out(self.collate(batch))
+        for b in batches:
+            yield out(b)
+        if self.read_ahead and info is not None:
+            # asked for a batch past the epoch's end: this worker would now idle until the next epoch's iter(),
+            # whose first batch would then wait for a shard to open, the shuffle buffer to fill and a batch to be
+            # decoded (~3 batches' work); make that batch now and keep it, with the rest of its epoch's stream
+            rest = self.batches(worker, workers, epoch + 1)
+            self._ahead = ((epoch + 1, worker, workers), next(rest, _END), rest)
+
+
+_END = object()  # read ahead: the next epoch has no batch for this worker
 
 
 def _buffer_shuffle(it, size: int, rng: np.random.Generator):

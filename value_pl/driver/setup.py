@@ -71,8 +71,8 @@ def make_datamodule(cfg: DictConfig) -> ShardDataModule:
                            decode=decode, pin_memory=d.get("pin_memory"),
                            prefetch_factor=int(d.get("prefetch_factor") or 4),
                            reuse_buffers=bool(d.get("reuse_buffers", True)),
-                           epoch_ahead=d.get("epoch_ahead"),
-                           register_buffers=bool(d.get("register_buffers", False)),
+                           epoch_ahead=d.get("epoch_ahead"), read_ahead=d.get("read_ahead"),
+                           register_buffers=bool(d.get("register_buffers", True)),
                            pin_threads=d.get("pin_threads"), pack_batches=bool(d.get("pack_batches", True)),
                            worker_start=d.get("worker_start"))
 

@@ -4,11 +4,13 @@ The window is an epoch's training batches (from the epoch's start to its last ba
 excluded). The wait is the time from the end of one training batch to the start of the next (fetching from
 the loader workers and the host-to-device copy); the rest is the step itself. The share of the window that the
 module's ``transfer_batch_to_device`` took (``transfer_frac``, part of the wait; None for a module that does not
-time it) tells a loader that cannot keep up from a copy to the device that blocks. A run whose wait share is high is
-loader-bound (more workers, more shards per worker, or a feature cache); a low share with a low rate is
-compute-bound. The seconds the garbage collector held the GIL within the window (``gc_s``) and its full collections
-(``gc_full``) are counted too (:mod:`value_pl.driver.heap`). Figures per epoch go to the logger (``perf/*``), the
-console and ``results.json``.
+time it) tells a loader that cannot keep up from a copy to the device that blocks. The wait before the epoch's first
+batch (``first_wait_s``, part of the wait) tells a wait at the epoch's start (workers opening shards and filling
+their shuffle buffers; the device idle after the previous epoch's closing synchronise) from one spread over the
+steps. A run whose wait share is high is loader-bound (more workers, more shards per worker, or a feature cache); a
+low share with a low rate is compute-bound. The seconds the garbage collector held the GIL within the window
+(``gc_s``) and its full collections (``gc_full``) are counted too (:mod:`value_pl.driver.heap`). Figures per epoch go
+to the logger (``perf/*``), the console and ``results.json``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class ThroughputMonitor(pl.Callback):
         self._sync(pl_module)
         self._t0 = self._t_end = time.perf_counter()
         self._wait = 0.0
+        self._first_wait = 0.0
         self._samples = 0
         self._pairs = 0
         self._batches = 0
@@ -45,6 +48,8 @@ class ThroughputMonitor(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         now = time.perf_counter()
+        if self._batches == 0:
+            self._first_wait = now - self._t_end
         self._wait += now - self._t_end
         if self._xfer_mark is not None:  # this batch's transfer (a validation run's happen outside the window)
             self._xfer += pl_module.transfer_s - self._xfer_mark
@@ -68,7 +73,7 @@ class ThroughputMonitor(pl.Callback):
                "start": time.time() - (time.perf_counter() - self._t0), "end": time.time() - (time.perf_counter() - self._t_end),
                # every rank reads the same number of samples: the run's rate is world x this rank's
                "samples_per_s": world * self._samples / wall, "pairs_per_s": world * self._pairs / wall,
-               "data_wait_frac": self._wait / wall, "world_size": world, "gc_s": round(gc_s, 4), "gc_full": gc_full,
+               "data_wait_frac": self._wait / wall, "first_wait_s": round(self._first_wait, 4), "world_size": world, "gc_s": round(gc_s, 4), "gc_full": gc_full,
                "transfer_frac": None if self._xfer_mark is None else self._xfer / wall}
         self.epochs.append(rec)
         pl_module.log_dict({"perf/samples_per_s": rec["samples_per_s"], "perf/data_wait_frac": rec["data_wait_frac"],

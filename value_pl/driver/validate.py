@@ -69,7 +69,7 @@ def check_data(cfg) -> None:
     number(cfg, "data.shuffle_buffer", 0, integer=True, why=" (0 or 1: no shuffle buffer)")
     number(cfg, "data.train_batches", 1, integer=True, null=True, why=" (null = one pass over the split)")
     number(cfg, "data.prefetch_factor", 1, integer=True)
-    for k in ("data.pin_memory", "data.epoch_ahead"):
+    for k in ("data.pin_memory", "data.epoch_ahead", "data.read_ahead"):
         flag(cfg, k, null=True)
     flag(cfg, "data.reuse_buffers")
     flag(cfg, "data.register_buffers")
