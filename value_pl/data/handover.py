@@ -26,8 +26,8 @@ Here:
   Each torch call gives up the GIL, which the pin thread then waits to take back while the main thread runs Python,
   so one call per batch instead of ~18 (and one pipe read of a few KB instead of ~0.7 MB) is what keeps the pin
   thread fed. Tensors that do not fit the buffer's spare room cross by value (counted: ``inline_batches``).
-* With ``data.register_buffers=true`` (the default) the main process page-locks each buffer with CUDA once, and pinning lends
-  the buffer's view instead of copying it; the buffer is freed once the copy to the GPU has completed
+* With ``data.register_buffers=true`` (the default) the main process page-locks each buffer with CUDA once, and
+  pinning lends the buffer's view instead of copying it; the buffer is freed once the copy to the GPU has completed
   (:mod:`value_pl.data.pinning`).
 * Without pinning (CPU training) the features tensor is the model's input, so it gets a fresh segment per
   batch as before; so do evaluation batches (a ring per eval loader would stay resident in ``/dev/shm`` all run).

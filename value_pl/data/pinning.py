@@ -4,14 +4,14 @@ On one H200, end-to-end training read 0-8% more samples/s with it than without (
 points more (docs/performance.md). Without the switch, the DataLoader's pin thread copies each training batch's
 features out of the loader worker's reused shared buffer into pinned memory
 (:meth:`value_pl.data.handover.RingBatch.pin_memory`): at batch 256, ~38 MB per batch, most of the main process's CPU
-time per batch. With it, the main process registers every ring
-buffer with CUDA as page-locked memory once, when the buffer's segment first arrives (:func:`register`,
-``cudaHostRegister``), and pinning *lends* the buffer's view itself (:func:`lend`: no copy). The host-to-device copy
-then reads the features straight out of the buffer, asynchronously (registered memory counts as pinned:
-``is_pinned()`` is True). The buffer is handed back to its worker only once that copy has completed:
+time per batch. With it, the main process registers every ring buffer with CUDA as page-locked memory once, when the
+buffer's segment first arrives (:func:`register`, ``cudaHostRegister``), and pinning *lends* the buffer's view itself
+(:func:`lend`: no copy). The host-to-device copy then reads the features straight out of the buffer,
+asynchronously (registered memory counts as pinned: ``is_pinned()`` is True). The buffer is handed back to its worker
+only once that copy has completed:
 
-* the transfer (:func:`to_device`, which ``ProbeModule.transfer_batch_to_device`` uses) calls :func:`moved` after each non-blocking copy; for a
-  lent view it records a CUDA event on the current stream and queues (event, buffer);
+* the transfer (:func:`to_device`, which ``ProbeModule.transfer_batch_to_device`` uses) calls :func:`moved` after
+  each non-blocking copy; for a lent view it records a CUDA event on the current stream and queues (event, buffer);
 * each later transfer first calls :func:`release_completed`, which frees the buffers whose events have completed;
 * :func:`release` (loader teardown, :func:`value_pl.data.handover.forget`) waits for the queued events and frees
   all; a forgotten or retired buffer is unregistered (``cudaHostUnregister``) after that, never while read;

@@ -73,7 +73,8 @@ class ThroughputMonitor(pl.Callback):
                "start": time.time() - (time.perf_counter() - self._t0), "end": time.time() - (time.perf_counter() - self._t_end),
                # every rank reads the same number of samples: the run's rate is world x this rank's
                "samples_per_s": world * self._samples / wall, "pairs_per_s": world * self._pairs / wall,
-               "data_wait_frac": self._wait / wall, "first_wait_s": round(self._first_wait, 4), "world_size": world, "gc_s": round(gc_s, 4), "gc_full": gc_full,
+               "data_wait_frac": self._wait / wall, "first_wait_s": round(self._first_wait, 4), "world_size": world,
+               "gc_s": round(gc_s, 4), "gc_full": gc_full,
                "transfer_frac": None if self._xfer_mark is None else self._xfer / wall}
         self.epochs.append(rec)
         pl_module.log_dict({"perf/samples_per_s": rec["samples_per_s"], "perf/data_wait_frac": rec["data_wait_frac"],
