@@ -29,7 +29,8 @@ def test_ddp_train_and_eval_match_single_process_with_one_shard_per_split(tmp_pa
               "trainer.max_epochs=5", "data.batch_size=4", "data.eval_batch_size=4", "optim.lr=0.01",
               "data.num_workers=2", *FAST]
     d2 = tmp_path / "train2"
-    run_cli("value_pl.train", common + DDP, d2, timeout=300)
+    # (epochs and validation runs started ahead, and each worker's next first batch read ahead: the GPU defaults)
+    run_cli("value_pl.train", common + DDP + ["data.epoch_ahead=true"], d2, timeout=300)
     r2 = json.loads((d2 / "results.json").read_text())
     r1 = train(compose(common + [f"run_dir={tmp_path / 'train1'}"]))
     for res in (r1, r2):  # every val/test pair counted exactly once, no padding in the metrics
