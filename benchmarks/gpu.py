@@ -494,6 +494,21 @@ def prefetch_for(workers: int, batch: int) -> int:
     return int(max(1, min(4, shm // 2 // (per_batch * max(workers, 1)))))
 
 
+# the flags that each add runs with one override, in the order their runs come (after the runs with CUDA graphs)
+ONE_OVERRIDE = (("e2e_unpacked", "data.pack_batches=false"), ("e2e_forked", "data.worker_start=fork"),
+                ("e2e_no_gc_freeze", "gc_freeze=false"), ("e2e_no_copy_stream", "data.copy_stream=false"),
+                ("e2e_one_copy_thread", "data.pin_threads=1"), ("e2e_registered", "data.register_buffers=true"))
+
+
+def e2e_set_spec(spec: str) -> tuple[str, list[str]]:
+    """``--e2e-set PROBER:OVERRIDE[,OVERRIDE...]`` -> (prober, overrides)."""
+    prober, _, overrides = spec.partition(":")
+    if not prober or not overrides:
+        raise SystemExit(f"benchmarks/gpu.py: --e2e-set {spec!r}: expected PROBER:OVERRIDE[,OVERRIDE...], e.g. "
+                         "attention:data.read_ahead=false")
+    return prober, overrides.split(",")
+
+
 def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out: list | None = None,
              done=lambda: None) -> list[dict]:
     """End-to-end runs, one per prober, appended to ``out`` as each ends (then ``done()`` is called)."""
@@ -512,15 +527,10 @@ def e2e_rows(root: Path, tok: str, tmp: Path, args, util: Utilisation, dev, out:
     w0, off, plain = counts[0], "cuda_graphs.enabled=false", "data.epoch_ahead=false"
     runs = ([(p, w0, None, [off]) for p in args.e2e_probers]
             + [(p, w, None, []) for w in counts for p in args.e2e_graphs]
-            + [(p, w0, None, ["data.pack_batches=false"]) for p in args.e2e_unpacked]
-            + [(p, w0, None, ["data.worker_start=fork"]) for p in args.e2e_forked]
-            + [(p, w0, None, ["gc_freeze=false"]) for p in args.e2e_no_gc_freeze]
-            + [(p, w0, None, ["data.copy_stream=false"]) for p in args.e2e_no_copy_stream]
-            + [(p, w0, None, ["data.pin_threads=1"]) for p in args.e2e_one_copy_thread]
-            + [(p, w0, None, ["data.register_buffers=true"]) for p in args.e2e_registered]
+            + [(p, w0, None, [ov]) for flag, ov in ONE_OVERRIDE for p in getattr(args, flag)]
             + [(p, w0, s, []) for p in args.e2e_switch for s in args.switch_interval]
             + [(p, w0, None, [off, plain]) for p in args.e2e_plain]
-            + [(spec.split(":", 1)[0], w0, None, spec.split(":", 1)[1].split(",")) for spec in args.e2e_set])
+            + [(p, w0, None, ov) for p, ov in map(e2e_set_spec, args.e2e_set)])
     # --e2e-rounds: the whole list again, in the same order (drift between runs shows as a gap between rounds)
     runs = [(p, w, s, x, k) for k in range(args.e2e_rounds) for p, w, s, x in runs]
     for prober, workers, switch, extra, rnd in runs:
