@@ -225,3 +225,22 @@ def test_a_name_that_is_not_a_chain_id_is_an_error_not_dropped(tmp_path):
     p.write_text(p.read_text().replace("<name>dog</name>", "<name> 8 </name>"))
     W, H, boxes, chains, unboxed = parse_annotation(p)
     assert chains == {"12", "7", "8"} and unboxed == {"7", "8"} and boxes[0][1] == ["12"]
+
+
+def test_an_empty_sentences_file_is_a_counted_skip_not_a_silent_drop(tmp_path):
+    """A Sentences file cut to nothing (an interrupted copy) would give its image no sample and no word in the
+    manifest: it is a counted skip naming the file, and ``strict=true`` raises."""
+    ov = write_flickr30k(tmp_path / "f30k")
+    (tmp_path / "f30k" / "Sentences" / "200.txt").write_text("")
+    man = build("flickr30k", tmp_path / "out", ov)
+    assert man["skipped"]["empty_sentences"] == 1
+    assert man["skipped_examples"]["empty_sentences"][0].endswith("200.txt: the Sentences file holds no caption")
+    full = build("flickr30k", tmp_path / "full", write_flickr30k(tmp_path / "f30k_full"))
+    lost = {k: full["splits"][k]["samples"] - man["splits"][k]["samples"] for k in full["splits"]}
+    of_200 = [x for x in read_samples(tmp_path / "full") if x["meta"]["image"]["id"] == "200"]
+    assert of_200 and sum(lost.values()) == len(of_200)  # image 200's samples, nothing else
+    for split in ("train", "val"):
+        (tmp_path / "f30k" / f"{split}.txt").write_text("")
+    (tmp_path / "f30k" / "test.txt").write_text("200\n")  # (the fixture's other images hold bad records)
+    with pytest.raises(BuildError, match=r"Sentences/200\.txt: the Sentences file holds no caption"):
+        build("flickr30k", tmp_path / "out2", ov, extra=["strict=true"])

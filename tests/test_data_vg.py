@@ -313,3 +313,24 @@ def test_duplicate_region_id_raises(tmp_path):
     with pytest.raises(ValueError, match="train/k: duplicate sample key"):
         w.write_split("train", iter([("k", meta, np.zeros((0, 4), np.float16))] * 2))
     w.abort()
+
+
+def test_a_relation_repeated_through_duplicate_objects_counts_once(tmp_path):
+    """VG v1.2 holds duplicate objects (other ids, the same box; v1.4 merged them). Two relations of one caption
+    through such duplicates are one region pair with one label: kept once (never a doubled VRC pair, a doubled
+    predicate count or a VRC/VRI mismatch), the repeat counted in ``excluded``; so is a relation repeated with
+    the same ids, and one whose near-duplicate boxes land on the same detected regions."""
+    man1, man2, shirt = _o(1, "man", 100, 100, 100, 300), _o(21, "man", 100, 100, 100, 300), \
+        _o(10, "shirt", 110, 150, 80, 100)
+    man3 = _o(31, "man", 101, 100, 100, 299)  # a near-duplicate box of man1: the same detected region
+    rels = [_r(1, "wearing", 1, 10), _r(2, "WEARING", 21, 10), _r(3, "wearing", 1, 10), _r(4, "wearing", 31, 10)]
+    graphs = [{"image_id": 1, "regions": [_reg(1, 11, "man wearing a shirt", [man1, man2, man3, shirt], rels)]}]
+    det = {1: [[100, 100, 200, 400], [110, 150, 190, 250], [600, 20, 700, 80], [0, 450, 300, 590]]}
+    ov = write_vg_small(tmp_path / "vg", graphs, {1: (800, 600)}, {"train": [1]}, det)
+    man = build("vg", tmp_path / "out", ov)
+    (s,) = read_samples(tmp_path / "out")
+    assert s["meta"]["pairs"]["vrc"] == [[0, 1, "wearing"]]
+    assert [p for p in s["meta"]["pairs"]["vri"] if p[2] == "related"] == [[0, 1, "related"]]
+    assert man["predicates"] == {"wearing": {"frequency": 2, "selected": 2}}
+    assert man["excluded"]["relation_duplicate"] == 2 and man["excluded"]["vrc_duplicate_region_pair"] == 1
+    assert man["splits"]["train"]["pairs"]["vrc"] == {"wearing": 1}

@@ -34,12 +34,13 @@ One sample = one caption with its image's regions. Rules:
   normal for BUTD's overlapping boxes) is never a negative; each such (phrase, region) is counted in
   ``manifest.json`` ``excluded.vcd_negative_overlaps_chain``.
 
-Skips (counted in ``manifest.json``; ``strict=true`` raises instead, naming file and line):
+Bad records, skipped and counted in ``manifest.json`` (``strict=true`` raises instead, naming file and line):
 ``malformed_markup`` (caption), ``not_utf8`` (caption: a line that is not UTF-8), ``empty_caption`` (caption),
-``unrelated_caption`` (caption, the known list), ``unknown_chain`` (phrase whose chain id is not in the XML),
-``malformed_xml`` (image), ``xml_without_boxes`` (image), ``missing_sentences``/``missing_annotation`` (image),
-``no_features`` (image), ``nan_features``/``corrupt_features`` (image), ``box_outside_image``/
-``box_zero_area`` (box), ``annotated_box_unmatched`` (box without a region), ``vcd_negatives_short``
+``unknown_chain`` (phrase whose chain id is not in the XML), ``malformed_xml`` (image), ``xml_without_boxes``
+(image), ``missing_sentences``/``missing_annotation``/``empty_sentences`` (image), ``no_features`` (image),
+``nan_features``/``corrupt_features`` (image), ``box_outside_image``/``box_zero_area`` (box). Outcomes that are
+counted but never raise (real data has them): ``unrelated_caption`` (caption, the known list),
+``annotated_box_unmatched`` (box without a region: normal with detector features), ``vcd_negatives_short``
 (negatives missing because too few regions lie outside the chain). A feature dimension other than
 ``feature_dim`` always raises.
 """
@@ -274,6 +275,9 @@ def iter_split(image_ids, cfg, det_reader, sup_reader, unrelated, issues: Issues
         spath, apath = sent_dir / f"{iid}.txt", ann_dir / f"{iid}.xml"
         if not spath.exists():
             issues.bad("missing_sentences", str(spath), "no Sentences file for this image")
+            continue
+        if not spath.stat().st_size:  # (cut to nothing, e.g. by an interrupted copy: the image would give no sample)
+            issues.bad("empty_sentences", str(spath), "the Sentences file holds no caption")
             continue
         if not apath.exists():
             issues.bad("missing_annotation", str(apath), "no Annotations file for this image")

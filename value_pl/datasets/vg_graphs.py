@@ -134,7 +134,9 @@ class _Split:
 
 
 def _resolve_relations(region: dict, iid: str, v14: dict | None, aliases, issues: Issues, where: str, W, H):
-    """Valid, resolved, de-duplicated relations of one caption: [(pred, s_obj, o_obj, rel_index)]."""
+    """Valid, resolved, de-duplicated relations of one caption: [(pred, s_obj, o_obj, rel_index)]. A relation whose
+    predicate, subject and object (by id, or by box) repeat an earlier one of the caption is left out (counted:
+    ``excluded.relation_duplicate``)."""
     idmap = _id_map(region.get("objects", []))
     extra = v14.get(iid, {}) if v14 is not None else {}
     out, seen = [], set()
@@ -154,18 +156,21 @@ def _resolve_relations(region: dict, iid: str, v14: dict | None, aliases, issues
         if s is o or str(s.get("object_id")) == str(o.get("object_id")):
             issues.bad("relation_self", w, "subject and object are the same object")
             continue
-        bad = False
+        boxes = []
         for role, obj in (("subject", s), ("object", o)):
             b, why = clean_box(_obj_box(obj), W, H)
             if b is None:
                 issues.bad(why, w, f"{role} box {_obj_box(obj)} ({why.replace('_', ' ')}, image {W:g}x{H:g})")
-                bad = True
                 break
-        if bad:
+            boxes.append(tuple(float(x) for x in b))
+        if len(boxes) < 2:
             continue
-        t = (pred, str(s.get("object_id")), str(o.get("object_id")))
-        if t in seen:
+        # one relation once: the same ids, or the same boxes (v1.2 holds duplicate objects: other ids, one box;
+        # v1.4 merged them), would be the same region pair with the same label twice
+        t, tb = (pred, str(s.get("object_id")), str(o.get("object_id"))), (pred, *boxes)
+        if t in seen or tb in seen:
+            issues.exclude("relation_duplicate")
             continue
-        seen.add(t)
+        seen |= {t, tb}
         out.append((pred, s, o, k))
     return out

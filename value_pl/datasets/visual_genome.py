@@ -21,12 +21,14 @@ Rules (VALUE Sec. 3.4):
 * Predicates are normalised: lower case, whitespace collapsed; then the optional alias table
   (``aliases: basic`` = :data:`BASIC_ALIASES`, or a mapping; default none, as in the paper, which
   keeps e.g. ``holds`` and ``holding`` apart). Identical (predicate, subject, object) triples within
-  one caption count once.
+  one caption count once, the subject and object compared by object id and by box (VG v1.2 holds duplicate
+  objects: other ids, the same box; counted: ``excluded.relation_duplicate``), and so do relations whose boxes
+  land on the same detected regions (``excluded.vrc_duplicate_region_pair``).
 * The K most frequent predicates (``top_k``, default 32; ties by name) over all images of the splits (with
   ``split_files``, an image in no split file is skipped in pass 1, ``image_not_in_split``: it neither ranks
   predicates nor takes a place under the caps, so ``predicates[p].selected`` is what the shards hold, less
-  the relations later counted as skips, e.g. ``relation_box_unmatched``); per caption at
-  most ``max_same_predicate_per_caption`` (5) relations of one predicate; per predicate at most
+  the relations later counted as skips, e.g. ``relation_box_unmatched``, or as ``vrc_duplicate_region_pair``);
+  per caption at most ``max_same_predicate_per_caption`` (5) relations of one predicate; per predicate at most
   ``max_pairs_per_predicate`` (15,000) relations. Both caps keep the relations with the lowest
   seeded hash score (deterministic, order-independent random sampling). The chance levels (uniform
   1/K and the majority class per split) are in the manifest (``chance``).
@@ -328,6 +330,9 @@ def _samples(specs, det, sup, cfg, issues: Issues, seed, variant, bar, split):
                 continue
             if rs == ro:
                 issues.bad("relation_same_region", d["where"], f"{pred}({s}, {o}): both boxes on region {rs}")
+                continue
+            if [rs, ro, pred] in vrc:  # two relations of near-duplicate boxes on the same detected regions
+                issues.exclude("vrc_duplicate_region_pair")
                 continue
             vrc.append([rs, ro, pred])
             if (rs, ro) not in pos:
