@@ -198,6 +198,7 @@ BAD_RUN = [
     ("data.copy_stream=maybe", "data.copy_stream"), ("data.copy_stream=null", "data.copy_stream"),
     ("data.pack_batches=maybe", "data.pack_batches"), ("data.pack_batches=null", "data.pack_batches"),
     ("data.read_ahead=maybe", "data.read_ahead"), ("data.read_ahead=2", "data.read_ahead"),
+    ("data.map_shards=maybe", "data.map_shards"), ("data.map_shards=null", "data.map_shards"),
 ]
 BAD_SENTEVAL = [("prober.dropout=1.0", "prober.dropout"), ("prober.grid.nhid=[50,-1]", "prober.grid.nhid"),
                 ("prober.grid.l2=[]", "prober.grid.l2"), ("prober.lr=0", "prober.lr"),

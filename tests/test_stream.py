@@ -151,6 +151,54 @@ def test_a_corrupt_shard_names_the_file(tmp_path, uneven):
         list(iter_samples(str(cut)))
 
 
+def test_a_mapped_shard_gives_the_same_samples_and_the_same_errors(tmp_path, uneven):
+    """``view=True`` (what a ShardStream reads with: ``mapped``) hands out read-only views of the mapped shard, with
+    the bytes that reading gives; the views outlive the reader (and the file's name); a corrupt, truncated or empty
+    shard reads as it does without the map."""
+    import gc
+
+    import numpy as np
+
+    root, man = uneven
+    url = str(root / man["splits"]["val"]["shards"][0])
+    read, mapped = list(iter_samples(url)), list(iter_samples(url, view=True))
+    assert [s["__key__"] for s in mapped] == [s["__key__"] for s in read] and len(read) == 5
+    for a, b in zip(read, mapped):
+        assert set(a) == set(b) and all(type(a[k]) is bytes and b[k] == a[k] for k in ("json", "npy"))
+        assert isinstance(b["npy"], memoryview) and b["npy"].readonly
+    copy = tmp_path / "copy.tar"
+    copy.write_bytes((root / man["splits"]["val"]["shards"][0]).read_bytes())
+    views = list(iter_samples(str(copy), 1, 3, view=True))
+    copy.unlink()
+    gc.collect()
+    assert [decode_sample(v)["key"] for v in views] == [s["__key__"] for s in read[1:3]]
+    assert all(np.array_equal(decode_sample(v)["feats"], decode_sample(r)["feats"]) for v, r in zip(views, read[1:3]))
+    src = (root / man["splits"]["val"]["shards"][0]).read_bytes()
+    for data, problem in ((src[:100] + b"x" * 10 + src[110:], "corrupt tar header at byte 0"),
+                          (src[:512] + b"x" * 10 + src[522:], "corrupt pax header at byte 0"),
+                          (src[:3000], "truncated")):
+        bad = tmp_path / "bad.tar"
+        bad.write_bytes(data)
+        for view in (False, True):
+            with pytest.raises(SchemaError, match=f"bad.tar: {problem}"):
+                list(iter_samples(str(bad), view=view))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    assert list(iter_samples(str(tmp_path / "empty.tar"), view=True)) == [] and count_samples(
+        str(tmp_path / "empty.tar")) == 0
+
+
+def test_a_stream_reads_the_same_batches_mapped_or_not(uneven):
+    """``data.map_shards`` (default true) -> ``ShardStream.mapped``: the same batches either way."""
+    root, man = uneven
+    got = {}
+    for mapped in (False, True):
+        dm = ShardDataModule(root, batch_size=4, shuffle_buffer=8, seed=3, map_shards=mapped)
+        st = dm.stream("train", True, collate=list)
+        assert st.mapped is mapped and ShardDataModule(root).stream("val", False, collate=list).mapped
+        got[mapped] = [[(s["key"], s["meta"], s["feats"].tobytes()) for s in b] for b in st.batches(0, 1, 1)]
+    assert got[True] == got[False] and sum(map(len, got[True])) == 32
+
+
 def test_manifest_counts_that_lie_are_an_error(uneven):
     root, man = uneven
     st = ShardDataModule(root).stream("val", train=False, collate=list)

@@ -217,7 +217,7 @@ def decode_record(sample: dict) -> dict:
             if name == "labels.npy":
                 out["labels"] = np.load(io.BytesIO(raw), allow_pickle=False)
             elif name == "info.json":
-                info = json.loads(raw)
+                info = json.loads(bytes(raw))  # (a mapped shard's member: a memoryview)
                 out["counts"] = info.get("counts") or {"pairs_dropped": int(info.get("pairs_dropped", 0))}
             elif name.startswith("h") and name.endswith(".npy"):
                 h, j = name[1:-4].split("_")

@@ -44,7 +44,7 @@ class ShardDataModule(pl.LightningDataModule):
                  eval_batch_size: int | None = None, transform=None, decode=None, pin_memory: bool | None = None,
                  prefetch_factor: int = 4, reuse_buffers: bool = True, epoch_ahead: bool | None = None,
                  read_ahead: bool | None = None, register_buffers: bool = True, pin_threads: int | None = None,
-                 pack_batches: bool = True, worker_start: str | None = None):
+                 pack_batches: bool = True, worker_start: str | None = None, map_shards: bool = True):
         super().__init__()
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
@@ -74,6 +74,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._copy_threads = 1  # the training loader's pin_threads, as resolved (buffer_stats)
         self.epoch_ahead = epoch_ahead  # None: when the model runs on an accelerator (:meth:`_ahead`)
         self.read_ahead = read_ahead  # training workers make their next epoch's first batch early; None: as _ahead()
+        self.map_shards = bool(map_shards)  # read shards through a map of each file (ShardStream.mapped)
         self._counts: dict[str, list[int]] = {}
         self._train_shm = 0  # bytes the training loader may hold in /dev/shm (check_shared_memory)
         self._deferred_train = None  # the training loader whose next epoch the validation run's first batch starts
@@ -122,7 +123,7 @@ class ShardDataModule(pl.LightningDataModule):
                            start_epoch=start_epoch, transform=self.transform,
                            cap_batches=self.train_batches if train else None, ring_buffers=ring_buffers,
                            register_buffers=register_buffers, pin_threads=pin_threads, pack_batches=pack_batches,
-                           read_ahead=read_ahead)
+                           read_ahead=read_ahead, mapped=self.map_shards)
 
     def _pin(self) -> bool:
         if self.pin_memory is not None:

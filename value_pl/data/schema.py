@@ -88,7 +88,8 @@ import numpy as np
 try:  # a C JSON parser: the sample metadata (boxes as floats) is the largest cost of decoding
     from orjson import loads as _json_loads
 except ImportError:  # pragma: no cover - orjson is a dependency; plain json gives the same objects
-    _json_loads = json.loads
+    def _json_loads(data):  # (json.loads takes no memoryview: a mapped shard's member, value_pl.data.stream)
+        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
 
 SCHEMA_VERSION = 2
 #: what ``regions.names`` holds for a region that carries no annotation
@@ -258,7 +259,8 @@ def _feature_problem(feats: np.ndarray, boxes, feature_dim: int | None) -> str:
 
 
 def decode_sample(sample: dict, feature_dim: int | None = None) -> dict:
-    """Raw WebDataset sample (bytes) -> ``{"key", "meta", "feats"}``; errors name the key/shard.
+    """Raw WebDataset sample (each file as bytes or a memoryview) -> ``{"key", "meta", "feats"}``; errors name the
+    key/shard.
 
     The full :func:`validate_sample` is the writers' check; here only what the collator relies on, at the cost of a
     few comparisons: a 2-d float16 array with one row per box, of width ``feature_dim`` (the manifest's, when known;

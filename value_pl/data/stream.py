@@ -16,13 +16,17 @@ several workers share a shard, each reading its own part. Samples per shard come
 (``shard_samples``, written by the builders) or, for older shard sets, from one header scan at start.
 
 The tar reader is our own (ustar with pax/GNU long-name headers, header checksums verified): a corrupt or
-truncated shard is a :class:`~value_pl.data.schema.SchemaError` naming the file and byte offset.
+truncated shard is a :class:`~value_pl.data.schema.SchemaError` naming the file and byte offset. A stream reads
+each shard through a map of the file (``data.map_shards``): its samples' files are views of the map, copied only
+by the collator.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import math
+import mmap
 import os
 import zlib
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from . import handover
 from .schema import SchemaError
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
 
 
 # -------------------------------------------------------------------------------------------- tar
@@ -73,68 +78,91 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def iter_members(path: str, read: Callable[[str], bool] = lambda name: True):
+def iter_members(path: str, read: Callable[[str], bool] = lambda name: True, view: bool = False):
     """Yield ``(name, data or None, header offset)`` for the regular files of a tar, in order.
 
-    ``read(name)`` says whether to read a member's bytes; unread members are skipped by seeking.
+    ``read(name)`` says whether to read a member's bytes; unread members are skipped by seeking. ``view``: each
+    member's data is a read-only ``memoryview`` of the file mapped into memory (:class:`mmap.mmap`) instead of
+    ``bytes`` read from it: nothing is copied until a decoder copies it (a sample's features, into its batch), and
+    the headers are parsed from the map without a system call each. The map stays alive while any view of it does.
+    (A shard truncated *while* it is mapped would raise SIGBUS in the reading process. The builders never
+    truncate: :mod:`value_pl.datasets.writer` renames a new shard set into place and deletes the old files, which
+    leaves a mapped file whole. ``data.map_shards=false`` reads instead.)
     """
     size_total = os.path.getsize(path)
     with open(path, "rb", buffering=0) as f:
-        off, long_name, pax = 0, None, {}
-        while True:
-            f.seek(off)
-            h = f.read(BLOCK)
-            if len(h) < BLOCK:
-                if not h:
-                    return  # no end-of-archive blocks: accepted (a writer that never closed cleanly)
-                raise SchemaError(f"{path}: truncated tar header at byte {off}")
-            if h == bytes(BLOCK):
-                return
-            chk = _octal(h[148:156], path, off)
-            if chk != sum(h) - sum(h[148:156]) + 8 * 32:
-                raise SchemaError(f"{path}: corrupt tar header at byte {off} (checksum mismatch)")
-            size = _octal(h[124:136], path, off)
-            kind = h[156:157]
-            data_off = off + BLOCK
-            nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
-            if data_off + size > size_total:
-                raise SchemaError(f"{path}: truncated tar member at byte {off} ({size} bytes declared)")
-            if kind in (b"x", b"L"):
-                f.seek(data_off)
-                raw = f.read(size)
-                if kind == b"x":
-                    try:
-                        pax = _pax(raw)
-                    except (ValueError, UnicodeDecodeError) as e:
-                        raise SchemaError(f"{path}: corrupt pax header at byte {off} ({e})") from None
-                else:
-                    long_name = raw.rstrip(b"\0").decode("utf-8", "replace")
-                off = nxt
-                continue
-            if kind in (b"0", b"\0", b"7"):
-                name = pax.get("path") or long_name
-                if name is None:
-                    prefix = h[345:500].rstrip(b"\0").decode("utf-8", "replace")
-                    name = h[0:100].rstrip(b"\0").decode("utf-8", "replace")
-                    if prefix and h[257:262] == b"ustar":
-                        name = prefix + "/" + name
-                if "size" in pax:
-                    # digits only: a negative size would seek backwards (and could loop over the same headers)
-                    if not (pax["size"].isascii() and pax["size"].isdigit()):
-                        raise SchemaError(f"{path}: corrupt pax header before byte {off} (size={pax['size']!r} is "
-                                          f"not a byte count)")
-                    size = int(pax["size"])
-                    nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
-                    if data_off + size > size_total:
-                        raise SchemaError(f"{path}: truncated tar member at byte {off} ({size} bytes declared)")
-                data = None
-                if read(name):
-                    f.seek(data_off)
-                    data = f.read(size)
-                    if len(data) != size:
-                        raise SchemaError(f"{path}: truncated tar member {name} at byte {off}")
-                yield name, data, off
-            off, long_name, pax = nxt, None, {}
+        if view and size_total:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            size_total = len(mm)
+            mv = memoryview(mm)
+
+            def get(at: int, n: int):
+                return mv[at:at + n]
+
+            def header(at: int) -> bytes:
+                return mm[at:at + BLOCK]
+        else:
+            def get(at: int, n: int):
+                f.seek(at)
+                return f.read(n)
+
+            header = functools.partial(get, n=BLOCK)
+        yield from _members(path, size_total, read, get, header)
+
+
+def _members(path: str, size_total: int, read, get, header):
+    off, long_name, pax = 0, None, {}
+    while True:
+        h = header(off)
+        if len(h) < BLOCK:
+            if not h:
+                return  # no end-of-archive blocks: accepted (a writer that never closed cleanly)
+            raise SchemaError(f"{path}: truncated tar header at byte {off}")
+        if h == _ZERO_BLOCK:
+            return
+        chk = _octal(h[148:156], path, off)
+        if chk != sum(h) - sum(h[148:156]) + 8 * 32:
+            raise SchemaError(f"{path}: corrupt tar header at byte {off} (checksum mismatch)")
+        size = _octal(h[124:136], path, off)
+        kind = h[156:157]
+        data_off = off + BLOCK
+        nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
+        if data_off + size > size_total:
+            raise SchemaError(f"{path}: truncated tar member at byte {off} ({size} bytes declared)")
+        if kind in (b"x", b"L"):
+            raw = bytes(get(data_off, size))
+            if kind == b"x":
+                try:
+                    pax = _pax(raw)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise SchemaError(f"{path}: corrupt pax header at byte {off} ({e})") from None
+            else:
+                long_name = raw.rstrip(b"\0").decode("utf-8", "replace")
+            off = nxt
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            name = pax.get("path") or long_name
+            if name is None:
+                prefix = h[345:500].rstrip(b"\0").decode("utf-8", "replace")
+                name = h[0:100].rstrip(b"\0").decode("utf-8", "replace")
+                if prefix and h[257:262] == b"ustar":
+                    name = prefix + "/" + name
+            if "size" in pax:
+                # digits only: a negative size would seek backwards (and could loop over the same headers)
+                if not (pax["size"].isascii() and pax["size"].isdigit()):
+                    raise SchemaError(f"{path}: corrupt pax header before byte {off} (size={pax['size']!r} is "
+                                      f"not a byte count)")
+                size = int(pax["size"])
+                nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
+                if data_off + size > size_total:
+                    raise SchemaError(f"{path}: truncated tar member at byte {off} ({size} bytes declared)")
+            data = None
+            if read(name):
+                data = get(data_off, size)
+                if len(data) != size:
+                    raise SchemaError(f"{path}: truncated tar member {name} at byte {off}")
+            yield name, data, off
+        off, long_name, pax = nxt, None, {}
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -145,9 +173,10 @@ def split_name(name: str) -> tuple[str, str]:
     return (d + "/" + k if d else k), ext
 
 
-def iter_samples(path: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+def iter_samples(path: str, start: int = 0, stop: int | None = None, view: bool = False) -> Iterator[dict]:
     """Samples ``[start, stop)`` of one shard as WebDataset-style dicts ``{"__key__", "__url__", "__index__",
-    ext: bytes}``. Members of samples before ``start`` are skipped without reading their bytes."""
+    ext: bytes}`` (``view``: ``ext: memoryview`` of the mapped shard, :func:`iter_members`). Members of samples
+    before ``start`` are skipped without reading their bytes."""
     state = {"i": -1, "key": None}
 
     def want(name):
@@ -158,7 +187,7 @@ def iter_samples(path: str, start: int = 0, stop: int | None = None) -> Iterator
         return state["i"] >= start
 
     cur, idx = None, -1
-    for name, data, _ in iter_members(path, want):
+    for name, data, _ in iter_members(path, want, view):
         key, ext = split_name(name)
         if cur is None or key != cur["__key__"]:
             if cur is not None and idx >= start:
@@ -178,7 +207,7 @@ def iter_samples(path: str, start: int = 0, stop: int | None = None) -> Iterator
 def count_samples(path: str) -> int:
     """Samples in one shard (one pass over its tar headers; no data is read)."""
     n, last = 0, None
-    for name, _, _ in iter_members(path, lambda name: False):
+    for name, _, _ in iter_members(path, lambda name: False, view=True):
         key, _ = split_name(name)
         if key != last:
             n, last = n + 1, key
@@ -299,7 +328,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  train: bool, seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None,
                  world: int | None = None, start_epoch: int = 0, transform: Callable | None = None,
                  cap_batches: int | None = None, ring_buffers: int = 0, register_buffers: bool = False,
-                 pin_threads: int = 1, pack_batches: bool = True, read_ahead: bool = False):
+                 pin_threads: int = 1, pack_batches: bool = True, read_ahead: bool = False, mapped: bool = True):
         super().__init__()
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} shard(s) but {len(counts)} sample count(s)")
@@ -322,6 +351,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         # read_ahead: a worker that has made its epoch's last batch makes its next epoch's first one at once (the
         # same batch, only earlier), so that a persistent worker's next epoch starts with a batch ready
         self.read_ahead, self._ahead = bool(read_ahead), None
+        # mapped: raw samples hold their files as read-only views of the mapped shard, not as bytes read from it
+        # (``decode`` takes any bytes-like object; :func:`iter_members`): a sample's features are copied once, into
+        # its batch, and a shuffle buffer fills without copying its samples (an epoch's first batch waits for that)
+        self.mapped = bool(mapped)
 
     def __len__(self) -> int:
         return batches_per_rank(self.total, self.rank, self.world, self.batch_size, self.train, self.cap)
@@ -340,11 +373,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         return rotated(rng.start, rng.stop, self.total, off)
 
     def raw(self, worker: int = 0, workers: int = 1, epoch: int = 0) -> Iterator[dict]:
-        """Undecoded samples (bytes per file) of this (rank, worker) for ``epoch``, in reading order."""
+        """Undecoded samples of this (rank, worker) for ``epoch``, in reading order: each file's contents as
+        ``memoryview`` (``mapped``) or ``bytes``."""
         order, rng = self.plan(worker, workers, epoch)
         for shard, a, b in (p for lo, hi in self.spans(rng, epoch) for p in pieces(order, self.counts, lo, hi)):
             n = 0
-            for raw in iter_samples(self.urls[shard], a, b):
+            for raw in iter_samples(self.urls[shard], a, b, view=self.mapped):
                 n += 1
                 yield raw
             if n != b - a:

@@ -74,7 +74,7 @@ def make_datamodule(cfg: DictConfig) -> ShardDataModule:
                            epoch_ahead=d.get("epoch_ahead"), read_ahead=d.get("read_ahead"),
                            register_buffers=bool(d.get("register_buffers", True)),
                            pin_threads=d.get("pin_threads"), pack_batches=bool(d.get("pack_batches", True)),
-                           worker_start=d.get("worker_start"))
+                           worker_start=d.get("worker_start"), map_shards=bool(d.get("map_shards", True)))
 
 
 def task_spec(cfg: DictConfig, dm: ShardDataModule) -> TaskSpec:

@@ -75,6 +75,7 @@ def check_data(cfg) -> None:
     flag(cfg, "data.register_buffers")
     flag(cfg, "data.copy_stream")
     flag(cfg, "data.pack_batches")
+    flag(cfg, "data.map_shards")
     choice(cfg, "data.worker_start", START_METHODS, null=True, why=" (null = forkserver on a GPU, fork on the CPU)")
     number(cfg, "data.pin_threads", 1, MAX_PIN_THREADS, integer=True, null=True, why=" (null = a quarter of each GPU's cores, 1-4)")
     splits = value(cfg, "data.splits", None)
