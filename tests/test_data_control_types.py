@@ -199,9 +199,10 @@ def test_near_duplicates_counted_in_manifests(vg, f30k):
     # region, in both orders: 4 candidate negatives that are the related pair; and the three boxes of the cup among
     # themselves, in both orders: 6 candidate negatives that are one object twice; image 1, whose three captions
     # relate man-hat (11, 13) and man-street (12): each caption's sample holds the other pair's regions, 2 x 3
-    # candidate negatives that another caption of the image relates
+    # candidate negatives that another caption of the image relates; and the fixture's repeated wearing(1, 2) of
+    # caption 11, counted once
     assert man["excluded"] == {"vri_negative_overlaps_related": 4, "vri_negative_same_object": 6,
-                               "vri_negative_related_in_image": 6}
+                               "vri_negative_related_in_image": 6, "relation_duplicate": 1}
     assert man["splits"]["train"]["excluded"]["vri_negative_related_in_image"] == 6
     (m,) = [x["meta"] for x in read_samples(root) if x["key"] == "vg_6_61"]
     from value_pl.datasets.regions import iou_matrix
