@@ -333,3 +333,51 @@ def test_suite_task_without_validation_examples_is_not_measured(tmp_path, demo_r
     suite["val_samples"] = 16
     res = run_suite(bb, suite, SuiteData.load(demo_root, suite))
     assert "vrc" not in res["skipped"] and res["metrics"]["vrc/val/best"] >= 0
+
+
+@pytest.mark.parametrize("family", ["uniter", "lxmert"])
+def test_suite_attention_features_are_the_pairs_own_rows(tmp_path, demo_root, monkeypatch, family):
+    """The suite captures attention rows once for every probe and analysis (``merge_captures``: rows sorted and
+    merged), so a collator's slots -- its own request's order -- no longer index them: each pair's Eq. 3 input
+    must be its own tokens' attention, as with full maps. (It was some other token's for every vcc pair.)"""
+    from omegaconf import OmegaConf
+
+    from value_pl.backbones import build_backbone
+    from value_pl.backbones.capture import CaptureSpec
+    from value_pl.compare.suite import SuiteData, run_suite, suite_config
+    from value_pl.probers.features import PairPlan
+
+    if family == "uniter":
+        (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+        cfg, dim = {"family": "uniter", "config": str(tmp_path / "tiny.json")}, 64
+    else:
+        man = json.loads((demo_root / "manifest.json").read_text())
+        dim = man["feature_dim"]
+        (tmp_path / "lx.json").write_text(json.dumps({
+            "vocab_size": 30522, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "l_layers": 2,
+            "r_layers": 2, "x_layers": 2, "visual_feat_dim": dim, "visual_pos_dim": 4,
+            "max_position_embeddings": 128}))
+        cfg = {"family": "lxmert", "config": str(tmp_path / "lx.json")}
+    bb = build_backbone(OmegaConf.create({**cfg, "tokenizer": "minilm", "pretrained": False, "seed": 1}), img_dim=dim)
+    seen = []
+    inputs = PairPlan.inputs
+
+    def spy(self, out, batch, spec=None, merged=False):
+        res = inputs(self, out, batch, spec, merged)
+        if self.maps_ab:
+            seen.append((self, batch, res))
+        return res
+
+    monkeypatch.setattr(PairPlan, "inputs", spy)
+    suite = suite_config({"train_samples": 16, "val_samples": 8, "test_samples": 8, "epochs": 1, "rank": 8,
+                          "batch_size": 16, "tasks": ["vcc", "vrc"], "prober": "attention"})
+    run_suite(bb, suite, SuiteData.load(demo_root, suite))
+    assert {p.pair_kind for p, _, _ in seen} == {"phrase_region", "region_region"}
+    for plan, batch, got in seen:
+        spec = plan.capture(batch)
+        full = CaptureSpec(hidden=spec.hidden, attn=spec.attn, rows=None)
+        with torch.no_grad():
+            want = inputs(plan, bb(batch, full), batch, full)
+        for g in want:
+            for x, y in zip(got[g], want[g]):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)

@@ -257,3 +257,31 @@ def test_seeds_trained_differently_are_refused_and_smoke_tests_marked(tmp_path):
     _trained(tmp_path / "full", "s0", 0, limit_val_batches=1.0)
     (t,) = report.build_tables(report.load_runs([tmp_path / "full"]), "table3")
     assert "Not a result" not in t.markdown()
+
+
+def _with_data(d, name, seed, **data):
+    r = _run(d, name, seed=seed)
+    res = json.loads((r / "results.json").read_text())
+    res["data"] = {"root": "/x/f30k", "dataset": "flickr30k_entities", "mismatch": False, **data}
+    (r / "results.json").write_text(json.dumps(res))
+    return r / "results.json"
+
+
+def test_seeds_on_different_data_are_refused_and_demo_runs_marked(tmp_path):
+    """A cell is one model on one dataset: a seed run on the demo shards (or another dataset) is not averaged with
+    runs on Flickr30k Entities, and runs on synthetic demo shards are marked under every table they reach, as the
+    analyses' reports mark theirs."""
+    a = _with_data(tmp_path / "a", "s0", 0)
+    b = _with_data(tmp_path / "a", "s1", 1, dataset="demo", synthetic=True, root="shards/demo")
+    with pytest.raises(ValueError, match=r"read different data \(dataset 'flickr30k_entities' vs 'demo' "
+                                         r"\(synthetic\)\)") as e:
+        report.Runs(report.load_runs([tmp_path / "a"]))
+    assert str(a) in str(e.value) and str(b) in str(e.value)
+    # the same dataset built at another path (another machine) is one dataset
+    _with_data(tmp_path / "b", "s0", 0)
+    _with_data(tmp_path / "b", "s1", 1, root="/elsewhere/f30k")
+    (t,) = report.build_tables(report.load_runs([tmp_path / "b"]), "table3")
+    assert "Not a result" not in t.markdown()
+    _with_data(tmp_path / "c", "s0", 0, dataset="demo", synthetic=True)
+    (t,) = report.build_tables(report.load_runs([tmp_path / "c"]), "table3")
+    assert "**Not a result:** 1 of the 1 runs read synthetic demo shards" in t.markdown()

@@ -128,7 +128,7 @@ class BackboneOutput:
         qpos = self.positions(q_stream, q_modality, qpos)
         kpos = self.positions(k_stream, k_modality, kpos)
         if q_stream in self.rows:
-            slots = _slot_lookup(self.rows[q_stream], self.streams[q_stream].length)  # (B, N)
+            slots = self.row_columns(q_stream)  # (B, N)
             qrow = slots[b[:, None], qpos.clamp(min=0)]
             if bool(((qrow < 0) & qvalid).any()):
                 raise KeyError(f"{name}: a requested query position was not captured")
@@ -144,6 +144,12 @@ class BackboneOutput:
 
     def num_heads(self, name: str) -> int:
         return self.attn[name].shape[1]
+
+    def row_columns(self, stream: str) -> Tensor:
+        """(B, N): the column of each position of ``stream`` among its captured attention rows, -1 where no row
+        was captured (rows captured for several requests at once are sorted and merged: a request's own order,
+        e.g. a collator's slots, no longer applies)."""
+        return _slot_lookup(self.rows[stream], self.streams[stream].length)
 
 
 def _span_positions(span: Tensor) -> tuple[Tensor, Tensor]:

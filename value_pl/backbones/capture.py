@@ -91,7 +91,8 @@ class RowSoftmax:
 
     key_bias: (B, Nk) additive mask (0 keep, large negative drop); rows: (B, R) query positions (-1 pad) or None
     for all. :meth:`probs` returns (B, H, R or Nq, Nk) in float32, computed in float32 also under autocast.
-    Padding keys get 0 in every row. With ``rows``, the ``-1`` (padding) rows come back as zeros; with
+    Padding keys get 0 in every row (a row whose keys are all padding, e.g. LXMERT's attention to a sample
+    without regions, is uniform, as in the model). With ``rows``, the ``-1`` (padding) rows come back as zeros; with
     ``rows=None`` every query row is kept as the model computes it, padding query positions included (a softmax
     over the real keys, as transformers' ``output_attentions`` returns them): mask those rows with the query
     stream's mask.

@@ -282,7 +282,8 @@ class _Probe:
 
             f = {"sent": (sentence_inputs(out, self.module.sentence_names),)}
         else:
-            f = self.module.plan.inputs(out, batch)
+            # (rows captured for every probe and analysis at once: found by position, not by the collator's slots)
+            f = self.module.plan.inputs(out, batch, merged=True)
         store = self.feats.setdefault(role, {})
         for g, v in f.items():
             store.setdefault(g, []).append(tuple(t.detach() for t in v))

@@ -65,10 +65,12 @@ def pair_embeddings(out: BackboneOutput, names: list[str], modality: str, b: Ten
 
 
 def pair_attention(out: BackboneOutput, names: list[str], batch: dict, q: str, k: str,
-                   rows: dict[str, Tensor] | None, stacked: dict | None = None) -> Tensor:
+                   rows: dict[str, Tensor] | None, stacked: dict | None = None, merged: bool = False) -> Tensor:
     """Max attention weight from side ``q``'s tokens to side ``k``'s, per map and head: ``(M, P, H)``.
     ``stacked`` (optional) keeps the stacked maps for a second call over the same maps (the other direction of
-    a single-stream model's self-attention)."""
+    a single-stream model's self-attention). Captured rows are found by the collator's slots, which index the
+    batch's own row request (``rows``); ``merged``: the rows were captured for a request merged with others
+    (:func:`value_pl.analysis.common.merge_captures`), so each query token's row is looked up by its position."""
     q_stream, k_stream = out.attn_streams[names[0]]
     if any(out.attn_streams[n] != (q_stream, k_stream) for n in names):
         raise ValueError(f"attention maps {names} do not share their query/key streams")
@@ -79,7 +81,13 @@ def pair_attention(out: BackboneOutput, names: list[str], batch: dict, q: str, k
         A = torch.stack([out.attn[n] for n in names])  # (M, B, H, Rq, Nk)
         if stacked is not None:
             stacked[key] = A
-    if q_stream in out.rows:  # rows captured: the collator's slot of each query token
+    if q_stream in out.rows and merged:  # rows of a merged request: each query token's row by its position
+        pos = batch[f"{q}_pos"] + out.streams[q_stream].offset(mods[q])
+        qi = out.row_columns(q_stream)[batch["pair_b"][:, None], pos]
+        if bool(((qi < 0) & batch[f"{q}_valid"]).any()):
+            raise KeyError(f"{names[0]}: a pair's query token has no captured attention row")
+        qi = qi.clamp(min=0)
+    elif q_stream in out.rows:  # rows captured: the collator's slot of each query token
         qi = batch[f"{q}_slot"] + row_offset(rows, out.streams[q_stream], mods[q])
     else:  # full maps
         qi = batch[f"{q}_pos"] + out.streams[q_stream].offset(mods[q])
@@ -175,9 +183,11 @@ class PairPlan:
         return CaptureSpec(hidden=hidden, attn=attn, rows=rows)
 
     # ------------------------------------------------------------------ inputs
-    def inputs(self, out: BackboneOutput, batch: dict, spec: CaptureSpec | None = None) -> dict[str, tuple]:
+    def inputs(self, out: BackboneOutput, batch: dict, spec: CaptureSpec | None = None,
+               merged: bool = False) -> dict[str, tuple]:
         """group name -> stacked inputs: ``(e_a, e_b)`` ``(n, P, D)`` for emb/raw, ``(a_ij, a_ji)`` ``(n, P, H*m)``
-        for attn groups."""
+        for attn groups. ``out`` answers :meth:`capture`'s request (``spec``: as the forward padded it), or, with
+        ``merged``, a request merged with others' (the probe suite: one forward for every probe and analysis)."""
         ma, mb = SIDE_MODALITIES[self.pair_kind]
         b = batch["pair_b"]
         res: dict[str, tuple] = {}
@@ -185,8 +195,8 @@ class PairPlan:
         if self.maps_ab:
             rows = (spec.rows if spec is not None else None) or self.capture(batch).rows
             stacked: dict = {}
-            ab = pair_attention(out, self.maps_ab, batch, "a", "b", rows, stacked)  # (M, P, H)
-            ba = pair_attention(out, self.maps_ba, batch, "b", "a", rows, stacked)
+            ab = pair_attention(out, self.maps_ab, batch, "a", "b", rows, stacked, merged)  # (M, P, H)
+            ba = pair_attention(out, self.maps_ba, batch, "b", "a", rows, stacked, merged)
         for g in self.groups:
             if g.kind == "emb":
                 res[g.name] = (pair_embeddings(out, g.emb[0], ma, b, batch["a_pos"], batch["a_valid"]).float(),

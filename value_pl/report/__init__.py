@@ -21,8 +21,9 @@ backbone built with two model configs (``results.json``'s ``backbone.config_sha2
 attention implementation, weights dtype, ...; the differing fields named from ``backbone.model_config``), are
 refused with both files named -- report each backbone's runs on their own. Runs written before the config was
 recorded are not refused but named under every table they reach (**Config unknown**). So are seeds of one cell trained
-differently (``results.json``'s ``training``: epochs, batch caps, batch size, lr, ...; precision aside), and smoke
-tests (``fast_dev_run``, capped batches) are marked **Not a result** under every table they reach.
+differently (``results.json``'s ``training``: epochs, batch caps, batch size, lr, ...; precision aside), and seeds
+that read different data (``data.dataset``, ``data.synthetic``). Smoke tests (``fast_dev_run``, capped batches)
+and runs on the synthetic demo shards are marked **Not a result** under every table they reach.
 
 Layouts (``auto`` = all of them that have data):
 

@@ -276,8 +276,10 @@ class Runs:
 
     The seeds of one cell are the runs of one configuration: two runs with the same group key, layer and seed,
     or runs of different backbones under one model label (two UNITER checkpoints, or UNITER and VisualBERT, both
-    ``SS``), or runs of one backbone built with different model configs (:class:`ConfigCheck`), are refused with
-    both files named -- averaging or overwriting them would publish a number of no single model."""
+    ``SS``), or runs of one backbone built with different model configs (:class:`ConfigCheck`), or runs of one
+    group on different data (another dataset, or synthetic demo shards), are refused with both files named --
+    averaging or overwriting them would publish a number of no single model on no single dataset. Runs on
+    synthetic demo shards are listed (``synthetic``): the layouts mark their tables **Not a result**."""
 
     def __init__(self, runs: list[dict]):
         self.runs = runs
@@ -287,6 +289,8 @@ class Runs:
         models: dict[str, dict[tuple, str]] = defaultdict(dict)
         budgets: dict[tuple, tuple[dict, str]] = {}
         self.smoke = [r.get("_path", "?") for r in runs if is_smoke_test(r)]
+        self.synthetic = [r.get("_path", "?") for r in runs if (r.get("data") or {}).get("synthetic")]
+        datas: dict[tuple, tuple[tuple, str]] = {}
         configs = ConfigCheck()
         for r in runs:
             k = group_key(r)
@@ -300,6 +304,14 @@ class Runs:
                         f"{where} and {w0}: runs of one configuration ({_key_text(k)}) trained differently ("
                         + ", ".join(f"{f} {b0.get(f)!r} vs {b.get(f)!r}" for f in diff) + "); the seeds of a "
                         "cell must differ only in their seed: report them separately")
+            d = r.get("data") or {}
+            ident = (d.get("dataset"), bool(d.get("synthetic")))
+            d0, w0 = datas.setdefault(k, (ident, where))
+            if ident != d0:
+                raise ValueError(
+                    f"{where} and {w0}: runs of one configuration ({_key_text(k)}) read different data (dataset "
+                    f"{d0[0]!r}{' (synthetic)' if d0[1] else ''} vs {ident[0]!r}{' (synthetic)' if ident[1] else ''});"
+                    " a cell averages the seeds of one model on one dataset: report them separately")
             models[k[2]].setdefault(backbone_identity(r), where)
             if len(models[k[2]]) > 1:
                 (a, pa), (b, pb) = list(models[k[2]].items())[:2]

@@ -217,6 +217,11 @@ def build_tables(runs: list[dict], layout: str = "auto", analyses: list[dict] | 
                 f"limit_*_batches or data.train_batches), e.g. {R.smoke[0]}.")
         for t in from_results:
             t.note = f"{t.note}\n\n{warn}" if t.note else warn
+    if R.synthetic:
+        warn = (f"**Not a result:** {len(R.synthetic)} of the {len(runs)} runs read synthetic demo shards, e.g. "
+                f"{R.synthetic[0]}.")
+        for t in from_results:
+            t.note = f"{t.note}\n\n{warn}" if t.note else warn
     unknown = config_unknown_note(R.config_unknown, len(runs))  # results written before config_sha256: named
     if unknown:
         for t in from_results:
