@@ -205,8 +205,9 @@ def test_cached_batches_count_and_label_what_online_batches_do(control_cache):
 
 
 def test_a_cache_is_refused_for_another_tokenizer_control_seed_or_rebuilt_shards(control_cache, tmp_path):
-    """Same weights (checksum) but other token ids, another control task, or shards rebuilt where the cache was
-    extracted from: refused, naming why. Another prober seed with the same control_seed reads the same labels."""
+    """Same weights (checksum) but other token ids, another control task, another precision, or shards rebuilt where
+    the cache was extracted from: refused, naming why. Another prober seed with the same control_seed reads the same
+    labels."""
     from helpers_backbones import tiny_tokenizer
 
     from value_pl.driver.setup import build_module, make_datamodule
@@ -217,7 +218,9 @@ def test_a_cache_is_refused_for_another_tokenizer_control_seed_or_rebuilt_shards
     build_module(cfg, make_datamodule(cfg))
     tok = tiny_tokenizer(tmp_path / "tok")  # same ids range, other vocabulary: same checksum, other features
     for bad, what in (([f"backbone.tokenizer={tok}"], r"backbone tokenizer=\w+ in the cache != \w+ configured"),
-                      (["control_seed=4"], "label_seed=3 != 4")):
+                      (["control_seed=4"], "label_seed=3 != 4"),
+                      # the online step would run the frozen forward under bf16 autocast: other features
+                      (["trainer.precision=bf16-mixed"], r"precision 32 in the cache != bf16-mixed configured")):
         cfg = compose(cached + bad)
         with pytest.raises(ValueError, match=what):
             build_module(cfg, make_datamodule(cfg))
@@ -279,3 +282,21 @@ def test_mdl_and_senteval_read_a_cache_like_the_shards(control_cache):
     for k in f_on:
         for a, b in zip(f_on[k], f_ca[k]):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_a_bf16_cache_is_extracted_as_the_online_step_computes_and_read_only_by_bf16_runs(control_cache, tmp_path):
+    """``trainer.precision=bf16-mixed`` runs the online step under bf16 autocast on any device (Lightning's CPU
+    autocast too): extraction does the same and records it, and a float32 run refuses that cache."""
+    from value_pl.driver.extract import extract_cache
+    from value_pl.driver.setup import build_module, make_datamodule
+
+    tmp, _, common = control_cache
+    bf16 = ["trainer.precision=bf16-mixed"]
+    man = extract_cache(compose(common + bf16 + [f"cache.root={tmp_path / 'cache'}", "cache.splits=[train]",
+                                                 f"run_dir={tmp_path / 'x'}"], config_name="extract"))
+    assert man["cache"]["precision"] == "bf16-mixed"
+    cfg = compose(common + bf16 + [f"data.cache={tmp_path / 'cache'}"])
+    build_module(cfg, make_datamodule(cfg))
+    cfg = compose(common + [f"data.cache={tmp_path / 'cache'}"])
+    with pytest.raises(ValueError, match=r"precision bf16-mixed in the cache != 32 configured"):
+        build_module(cfg, make_datamodule(cfg))

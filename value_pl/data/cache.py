@@ -16,7 +16,8 @@ Only ``.npy`` (``allow_pickle=False``) and JSON: no pickle. ``manifest.json`` ke
 ``splits``/``labels`` (so :class:`~value_pl.data.datamodule.ShardDataModule` reads a cache like any shard set,
 with the same exact sample ranges per rank and worker) plus ``cache``: the identity of what was
 extracted (backbone checksum, effective model config, tokenizer, text/region limits, task, prober, heads, dtype,
-precision, relabelling and its seed). Extraction refuses head inputs that are not finite or overflow the cache's dtype.
+precision, relabelling and its seed: a run that differs in any is refused). Extraction refuses head inputs that are not
+finite or overflow the cache's dtype.
 
 ``train data.cache=CACHE`` then feeds batches of ``{"cached_flat", "cached_layout", "labels", ...}`` to
 :class:`~value_pl.probers.module.ProbeModule` instead of running the backbone: every head input of the batch in one
@@ -106,6 +107,16 @@ def backbone_config(bb) -> dict:
     return json.loads(json.dumps(rec or {}, sort_keys=True, default=str))  # as a manifest reads it back
 
 
+def run_precision(cfg) -> str:
+    """The precision a run's frozen forward computes its features in: ``bf16-mixed`` (bf16 autocast, on any device,
+    as Lightning's ``trainer.precision=bf16-mixed`` runs the online step) or ``32``; any other ``trainer.precision``
+    (e.g. ``16-mixed``) as it is written, which no cache holds."""
+    p = str((cfg.get("trainer") or {}).get("precision", "32") or "32")
+    if p.startswith("bf16"):
+        return "bf16-mixed"
+    return "32" if p in ("32", "32-true") else p
+
+
 def cache_identity(module, cfg, dtype: str, precision: str) -> dict:
     ident = module.backbone.describe()
     bb = module.backbone
@@ -146,7 +157,7 @@ def _rebuilt_source(manifest: dict, cfg) -> str | None:
 
 
 def check_cache(manifest: dict, module, cfg, root: str | Path = "?") -> None:
-    """Refuse a cache that was extracted for another backbone / task / prober / layers / relabelling."""
+    """Refuse a cache that was extracted for another backbone / task / prober / layers / relabelling / precision."""
     c = manifest.get("cache")
     if manifest.get("format") != FORMAT or not c:
         raise ValueError(f"{root} is not a feature cache (write one with python -m value_pl.extract)")
@@ -184,6 +195,10 @@ def check_cache(manifest: dict, module, cfg, root: str | Path = "?") -> None:
     for k in ("control", "shuffle_labels", "label_seed"):
         if c.get(k) != want[k]:
             errs.append(f"{k}={c.get(k)} != {want[k]}")
+    prec = run_precision(cfg)
+    if c.get("precision", "32") != prec:  # the online step's features would be computed in another precision
+        errs.append(f"features computed in precision {c.get('precision', '32')} in the cache != {prec} configured "
+                    f"(trainer.precision)")
     stale = _rebuilt_source(manifest, cfg)
     if stale:
         errs.append(stale)

@@ -13,7 +13,7 @@ import webdataset as wds
 from lightning_fabric.utilities.apply_func import move_data_to_device
 from omegaconf import OmegaConf
 
-from ..data.cache import DTYPES, FORMAT, VERSION, _npy, cache_identity
+from ..data.cache import DTYPES, FORMAT, VERSION, _npy, cache_identity, run_precision
 from ..data.hashing import sha256_file
 from ..data.progress import progress as progress_bar
 from ..data.safe_load import honours_switch
@@ -159,8 +159,11 @@ def extract_cache(cfg) -> dict:
     device = str(cc.get("device") or "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = str(cfg.trainer.get("precision", "32") or "32")
-    bf16 = device.startswith("cuda") and precision.startswith("bf16")
+    precision = run_precision(cfg)  # as the online step would compute the features (bf16 autocast on any device)
+    if precision not in ("32", "bf16-mixed"):
+        raise ValueError(f"trainer.precision={cfg.trainer.get('precision')}: a feature cache is extracted in 32 or "
+                         f"bf16-mixed precision")
+    bf16 = precision == "bf16-mixed"
     module.to(device)
     out = Path(cc.root)
     tmp = out.with_name(out.name + ".partial")
@@ -180,7 +183,7 @@ def extract_cache(cfg) -> dict:
     missing = [h for h in module.head_names if h not in shapes]
     if missing:
         raise RuntimeError(f"no pair in the extracted splits produced inputs for heads {missing}")
-    ident = cache_identity(module, cfg, dtype, "bf16-mixed" if bf16 else "32")
+    ident = cache_identity(module, cfg, dtype, precision)
     ident["head_shapes"] = {h: shapes[h] for h in module.head_names}
     man = {k: v for k, v in dm.manifest.items() if k not in ("splits", "inputs")}
     man.update(format=FORMAT, version=VERSION, splits=splits, cache=ident,
