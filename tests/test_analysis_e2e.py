@@ -33,6 +33,11 @@ def test_cli_all_on_default_writes_every_output(tmp_path, demo_root):
     assert "| Coref Type | V→T | T→V | V→T (Rand.) | T→V (Rand.) | pairs |" in (d / "coref.md").read_text()
     assert "| Layer (Table 1) | emb. | 0 | 1 | 2 | 3 | 4 | 5 |" in p.stdout
     assert list((d / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    from wandb_files import offline_runs
+
+    (run,) = offline_runs(d)  # the dashboard's NMI line in Table 1 numbering too (-1 = the embeddings)
+    t = run.chart("fusion/nmi")["table"]
+    assert sorted({row[t["columns"].index("step")] for row in t["data"]}) == [-1, 0, 1, 2, 3, 4, 5]
 
 
 @pytest.fixture(scope="module")

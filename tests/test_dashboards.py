@@ -71,6 +71,12 @@ def test_probing_run_accuracy_by_layer(sweep):
     assert close(lines["chance"], [res["chance"]] * 3) and close(lines["majority"], [res["majority"]] * 3)
     assert run.summary["best/layer"] == res["best"]["name"] and run.summary["control"] is False
     assert run.column("results", "name") == [r["name"] for r in res["layers"]]
+    # the summary's validation accuracy is the one each test number was selected at (results.json), not the last
+    # epoch's left by the logged curve
+    for r in res["layers"]:
+        assert math.isclose(run.summary[f"val/acc/{r['name']}"], r["val_acc"])
+        assert math.isclose(run.summary[f"val_acc/{r['name']}"], r["val_acc"])
+        assert math.isclose(run.summary[f"test_acc/{r['name']}"], r["test_acc"])
 
 
 def test_control_run_shows_selectivity(sweep):

@@ -57,3 +57,6 @@ def test_ddp_train_and_eval_match_single_process_with_one_shard_per_split(tmp_pa
     assert [(r["name"], r["val_acc"], r["test_acc"]) for r in e1["layers"]] == \
         [(r["name"], r["val_acc"], r["test_acc"]) for r in e2["layers"]]
     assert e1["pairs_evaluated"] == e2["pairs_evaluated"] == r1["pairs_evaluated"]
+    # ... and the numbers of the run that wrote it (last.ckpt holds the last epoch, with every head's best snapshot)
+    assert [(r["name"], r["val_acc"], r["test_acc"]) for r in e2["layers"]] == \
+        [(r["name"], r["val_acc"], r["test_acc"]) for r in r2["layers"]]

@@ -275,3 +275,25 @@ def test_an_analyze_sweep_reports_its_tables_when_it_ends(analyze_runs, capsys):
     md = (analyze_runs / "report" / "report.md").read_text()
     assert "Table 1: multimodal fusion degree" in md and "sweep report: 3 runs" in capsys.readouterr().out
     shutil.rmtree(analyze_runs / "report")  # the module's other tests read the sweep directory
+
+
+def test_seeds_drawn_with_other_rand_baselines_are_not_mixed(analyze_runs, tmp_path):
+    """``rand_iou`` (which regions a Rand. baseline may draw) and ``coref_label`` are recorded with every analysis:
+    a seed drawn with other values is refused in the seed's cell; files written before they were recorded are not
+    compared on them."""
+    coref = _load(analyze_runs / "ss0", "coref")
+    assert coref["rand_iou"] == 0.5 and coref["coref_label"] == "coref"
+    assert _load(analyze_runs / "ss0", "analysis")["rand_iou"] == 0.5
+    run = tmp_path / "s" / "ss2"
+    shutil.copytree(analyze_runs / "ss0", run)
+    for f in run.glob("*.json"):
+        res = json.loads(f.read_text())
+        res["seed"], res["rand_iou"] = 2, None
+        f.write_text(json.dumps(res))
+    with pytest.raises(ValueError, match="differ in rand_iou 0.5 vs None"):
+        _tables([analyze_runs, tmp_path / "s"], "table2")
+    for f in run.glob("*.json"):  # as written before it was recorded
+        res = json.loads(f.read_text())
+        res.pop("rand_iou"), res.pop("coref_label")
+        f.write_text(json.dumps(res))
+    assert "table2" in _tables([analyze_runs, tmp_path / "s"], "table2")

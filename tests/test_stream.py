@@ -359,3 +359,19 @@ def test_a_bad_pax_size_names_the_file(tmp_path, value, problem):
     for fn in (count_samples, _all_samples):
         kind, msg = read_or_hang(fn, bad)
         assert kind == "SchemaError" and msg.startswith(f"{bad}: ") and problem in msg, (fn.__name__, kind, msg)
+
+
+def test_a_split_too_small_for_the_processes_is_a_clear_error(uneven, monkeypatch):
+    """A rank with no batch (fewer samples than processes) stopped every rank with Lightning's bare "zero length"
+    error: the loader names the split, its samples and the process count."""
+    from value_pl.data import stream
+
+    root, man = uneven
+    monkeypatch.setattr(stream, "_dist", lambda: (1, 12))  # rank 1 of 12 processes; val has 13 samples, test 11
+    dm = ShardDataModule(root, batch_size=4)
+    dm.collate = list
+    assert len(dm.loader("val", False)) == 1
+    monkeypatch.setattr(stream, "_dist", lambda: (0, 12))  # 11 samples over 12 ranks: rank 0 reads [0, 0)
+    with pytest.raises(ValueError, match=r"split test has 11 sample\(s\), too few for 12 processes \(rank 0 gets "
+                                         r"none\); run it with fewer processes"):
+        dm.loader("test", False)

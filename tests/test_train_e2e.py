@@ -51,6 +51,10 @@ def test_planted_signal_and_shuffled_labels(tmp_path, demo_root):
     ident = ck["value_pl"]["backbone_identity"]
     assert ident["family"] == "uniter" and len(ident["checksum"]) == 16
     assert (d1 / "checkpoints" / "best.ckpt").exists()
+    # last.ckpt is the last epoch's, whether or not that epoch improved on the best (Lightning's save_last rewrote it
+    # only on an improvement: eval and resume then read an older epoch)
+    for d in (d1, d2):
+        assert torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 2
 
 
 @pytest.mark.slow

@@ -133,7 +133,10 @@ class Fusion(Analysis):
         return {"tables": {"fusion/table": (["layer", "table1", "nmi", "std"],
                                             [[r["layer"], table1_label(r["layer"]), r["nmi"], r["std"]]
                                              for r in res["layers"]])},
-                "lines": {"fusion/nmi": ([r["layer"] for r in res["layers"]], {"nmi": [r["nmi"] for r in res["layers"]]}, "layer")}}
+                # x in the paper's Table 1 numbering, as fusion.md and fusion_nmi.png: layer k -> k - 1 (-1 = emb.)
+                "lines": {"fusion/nmi": ([int(r["layer"]) - 1 for r in res["layers"]],
+                                         {"nmi": [r["nmi"] for r in res["layers"]]},
+                                         "layer (Table 1 numbering; -1 = embeddings)")}}
 
 
 class TSNE(Analysis):

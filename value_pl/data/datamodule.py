@@ -156,6 +156,10 @@ class ShardDataModule(pl.LightningDataModule):
             self._ring_tokens.append(ds.ring_token)
             self._copy_threads = threads
         nb = len(ds)
+        if nb == 0 and ds.total > 0 and ds.world > 1:  # Lightning would stop every rank with a bare zero-length error
+            raise ValueError(f"{self.root}: split {self.splits.get(stage, stage)} has {ds.total} sample(s), too few "
+                             f"for {ds.world} processes (rank {ds.rank} gets none); run it with fewer processes "
+                             f"(trainer.devices)")
         if workers > 1 and nb < workers:
             log.info("%s: split %s gives %d batch(es) per rank: %d of the %d loader worker(s) stay idle",
                      self.root, self.splits.get(stage, stage), nb, workers - nb, workers)

@@ -72,6 +72,12 @@ def header(a_name: str, ident: dict, cfg, samples: int, synthetic: bool, cut: di
 
 
 def log_wandb(logger, payload: dict, figs: list, rdir: Path, name: str) -> None:
+    """An analysis's figures, tables and lines on a W&B run; nothing for another logger (``logger=csv``: the run
+    directory's ``<analysis>.json``/``.md``/``.png`` are its tables)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
     try:
         import wandb
 
@@ -162,7 +168,10 @@ def analyze(cfg: DictConfig) -> dict:
     # which seed, and whether it read a capped sample (max_samples) or cut inputs
     data = {"root": str(dm.root), "dataset": dm.manifest.get("dataset"), "split": split, "synthetic": synthetic,
             "split_samples": split_samples}
-    run = {"data": data, "seed": int(cfg.seed), "max_samples": int(limit) if limit else None}
+    run = {"data": data, "seed": int(cfg.seed), "max_samples": int(limit) if limit else None,
+           # what the collator's Rand. baselines and coreference labels were drawn with (the seeds of a report cell
+           # must agree on them: value_pl.report.analyses)
+           "rand_iou": cfg.get("rand_iou", 0.5), "coref_label": cfg.get("coref_label", "coref")}
     summary = {"analyses": [a.name for a in analyses], "skipped": skipped, "backbone": ident, **run,
                "samples": seen, "device": str(device), "inputs_cut": cut, "outputs": {}}
     for a in analyses:

@@ -217,6 +217,11 @@ def layer_chart(res: dict, rdir: Path | None = None) -> dict:
                         "best/val_acc": res["best"]["val_acc"]})
     for r in res["layers"]:
         summary[f"{pre}test_acc/{r['name']}"] = r["test_acc"]
+        # the validation accuracy the test number was selected at (each head's best epoch), not the last epoch's that
+        # the logged val/acc curve would leave in the summary next to it
+        summary[f"{pre}val_acc/{r['name']}"] = r["val_acc"]
+        if r.get("val_acc") is not None:
+            summary[f"val/acc/{r['name']}"] = r["val_acc"]
     title = "accuracy by layer"
     if ctrl:
         task = matching_task_run(res, rdir)
@@ -249,7 +254,8 @@ def log_results_table(logger, res: dict, rdir: Path | None = None, columns: tupl
                       summary: dict | None = None) -> None:
     """After a run: the per-layer results table, the "accuracy by layer" chart (W&B: a line-series panel
     ``accuracy_by_layer`` and its data ``accuracy_by_layer_data``) and the run summary (best layer, chance,
-    majority, per-layer test accuracy, selectivity for control runs). A dashboard never fails a run.
+    majority, per-layer test accuracy and the validation accuracy it was selected at -- also under ``val/acc/*``,
+    which would otherwise keep the last epoch's --, selectivity for control runs). A dashboard never fails a run.
 
     ``columns``: more per-layer keys of ``res["layers"]`` for the results table (the SentEval driver's selected
     configuration, the MDL driver's codelengths); ``summary``: more items for the run summary."""

@@ -35,9 +35,13 @@ def train(cfg: DictConfig) -> dict | None:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     ckpt_cb = ModelCheckpoint(dirpath=str(rdir / "checkpoints"), monitor="val/acc/best", mode="max",
-                              save_last=True, filename="best", auto_insert_metric_name=False)
+                              filename="best", auto_insert_metric_name=False)
+    # last.ckpt after every epoch: Lightning's save_last rewrites it only when the monitored value improved, so an
+    # epoch that did not improve left an older epoch's heads and best snapshots there (eval and resume read it)
+    last_cb = ModelCheckpoint(dirpath=str(rdir / "checkpoints"), monitor=None, save_top_k=1, filename="last",
+                              auto_insert_metric_name=False, enable_version_counter=False)
     speed = ThroughputMonitor()
-    trainer = make_trainer(cfg, rdir, logger, [ckpt_cb, speed])
+    trainer = make_trainer(cfg, rdir, logger, [ckpt_cb, last_cb, speed])
     use_cuda_graphs(cfg, module, dm, trainer)  # cuda_graphs.enabled=null: on when the model runs on a CUDA device
     resume = cfg.get("ckpt_path")
     if resume:  # refused here, naming the file and the switch, if it needs pickle (Lightning would say less)

@@ -340,8 +340,16 @@ class ProbeModule(pl.LightningModule):
     def on_train_epoch_end(self):
         self._count("train")
         self._count_labels("train")
-        if self._loss_n:
-            self.log("loss", self._loss_sum / self._loss_n, prog_bar=True)
+        total, n = self._loss_sum, float(self._loss_n)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the epoch's mean over every rank's pairs (each rank joins, also one that saw no pair), not rank 0's
+            dev = self.device
+            both = torch.stack([total.detach().float().reshape(()).to(dev) if total is not None
+                                else torch.zeros((), device=dev), torch.tensor(n, device=dev)])
+            torch.distributed.all_reduce(both)
+            total, n = both[0], float(both[1])
+        if n:
+            self.log("loss", total / n, prog_bar=True)
 
     def on_validation_epoch_end(self):
         self._count("val")

@@ -33,6 +33,8 @@ RELATION_ORDER = ("on", "standing in", "wearing", "playing", "eating", "holds", 
 #: what must agree between the seeds of one group (beside the backbone): the sample read and the method's settings
 SETTINGS = ("split", "max_samples", "kmeans.n_init", "kmeans.max_iter", "tokens", "threshold", "include_special",
             "maxattn.average")
+#: settings recorded in later versions: compared where both runs recorded them (``rand_iou`` draws the Rand. baselines)
+SETTINGS_RECORDED = ("rand_iou", "coref_label")
 #: the analyses whose means ``maxattn.average`` chooses (pairs or samples; files written before it: pairs)
 MAXATTN = ("coref", "relation")
 
@@ -126,6 +128,7 @@ class Analyses:
                                  f"overwrite the other); pass the directories of one of them")
             r0 = first.setdefault(k, r)
             diff = [s for s in SETTINGS if _setting(r, s) != _setting(r0, s)]
+            diff += [s for s in SETTINGS_RECORDED if s in r and s in r0 and r[s] != r0[s]]
             if diff:
                 raise ValueError(f"{where} and {r0['_path']}: analyze runs of {k[0]} / {m} / {k[2]} differ in "
                                  + ", ".join(f"{s} {_setting(r0, s)!r} vs {_setting(r, s)!r}" for s in diff)
