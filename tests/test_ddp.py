@@ -60,3 +60,39 @@ def test_ddp_train_and_eval_match_single_process_with_one_shard_per_split(tmp_pa
     # ... and the numbers of the run that wrote it (last.ckpt holds the last epoch, with every head's best snapshot)
     assert [(r["name"], r["val_acc"], r["test_acc"]) for r in e2["layers"]] == \
         [(r["name"], r["val_acc"], r["test_acc"]) for r in r2["layers"]]
+
+
+def _loss_rank(rank, port, out):
+    import torch
+
+    from value_pl.probers.metrics import sum_over_ranks
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:  # rank 0: 3 pairs of loss 1.0; rank 1: 1 pair of loss 5.0, or nothing at all
+        for r1 in ((torch.tensor(5.0), 1), (None, 0)):
+            total, n = (torch.tensor(3.0), 3) if rank == 0 else r1
+            t, m = sum_over_ranks(total, n, torch.device("cpu"))
+            out.put((rank, float(t), m))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_the_logged_epoch_loss_is_the_mean_over_every_ranks_pairs():
+    """The epoch loss (a sum over pairs and its count) is reduced over the ranks before it is logged: (3 + 5) / 4,
+    not rank 0's 1.0; a rank with no pair joins with nothing."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from value_pl.probers.metrics import sum_over_ranks
+
+    assert sum_over_ranks(None, 0, "cpu") == (None, 0.0)  # no process group: as it is
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    mp.start_processes(_loss_rank, args=(port, out), nprocs=2, join=True, start_method="spawn")
+    got = sorted(out.get(timeout=30) for _ in range(4))
+    assert got == [(0, 3.0, 3.0), (0, 8.0, 4.0), (1, 3.0, 3.0), (1, 8.0, 4.0)]

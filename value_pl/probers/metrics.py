@@ -1,5 +1,5 @@
 """Per-split metrics of a probing run, exact under DDP: accuracy of every head at once, the data counters, and
-the labels the heads were trained and tested on.
+the labels the heads were trained and tested on; and a sum over ranks (the logged epoch loss).
 
 Both keep integer sums as torchmetrics states (reduced by summation over ranks), so a DDP run reports the
 same numbers as one process reading the same samples.
@@ -117,3 +117,15 @@ def majority_baseline(train: list[int] | None, test: list[int] | None) -> float 
         return None
     k = max(range(len(train)), key=lambda i: (train[i], -i))
     return test[k] / sum(test)
+
+
+def sum_over_ranks(total: torch.Tensor | None, n: int, device) -> tuple[torch.Tensor | None, float]:
+    """A sum and its count over every DDP rank (each rank joins, also one with nothing: ``total=None``); as they are
+    without a process group. E.g. the epoch's training loss, summed over pairs: the mean of all ranks' pairs, not
+    rank 0's."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return total, float(n)
+    both = torch.stack([total.detach().float().reshape(()).to(device) if total is not None
+                        else torch.zeros((), device=device), torch.tensor(float(n), device=device)])
+    torch.distributed.all_reduce(both)
+    return both[0], float(both[1])

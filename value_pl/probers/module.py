@@ -39,7 +39,7 @@ from ..data.pinning import CopyStreams, to_device
 from .features import HeadGroup, PairPlan, sentence_groups, sentence_inputs
 from .heads import (AttentionProber, LayerEmbProber, SentenceProber, StackedAttention, StackedLayerEmb,
                     StackedSentence, seeded)
-from .metrics import Counters, HeadAccuracy, LabelCounts
+from .metrics import Counters, HeadAccuracy, LabelCounts, sum_over_ranks
 
 log = logging.getLogger(__name__)
 # ProbeModule.transfer_batch_to_device is meant to serve the DataModule's batches too
@@ -340,14 +340,7 @@ class ProbeModule(pl.LightningModule):
     def on_train_epoch_end(self):
         self._count("train")
         self._count_labels("train")
-        total, n = self._loss_sum, float(self._loss_n)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # the epoch's mean over every rank's pairs (each rank joins, also one that saw no pair), not rank 0's
-            dev = self.device
-            both = torch.stack([total.detach().float().reshape(()).to(dev) if total is not None
-                                else torch.zeros((), device=dev), torch.tensor(n, device=dev)])
-            torch.distributed.all_reduce(both)
-            total, n = both[0], float(both[1])
+        total, n = sum_over_ranks(self._loss_sum, self._loss_n, self.device)  # the epoch over every rank's pairs
         if n:
             self.log("loss", total / n, prog_bar=True)
 
