@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -112,3 +113,36 @@ def test_inputs_cut_by_the_backbones_limits_are_reported(tmp_path, demo_root):
     summary = analyze(compose([*common, f"run_dir={d2}"], config_name="analyze"))
     assert summary["inputs_cut"]["texts"] == 0 and summary["inputs_cut"]["regions"] == 0
     assert "Inputs cut" not in (d2 / "fusion.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_capped_analysis_reads_the_same_samples_with_any_number_of_workers(tmp_path, demo_root):
+    """``max_samples=N`` is the split's first N samples in shard order: with loader workers, each reading its own
+    part, the first N samples to arrive were others (another coreference table for the same command)."""
+    from value_pl.data.datamodule import ShardDataModule
+    from value_pl.driver.analyze import analyze
+
+    dm = ShardDataModule(demo_root, batch_size=4)
+    first = [s["key"] for s in dm.stream("test", False, collate=list).samples()][:10]
+    for w in (0, 2):
+        got = [s["key"] for b in dm.loader("test", False, collate=list, batch_size=4, num_workers=w, limit=10)
+               for s in b]
+        assert sorted(got) == sorted(first), w
+    res = []
+    for w in (0, 2):
+        d = tmp_path / f"w{w}"
+        analyze(compose([f"data.root={demo_root}", "analysis=coref", "max_samples=24", "batch_size=4",
+                         f"data.num_workers={w}", "progress=false", "logger=none", f"run_dir={d}"],
+                        config_name="analyze"))
+        res.append(json.loads((d / "coref.json").read_text()))
+    def same(x, y) -> bool:  # (the same pairs summed in another order: equal up to float rounding)
+        if isinstance(x, float):
+            return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list):
+            return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
+        return x == y
+
+    assert res[0]["samples_seen"] == res[1]["samples_seen"] == 24
+    assert res[0]["pairs"] == res[1]["pairs"] and same(res[0]["types"], res[1]["types"])

@@ -113,7 +113,8 @@ class ShardDataModule(pl.LightningDataModule):
 
     def stream(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
                start_epoch: int = 0, ring_buffers: int = 0, register_buffers: bool = False,
-               pin_threads: int = 1, pack_batches: bool = True, read_ahead: bool = False) -> ShardStream:
+               pin_threads: int = 1, pack_batches: bool = True, read_ahead: bool = False,
+               limit: int | None = None) -> ShardStream:
         collate = collate or self.collate
         if collate is None:
             raise RuntimeError("ShardDataModule.collate is not set (the backbone's collator)")
@@ -123,7 +124,7 @@ class ShardDataModule(pl.LightningDataModule):
                            start_epoch=start_epoch, transform=self.transform,
                            cap_batches=self.train_batches if train else None, ring_buffers=ring_buffers,
                            register_buffers=register_buffers, pin_threads=pin_threads, pack_batches=pack_batches,
-                           read_ahead=read_ahead, mapped=self.map_shards)
+                           read_ahead=read_ahead, mapped=self.map_shards, limit=limit)
 
     def _pin(self) -> bool:
         if self.pin_memory is not None:
@@ -134,8 +135,9 @@ class ShardDataModule(pl.LightningDataModule):
         return torch.cuda.is_available()
 
     def loader(self, stage: str, train: bool, collate=None, batch_size: int | None = None,
-               num_workers: int | None = None) -> torch.utils.data.DataLoader:
-        """A DataLoader over :meth:`stream` (batches are made inside the workers)."""
+               num_workers: int | None = None, limit: int | None = None) -> torch.utils.data.DataLoader:
+        """A DataLoader over :meth:`stream` (batches are made inside the workers); ``limit`` (evaluation): the split's
+        first ``limit`` samples only, the same ones with any number of ranks and workers."""
         trainer = getattr(self, "trainer", None)
         start = int(trainer.current_epoch) if (train and trainer is not None) else 0
         workers = self.num_workers if num_workers is None else int(num_workers)
@@ -151,7 +153,7 @@ class ShardDataModule(pl.LightningDataModule):
         ahead = self._ahead() if self.read_ahead is None else bool(self.read_ahead)
         ds = self.stream(stage, train, collate, batch_size, start_epoch=start, ring_buffers=ring,
                          register_buffers=register, pin_threads=threads, pack_batches=self.pack_batches,
-                         read_ahead=train and workers > 0 and ahead)
+                         read_ahead=train and workers > 0 and ahead, limit=limit)
         if ds.ring_token:  # (training loaders only have rings)
             self._ring_tokens.append(ds.ring_token)
             self._copy_threads = threads

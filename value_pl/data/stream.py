@@ -328,7 +328,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                  train: bool, seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None,
                  world: int | None = None, start_epoch: int = 0, transform: Callable | None = None,
                  cap_batches: int | None = None, ring_buffers: int = 0, register_buffers: bool = False,
-                 pin_threads: int = 1, pack_batches: bool = True, read_ahead: bool = False, mapped: bool = True):
+                 pin_threads: int = 1, pack_batches: bool = True, read_ahead: bool = False, mapped: bool = True,
+                 limit: int | None = None):
         super().__init__()
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} shard(s) but {len(counts)} sample count(s)")
@@ -341,6 +342,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world = (r if rank is None else int(rank)), (w if world is None else int(world))
         self.epoch = int(start_epoch)
         self.cap = None if cap_batches is None else int(cap_batches) * self.batch_size
+        # evaluation: only the split's first ``limit`` samples (in shard order), whatever the ranks and workers
+        self.limit = None if (train or limit is None) else int(limit)
         # > 0 (batches are pinned): workers hand features over through this many reused buffers each;
         # register_buffers: the main process page-locks them and lends them to the GPU copy (value_pl.data.pinning);
         # else its pin thread copies them out with pin_threads threads (value_pl.data.pincopy); pack_batches: a
@@ -357,13 +360,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.mapped = bool(mapped)
 
     def __len__(self) -> int:
-        return batches_per_rank(self.total, self.rank, self.world, self.batch_size, self.train, self.cap)
+        total = self.total if self.limit is None else min(self.total, self.limit)
+        return batches_per_rank(total, self.rank, self.world, self.batch_size, self.train, self.cap)
 
     def plan(self, worker: int, workers: int, epoch: int) -> tuple[list[int], SlotRange]:
         order = shard_order(len(self.urls), self.seed, epoch, self.train)
-        ordered = [self.counts[i] for i in order]
-        return order, slot_range(sum(ordered), self.rank, self.world, worker, workers, self.batch_size,
-                                 self.train, self.cap)
+        total = sum(self.counts[i] for i in order)
+        total = total if self.limit is None else min(total, self.limit)  # (evaluation numbers in shard order)
+        return order, slot_range(total, self.rank, self.world, worker, workers, self.batch_size, self.train, self.cap)
 
     def spans(self, rng: SlotRange, epoch: int) -> list[tuple[int, int]]:
         """The ranges of the epoch's numbering a slot reads: training ones start at :func:`train_offset`."""

@@ -33,10 +33,12 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def raw_batches(dm, stage: str, batch_size: int, num_workers: int):
+def raw_batches(dm, stage: str, batch_size: int, num_workers: int, limit: int | None = None):
     """Decoded samples of one split, in lists of ``batch_size`` (collated later, in this process); every
-    sample once over ranks and workers, whatever the number of shards."""
-    return dm.loader(stage, train=False, collate=list, batch_size=int(batch_size), num_workers=int(num_workers or 0))
+    sample once over ranks and workers, whatever the number of shards; ``limit`` (``max_samples``): the split's
+    first ``limit`` samples, the same ones whatever the number of workers (they read them in another order)."""
+    return dm.loader(stage, train=False, collate=list, batch_size=int(batch_size), num_workers=int(num_workers or 0),
+                     limit=limit)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -129,7 +131,7 @@ def analyze(cfg: DictConfig) -> dict:
     # inputs the collator cut to the backbone's limits: every analysis sees the cut sequence, so it is reported
     cut = {"texts": 0, "regions": 0, "max_text_len": int(backbone.text_limit), "max_regions": int(backbone.max_regions)}
     with torch.no_grad():
-        for samples in raw_batches(dm, split, bs, workers):
+        for samples in raw_batches(dm, split, bs, workers, int(limit) if limit else None):
             if limit:
                 samples = samples[: max(int(limit) - seen, 0)]
             if not samples:
