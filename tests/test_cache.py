@@ -127,7 +127,7 @@ def test_a_damaged_cache_record_names_the_file_record_and_member(tmp_path, membe
 
     from value_pl.data.cache import decode_record
     from value_pl.data.schema import SchemaError
-    from value_pl.data.stream import iter_samples
+    from value_pl.data.tar import iter_samples
 
     rec = _cache_record()
     url = tmp_path / "val-000000.tar"

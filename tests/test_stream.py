@@ -13,8 +13,8 @@ import pytest
 from test_cache import small_demo
 from value_pl.data.datamodule import ShardDataModule
 from value_pl.data.schema import SchemaError, decode_sample
-from value_pl.data.stream import (ShardStream, count_samples, iter_samples, pieces, rank_range, shard_order,
-                                  slot_range)
+from value_pl.data.stream import ShardStream, pieces, rank_range, shard_order, slot_range
+from value_pl.data.tar import count_samples, iter_samples
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +340,7 @@ def test_a_corrupt_pax_record_length_is_an_error_not_a_hang(tmp_path, length, pr
 
 def test_a_pax_record_of_length_zero_at_the_start():
     """The smallest endless loops: header data ``b"0 ..."`` (length 0 at byte 0), in a child process."""
-    from value_pl.data.stream import _pax
+    from value_pl.data.tar import _pax
 
     for data in (b"0 \n", b"00 path=x\n", b"10 path=x\n0 size=42\n"):
         kind, msg = read_or_hang(_pax, data, timeout=10.0)

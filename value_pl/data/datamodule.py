@@ -31,7 +31,8 @@ from .loaders import (EpochAheadLoader, WorkerLoader, main_reimport_safe, pickle
                       validates_after_epoch, worker_context)
 from .resources import check_cores, shm_free
 from .schema import decode_sample, load_manifest
-from .stream import ShardStream, count_samples, no_collate, worker_init
+from .stream import ShardStream, no_collate, worker_init
+from .tar import count_samples
 
 log = logging.getLogger(__name__)
 # our len() is exact per rank (each worker reads its own part): Lightning's generic caution does not apply
