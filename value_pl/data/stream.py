@@ -181,14 +181,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.mapped = bool(mapped)
 
     def __len__(self) -> int:
-        total = self.total if self.limit is None else min(self.total, self.limit)
-        return batches_per_rank(total, self.rank, self.world, self.batch_size, self.train, self.cap)
+        return batches_per_rank(self.numbered, self.rank, self.world, self.batch_size, self.train, self.cap)
+
+    @property
+    def numbered(self) -> int:
+        """The samples of the split's numbering that the ranks share: all, or the first ``limit`` (evaluation)."""
+        return self.total if self.limit is None else min(self.total, self.limit)
 
     def plan(self, worker: int, workers: int, epoch: int) -> tuple[list[int], SlotRange]:
         order = shard_order(len(self.urls), self.seed, epoch, self.train)
-        total = sum(self.counts[i] for i in order)
-        total = total if self.limit is None else min(total, self.limit)  # (evaluation numbers in shard order)
-        return order, slot_range(total, self.rank, self.world, worker, workers, self.batch_size, self.train, self.cap)
+        return order, slot_range(self.numbered, self.rank, self.world, worker, workers, self.batch_size, self.train,
+                                 self.cap)
 
     def spans(self, rng: SlotRange, epoch: int) -> list[tuple[int, int]]:
         """The ranges of the epoch's numbering a slot reads: training ones start at :func:`train_offset`."""
